@@ -1,0 +1,74 @@
+//! The one error type of the HTTP API. Its status is one match; internal
+//! causes are logged once and never returned to the client.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed JSON, missing field, bad header or path (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The body is not `application/json` (415).
+    #[error("Content-Type must be application/json")]
+    UnsupportedMediaType,
+    /// The body is over the configured limit (413).
+    #[error("request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    /// Well-formed but invalid values (422).
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// A dependency is down or saturated (503); the cause is logged.
+    #[error("service temporarily unavailable, retry later")]
+    Unavailable(#[source] anyhow::Error),
+    /// The request took longer than the configured timeout (503).
+    #[error("request timed out")]
+    Timeout,
+    /// Anything else (500); the cause is logged.
+    #[error("internal server error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unavailable(_) | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> Self {
+        match error {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                Self::Unavailable(anyhow::Error::new(error).context("database unavailable"))
+            }
+            other => Self::Internal(anyhow::Error::new(other).context("database error")),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match &self {
+            Self::Internal(cause) | Self::Unavailable(cause) => {
+                tracing::error!(error = format!("{cause:#}"), "request failed");
+            }
+            _ => {}
+        }
+        let body = Json(serde_json::json!({ "error": self.to_string() }));
+        (self.status_code(), body).into_response()
+    }
+}

@@ -1,0 +1,118 @@
+//! The HTTP API: one router, state shared by handlers, a middleware that
+//! opens the server span, times the request and enforces the timeout.
+
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod idempotency;
+pub mod orders;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::config::{AmqpConfig, HttpConfig};
+use crate::metrics::Metrics;
+use crate::outbox::Wake;
+use crate::telemetry::propagation;
+use error::ApiError;
+
+/// What every handler may use.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    /// Signalled after each committed order so the relay publishes at once.
+    pub wake: Wake,
+    pub metrics: Arc<Metrics>,
+    pub body_limit: usize,
+    pub request_timeout: Duration,
+    pub max_outbox_lag: Duration,
+    /// Checked by `/readyz` when set.
+    pub amqp: Option<AmqpConfig>,
+}
+
+impl AppState {
+    pub fn new(pool: PgPool, config: &HttpConfig) -> Self {
+        Self {
+            pool,
+            wake: Wake::default(),
+            metrics: Arc::default(),
+            body_limit: config.body_limit,
+            request_timeout: Duration::from_millis(config.request_timeout_ms),
+            max_outbox_lag: Duration::from_millis(config.max_outbox_lag_ms),
+            amqp: None,
+        }
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/orders", axum::routing::post(orders::create_order))
+        .route("/orders/{id}", get(orders::get_order))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(state.body_limit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// Opens the HTTP server span (honouring an incoming `traceparent`), applies
+/// the request timeout and records the request's metrics.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().as_str().to_owned();
+    let span = tracing::info_span!(
+        "HTTP request",
+        otel.name = format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        url.path = %request.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    // Must happen before the span is first entered.
+    let _ = span.set_parent(propagation::context_from_http(request.headers()));
+    let started = Instant::now();
+    let response = match tokio::time::timeout(state.request_timeout, next.run(request))
+        .instrument(span.clone())
+        .await
+    {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout.into_response(),
+    };
+    let status = response.status().as_u16();
+    span.record("http.response.status_code", status);
+    if response.status().is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    state
+        .metrics
+        .record_http(&method, &route, status, started.elapsed());
+    response
+}
+
+/// Serves until `cancel` fires, then stops accepting and lets in-flight
+/// requests finish.
+pub async fn serve(listener: TcpListener, app: Router, cancel: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+}

@@ -1,0 +1,104 @@
+//! `POST /orders` and `GET /orders/{id}`.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use uuid::Uuid;
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::{JsonBody, idempotency_key};
+use super::idempotency::{self, Claim};
+use crate::orders::{self, NewOrder, OrderEvent, ValidationError};
+use crate::outbox::store::{self as outbox, NewOutboxEvent};
+use crate::telemetry::propagation;
+
+/// Validates the order, writes it and its `order.created` outbox row in one
+/// transaction, wakes the relay and answers 202.
+#[tracing::instrument(name = "create_order", skip_all, fields(order.id), err(level = "info"))]
+pub async fn create_order(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let order = NewOrder::from_json(&body).map_err(|error| match error {
+        ValidationError::Shape(_) => ApiError::BadRequest(error.to_string()),
+        ValidationError::Invalid { .. } => ApiError::Unprocessable(error.to_string()),
+    })?;
+    let normalized = serde_json::to_value(&order).expect("an order serialises");
+    let order_id = Uuid::now_v7();
+
+    let mut tx = state.pool.begin().await?;
+    if let Some(key) = &key {
+        match idempotency::claim(&mut tx, key, &normalized, order_id).await? {
+            Claim::New => {}
+            Claim::Existing { order_id, request } if request == normalized => {
+                tx.commit().await?;
+                tracing::Span::current().record("order.id", tracing::field::display(order_id));
+                return Ok(accepted(order_id));
+            }
+            Claim::Existing { .. } => {
+                return Err(ApiError::Unprocessable(
+                    "Idempotency-Key was already used with a different request body".into(),
+                ));
+            }
+        }
+    }
+    let created_at = orders::insert(&mut tx, order_id, &order).await?;
+    let event = OrderEvent {
+        transaction_id: Uuid::new_v4(),
+        order_id,
+        product_id: order.product_id,
+        user_id: order.user_id,
+        amount: order.amount,
+        timestamp: created_at,
+    };
+    outbox::insert(
+        &mut tx,
+        &NewOutboxEvent {
+            transaction_id: event.transaction_id,
+            aggregate_type: "order",
+            aggregate_id: order_id.to_string(),
+            event_type: orders::ORDER_CREATED,
+            payload: serde_json::to_value(&event).expect("an event serialises"),
+            headers: propagation::current_context_headers(),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    state.wake.notify();
+    state.metrics.orders_created.inc();
+    tracing::Span::current().record("order.id", tracing::field::display(order_id));
+    Ok(accepted(order_id))
+}
+
+fn accepted(order_id: Uuid) -> Response {
+    let body = serde_json::json!({
+        "orderId": order_id,
+        "status": orders::PENDING,
+        "message": "Order accepted for processing",
+    });
+    (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/orders/{order_id}"))],
+        Json(body),
+    )
+        .into_response()
+}
+
+/// The order and its status; 404 if unknown, 400 if the id is not a UUID.
+#[tracing::instrument(name = "get_order", skip_all, fields(order.id = %id), err(level = "info"))]
+pub async fn get_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<orders::Order>, ApiError> {
+    let id = Uuid::parse_str(&id)
+        .map_err(|_| ApiError::BadRequest("order id must be a UUID".into()))?;
+    let mut conn = state.pool.acquire().await?;
+    orders::find(&mut conn, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("order {id} not found")))
+}

@@ -1,0 +1,231 @@
+//! The command line: one binary, several roles. Every flag can also be set
+//! from the environment variable named in `--help`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AmqpConfig, ConsumerConfig, DatabaseConfig, HttpConfig, RelayConfig};
+use crate::startup::{ConsumerKind, Roles};
+use crate::telemetry::{self, TelemetryConfig};
+
+/// How long roles get to finish their work after SIGTERM/Ctrl-C.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Parser)]
+#[command(name = "order-service", version, about = "Orders through a transactional outbox to idempotent consumers")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    #[command(flatten)]
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// All roles in one process: api, relay and both consumers.
+    Run {
+        #[command(flatten)]
+        db: DatabaseConfig,
+        #[command(flatten)]
+        amqp: AmqpConfig,
+        #[command(flatten)]
+        http: HttpConfig,
+        #[command(flatten)]
+        relay: RelayConfig,
+        #[command(flatten)]
+        consumer: ConsumerConfig,
+    },
+    /// The HTTP API only (wakes a separate relay with a Postgres NOTIFY).
+    Api {
+        #[command(flatten)]
+        db: DatabaseConfig,
+        #[command(flatten)]
+        amqp: AmqpConfig,
+        #[command(flatten)]
+        http: HttpConfig,
+    },
+    /// The outbox relay only.
+    Relay {
+        #[command(flatten)]
+        db: DatabaseConfig,
+        #[command(flatten)]
+        amqp: AmqpConfig,
+        #[command(flatten)]
+        relay: RelayConfig,
+    },
+    /// One consumer.
+    Consume {
+        which: ConsumerKind,
+        #[command(flatten)]
+        db: DatabaseConfig,
+        #[command(flatten)]
+        amqp: AmqpConfig,
+        #[command(flatten)]
+        consumer: ConsumerConfig,
+    },
+    /// Apply the database migrations and exit.
+    Migrate {
+        #[command(flatten)]
+        db: DatabaseConfig,
+    },
+    /// Inspect and replay dead letters.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Inspect the outbox.
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters of a consumer (email or billing) without removing them.
+    List {
+        queue: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        amqp: AmqpConfig,
+    },
+    /// Move dead letters back to the consumer's main queue.
+    Replay {
+        queue: String,
+        #[arg(long, default_value_t = usize::MAX)]
+        limit: usize,
+        #[command(flatten)]
+        amqp: AmqpConfig,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// Pending rows, age of the oldest, rows with errors, recent failures.
+    Status {
+        #[command(flatten)]
+        db: DatabaseConfig,
+    },
+}
+
+/// Parses the command line, runs the command, flushes telemetry.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let guard = match telemetry::init(&cli.telemetry) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    let result = runtime.block_on(execute(cli.command));
+    drop(runtime);
+    guard.shutdown();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub async fn execute(command: Command) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    crate::shutdown::cancel_on_signal(cancel.clone());
+    match command {
+        Command::Run { db, amqp, http, relay, consumer } => {
+            let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
+            roles.start_api(&http, Some(amqp.clone())).await?;
+            roles.start_relay(&amqp, &relay, false);
+            roles.start_consumer(ConsumerKind::Email, &amqp, &consumer);
+            roles.start_consumer(ConsumerKind::Billing, &amqp, &consumer);
+            roles.wait(SHUTDOWN_DEADLINE).await
+        }
+        Command::Api { db, amqp, http } => {
+            let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
+            roles.start_api(&http, Some(amqp)).await?;
+            roles.start_notify_forwarder();
+            roles.wait(SHUTDOWN_DEADLINE).await
+        }
+        Command::Relay { db, amqp, relay } => {
+            let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
+            roles.start_relay(&amqp, &relay, true);
+            roles.wait(SHUTDOWN_DEADLINE).await
+        }
+        Command::Consume { which, db, amqp, consumer } => {
+            let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
+            roles.start_consumer(which, &amqp, &consumer);
+            roles.wait(SHUTDOWN_DEADLINE).await
+        }
+        Command::Migrate { db } => {
+            let db = DatabaseConfig { skip_migrations: true, ..db };
+            let pool = crate::db::connect(&db, &cancel).await?;
+            crate::db::migrate(&pool).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Dlq { command } => dlq(command).await,
+        Command::Outbox { command: OutboxCommand::Status { db } } => outbox_status(db, &cancel).await,
+    }
+}
+
+async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
+    use crate::consumer::dlq;
+    match command {
+        DlqCommand::List { queue, limit, amqp } => {
+            let queues = dlq::queues_for(&amqp, &queue)?;
+            let letters = dlq::list(&amqp, &queues, limit).await?;
+            println!("{} dead letter(s) in {}", letters.len(), queues.dlq);
+            for l in letters {
+                let age = l
+                    .published_at
+                    .map(|t| format!("{}s", (chrono::Utc::now() - t).num_seconds()))
+                    .unwrap_or_else(|| "?".into());
+                println!(
+                    "{}  {}  attempts={}  age={}  error={}",
+                    l.message_id, l.event_type, l.attempts, age, l.error
+                );
+            }
+            Ok(())
+        }
+        DlqCommand::Replay { queue, limit, amqp } => {
+            let queues = dlq::queues_for(&amqp, &queue)?;
+            let moved = dlq::replay(&amqp, &queues, limit).await?;
+            println!("replayed {moved} message(s) from {} to {}", queues.dlq, queues.main);
+            Ok(())
+        }
+    }
+}
+
+async fn outbox_status(db: DatabaseConfig, cancel: &CancellationToken) -> anyhow::Result<()> {
+    let db = DatabaseConfig { skip_migrations: true, ..db };
+    let pool = crate::db::connect(&db, cancel).await?;
+    let mut conn = pool.acquire().await?;
+    let status = crate::outbox::store::status(&mut conn).await?;
+    let failures = crate::outbox::store::recent_failures(&mut conn, 10).await?;
+    println!("pending rows:        {}", status.pending);
+    println!(
+        "oldest pending age:  {}",
+        status
+            .oldest_pending_age_secs
+            .map(|s| format!("{s:.1}s"))
+            .unwrap_or_else(|| "-".into())
+    );
+    println!("rows with errors:    {}", status.with_errors);
+    for f in failures {
+        println!(
+            "  #{} {} {} attempts={} next={} error={}",
+            f.id, f.transaction_id, f.event_type, f.attempts, f.next_attempt_at, f.last_error
+        );
+    }
+    Ok(())
+}

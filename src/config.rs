@@ -1,0 +1,244 @@
+//! Typed configuration, read once from flags and environment variables and
+//! passed down. No globals: tests build these structs directly.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A connection URL that may carry a password. `Debug` and `Display` print it
+/// with the password replaced, so it can never reach a log by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The real URL, for the one place that connects with it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl FromStr for SecretUrl {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretUrl({})", self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host/...` with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    match userinfo.find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end],
+            &userinfo[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}
+
+/// Postgres settings shared by every role.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DatabaseConfig {
+    /// Postgres URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres:postgres@localhost:5432/orders",
+        hide_env_values = true
+    )]
+    pub database_url: SecretUrl,
+    /// Maximum connections in the pool.
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 10)]
+    pub pool_size: u32,
+    /// How long to wait for a pooled connection before failing a request (ms).
+    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT_MS", default_value_t = 5_000)]
+    pub acquire_timeout_ms: u64,
+    /// Do not apply migrations at start.
+    #[arg(long, env = "SKIP_MIGRATIONS", default_value_t = false)]
+    pub skip_migrations: bool,
+}
+
+impl DatabaseConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            database_url: SecretUrl::new(url),
+            pool_size: 10,
+            acquire_timeout_ms: 5_000,
+            skip_migrations: false,
+        }
+    }
+}
+
+/// RabbitMQ settings shared by the relay and the consumers.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AmqpConfig {
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@localhost:5672/%2f",
+        hide_env_values = true
+    )]
+    pub amqp_url: SecretUrl,
+    /// Exchange the relay publishes to.
+    #[arg(long, env = "AMQP_EXCHANGE", default_value = "order_events")]
+    pub exchange: String,
+    /// Prefix for every queue name (lets tests and tenants share one vhost).
+    #[arg(long, env = "AMQP_QUEUE_PREFIX", default_value = "")]
+    pub queue_prefix: String,
+    /// Delays of the retry queues, in ms, comma separated; one retry per entry.
+    #[arg(long, env = "RETRY_DELAYS_MS", default_value = "1000,10000,60000", value_delimiter = ',')]
+    pub retry_delays_ms: Vec<u64>,
+}
+
+impl AmqpConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            amqp_url: SecretUrl::new(url),
+            exchange: "order_events".into(),
+            queue_prefix: String::new(),
+            retry_delays_ms: vec![1_000, 10_000, 60_000],
+        }
+    }
+
+    pub fn retry_delays(&self) -> Vec<Duration> {
+        self.retry_delays_ms.iter().copied().map(Duration::from_millis).collect()
+    }
+}
+
+/// HTTP API settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HttpConfig {
+    /// Address to listen on.
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:3000")]
+    pub http_addr: SocketAddr,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "HTTP_BODY_LIMIT", default_value_t = 64 * 1024)]
+    pub body_limit: usize,
+    /// Requests taking longer than this are answered 503 (ms).
+    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+    /// `/readyz` fails when the oldest pending outbox row is older (ms).
+    #[arg(long, env = "READY_MAX_OUTBOX_LAG_MS", default_value_t = 60_000)]
+    pub max_outbox_lag_ms: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            body_limit: 64 * 1024,
+            request_timeout_ms: 10_000,
+            max_outbox_lag_ms: 60_000,
+        }
+    }
+}
+
+/// Relay settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RelayConfig {
+    /// Rows claimed per batch; also the number of confirms in flight per worker.
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 500)]
+    pub batch_size: i64,
+    /// Batches in flight at once (each on its own claim, same channel).
+    #[arg(long, env = "RELAY_WORKERS", default_value_t = 2)]
+    pub workers: usize,
+    /// Fallback poll interval when nothing wakes the relay (ms).
+    #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 1_000)]
+    pub poll_interval_ms: u64,
+    /// Published rows older than this are deleted (seconds).
+    #[arg(long, env = "OUTBOX_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
+    pub retention_secs: u64,
+    /// Rows deleted per pruning statement.
+    #[arg(long, env = "OUTBOX_PRUNE_BATCH", default_value_t = 1_000)]
+    pub prune_batch: i64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            workers: 2,
+            poll_interval_ms: 1_000,
+            retention_secs: 7 * 24 * 3600,
+            prune_batch: 1_000,
+        }
+    }
+}
+
+/// Consumer settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConsumerConfig {
+    /// Unacked deliveries the broker may send at once (basic.qos prefetch).
+    #[arg(long, env = "CONSUMER_PREFETCH", default_value_t = 64)]
+    pub prefetch: u16,
+    /// Deliveries handled concurrently.
+    #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: usize,
+    /// Share of simulated SMTP sends that fail, 0.0 to 1.0 (demos only).
+    #[arg(long, env = "EMAIL_FAILURE_RATE", default_value_t = 0.0)]
+    pub email_failure_rate: f64,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self {
+            prefetch: 64,
+            concurrency: 16,
+            email_failure_rate: 0.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://app:hunter2@db:5432/orders"),
+            "postgres://app:***@db:5432/orders"
+        );
+        assert_eq!(
+            redact_url("amqp://guest:p@ss@rabbit:5672/%2f"),
+            "amqp://guest:***@rabbit:5672/%2f"
+        );
+        assert_eq!(redact_url("postgres://db/orders"), "postgres://db/orders");
+        let s = SecretUrl::new("postgres://u:topsecret@h/d");
+        assert!(!format!("{s:?} {s}").contains("topsecret"));
+    }
+}

@@ -1,0 +1,100 @@
+//! Dead letters: list them without consuming them, and replay them to the
+//! main queue (where the dedup table makes a replay safe).
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use lapin::options::{BasicAckOptions, BasicGetOptions, ConfirmSelectOptions};
+use lapin::types::AMQPValue;
+use tokio_util::sync::CancellationToken;
+
+use super::message::{self, ATTEMPT_HEADER, ERROR_HEADER, header, header_str};
+use crate::amqp::QueueNames;
+use crate::config::AmqpConfig;
+
+/// One dead letter, as `order-service dlq list` prints it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    pub message_id: String,
+    pub event_type: String,
+    pub error: String,
+    pub attempts: u32,
+    pub published_at: Option<DateTime<Utc>>,
+}
+
+/// The queues of `consumer`, accepting `email`/`billing` or a full name.
+pub fn queues_for(amqp: &AmqpConfig, consumer: &str) -> anyhow::Result<QueueNames> {
+    let name = match consumer {
+        "email" | crate::amqp::EMAIL => crate::amqp::EMAIL,
+        "billing" | crate::amqp::BILLING => crate::amqp::BILLING,
+        other => anyhow::bail!("unknown consumer {other:?}: use email or billing"),
+    };
+    Ok(QueueNames::new(amqp, name))
+}
+
+/// Reads up to `limit` dead letters and leaves them in the queue (they are
+/// fetched unacked and returned when the channel closes).
+pub async fn list(amqp: &AmqpConfig, queues: &QueueNames, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+    let connection = crate::amqp::connect(amqp, "order-service dlq list", &CancellationToken::new()).await?;
+    let channel = connection.create_channel().await?;
+    let mut letters = Vec::new();
+    while letters.len() < limit {
+        let Some(got) = channel
+            .basic_get(queues.dlq.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .with_context(|| format!("reading {}", queues.dlq))?
+        else {
+            break;
+        };
+        let d = &got.delivery;
+        let headers = d.properties.headers().as_ref();
+        letters.push(DeadLetter {
+            message_id: d.properties.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default(),
+            event_type: d.properties.kind().as_ref().map(|s| s.to_string()).unwrap_or_default(),
+            error: header_str(headers, ERROR_HEADER).unwrap_or_default(),
+            attempts: message::attempt(d),
+            published_at: d
+                .properties
+                .timestamp()
+                .and_then(|t| DateTime::from_timestamp(t as i64, 0)),
+        });
+    }
+    // Closing the channel returns every unacked message to the DLQ.
+    let _ = channel.close(200, "listed".into()).await;
+    let _ = connection.close(200, "listed".into()).await;
+    Ok(letters)
+}
+
+/// Moves up to `limit` dead letters back to the main queue with a fresh
+/// attempt count; each is acked off the DLQ only after the broker confirmed
+/// the copy. Returns how many moved.
+pub async fn replay(amqp: &AmqpConfig, queues: &QueueNames, limit: usize) -> anyhow::Result<usize> {
+    let connection = crate::amqp::connect(amqp, "order-service dlq replay", &CancellationToken::new()).await?;
+    let channel = connection.create_channel().await?;
+    let publish = connection.create_channel().await?;
+    publish.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut moved = 0;
+    while moved < limit {
+        let Some(got) = channel
+            .basic_get(queues.dlq.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .with_context(|| format!("reading {}", queues.dlq))?
+        else {
+            break;
+        };
+        let d = got.delivery;
+        let mut headers = d.properties.headers().clone().unwrap_or_default();
+        let previous = header(Some(&headers), ATTEMPT_HEADER).cloned();
+        headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(0));
+        if let Some(previous) = previous {
+            headers.insert("x-replayed-after-attempts".into(), previous);
+        }
+        let properties = d.properties.clone().with_headers(headers);
+        message::publish_confirmed(&publish, "", &queues.main, &d.data, properties).await?;
+        d.ack(BasicAckOptions::default()).await?;
+        moved += 1;
+    }
+    let _ = channel.close(200, "replayed".into()).await;
+    let _ = publish.close(200, "replayed".into()).await;
+    let _ = connection.close(200, "replayed".into()).await;
+    Ok(moved)
+}

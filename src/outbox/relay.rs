@@ -1,0 +1,328 @@
+//! The relay: claims due outbox rows, publishes them with publisher confirms
+//! (many in flight), and marks each row by its own confirm. At least once: a
+//! crash between the publish and the mark republishes the row with the same
+//! `message_id`, and the consumers deduplicate it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::Utc;
+use futures_util::future::join_all;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::store::{self, OutboxRow};
+use super::{NOTIFY_CHANNEL, Wake};
+use crate::config::{AmqpConfig, RelayConfig};
+use crate::metrics::Metrics;
+use crate::shutdown::{Backoff, sleep_or_cancel};
+use crate::telemetry::propagation;
+
+/// A confirm-mode channel on its own connection, with the topology declared.
+pub struct Publisher {
+    connection: Connection,
+    channel: Channel,
+}
+
+impl Publisher {
+    /// Connects (waiting for RabbitMQ), enables confirms and declares the
+    /// topology, so no event is published before its queues exist.
+    pub async fn open(amqp: &AmqpConfig, cancel: &CancellationToken) -> anyhow::Result<Self> {
+        let connection = crate::amqp::connect(amqp, "order-service relay", cancel).await?;
+        let channel = connection.create_channel().await.context("opening a channel")?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .context("enabling publisher confirms")?;
+        crate::amqp::declare_topology(&channel, amqp).await?;
+        Ok(Self { connection, channel })
+    }
+
+    /// False once the channel or connection has failed; open a new one then.
+    pub fn is_usable(&self) -> bool {
+        self.channel.status().connected() && self.connection.status().connected()
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "relay stopping".into()).await;
+        let _ = self.connection.close(200, "relay stopping".into()).await;
+    }
+}
+
+/// What one batch did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub claimed: usize,
+    pub published: usize,
+    pub failed: usize,
+}
+
+/// Moves outbox rows to RabbitMQ. Cheap to clone.
+#[derive(Clone)]
+pub struct Relay {
+    pub pool: PgPool,
+    pub amqp: AmqpConfig,
+    pub config: RelayConfig,
+    pub metrics: Arc<Metrics>,
+    /// In-process wake-up from the API.
+    pub wake: Wake,
+    /// Also listen for Postgres `NOTIFY outbox_wake` (API in another process).
+    pub listen: bool,
+}
+
+impl Relay {
+    /// Claims one batch, publishes it, waits for every confirm and marks each
+    /// row by its own confirm, all inside the claiming transaction so no other
+    /// relay can take these rows meanwhile.
+    #[tracing::instrument(name = "relay batch", skip_all, fields(claimed, published, failed), err)]
+    pub async fn run_once(&self, publisher: &Publisher) -> anyhow::Result<BatchOutcome> {
+        let mut tx = self.pool.begin().await.context("starting the claim transaction")?;
+        let rows = store::claim_due(&mut tx, self.config.batch_size)
+            .await
+            .context("claiming outbox rows")?;
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(BatchOutcome::default());
+        }
+        let started = Instant::now();
+        let mut in_flight = Vec::with_capacity(rows.len());
+        let mut failed: Vec<(i64, String)> = Vec::new();
+        for row in &rows {
+            let span = publish_span(&self.amqp.exchange, row);
+            let result = self
+                .publish(publisher.channel(), row, &span)
+                .instrument(span.clone())
+                .await;
+            match result {
+                Ok(confirm) => in_flight.push((row.id, span, confirm)),
+                Err(error) => failed.push((row.id, format!("publish failed: {error}"))),
+            }
+        }
+        let confirms = join_all(in_flight.into_iter().map(|(id, span, confirm)| async move {
+            let outcome = match confirm.await {
+                Ok(Confirmation::Ack(None)) => Ok(()),
+                Ok(Confirmation::Ack(Some(returned))) => Err(format!(
+                    "returned by the broker: {} {}",
+                    returned.reply_code, returned.reply_text
+                )),
+                Ok(Confirmation::Nack(_)) => Err("nacked by the broker".to_owned()),
+                Ok(Confirmation::NotRequested) => Err("channel is not in confirm mode".to_owned()),
+                Err(error) => Err(format!("confirm failed: {error}")),
+            };
+            if let Err(error) = &outcome {
+                span.record("otel.status_code", "ERROR");
+                tracing::warn!(parent: &span, outbox.id = id, %error, "publish not confirmed");
+            }
+            (id, outcome)
+        }))
+        .await;
+        let mut published = Vec::with_capacity(confirms.len());
+        for (id, outcome) in confirms {
+            match outcome {
+                Ok(()) => published.push(id),
+                Err(error) => failed.push((id, error)),
+            }
+        }
+        self.metrics.relay_publish_latency.observe(started.elapsed());
+        store::mark_published(&mut tx, &published).await.context("marking rows published")?;
+        let (ids, errors): (Vec<i64>, Vec<String>) = failed.iter().cloned().unzip();
+        store::mark_failed(&mut tx, &ids, &errors).await.context("recording failed rows")?;
+        tx.commit().await.context("committing the batch")?;
+
+        self.metrics.relay_published.add(published.len() as u64);
+        self.metrics.relay_failed.add(failed.len() as u64);
+        let outcome = BatchOutcome {
+            claimed: rows.len(),
+            published: published.len(),
+            failed: failed.len(),
+        };
+        let span = tracing::Span::current();
+        span.record("claimed", outcome.claimed);
+        span.record("published", outcome.published);
+        span.record("failed", outcome.failed);
+        Ok(outcome)
+    }
+
+    async fn publish(
+        &self,
+        channel: &Channel,
+        row: &OutboxRow,
+        span: &tracing::Span,
+    ) -> lapin::Result<lapin::PublisherConfirm> {
+        let mut headers = FieldTable::default();
+        propagation::inject_amqp(&span.context(), &mut headers);
+        // Lets consumers report how long the message waited in the queue.
+        headers.insert(
+            "x-published-at-ms".into(),
+            lapin::types::AMQPValue::LongString(Utc::now().timestamp_millis().to_string().into()),
+        );
+        let properties = BasicProperties::default()
+            .with_message_id(row.transaction_id.to_string().into())
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_type(row.event_type.as_str().into())
+            .with_timestamp(Utc::now().timestamp().max(0) as u64)
+            .with_app_id("order-service".into())
+            .with_headers(headers);
+        let body = serde_json::to_vec(&row.payload).expect("a JSON value serialises");
+        channel
+            .basic_publish(
+                self.amqp.exchange.as_str().into(),
+                row.event_type.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &body,
+                properties,
+            )
+            .await
+    }
+
+    /// Publishes until no due row is left, with `workers` batches in flight.
+    /// Returns the rows published.
+    pub async fn drain(&self, publisher: &Publisher) -> anyhow::Result<usize> {
+        let workers = (0..self.config.workers.max(1)).map(|_| async {
+            let mut total = 0;
+            loop {
+                let outcome = self.run_once(publisher).await?;
+                total += outcome.published;
+                if (outcome.claimed as i64) < self.config.batch_size || !publisher.is_usable() {
+                    return anyhow::Ok(total);
+                }
+            }
+        });
+        let mut total = 0;
+        for result in join_all(workers).await {
+            total += result?;
+        }
+        Ok(total)
+    }
+
+    /// Deletes published rows past the retention period, in bounded batches.
+    pub async fn prune(&self) -> anyhow::Result<u64> {
+        let retention = self.config.retention_secs as i64;
+        let mut total = 0;
+        loop {
+            let mut conn = self.pool.acquire().await?;
+            let deleted = store::prune_published(&mut conn, retention, self.config.prune_batch).await?;
+            total += deleted;
+            if (deleted as i64) < self.config.prune_batch {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Runs until `cancel` fires: drain, then wait for a wake-up, a NOTIFY or
+    /// the poll interval. Reconnects to RabbitMQ and Postgres with backoff and
+    /// never returns an error for their outages. Stops between batches.
+    pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let poll = Duration::from_millis(self.config.poll_interval_ms);
+        let mut listener = if self.listen { self.listener().await } else { None };
+        let mut backoff = Backoff::default();
+        let mut last_prune: Option<Instant> = None;
+        let mut publisher: Option<Publisher> = None;
+        tracing::info!(exchange = %self.amqp.exchange, "relay started");
+        while !cancel.is_cancelled() {
+            let current = match publisher.take() {
+                Some(p) if p.is_usable() => p,
+                _ => match Publisher::open(&self.amqp, &cancel).await {
+                    Ok(p) => p,
+                    Err(error) if cancel.is_cancelled() => {
+                        tracing::debug!(%error, "relay stopped while connecting");
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::warn!(error = format!("{error:#}"), "relay could not open a publisher");
+                        sleep_or_cancel(backoff.next_delay(), &cancel).await;
+                        continue;
+                    }
+                },
+            };
+            match self.drain(&current).await {
+                Ok(_) => backoff.reset(),
+                Err(error) => {
+                    tracing::warn!(error = format!("{error:#}"), "relay batch failed; will retry");
+                    let usable = current.is_usable();
+                    publisher = usable.then_some(current);
+                    sleep_or_cancel(backoff.next_delay(), &cancel).await;
+                    continue;
+                }
+            }
+            if last_prune.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                last_prune = Some(Instant::now());
+                match self.prune().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(rows = n, "pruned published outbox rows"),
+                    Err(error) => tracing::warn!(error = format!("{error:#}"), "pruning failed"),
+                }
+            }
+            let usable = current.is_usable();
+            publisher = usable.then_some(current);
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+                _ = wait_notify(&mut listener) => {}
+            }
+        }
+        if let Some(p) = publisher {
+            p.close().await;
+        }
+        tracing::info!("relay stopped");
+        Ok(())
+    }
+
+    async fn listener(&self) -> Option<PgListener> {
+        let mut listener = PgListener::connect_with(&self.pool).await.ok()?;
+        listener.listen(NOTIFY_CHANNEL).await.ok()?;
+        Some(listener)
+    }
+}
+
+/// Waits for a NOTIFY; pends forever without a listener. On a listener
+/// error it waits a little (the next `recv` reconnects) so the poll carries on.
+async fn wait_notify(listener: &mut Option<PgListener>) {
+    match listener {
+        Some(l) => {
+            if let Err(error) = l.recv().await {
+                tracing::debug!(%error, "outbox listener error; reconnecting on next wait");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The PRODUCER span of one publish, a child of the context stored with the
+/// row by the request that wrote it.
+fn publish_span(exchange: &str, row: &OutboxRow) -> tracing::Span {
+    let waited_ms = (Utc::now() - row.created_at).num_milliseconds();
+    let span = tracing::info_span!(
+        "order_events publish",
+        otel.name = format!("{exchange} publish"),
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "publish",
+        messaging.destination.name = %exchange,
+        messaging.rabbitmq.destination.routing_key = %row.event_type,
+        messaging.message.id = %row.transaction_id,
+        outbox.id = row.id,
+        outbox.attempts = row.attempts,
+        outbox.wait_ms = waited_ms,
+    );
+    let _ = span.set_parent(propagation::context_from_json(&row.headers));
+    span
+}

@@ -1,0 +1,150 @@
+//! Writing and reading outbox rows. Writers take `&mut PgConnection` so the
+//! caller's transaction covers the business row and its outbox row together.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+/// An event to be written in the same transaction as the change it describes.
+#[derive(Debug, Clone)]
+pub struct NewOutboxEvent {
+    /// Unique id of this event; becomes the AMQP `message_id` and the
+    /// consumers' dedup key.
+    pub transaction_id: Uuid,
+    pub aggregate_type: &'static str,
+    pub aggregate_id: String,
+    /// Also the routing key.
+    pub event_type: &'static str,
+    pub payload: serde_json::Value,
+    /// W3C trace context of the writer (`traceparent`, `tracestate`).
+    pub headers: serde_json::Value,
+}
+
+pub async fn insert(conn: &mut PgConnection, event: &NewOutboxEvent) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "INSERT INTO outbox (transaction_id, aggregate_type, aggregate_id, event_type, payload, headers) \
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+    )
+    .bind(event.transaction_id)
+    .bind(event.aggregate_type)
+    .bind(&event.aggregate_id)
+    .bind(event.event_type)
+    .bind(&event.payload)
+    .bind(&event.headers)
+    .fetch_one(conn)
+    .await
+}
+
+/// A row claimed by the relay.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub transaction_id: Uuid,
+    pub event_type: String,
+    pub payload: serde_json::Value,
+    pub headers: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub attempts: i32,
+}
+
+/// Locks up to `limit` due rows, oldest first, skipping rows another relay
+/// holds. The locks last until the caller's transaction ends.
+pub async fn claim_due(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<OutboxRow>> {
+    sqlx::query_as(
+        "SELECT id, transaction_id, event_type, payload, headers, created_at, attempts \
+         FROM outbox \
+         WHERE published_at IS NULL AND next_attempt_at <= now() \
+         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+pub async fn mark_published(conn: &mut PgConnection, ids: &[i64]) -> sqlx::Result<u64> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let result = sqlx::query(
+        "UPDATE outbox SET published_at = now(), last_error = NULL WHERE id = ANY($1)",
+    )
+    .bind(ids)
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Records a failed attempt: `attempts + 1`, `last_error`, and a retry time
+/// that grows with the attempts (1 s, 2 s, 4 s … capped at 5 minutes).
+pub async fn mark_failed(conn: &mut PgConnection, ids: &[i64], errors: &[String]) -> sqlx::Result<u64> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let result = sqlx::query(
+        "UPDATE outbox AS o SET attempts = o.attempts + 1, last_error = f.error, \
+             next_attempt_at = now() + least(interval '1 second' * power(2, o.attempts), interval '5 minutes') \
+         FROM unnest($1::bigint[], $2::text[]) AS f(id, error) WHERE o.id = f.id",
+    )
+    .bind(ids)
+    .bind(errors)
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Deletes up to `batch` published rows older than `retention_secs`; returns
+/// how many went. Called repeatedly until it returns less than `batch`.
+pub async fn prune_published(conn: &mut PgConnection, retention_secs: i64, batch: i64) -> sqlx::Result<u64> {
+    let result = sqlx::query(
+        "DELETE FROM outbox WHERE id IN ( \
+             SELECT id FROM outbox WHERE published_at IS NOT NULL \
+               AND published_at < now() - make_interval(secs => $1) \
+             ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(retention_secs as f64)
+    .bind(batch)
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// What `order-service outbox status` and the metrics report. Reads only
+/// unpublished rows (the partial index), so it stays cheap as the table grows.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
+pub struct OutboxStatus {
+    pub pending: i64,
+    pub oldest_pending_age_secs: Option<f64>,
+    pub with_errors: i64,
+}
+
+pub async fn status(conn: &mut PgConnection) -> sqlx::Result<OutboxStatus> {
+    sqlx::query_as(
+        "SELECT count(*) AS pending, \
+           extract(epoch FROM now() - min(created_at))::float8 AS oldest_pending_age_secs, \
+           count(*) FILTER (WHERE last_error IS NOT NULL) AS with_errors \
+         FROM outbox WHERE published_at IS NULL",
+    )
+    .fetch_one(conn)
+    .await
+}
+
+/// Recent failures, newest first.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct FailedRow {
+    pub id: i64,
+    pub transaction_id: Uuid,
+    pub event_type: String,
+    pub attempts: i32,
+    pub last_error: String,
+    pub next_attempt_at: DateTime<Utc>,
+}
+
+pub async fn recent_failures(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<FailedRow>> {
+    sqlx::query_as(
+        "SELECT id, transaction_id, event_type, attempts, last_error, next_attempt_at FROM outbox \
+         WHERE published_at IS NULL AND last_error IS NOT NULL ORDER BY id DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
