@@ -1,0 +1,5 @@
+//! Integration tests against a real Postgres and a real RabbitMQ. Each test
+//! has its own database and its own exchange and queue names.
+
+mod api;
+mod helpers;
