@@ -98,3 +98,17 @@ pub async fn replay(amqp: &AmqpConfig, queues: &QueueNames, limit: usize) -> any
     let _ = connection.close(200, "replayed".into()).await;
     Ok(moved)
 }
+
+/// Publishes `body` straight to `queue` (default exchange), persistent, and
+/// waits for the broker's confirm. For tools and tests that feed a queue.
+pub async fn publish(
+    channel: &lapin::Channel,
+    queue: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) -> anyhow::Result<()> {
+    if !channel.status().confirm() {
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    }
+    message::publish_confirmed(channel, "", queue, body, properties).await
+}

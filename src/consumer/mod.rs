@@ -59,6 +59,17 @@ pub enum Outcome {
     DeadLettered { reason: String },
 }
 
+/// What [`Consumer::apply`] did in Postgres.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// The dedup row and the side effect were committed.
+    Committed,
+    /// The dedup row existed: nothing was done.
+    Duplicate,
+    /// The handler failed; everything was rolled back.
+    Failed(String),
+}
+
 /// One consumer: a handler, its queues and its connections.
 pub struct Consumer<H> {
     pub handler: Arc<H>,
@@ -128,6 +139,41 @@ impl<H: Handler> Consumer<H> {
                 return Ok(Outcome::DeadLettered { reason });
             }
         };
+        match self.apply(&incoming).await? {
+            Applied::Committed => {
+                delivery.ack(BasicAckOptions::default()).await.context("acking")?;
+                Ok(Outcome::Processed)
+            }
+            Applied::Duplicate => {
+                delivery.ack(BasicAckOptions::default()).await.context("acking")?;
+                Ok(Outcome::Duplicate)
+            }
+            Applied::Failed(reason) => {
+                let attempt = incoming.attempt;
+                let outcome = match self.queues.retries.get(attempt as usize) {
+                    Some((retry_queue, _)) => {
+                        tracing::info!(%reason, attempt = attempt + 1, queue = %retry_queue, "handler failed; retrying later");
+                        message::forward(publish, delivery, retry_queue, attempt + 1, &reason).await?;
+                        Outcome::Retried { attempt: attempt + 1 }
+                    }
+                    None => {
+                        tracing::warn!(%reason, attempts = attempt + 1, "handler failed; dead-lettering");
+                        message::forward(publish, delivery, &self.queues.dlq, attempt + 1, &reason).await?;
+                        Outcome::DeadLettered { reason }
+                    }
+                };
+                // Only now that the broker holds the copy is the original let go.
+                delivery.ack(BasicAckOptions::default()).await.context("acking")?;
+                Ok(outcome)
+            }
+        }
+    }
+
+    /// The database half of handling a message: ONE transaction holding the
+    /// dedup row and, if the row is new, the side effect. Does not ack.
+    /// `Err` is an infrastructure failure; a handler failure is
+    /// `Applied::Failed` and leaves nothing behind.
+    pub async fn apply(&self, incoming: &Incoming) -> anyhow::Result<Applied> {
         let mut tx = self.pool.begin().await.context("starting the consumer transaction")?;
         let fresh = sqlx::query(
             "INSERT INTO processed_messages (consumer, transaction_id) VALUES ($1, $2) \
@@ -142,31 +188,15 @@ impl<H: Handler> Consumer<H> {
             == 1;
         if !fresh {
             tx.commit().await.context("committing a duplicate")?;
-            delivery.ack(BasicAckOptions::default()).await.context("acking")?;
-            return Ok(Outcome::Duplicate);
+            return Ok(Applied::Duplicate);
         }
         match self.handler.handle(&mut tx, &incoming.event).await {
             Ok(()) => {
                 tx.commit().await.context("committing the side effect")?;
-                delivery.ack(BasicAckOptions::default()).await.context("acking")?;
-                Ok(Outcome::Processed)
+                Ok(Applied::Committed)
             }
-            Err(error) => {
-                drop(tx); // rolls back the dedup row with the side effect
-                let reason = format!("{error:#}");
-                let attempt = incoming.attempt;
-                if let Some((retry_queue, _)) = self.queues.retries.get(attempt as usize) {
-                    tracing::info!(%reason, attempt = attempt + 1, queue = %retry_queue, "handler failed; retrying later");
-                    message::forward(publish, delivery, retry_queue, attempt + 1, &reason).await?;
-                    delivery.ack(BasicAckOptions::default()).await.context("acking")?;
-                    Ok(Outcome::Retried { attempt: attempt + 1 })
-                } else {
-                    tracing::warn!(%reason, attempts = attempt + 1, "handler failed; dead-lettering");
-                    message::forward(publish, delivery, &self.queues.dlq, attempt + 1, &reason).await?;
-                    delivery.ack(BasicAckOptions::default()).await.context("acking")?;
-                    Ok(Outcome::DeadLettered { reason })
-                }
-            }
+            // Dropping the transaction rolls back the dedup row with the effect.
+            Err(error) => Ok(Applied::Failed(format!("{error:#}"))),
         }
     }
 

@@ -68,6 +68,16 @@ pub struct BatchOutcome {
     pub failed: usize,
 }
 
+/// The rows of one claimed batch, by their confirms.
+#[derive(Debug, Default, Clone)]
+pub struct PublishedBatch {
+    pub claimed: usize,
+    /// Confirmed as routed and stored.
+    pub published: Vec<i64>,
+    /// Nacked, returned or failed, with the reason.
+    pub failed: Vec<(i64, String)>,
+}
+
 /// Moves outbox rows to RabbitMQ. Cheap to clone.
 #[derive(Clone)]
 pub struct Relay {
@@ -88,16 +98,55 @@ impl Relay {
     #[tracing::instrument(name = "relay batch", skip_all, fields(claimed, published, failed), err)]
     pub async fn run_once(&self, publisher: &Publisher) -> anyhow::Result<BatchOutcome> {
         let mut tx = self.pool.begin().await.context("starting the claim transaction")?;
-        let rows = store::claim_due(&mut tx, self.config.batch_size)
-            .await
-            .context("claiming outbox rows")?;
-        if rows.is_empty() {
+        let batch = self.claim_and_publish(&mut tx, publisher).await?;
+        if batch.claimed == 0 {
             tx.commit().await?;
             return Ok(BatchOutcome::default());
         }
+        store::mark_published(&mut tx, &batch.published)
+            .await
+            .context("marking rows published")?;
+        let (ids, errors): (Vec<i64>, Vec<String>) = batch.failed.iter().cloned().unzip();
+        store::mark_failed(&mut tx, &ids, &errors)
+            .await
+            .context("recording failed rows")?;
+        tx.commit().await.context("committing the batch")?;
+
+        self.metrics.relay_published.add(batch.published.len() as u64);
+        self.metrics.relay_failed.add(batch.failed.len() as u64);
+        let outcome = BatchOutcome {
+            claimed: batch.claimed,
+            published: batch.published.len(),
+            failed: batch.failed.len(),
+        };
+        let span = tracing::Span::current();
+        span.record("claimed", outcome.claimed);
+        span.record("published", outcome.published);
+        span.record("failed", outcome.failed);
+        Ok(outcome)
+    }
+
+    /// The first half of [`Relay::run_once`]: claims due rows on `conn` (a
+    /// transaction) and publishes them, returning which were confirmed. Rows
+    /// are not marked: if the transaction is dropped now (a crash), they stay
+    /// due and are published again.
+    pub async fn claim_and_publish(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        publisher: &Publisher,
+    ) -> anyhow::Result<PublishedBatch> {
+        let rows = store::claim_due(conn, self.config.batch_size)
+            .await
+            .context("claiming outbox rows")?;
+        let mut batch = PublishedBatch {
+            claimed: rows.len(),
+            ..Default::default()
+        };
+        if rows.is_empty() {
+            return Ok(batch);
+        }
         let started = Instant::now();
         let mut in_flight = Vec::with_capacity(rows.len());
-        let mut failed: Vec<(i64, String)> = Vec::new();
         for row in &rows {
             let span = publish_span(&self.amqp.exchange, row);
             let result = self
@@ -106,7 +155,7 @@ impl Relay {
                 .await;
             match result {
                 Ok(confirm) => in_flight.push((row.id, span, confirm)),
-                Err(error) => failed.push((row.id, format!("publish failed: {error}"))),
+                Err(error) => batch.failed.push((row.id, format!("publish failed: {error}"))),
             }
         }
         let confirms = join_all(in_flight.into_iter().map(|(id, span, confirm)| async move {
@@ -127,31 +176,14 @@ impl Relay {
             (id, outcome)
         }))
         .await;
-        let mut published = Vec::with_capacity(confirms.len());
         for (id, outcome) in confirms {
             match outcome {
-                Ok(()) => published.push(id),
-                Err(error) => failed.push((id, error)),
+                Ok(()) => batch.published.push(id),
+                Err(error) => batch.failed.push((id, error)),
             }
         }
         self.metrics.relay_publish_latency.observe(started.elapsed());
-        store::mark_published(&mut tx, &published).await.context("marking rows published")?;
-        let (ids, errors): (Vec<i64>, Vec<String>) = failed.iter().cloned().unzip();
-        store::mark_failed(&mut tx, &ids, &errors).await.context("recording failed rows")?;
-        tx.commit().await.context("committing the batch")?;
-
-        self.metrics.relay_published.add(published.len() as u64);
-        self.metrics.relay_failed.add(failed.len() as u64);
-        let outcome = BatchOutcome {
-            claimed: rows.len(),
-            published: published.len(),
-            failed: failed.len(),
-        };
-        let span = tracing::Span::current();
-        span.record("claimed", outcome.claimed);
-        span.record("published", outcome.published);
-        span.record("failed", outcome.failed);
-        Ok(outcome)
+        Ok(batch)
     }
 
     async fn publish(

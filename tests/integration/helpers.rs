@@ -49,10 +49,6 @@ impl TestDb {
         Self { pool, name, url }
     }
 
-    pub fn config(&self) -> DatabaseConfig {
-        DatabaseConfig::new(self.url.clone())
-    }
-
     /// A second pool on the same database (for the assertions' own queries).
     pub async fn extra_pool(&self, size: u32) -> PgPool {
         PgPoolOptions::new()

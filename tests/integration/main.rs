@@ -2,4 +2,7 @@
 //! has its own database and its own exchange and queue names.
 
 mod api;
+mod consumers;
 mod helpers;
+mod proxy;
+mod relay;

@@ -1,0 +1,367 @@
+//! The consumers: one side effect per event, whatever the broker does.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicGetOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel};
+use order_service::amqp::{BILLING, QueueNames};
+use order_service::config::{AmqpConfig, ConsumerConfig};
+use order_service::consumer::handlers::Billing;
+use order_service::consumer::{Applied, Consumer, Handler, Incoming, dlq};
+use order_service::metrics::{ConsumerMetrics, Metrics};
+use order_service::orders::{self, NewOrder, OrderEvent};
+use sqlx::{PgConnection, PgPool};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::helpers::{TestDb, amqp_channel, cleanup_amqp, drain_queue, eventually, test_amqp};
+use crate::proxy::{Proxy, target_of, via};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// An order row and the event that announces it.
+async fn order(pool: &PgPool, amount: i64) -> OrderEvent {
+    let id = Uuid::now_v7();
+    let new = NewOrder {
+        product_id: "p-1".into(),
+        user_id: "user_7".into(),
+        amount,
+    };
+    let mut conn = pool.acquire().await.unwrap();
+    let created = orders::insert(&mut conn, id, &new).await.unwrap();
+    OrderEvent {
+        transaction_id: Uuid::new_v4(),
+        order_id: id,
+        product_id: new.product_id,
+        user_id: new.user_id,
+        amount,
+        timestamp: created,
+    }
+}
+
+/// Publishes `body` to `queue` through the default exchange, confirmed.
+async fn send(channel: &Channel, queue: &str, body: &[u8], message_id: Option<Uuid>) {
+    let mut properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_type("order.created".into());
+    if let Some(id) = message_id {
+        properties = properties.with_message_id(id.to_string().into());
+    }
+    order_service::consumer::dlq::publish(channel, queue, body, properties)
+        .await
+        .unwrap();
+}
+
+async fn send_event(channel: &Channel, queue: &str, event: &OrderEvent) {
+    send(channel, queue, &serde_json::to_vec(event).unwrap(), Some(event.transaction_id)).await;
+}
+
+struct Running {
+    cancel: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+fn start<H: Handler>(consumer: &Arc<Consumer<H>>) -> Running {
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(consumer.clone().run(cancel.clone()));
+    Running { cancel, task }
+}
+
+fn consumer<H: Handler>(handler: H, pool: &PgPool, amqp: &AmqpConfig, metrics: &Metrics) -> Arc<Consumer<H>> {
+    Arc::new(Consumer::new(handler, pool.clone(), amqp.clone(), ConsumerConfig::default(), metrics))
+}
+
+/// Declares the consumer's queues, as a running consumer or the relay would.
+async fn declare(channel: &Channel, amqp: &AmqpConfig) -> QueueNames {
+    order_service::amqp::declare_exchange(channel, amqp).await.unwrap();
+    order_service::amqp::declare_consumer_queues(channel, amqp, BILLING).await.unwrap()
+}
+
+fn handled(m: &ConsumerMetrics) -> u64 {
+    m.processed.get() + m.duplicates.get() + m.dead_lettered.get()
+}
+
+async fn wait_handled(m: &ConsumerMetrics, n: u64) {
+    eventually("deliveries to be handled", WAIT, || async { (handled(m) >= n).then_some(()) }).await;
+}
+
+async fn ledger_rows(pool: &PgPool, order_id: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM ledger WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_same_message_delivered_three_times_charges_once() {
+    let (db, amqp, metrics) = (TestDb::new().await, test_amqp(), Metrics::default());
+    let (_conn, channel) = amqp_channel().await;
+    let queues = declare(&channel, &amqp).await;
+    let event = order(&db.pool, 500).await;
+    for _ in 0..3 {
+        send_event(&channel, &queues.main, &event).await;
+    }
+    let billing = consumer(Billing, &db.pool, &amqp, &metrics);
+
+    let running = start(&billing);
+    wait_handled(&billing.metrics, 3).await;
+
+    assert_eq!(ledger_rows(&db.pool, event.order_id).await, 1);
+    assert_eq!((billing.metrics.processed.get(), billing.metrics.duplicates.get()), (1, 2));
+    let mut conn = db.pool.acquire().await.unwrap();
+    assert_eq!(orders::find(&mut conn, event.order_id).await.unwrap().unwrap().status, "CONFIRMED");
+    drop(conn);
+    running.stop().await;
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_instances_racing_on_duplicates_charge_each_order_once() {
+    let (db, amqp, metrics) = (TestDb::new().await, test_amqp(), Metrics::default());
+    let (_conn, channel) = amqp_channel().await;
+    let queues = declare(&channel, &amqp).await;
+    let (a, b) = (
+        consumer(Billing, &db.pool, &amqp, &metrics),
+        consumer(Billing, &db.pool, &amqp, &metrics),
+    );
+    let (ra, rb) = (start(&a), start(&b));
+    let mut events = Vec::new();
+    for _ in 0..25 {
+        let event = order(&db.pool, 10).await;
+        send_event(&channel, &queues.main, &event).await;
+        send_event(&channel, &queues.main, &event).await;
+        events.push(event);
+    }
+
+    wait_handled(&a.metrics, 50).await; // a and b share one metrics entry
+
+    for event in &events {
+        assert_eq!(ledger_rows(&db.pool, event.order_id).await, 1, "order {}", event.order_id);
+    }
+    assert_eq!(a.metrics.processed.get(), 25);
+    assert_eq!(a.metrics.duplicates.get(), 25);
+    ra.stop().await;
+    rb.stop().await;
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
+
+/// Fails the first `failures` calls, then bills.
+struct FailsFirst {
+    failures: AtomicU32,
+}
+
+impl Handler for FailsFirst {
+    fn name(&self) -> &'static str {
+        BILLING
+    }
+    async fn handle(&self, conn: &mut PgConnection, event: &OrderEvent) -> anyhow::Result<()> {
+        // The side effect happens first, so a rollback must undo it.
+        Billing.handle(conn, event).await?;
+        let left = self.failures.load(Ordering::SeqCst);
+        if left > 0 {
+            self.failures.store(left - 1, Ordering::SeqCst);
+            anyhow::bail!("payment gateway timeout ({left} failures left)");
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_handler_failing_twice_then_succeeding_is_retried_and_charges_once() {
+    let (db, amqp, metrics) = (TestDb::new().await, test_amqp(), Metrics::default());
+    let (_conn, channel) = amqp_channel().await;
+    let queues = declare(&channel, &amqp).await;
+    let event = order(&db.pool, 700).await;
+    send_event(&channel, &queues.main, &event).await;
+    let flaky = consumer(FailsFirst { failures: AtomicU32::new(2) }, &db.pool, &amqp, &metrics);
+
+    let running = start(&flaky);
+    wait_handled(&flaky.metrics, 1).await;
+
+    assert_eq!(flaky.metrics.retried.get(), 2);
+    assert_eq!(flaky.metrics.processed.get(), 1);
+    assert_eq!(flaky.metrics.dead_lettered.get(), 0);
+    assert_eq!(ledger_rows(&db.pool, event.order_id).await, 1, "failed attempts left no charge");
+    running.stop().await;
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
+
+/// Fails while `failing` is set.
+struct Switchable {
+    failing: AtomicBool,
+}
+
+impl Handler for Switchable {
+    fn name(&self) -> &'static str {
+        BILLING
+    }
+    async fn handle(&self, conn: &mut PgConnection, event: &OrderEvent) -> anyhow::Result<()> {
+        if self.failing.load(Ordering::SeqCst) {
+            anyhow::bail!("card declined");
+        }
+        Billing.handle(conn, event).await
+    }
+}
+
+fn header_i64(properties: &BasicProperties, name: &str) -> Option<i64> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some((*n).into()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn an_always_failing_message_is_dead_lettered_after_the_last_attempt_and_replays_once() {
+    let (db, amqp, metrics) = (TestDb::new().await, test_amqp(), Metrics::default());
+    let (_conn, channel) = amqp_channel().await;
+    let queues = declare(&channel, &amqp).await;
+    let event = order(&db.pool, 900).await;
+    send_event(&channel, &queues.main, &event).await;
+    let handler = Switchable { failing: AtomicBool::new(true) };
+    let billing = consumer(handler, &db.pool, &amqp, &metrics);
+    let running = start(&billing);
+
+    eventually("the message to reach the DLQ", WAIT, || async {
+        (billing.metrics.dead_lettered.get() == 1).then_some(())
+    })
+    .await;
+
+    assert_eq!(billing.metrics.retried.get(), 2, "one retry per configured delay");
+    let letters = dlq::list(&amqp, &queues, 10).await.unwrap();
+    let again = dlq::list(&amqp, &queues, 10).await.unwrap();
+    assert_eq!((letters.len(), again.len()), (1, 1), "listing leaves letters in place");
+    assert_eq!(letters[0].message_id, event.transaction_id.to_string());
+    assert_eq!(letters[0].event_type, "order.created");
+    assert_eq!(letters[0].attempts, 3);
+    assert!(letters[0].error.contains("card declined"), "{}", letters[0].error);
+    assert_eq!(ledger_rows(&db.pool, event.order_id).await, 0);
+    assert_eq!(db.count("SELECT count(*) FROM processed_messages").await, 0);
+
+    // The cause is fixed; replay.
+    billing.handler.failing.store(false, Ordering::SeqCst);
+    let moved = dlq::replay(&amqp, &queues, 100).await.unwrap();
+    assert_eq!(moved, 1);
+    eventually("the replayed message to be processed", WAIT, || async {
+        (billing.metrics.processed.get() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(ledger_rows(&db.pool, event.order_id).await, 1);
+    assert_eq!(dlq::replay(&amqp, &queues, 100).await.unwrap(), 0, "the DLQ is empty");
+    running.stop().await;
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_poison_message_goes_straight_to_the_dlq_and_the_next_one_is_processed() {
+    let (db, amqp, metrics) = (TestDb::new().await, test_amqp(), Metrics::default());
+    let (_conn, channel) = amqp_channel().await;
+    let queues = declare(&channel, &amqp).await;
+    send(&channel, &queues.main, b"this is not JSON", Some(Uuid::new_v4())).await;
+    send(&channel, &queues.main, br#"{"orderId": "missing the rest"}"#, None).await;
+    let event = order(&db.pool, 300).await;
+    send_event(&channel, &queues.main, &event).await;
+    let billing = consumer(Billing, &db.pool, &amqp, &metrics);
+
+    let running = start(&billing);
+    wait_handled(&billing.metrics, 3).await;
+
+    assert_eq!(billing.metrics.dead_lettered.get(), 2);
+    assert_eq!(billing.metrics.retried.get(), 0, "poison is not retried");
+    assert_eq!(ledger_rows(&db.pool, event.order_id).await, 1);
+    running.stop().await;
+    let dead = drain_queue(&channel, &queues.dlq).await;
+    assert_eq!(dead.len(), 2);
+    assert_eq!(dead[0].data, b"this is not JSON", "the body is kept as it was");
+    assert_eq!(header_i64(&dead[0].properties, "x-attempt"), Some(1));
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_consumer_killed_before_its_ack_gets_the_message_again_and_charges_once() {
+    let (db, amqp, metrics) = (TestDb::new().await, test_amqp(), Metrics::default());
+    let (conn, channel) = amqp_channel().await;
+    let queues = declare(&channel, &amqp).await;
+    let event = order(&db.pool, 450).await;
+    send_event(&channel, &queues.main, &event).await;
+    let billing = consumer(Billing, &db.pool, &amqp, &metrics);
+
+    // A consumer takes the delivery, commits its transaction, and dies before the ack.
+    let (doomed_conn, doomed) = amqp_channel().await;
+    let mut deliveries = doomed
+        .basic_consume(queues.main.as_str().into(), "doomed".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let delivery = deliveries.next().await.unwrap().unwrap();
+    let applied = billing.apply(&Incoming::parse(&delivery).unwrap()).await.unwrap();
+    assert_eq!(applied, Applied::Committed);
+    drop(deliveries);
+    doomed_conn.close(320, "killed".into()).await.unwrap();
+
+    let running = start(&billing);
+    wait_handled(&billing.metrics, 1).await;
+
+    assert_eq!(billing.metrics.duplicates.get(), 1, "the redelivery was recognised");
+    assert_eq!(ledger_rows(&db.pool, event.order_id).await, 1);
+    running.stop().await;
+    let left = channel
+        .basic_get(queues.main.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap();
+    assert!(left.is_none(), "the redelivery was acked");
+    drop(conn);
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_consumer_resumes_after_the_broker_goes_away() {
+    let (db, metrics) = (TestDb::new().await, Metrics::default());
+    let proxy = Proxy::start(target_of(&crate::helpers::amqp_url())).await;
+    let amqp = test_amqp();
+    let mut proxied = amqp.clone();
+    proxied.amqp_url = order_service::config::SecretUrl::new(via(&crate::helpers::amqp_url(), proxy.addr));
+    let (_conn, channel) = amqp_channel().await;
+    let queues = declare(&channel, &amqp).await;
+    let billing = consumer(Billing, &db.pool, &proxied, &metrics);
+    let running = start(&billing);
+    let first = order(&db.pool, 1).await;
+    send_event(&channel, &queues.main, &first).await;
+    wait_handled(&billing.metrics, 1).await;
+
+    proxy.cut();
+    let mut later = Vec::new();
+    for _ in 0..10 {
+        let event = order(&db.pool, 2).await;
+        send_event(&channel, &queues.main, &event).await;
+        later.push(event);
+    }
+    eventually("the consumer to try to reconnect", WAIT, || async { (proxy.refused() >= 1).then_some(()) }).await;
+    proxy.restore();
+
+    wait_handled(&billing.metrics, 11).await;
+    for event in &later {
+        assert_eq!(ledger_rows(&db.pool, event.order_id).await, 1);
+    }
+    running.stop().await;
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}

@@ -1,0 +1,347 @@
+//! The relay: outbox rows reach RabbitMQ with confirms, at least once.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use order_service::amqp::{BILLING, QueueNames};
+use order_service::config::{AmqpConfig, RelayConfig};
+use order_service::metrics::Metrics;
+use order_service::orders::OrderEvent;
+use order_service::outbox::relay::{Publisher, Relay};
+use order_service::outbox::store::{self, NewOutboxEvent};
+use order_service::outbox::{Wake, forward_wakes_as_notify};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::helpers::{TestDb, amqp_channel, cleanup_amqp, drain_queue, eventually, test_amqp};
+use crate::proxy::{Proxy, target_of, via};
+
+/// Writes `n` order events straight into the outbox; returns their ids.
+pub async fn insert_events(pool: &PgPool, n: usize, event_type: &'static str) -> Vec<Uuid> {
+    let mut ids = Vec::with_capacity(n);
+    let mut tx = pool.begin().await.unwrap();
+    for _ in 0..n {
+        let event = OrderEvent {
+            transaction_id: Uuid::new_v4(),
+            order_id: Uuid::now_v7(),
+            product_id: "p-1".into(),
+            user_id: "user_1".into(),
+            amount: 100,
+            timestamp: chrono::Utc::now(),
+        };
+        store::insert(
+            &mut tx,
+            &NewOutboxEvent {
+                transaction_id: event.transaction_id,
+                aggregate_type: "order",
+                aggregate_id: event.order_id.to_string(),
+                event_type,
+                payload: serde_json::to_value(&event).unwrap(),
+                headers: serde_json::json!({}),
+            },
+        )
+        .await
+        .unwrap();
+        ids.push(event.transaction_id);
+    }
+    tx.commit().await.unwrap();
+    ids
+}
+
+fn relay(pool: &PgPool, amqp: &AmqpConfig, config: RelayConfig) -> Relay {
+    Relay {
+        pool: pool.clone(),
+        amqp: amqp.clone(),
+        config,
+        metrics: Arc::new(Metrics::default()),
+        wake: Wake::default(),
+        listen: false,
+    }
+}
+
+fn billing_queue(amqp: &AmqpConfig) -> String {
+    QueueNames::new(amqp, BILLING).main
+}
+
+async fn unpublished(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+fn message_ids(deliveries: &[lapin::message::Delivery]) -> Vec<String> {
+    deliveries
+        .iter()
+        .map(|d| d.properties.message_id().as_ref().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn every_outbox_row_is_delivered_with_its_properties_and_marked() {
+    let db = TestDb::new().await;
+    let amqp = test_amqp();
+    let ids = insert_events(&db.pool, 120, "order.created").await;
+    let relay = relay(&db.pool, &amqp, RelayConfig { batch_size: 50, ..Default::default() });
+    let publisher = Publisher::open(&amqp, &CancellationToken::new()).await.unwrap();
+
+    let published = relay.drain(&publisher).await.unwrap();
+
+    assert_eq!(published, 120);
+    assert_eq!(unpublished(&db.pool).await, 0);
+    let (_conn, channel) = amqp_channel().await;
+    let deliveries = drain_queue(&channel, &billing_queue(&amqp)).await;
+    let expected: HashSet<String> = ids.iter().map(Uuid::to_string).collect();
+    assert_eq!(message_ids(&deliveries).into_iter().collect::<HashSet<_>>(), expected);
+    let first = &deliveries[0];
+    assert_eq!(first.properties.content_type().as_ref().unwrap().as_str(), "application/json");
+    assert_eq!(*first.properties.delivery_mode(), Some(2));
+    assert_eq!(first.properties.kind().as_ref().unwrap().as_str(), "order.created");
+    assert!(first.properties.timestamp().is_some());
+    assert_eq!(first.routing_key.as_str(), "order.created");
+    let body: OrderEvent = serde_json::from_slice(&first.data).unwrap();
+    assert_eq!(body.transaction_id.to_string(), first.properties.message_id().as_ref().unwrap().as_str());
+    publisher.close().await;
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_crash_between_publish_and_mark_publishes_again_with_the_same_id() {
+    let db = TestDb::new().await;
+    let amqp = test_amqp();
+    let ids = insert_events(&db.pool, 5, "order.created").await;
+    let relay = relay(&db.pool, &amqp, RelayConfig::default());
+    let publisher = Publisher::open(&amqp, &CancellationToken::new()).await.unwrap();
+
+    // Publish, then "crash": the claiming transaction ends without marking.
+    let mut tx = db.pool.begin().await.unwrap();
+    let batch = relay.claim_and_publish(&mut tx, &publisher).await.unwrap();
+    assert_eq!(batch.published.len(), 5);
+    drop(tx);
+    assert_eq!(unpublished(&db.pool).await, 5, "nothing was marked");
+    relay.drain(&publisher).await.unwrap();
+
+    assert_eq!(unpublished(&db.pool).await, 0);
+    let (_conn, channel) = amqp_channel().await;
+    let deliveries = drain_queue(&channel, &billing_queue(&amqp)).await;
+    assert_eq!(deliveries.len(), 10, "each row arrived twice: at least once");
+    for id in ids {
+        let copies = message_ids(&deliveries).iter().filter(|m| **m == id.to_string()).count();
+        assert_eq!(copies, 2, "both copies of {id} carry its message_id");
+    }
+    publisher.close().await;
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_unroutable_row_stays_pending_with_its_error_and_does_not_hold_up_the_rest() {
+    let db = TestDb::new().await;
+    let amqp = test_amqp();
+    insert_events(&db.pool, 1, "order.nobody_listens").await;
+    insert_events(&db.pool, 10, "order.created").await;
+    let relay = relay(&db.pool, &amqp, RelayConfig::default());
+    let publisher = Publisher::open(&amqp, &CancellationToken::new()).await.unwrap();
+
+    let first = relay.run_once(&publisher).await.unwrap();
+    let second = relay.run_once(&publisher).await.unwrap();
+
+    assert_eq!((first.claimed, first.published, first.failed), (11, 10, 1));
+    assert_eq!(second.claimed, 0, "the failed row waits for its next attempt");
+    let (attempts, error, retry_in_future): (i32, String, bool) = sqlx::query_as(
+        "SELECT attempts, last_error, next_attempt_at > now() FROM outbox WHERE published_at IS NULL",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(attempts, 1);
+    assert!(error.contains("NO_ROUTE"), "{error}");
+    assert!(retry_in_future);
+    let (_conn, channel) = amqp_channel().await;
+    assert_eq!(drain_queue(&channel, &billing_queue(&amqp)).await.len(), 10);
+    publisher.close().await;
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_relays_over_2000_rows_deliver_each_exactly_once() {
+    let db = TestDb::new().await;
+    let amqp = test_amqp();
+    let ids = insert_events(&db.pool, 2000, "order.created").await;
+    let config = RelayConfig { batch_size: 100, ..Default::default() };
+    let (a, b) = (relay(&db.pool, &amqp, config.clone()), relay(&db.pool, &amqp, config));
+    let cancel = CancellationToken::new();
+    let (pa, pb) = (
+        Publisher::open(&amqp, &cancel).await.unwrap(),
+        Publisher::open(&amqp, &cancel).await.unwrap(),
+    );
+
+    let (ra, rb) = tokio::join!(a.drain(&pa), b.drain(&pb));
+
+    assert_eq!(ra.unwrap() + rb.unwrap(), 2000);
+    assert_eq!(unpublished(&db.pool).await, 0);
+    let (_conn, channel) = amqp_channel().await;
+    let deliveries = drain_queue(&channel, &billing_queue(&amqp)).await;
+    assert_eq!(deliveries.len(), 2000);
+    let distinct: HashSet<String> = message_ids(&deliveries).into_iter().collect();
+    assert_eq!(distinct, ids.iter().map(Uuid::to_string).collect());
+    pa.close().await;
+    pb.close().await;
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_relay_loses_nothing_when_the_broker_goes_away_mid_stream() {
+    let db = TestDb::new().await;
+    let proxy = Proxy::start(target_of(&crate::helpers::amqp_url())).await;
+    let mut amqp = test_amqp();
+    amqp.amqp_url = order_service::config::SecretUrl::new(via(&crate::helpers::amqp_url(), proxy.addr));
+    let relay = relay(&db.pool, &amqp, RelayConfig { batch_size: 20, poll_interval_ms: 50, ..Default::default() });
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn(relay.clone().run(cancel.clone()));
+    let mut ids = insert_events(&db.pool, 100, "order.created").await;
+    eventually("the first 100 rows to be published", Duration::from_secs(20), || async {
+        (unpublished(&db.pool).await == 0).then_some(())
+    })
+    .await;
+
+    proxy.cut();
+    ids.extend(insert_events(&db.pool, 100, "order.created").await);
+    eventually("the relay to try the broker during the outage", Duration::from_secs(10), || async {
+        (proxy.refused() >= 2).then_some(())
+    })
+    .await;
+    assert!(unpublished(&db.pool).await > 0, "nothing can be published while the broker is away");
+    proxy.restore();
+
+    eventually("the rest to be published after the broker returns", Duration::from_secs(30), || async {
+        (unpublished(&db.pool).await == 0).then_some(())
+    })
+    .await;
+    assert!(!running.is_finished(), "the relay kept running");
+    let (_conn, channel) = amqp_channel().await;
+    let deliveries = drain_queue(&channel, &billing_queue(&amqp)).await;
+    let distinct: HashSet<String> = message_ids(&deliveries).into_iter().collect();
+    assert_eq!(distinct, ids.iter().map(Uuid::to_string).collect(), "every row arrived");
+    cancel.cancel();
+    running.await.unwrap().unwrap();
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_relay_catches_up_when_postgres_comes_back() {
+    let db = TestDb::new().await;
+    let proxy = Proxy::start(target_of(&db.url)).await;
+    let relay_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect(&via(&db.url, proxy.addr))
+        .await
+        .unwrap();
+    let amqp = test_amqp();
+    let relay = relay(&relay_pool, &amqp, RelayConfig { poll_interval_ms: 50, ..Default::default() });
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn(relay.clone().run(cancel.clone()));
+    eventually("the relay to declare its queues", Duration::from_secs(10), || async {
+        let (_c, channel) = amqp_channel().await;
+        channel
+            .queue_declare(
+                billing_queue(&amqp).as_str().into(),
+                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                Default::default(),
+            )
+            .await
+            .ok()
+    })
+    .await;
+
+    proxy.cut();
+    let ids = insert_events(&db.pool, 50, "order.created").await;
+    eventually("the relay to try Postgres during the outage", Duration::from_secs(10), || async {
+        (proxy.refused() >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(unpublished(&db.pool).await, 50);
+    proxy.restore();
+
+    eventually("the rows to be published once Postgres is back", Duration::from_secs(30), || async {
+        (unpublished(&db.pool).await == 0).then_some(())
+    })
+    .await;
+    assert!(!running.is_finished());
+    let (_conn, channel) = amqp_channel().await;
+    let deliveries = drain_queue(&channel, &billing_queue(&amqp)).await;
+    let distinct: HashSet<String> = message_ids(&deliveries).into_iter().collect();
+    assert_eq!(distinct, ids.iter().map(Uuid::to_string).collect());
+    cancel.cancel();
+    running.await.unwrap().unwrap();
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_notify_from_another_process_wakes_the_relay_long_before_its_poll() {
+    let db = TestDb::new().await;
+    let amqp = test_amqp();
+    let mut relay = relay(&db.pool, &amqp, RelayConfig { poll_interval_ms: 600_000, ..Default::default() });
+    relay.listen = true;
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn(relay.run(cancel.clone()));
+    // The "API process": its own wake-up, forwarded as a Postgres NOTIFY.
+    let api_wake = Wake::default();
+    tokio::spawn(forward_wakes_as_notify(db.pool.clone(), api_wake.clone(), cancel.clone()));
+    // Let the relay finish its first drain and start waiting.
+    eventually("the relay to declare its queues", Duration::from_secs(10), || async {
+        let (_c, channel) = amqp_channel().await;
+        channel
+            .queue_declare(
+                billing_queue(&amqp).as_str().into(),
+                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                Default::default(),
+            )
+            .await
+            .ok()
+    })
+    .await;
+
+    insert_events(&db.pool, 3, "order.created").await;
+    api_wake.notify();
+
+    eventually("the relay to publish after the NOTIFY", Duration::from_secs(10), || async {
+        (unpublished(&db.pool).await == 0).then_some(())
+    })
+    .await;
+    cancel.cancel();
+    running.await.unwrap().unwrap();
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn published_rows_past_retention_are_pruned_and_pending_ones_kept() {
+    let db = TestDb::new().await;
+    let amqp = test_amqp();
+    insert_events(&db.pool, 25, "order.created").await;
+    sqlx::query("UPDATE outbox SET published_at = now() - interval '8 days' WHERE id <= 20")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE outbox SET published_at = now() WHERE id IN (21, 22)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let relay = relay(&db.pool, &amqp, RelayConfig { prune_batch: 7, ..Default::default() });
+
+    let pruned = relay.prune().await.unwrap();
+
+    assert_eq!(pruned, 20, "old published rows go, in batches of 7");
+    assert_eq!(db.count("SELECT count(*) FROM outbox").await, 5);
+    assert_eq!(unpublished(&db.pool).await, 3);
+    db.cleanup().await;
+}
