@@ -48,7 +48,11 @@ impl QueueNames {
 }
 
 /// Connects, retrying with backoff until RabbitMQ answers or `cancel` fires.
-pub async fn connect(config: &AmqpConfig, name: &str, cancel: &CancellationToken) -> anyhow::Result<Connection> {
+pub async fn connect(
+    config: &AmqpConfig,
+    name: &str,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Connection> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         let properties = ConnectionProperties::default().with_connection_name(name.into());
@@ -108,7 +112,11 @@ pub async fn declare_exchange(channel: &Channel, config: &AmqpConfig) -> anyhow:
 
 /// The main queue (bound to the exchange), the delay queues that dead-letter
 /// back into it after their TTL, and the dead-letter queue.
-pub async fn declare_consumer_queues(channel: &Channel, config: &AmqpConfig, consumer: &str) -> anyhow::Result<QueueNames> {
+pub async fn declare_consumer_queues(
+    channel: &Channel,
+    config: &AmqpConfig,
+    consumer: &str,
+) -> anyhow::Result<QueueNames> {
     let names = QueueNames::new(config, consumer);
     declare_queue(channel, &names.main, FieldTable::default()).await?;
     channel

@@ -15,7 +15,11 @@ use crate::telemetry::{self, TelemetryConfig};
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Parser)]
-#[command(name = "order-service", version, about = "Orders through a transactional outbox to idempotent consumers")]
+#[command(
+    name = "order-service",
+    version,
+    about = "Orders through a transactional outbox to idempotent consumers"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -142,7 +146,13 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     crate::shutdown::cancel_on_signal(cancel.clone());
     match command {
-        Command::Run { db, amqp, http, relay, consumer } => {
+        Command::Run {
+            db,
+            amqp,
+            http,
+            relay,
+            consumer,
+        } => {
             let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
             roles.start_api(&http, Some(amqp.clone())).await?;
             roles.start_relay(&amqp, &relay, false);
@@ -161,20 +171,30 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             roles.start_relay(&amqp, &relay, true);
             roles.wait(SHUTDOWN_DEADLINE).await
         }
-        Command::Consume { which, db, amqp, consumer } => {
+        Command::Consume {
+            which,
+            db,
+            amqp,
+            consumer,
+        } => {
             let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
             roles.start_consumer(which, &amqp, &consumer);
             roles.wait(SHUTDOWN_DEADLINE).await
         }
         Command::Migrate { db } => {
-            let db = DatabaseConfig { skip_migrations: true, ..db };
+            let db = DatabaseConfig {
+                skip_migrations: true,
+                ..db
+            };
             let pool = crate::db::connect(&db, &cancel).await?;
             crate::db::migrate(&pool).await?;
             println!("migrations applied");
             Ok(())
         }
         Command::Dlq { command } => dlq(command).await,
-        Command::Outbox { command: OutboxCommand::Status { db } } => outbox_status(db, &cancel).await,
+        Command::Outbox {
+            command: OutboxCommand::Status { db },
+        } => outbox_status(db, &cancel).await,
     }
 }
 
@@ -200,14 +220,20 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
         DlqCommand::Replay { queue, limit, amqp } => {
             let queues = dlq::queues_for(&amqp, &queue)?;
             let moved = dlq::replay(&amqp, &queues, limit).await?;
-            println!("replayed {moved} message(s) from {} to {}", queues.dlq, queues.main);
+            println!(
+                "replayed {moved} message(s) from {} to {}",
+                queues.dlq, queues.main
+            );
             Ok(())
         }
     }
 }
 
 async fn outbox_status(db: DatabaseConfig, cancel: &CancellationToken) -> anyhow::Result<()> {
-    let db = DatabaseConfig { skip_migrations: true, ..db };
+    let db = DatabaseConfig {
+        skip_migrations: true,
+        ..db
+    };
     let pool = crate::db::connect(&db, cancel).await?;
     let mut conn = pool.acquire().await?;
     let status = crate::outbox::store::status(&mut conn).await?;

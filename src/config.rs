@@ -120,7 +120,12 @@ pub struct AmqpConfig {
     #[arg(long, env = "AMQP_QUEUE_PREFIX", default_value = "")]
     pub queue_prefix: String,
     /// Delays of the retry queues, in ms, comma separated; one retry per entry.
-    #[arg(long, env = "RETRY_DELAYS_MS", default_value = "1000,10000,60000", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "RETRY_DELAYS_MS",
+        default_value = "1000,10000,60000",
+        value_delimiter = ','
+    )]
     pub retry_delays_ms: Vec<u64>,
 }
 
@@ -135,7 +140,11 @@ impl AmqpConfig {
     }
 
     pub fn retry_delays(&self) -> Vec<Duration> {
-        self.retry_delays_ms.iter().copied().map(Duration::from_millis).collect()
+        self.retry_delays_ms
+            .iter()
+            .copied()
+            .map(Duration::from_millis)
+            .collect()
     }
 }
 

@@ -15,7 +15,10 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// Builds a pool and waits (with backoff) until Postgres answers, so a role
 /// started before its database comes up simply waits. Applies migrations unless
 /// told not to.
-pub async fn connect(config: &DatabaseConfig, cancel: &CancellationToken) -> anyhow::Result<PgPool> {
+pub async fn connect(
+    config: &DatabaseConfig,
+    cancel: &CancellationToken,
+) -> anyhow::Result<PgPool> {
     let pool = PgPoolOptions::new()
         .max_connections(config.pool_size)
         .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))

@@ -55,7 +55,10 @@ impl Histogram {
         let mut cumulative = 0;
         for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
             cumulative += bucket.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
         }
         let count = self.count();
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
@@ -91,7 +94,8 @@ pub struct Metrics {
 impl Metrics {
     pub fn record_http(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
         let mut map = self.http_requests.lock().expect("metrics lock");
-        *map.entry((method.to_owned(), route.to_owned(), status)).or_default() += 1;
+        *map.entry((method.to_owned(), route.to_owned(), status))
+            .or_default() += 1;
         drop(map);
         self.http_latency.observe(elapsed);
     }
@@ -110,14 +114,16 @@ impl Metrics {
     pub fn render(&self, outbox: Option<&crate::outbox::store::OutboxStatus>) -> String {
         let mut out = String::new();
         out.push_str("# TYPE http_requests_total counter\n");
-        for ((method, route, status), n) in self.http_requests.lock().expect("metrics lock").iter() {
+        for ((method, route, status), n) in self.http_requests.lock().expect("metrics lock").iter()
+        {
             let _ = writeln!(
                 out,
                 "http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}"
             );
         }
         out.push_str("# TYPE http_request_duration_seconds histogram\n");
-        self.http_latency.render(&mut out, "http_request_duration_seconds", "");
+        self.http_latency
+            .render(&mut out, "http_request_duration_seconds", "");
         let counters = [
             ("orders_created_total", &self.orders_created),
             ("relay_published_total", &self.relay_published),
@@ -127,19 +133,31 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", counter.get());
         }
         out.push_str("# TYPE relay_publish_duration_seconds histogram\n");
-        self.relay_publish_latency.render(&mut out, "relay_publish_duration_seconds", "");
+        self.relay_publish_latency
+            .render(&mut out, "relay_publish_duration_seconds", "");
         if let Some(status) = outbox {
-            let _ = writeln!(out, "# TYPE outbox_pending_rows gauge\noutbox_pending_rows {}", status.pending);
+            let _ = writeln!(
+                out,
+                "# TYPE outbox_pending_rows gauge\noutbox_pending_rows {}",
+                status.pending
+            );
             let _ = writeln!(
                 out,
                 "# TYPE outbox_oldest_pending_age_seconds gauge\noutbox_oldest_pending_age_seconds {}",
                 status.oldest_pending_age_secs.unwrap_or(0.0)
             );
-            let _ = writeln!(out, "# TYPE outbox_failed_rows gauge\noutbox_failed_rows {}", status.with_errors);
+            let _ = writeln!(
+                out,
+                "# TYPE outbox_failed_rows gauge\noutbox_failed_rows {}",
+                status.with_errors
+            );
         }
         let consumers = self.consumers.lock().expect("metrics lock");
         for (kind, pick) in [
-            ("processed", (|c: &ConsumerMetrics| c.processed.get()) as fn(&ConsumerMetrics) -> u64),
+            (
+                "processed",
+                (|c: &ConsumerMetrics| c.processed.get()) as fn(&ConsumerMetrics) -> u64,
+            ),
             ("duplicates", |c| c.duplicates.get()),
             ("retried", |c| c.retried.get()),
             ("dead_lettered", |c| c.dead_lettered.get()),
@@ -151,8 +169,11 @@ impl Metrics {
         }
         out.push_str("# TYPE consumer_handling_duration_seconds histogram\n");
         for (name, c) in consumers.iter() {
-            c.handling
-                .render(&mut out, "consumer_handling_duration_seconds", &format!("queue=\"{name}\""));
+            c.handling.render(
+                &mut out,
+                "consumer_handling_duration_seconds",
+                &format!("queue=\"{name}\""),
+            );
         }
         out
     }

@@ -135,12 +135,11 @@ pub async fn find(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Orde
 
 /// Marks an order `CONFIRMED`; false if no such order exists.
 pub async fn confirm(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<bool> {
-    let result = sqlx::query(
-        "UPDATE orders SET status = 'CONFIRMED', updated_at = now() WHERE id = $1",
-    )
-    .bind(id)
-    .execute(conn)
-    .await?;
+    let result =
+        sqlx::query("UPDATE orders SET status = 'CONFIRMED', updated_at = now() WHERE id = $1")
+            .bind(id)
+            .execute(conn)
+            .await?;
     Ok(result.rows_affected() == 1)
 }
 
@@ -178,18 +177,49 @@ mod tests {
 
     #[test]
     fn missing_fields_are_shape_errors_and_bad_values_are_invalid() {
-        assert!(matches!(check(json!({"userId": "u", "amount": 1})), Err(ValidationError::Shape(_))));
-        assert!(matches!(check(json!([1, 2])), Err(ValidationError::Shape(_))));
-        for amount in [json!(0), json!(-5), json!(1.5), json!("500"), json!(1e30), json!(u64::MAX)] {
+        assert!(matches!(
+            check(json!({"userId": "u", "amount": 1})),
+            Err(ValidationError::Shape(_))
+        ));
+        assert!(matches!(
+            check(json!([1, 2])),
+            Err(ValidationError::Shape(_))
+        ));
+        for amount in [
+            json!(0),
+            json!(-5),
+            json!(1.5),
+            json!("500"),
+            json!(1e30),
+            json!(u64::MAX),
+        ] {
             let result = check(json!({"productId": "p", "userId": "u", "amount": amount}));
             assert!(
-                matches!(result, Err(ValidationError::Invalid { field: "amount", .. })),
+                matches!(
+                    result,
+                    Err(ValidationError::Invalid {
+                        field: "amount",
+                        ..
+                    })
+                ),
                 "{amount} gave {result:?}"
             );
         }
-        for id in [json!(""), json!("   "), json!(7), json!("a\u{0}b"), json!("x".repeat(129))] {
+        for id in [
+            json!(""),
+            json!("   "),
+            json!(7),
+            json!("a\u{0}b"),
+            json!("x".repeat(129)),
+        ] {
             let result = check(json!({"productId": id, "userId": "u", "amount": 1}));
-            assert!(matches!(result, Err(ValidationError::Invalid { field: "productId", .. })));
+            assert!(matches!(
+                result,
+                Err(ValidationError::Invalid {
+                    field: "productId",
+                    ..
+                })
+            ));
         }
     }
 }

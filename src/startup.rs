@@ -48,7 +48,11 @@ impl Roles {
 
     /// Binds the HTTP listener and serves on the tracker; returns the bound
     /// address (port 0 picks a free one).
-    pub async fn start_api(&self, http: &HttpConfig, amqp: Option<AmqpConfig>) -> anyhow::Result<SocketAddr> {
+    pub async fn start_api(
+        &self,
+        http: &HttpConfig,
+        amqp: Option<AmqpConfig>,
+    ) -> anyhow::Result<SocketAddr> {
         let listener = TcpListener::bind(http.http_addr)
             .await
             .with_context(|| format!("binding {}", http.http_addr))?;
@@ -104,11 +108,23 @@ impl Roles {
                 let handler = Email {
                     failure_rate: config.email_failure_rate,
                 };
-                let consumer = Arc::new(Consumer::new(handler, pool, amqp.clone(), config.clone(), metrics));
+                let consumer = Arc::new(Consumer::new(
+                    handler,
+                    pool,
+                    amqp.clone(),
+                    config.clone(),
+                    metrics,
+                ));
                 self.tracker.spawn(consumer.run(cancel));
             }
             ConsumerKind::Billing => {
-                let consumer = Arc::new(Consumer::new(Billing, pool, amqp.clone(), config.clone(), metrics));
+                let consumer = Arc::new(Consumer::new(
+                    Billing,
+                    pool,
+                    amqp.clone(),
+                    config.clone(),
+                    metrics,
+                ));
                 self.tracker.spawn(consumer.run(cancel));
             }
         }

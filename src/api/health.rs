@@ -37,7 +37,10 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         Some(amqp) => match tokio::time::timeout(CHECK_TIMEOUT, crate::amqp::ping(amqp)).await {
             Ok(Ok(())) => "ok",
             Ok(Err(error)) => {
-                tracing::warn!(error = format!("{error:#}"), "readiness: RabbitMQ check failed");
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "readiness: RabbitMQ check failed"
+                );
                 "unreachable"
             }
             Err(_) => "timeout",

@@ -111,7 +111,11 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
 
 /// Serves until `cancel` fires, then stops accepting and lets in-flight
 /// requests finish.
-pub async fn serve(listener: TcpListener, app: Router, cancel: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
     axum::serve(listener, app)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await

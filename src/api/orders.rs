@@ -94,8 +94,8 @@ pub async fn get_order(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<orders::Order>, ApiError> {
-    let id = Uuid::parse_str(&id)
-        .map_err(|_| ApiError::BadRequest("order id must be a UUID".into()))?;
+    let id =
+        Uuid::parse_str(&id).map_err(|_| ApiError::BadRequest("order id must be a UUID".into()))?;
     let mut conn = state.pool.acquire().await?;
     orders::find(&mut conn, id)
         .await?

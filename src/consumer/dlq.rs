@@ -33,13 +33,21 @@ pub fn queues_for(amqp: &AmqpConfig, consumer: &str) -> anyhow::Result<QueueName
 
 /// Reads up to `limit` dead letters and leaves them in the queue (they are
 /// fetched unacked and returned when the channel closes).
-pub async fn list(amqp: &AmqpConfig, queues: &QueueNames, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
-    let connection = crate::amqp::connect(amqp, "order-service dlq list", &CancellationToken::new()).await?;
+pub async fn list(
+    amqp: &AmqpConfig,
+    queues: &QueueNames,
+    limit: usize,
+) -> anyhow::Result<Vec<DeadLetter>> {
+    let connection =
+        crate::amqp::connect(amqp, "order-service dlq list", &CancellationToken::new()).await?;
     let channel = connection.create_channel().await?;
     let mut letters = Vec::new();
     while letters.len() < limit {
         let Some(got) = channel
-            .basic_get(queues.dlq.as_str().into(), BasicGetOptions { no_ack: false })
+            .basic_get(
+                queues.dlq.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
             .await
             .with_context(|| format!("reading {}", queues.dlq))?
         else {
@@ -48,8 +56,18 @@ pub async fn list(amqp: &AmqpConfig, queues: &QueueNames, limit: usize) -> anyho
         let d = &got.delivery;
         let headers = d.properties.headers().as_ref();
         letters.push(DeadLetter {
-            message_id: d.properties.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default(),
-            event_type: d.properties.kind().as_ref().map(|s| s.to_string()).unwrap_or_default(),
+            message_id: d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            event_type: d
+                .properties
+                .kind()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
             error: header_str(headers, ERROR_HEADER).unwrap_or_default(),
             attempts: message::attempt(d),
             published_at: d
@@ -68,14 +86,20 @@ pub async fn list(amqp: &AmqpConfig, queues: &QueueNames, limit: usize) -> anyho
 /// attempt count; each is acked off the DLQ only after the broker confirmed
 /// the copy. Returns how many moved.
 pub async fn replay(amqp: &AmqpConfig, queues: &QueueNames, limit: usize) -> anyhow::Result<usize> {
-    let connection = crate::amqp::connect(amqp, "order-service dlq replay", &CancellationToken::new()).await?;
+    let connection =
+        crate::amqp::connect(amqp, "order-service dlq replay", &CancellationToken::new()).await?;
     let channel = connection.create_channel().await?;
     let publish = connection.create_channel().await?;
-    publish.confirm_select(ConfirmSelectOptions::default()).await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let mut moved = 0;
     while moved < limit {
         let Some(got) = channel
-            .basic_get(queues.dlq.as_str().into(), BasicGetOptions { no_ack: false })
+            .basic_get(
+                queues.dlq.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
             .await
             .with_context(|| format!("reading {}", queues.dlq))?
         else {
@@ -108,7 +132,9 @@ pub async fn publish(
     properties: lapin::BasicProperties,
 ) -> anyhow::Result<()> {
     if !channel.status().confirm() {
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
     }
     message::publish_confirmed(channel, "", queue, body, properties).await
 }

@@ -28,7 +28,10 @@ impl Handler for Billing {
         .execute(&mut *conn)
         .await
         .context("writing the ledger row")?;
-        if !orders::confirm(conn, event.order_id).await.context("confirming the order")? {
+        if !orders::confirm(conn, event.order_id)
+            .await
+            .context("confirming the order")?
+        {
             anyhow::bail!("order {} does not exist", event.order_id);
         }
         Ok(())

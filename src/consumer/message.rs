@@ -92,7 +92,10 @@ pub async fn forward(
     error: &str,
 ) -> anyhow::Result<()> {
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(attempt.into()));
+    headers.insert(
+        ATTEMPT_HEADER.into(),
+        AMQPValue::LongLongInt(attempt.into()),
+    );
     let error: String = error.chars().take(1024).collect();
     headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(error.into()));
     if header(Some(&headers), ORIGIN_HEADER).is_none() {

@@ -81,7 +81,13 @@ pub struct Consumer<H> {
 }
 
 impl<H: Handler> Consumer<H> {
-    pub fn new(handler: H, pool: PgPool, amqp: AmqpConfig, config: ConsumerConfig, metrics: &Metrics) -> Self {
+    pub fn new(
+        handler: H,
+        pool: PgPool,
+        amqp: AmqpConfig,
+        config: ConsumerConfig,
+        metrics: &Metrics,
+    ) -> Self {
         let queues = QueueNames::new(&amqp, handler.name());
         Self {
             metrics: metrics.consumer(&queues.main),
@@ -134,18 +140,34 @@ impl<H: Handler> Consumer<H> {
             Ok(incoming) => incoming,
             Err(error) => {
                 let reason = format!("unparseable message: {error}");
-                message::forward(publish, delivery, &self.queues.dlq, message::attempt(delivery) + 1, &reason).await?;
-                delivery.ack(BasicAckOptions::default()).await.context("acking")?;
+                message::forward(
+                    publish,
+                    delivery,
+                    &self.queues.dlq,
+                    message::attempt(delivery) + 1,
+                    &reason,
+                )
+                .await?;
+                delivery
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .context("acking")?;
                 return Ok(Outcome::DeadLettered { reason });
             }
         };
         match self.apply(&incoming).await? {
             Applied::Committed => {
-                delivery.ack(BasicAckOptions::default()).await.context("acking")?;
+                delivery
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .context("acking")?;
                 Ok(Outcome::Processed)
             }
             Applied::Duplicate => {
-                delivery.ack(BasicAckOptions::default()).await.context("acking")?;
+                delivery
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .context("acking")?;
                 Ok(Outcome::Duplicate)
             }
             Applied::Failed(reason) => {
@@ -153,17 +175,24 @@ impl<H: Handler> Consumer<H> {
                 let outcome = match self.queues.retries.get(attempt as usize) {
                     Some((retry_queue, _)) => {
                         tracing::info!(%reason, attempt = attempt + 1, queue = %retry_queue, "handler failed; retrying later");
-                        message::forward(publish, delivery, retry_queue, attempt + 1, &reason).await?;
-                        Outcome::Retried { attempt: attempt + 1 }
+                        message::forward(publish, delivery, retry_queue, attempt + 1, &reason)
+                            .await?;
+                        Outcome::Retried {
+                            attempt: attempt + 1,
+                        }
                     }
                     None => {
                         tracing::warn!(%reason, attempts = attempt + 1, "handler failed; dead-lettering");
-                        message::forward(publish, delivery, &self.queues.dlq, attempt + 1, &reason).await?;
+                        message::forward(publish, delivery, &self.queues.dlq, attempt + 1, &reason)
+                            .await?;
                         Outcome::DeadLettered { reason }
                     }
                 };
                 // Only now that the broker holds the copy is the original let go.
-                delivery.ack(BasicAckOptions::default()).await.context("acking")?;
+                delivery
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .context("acking")?;
                 Ok(outcome)
             }
         }
@@ -174,7 +203,11 @@ impl<H: Handler> Consumer<H> {
     /// `Err` is an infrastructure failure; a handler failure is
     /// `Applied::Failed` and leaves nothing behind.
     pub async fn apply(&self, incoming: &Incoming) -> anyhow::Result<Applied> {
-        let mut tx = self.pool.begin().await.context("starting the consumer transaction")?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context("starting the consumer transaction")?;
         let fresh = sqlx::query(
             "INSERT INTO processed_messages (consumer, transaction_id) VALUES ($1, $2) \
              ON CONFLICT DO NOTHING",
@@ -222,7 +255,11 @@ impl<H: Handler> Consumer<H> {
     }
 
     /// One connection's life: returns when the connection fails or on cancel.
-    async fn consume_session(self: Arc<Self>, cancel: &CancellationToken, backoff: &mut Backoff) -> anyhow::Result<()> {
+    async fn consume_session(
+        self: Arc<Self>,
+        cancel: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> anyhow::Result<()> {
         let name = format!("order-service {}", self.queues.main);
         let connection = crate::amqp::connect(&self.amqp, &name, cancel).await?;
         let result = self.clone().consume_on(&connection, cancel, backoff).await;
@@ -236,9 +273,17 @@ impl<H: Handler> Consumer<H> {
         cancel: &CancellationToken,
         backoff: &mut Backoff,
     ) -> anyhow::Result<()> {
-        let consume = connection.create_channel().await.context("opening the consume channel")?;
-        let publish = connection.create_channel().await.context("opening the publish channel")?;
-        publish.confirm_select(ConfirmSelectOptions::default()).await?;
+        let consume = connection
+            .create_channel()
+            .await
+            .context("opening the consume channel")?;
+        let publish = connection
+            .create_channel()
+            .await
+            .context("opening the publish channel")?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         crate::amqp::declare_exchange(&consume, &self.amqp).await?;
         crate::amqp::declare_consumer_queues(&consume, &self.amqp, self.handler.name()).await?;
         consume
@@ -266,11 +311,17 @@ impl<H: Handler> Consumer<H> {
             };
             let delivery = match next {
                 Some(Ok(delivery)) => delivery,
-                Some(Err(error)) => break Err(anyhow::Error::new(error).context("consumer stream failed")),
+                Some(Err(error)) => {
+                    break Err(anyhow::Error::new(error).context("consumer stream failed"));
+                }
                 None => break Err(anyhow::anyhow!("consumer was cancelled by the broker")),
             };
             backoff.reset();
-            let permit = limit.clone().acquire_owned().await.expect("semaphore never closed");
+            let permit = limit
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closed");
             let this = self.clone();
             let publish = publish.clone();
             tracker.spawn(async move {
@@ -280,13 +331,18 @@ impl<H: Handler> Consumer<H> {
                     // redelivery after a pause, so an outage does not spin.
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     let _ = delivery
-                        .nack(BasicNackOptions { requeue: true, ..Default::default() })
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
                         .await;
                 }
             });
         };
         // Stop new deliveries first, then let those in hand finish.
-        let _ = consume.basic_cancel(tag, BasicCancelOptions::default()).await;
+        let _ = consume
+            .basic_cancel(tag, BasicCancelOptions::default())
+            .await;
         tracker.close();
         tracker.wait().await;
         let _ = publish.close(200, "consumer stopping".into()).await;

@@ -36,13 +36,19 @@ impl Publisher {
     /// topology, so no event is published before its queues exist.
     pub async fn open(amqp: &AmqpConfig, cancel: &CancellationToken) -> anyhow::Result<Self> {
         let connection = crate::amqp::connect(amqp, "order-service relay", cancel).await?;
-        let channel = connection.create_channel().await.context("opening a channel")?;
+        let channel = connection
+            .create_channel()
+            .await
+            .context("opening a channel")?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .context("enabling publisher confirms")?;
         crate::amqp::declare_topology(&channel, amqp).await?;
-        Ok(Self { connection, channel })
+        Ok(Self {
+            connection,
+            channel,
+        })
     }
 
     /// False once the channel or connection has failed; open a new one then.
@@ -95,9 +101,18 @@ impl Relay {
     /// Claims one batch, publishes it, waits for every confirm and marks each
     /// row by its own confirm, all inside the claiming transaction so no other
     /// relay can take these rows meanwhile.
-    #[tracing::instrument(name = "relay batch", skip_all, fields(claimed, published, failed), err)]
+    #[tracing::instrument(
+        name = "relay batch",
+        skip_all,
+        fields(claimed, published, failed),
+        err
+    )]
     pub async fn run_once(&self, publisher: &Publisher) -> anyhow::Result<BatchOutcome> {
-        let mut tx = self.pool.begin().await.context("starting the claim transaction")?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context("starting the claim transaction")?;
         let batch = self.claim_and_publish(&mut tx, publisher).await?;
         if batch.claimed == 0 {
             tx.commit().await?;
@@ -112,7 +127,9 @@ impl Relay {
             .context("recording failed rows")?;
         tx.commit().await.context("committing the batch")?;
 
-        self.metrics.relay_published.add(batch.published.len() as u64);
+        self.metrics
+            .relay_published
+            .add(batch.published.len() as u64);
         self.metrics.relay_failed.add(batch.failed.len() as u64);
         let outcome = BatchOutcome {
             claimed: batch.claimed,
@@ -155,7 +172,9 @@ impl Relay {
                 .await;
             match result {
                 Ok(confirm) => in_flight.push((row.id, span, confirm)),
-                Err(error) => batch.failed.push((row.id, format!("publish failed: {error}"))),
+                Err(error) => batch
+                    .failed
+                    .push((row.id, format!("publish failed: {error}"))),
             }
         }
         let confirms = join_all(in_flight.into_iter().map(|(id, span, confirm)| async move {
@@ -182,7 +201,9 @@ impl Relay {
                 Err(error) => batch.failed.push((id, error)),
             }
         }
-        self.metrics.relay_publish_latency.observe(started.elapsed());
+        self.metrics
+            .relay_publish_latency
+            .observe(started.elapsed());
         Ok(batch)
     }
 
@@ -248,7 +269,8 @@ impl Relay {
         let mut total = 0;
         loop {
             let mut conn = self.pool.acquire().await?;
-            let deleted = store::prune_published(&mut conn, retention, self.config.prune_batch).await?;
+            let deleted =
+                store::prune_published(&mut conn, retention, self.config.prune_batch).await?;
             total += deleted;
             if (deleted as i64) < self.config.prune_batch {
                 return Ok(total);
@@ -261,7 +283,11 @@ impl Relay {
     /// never returns an error for their outages. Stops between batches.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let poll = Duration::from_millis(self.config.poll_interval_ms);
-        let mut listener = if self.listen { self.listener().await } else { None };
+        let mut listener = if self.listen {
+            self.listener().await
+        } else {
+            None
+        };
         let mut backoff = Backoff::default();
         let mut last_prune: Option<Instant> = None;
         let mut publisher: Option<Publisher> = None;
@@ -276,7 +302,10 @@ impl Relay {
                         break;
                     }
                     Err(error) => {
-                        tracing::warn!(error = format!("{error:#}"), "relay could not open a publisher");
+                        tracing::warn!(
+                            error = format!("{error:#}"),
+                            "relay could not open a publisher"
+                        );
                         sleep_or_cancel(backoff.next_delay(), &cancel).await;
                         continue;
                     }
@@ -285,7 +314,10 @@ impl Relay {
             match self.drain(&current).await {
                 Ok(_) => backoff.reset(),
                 Err(error) => {
-                    tracing::warn!(error = format!("{error:#}"), "relay batch failed; will retry");
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "relay batch failed; will retry"
+                    );
                     let usable = current.is_usable();
                     publisher = usable.then_some(current);
                     sleep_or_cancel(backoff.next_delay(), &cancel).await;

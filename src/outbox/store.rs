@@ -65,18 +65,21 @@ pub async fn mark_published(conn: &mut PgConnection, ids: &[i64]) -> sqlx::Resul
     if ids.is_empty() {
         return Ok(0);
     }
-    let result = sqlx::query(
-        "UPDATE outbox SET published_at = now(), last_error = NULL WHERE id = ANY($1)",
-    )
-    .bind(ids)
-    .execute(conn)
-    .await?;
+    let result =
+        sqlx::query("UPDATE outbox SET published_at = now(), last_error = NULL WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(conn)
+            .await?;
     Ok(result.rows_affected())
 }
 
 /// Records a failed attempt: `attempts + 1`, `last_error`, and a retry time
 /// that grows with the attempts (1 s, 2 s, 4 s … capped at 5 minutes).
-pub async fn mark_failed(conn: &mut PgConnection, ids: &[i64], errors: &[String]) -> sqlx::Result<u64> {
+pub async fn mark_failed(
+    conn: &mut PgConnection,
+    ids: &[i64],
+    errors: &[String],
+) -> sqlx::Result<u64> {
     if ids.is_empty() {
         return Ok(0);
     }
@@ -94,7 +97,11 @@ pub async fn mark_failed(conn: &mut PgConnection, ids: &[i64], errors: &[String]
 
 /// Deletes up to `batch` published rows older than `retention_secs`; returns
 /// how many went. Called repeatedly until it returns less than `batch`.
-pub async fn prune_published(conn: &mut PgConnection, retention_secs: i64, batch: i64) -> sqlx::Result<u64> {
+pub async fn prune_published(
+    conn: &mut PgConnection,
+    retention_secs: i64,
+    batch: i64,
+) -> sqlx::Result<u64> {
     let result = sqlx::query(
         "DELETE FROM outbox WHERE id IN ( \
              SELECT id FROM outbox WHERE published_at IS NOT NULL \

@@ -71,7 +71,9 @@ pub fn extract_amqp(headers: Option<&FieldTable>) -> opentelemetry::Context {
                 .iter()
                 .filter_map(|(k, v)| {
                     let value = match v {
-                        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                        AMQPValue::LongString(s) => {
+                            String::from_utf8_lossy(s.as_bytes()).into_owned()
+                        }
                         AMQPValue::ShortString(s) => s.as_str().to_owned(),
                         _ => return None,
                     };

@@ -36,22 +36,43 @@ async fn an_accepted_order_is_stored_with_its_outbox_event() {
             .unwrap();
     assert_eq!((status.as_str(), amount), ("PENDING", 500));
 
-    let (event_type, aggregate_id, payload, published): (String, String, Value, Option<chrono::DateTime<chrono::Utc>>) =
-        sqlx::query_as("SELECT event_type, aggregate_id, payload, published_at FROM outbox")
-            .fetch_one(&app.db.pool)
-            .await
-            .unwrap();
+    let (event_type, aggregate_id, payload, published): (
+        String,
+        String,
+        Value,
+        Option<chrono::DateTime<chrono::Utc>>,
+    ) = sqlx::query_as("SELECT event_type, aggregate_id, payload, published_at FROM outbox")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
     assert_eq!(event_type, "order.created");
     assert_eq!(aggregate_id, order_id);
-    assert!(published.is_none(), "nothing talks to RabbitMQ in the request");
+    assert!(
+        published.is_none(),
+        "nothing talks to RabbitMQ in the request"
+    );
     assert_eq!(payload["orderId"], order_id.as_str());
     assert_eq!(payload["productId"], "123");
     assert_eq!(payload["userId"], "user_99");
     assert_eq!(payload["amount"], 500);
-    assert!(payload["transactionId"].as_str().unwrap().parse::<uuid::Uuid>().is_ok());
+    assert!(
+        payload["transactionId"]
+            .as_str()
+            .unwrap()
+            .parse::<uuid::Uuid>()
+            .is_ok()
+    );
     assert!(payload["timestamp"].is_string());
 
-    let fetched: Value = app.client.get(app.url(&location)).send().await.unwrap().json().await.unwrap();
+    let fetched: Value = app
+        .client
+        .get(app.url(&location))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(fetched["orderId"], order_id.as_str());
     assert_eq!(fetched["status"], "PENDING");
     assert_eq!(fetched["amount"], 500);
@@ -71,7 +92,11 @@ async fn a_failing_outbox_insert_leaves_no_order_behind() {
 
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
     let body: Value = response.json().await.unwrap();
-    assert_eq!(body, json!({"error": "internal server error"}), "no internals leak");
+    assert_eq!(
+        body,
+        json!({"error": "internal server error"}),
+        "no internals leak"
+    );
     assert_eq!(row_counts(&app).await, (0, 0));
     app.stop().await;
 }
@@ -87,28 +112,126 @@ async fn bad_input_is_rejected_with_a_json_error_and_writes_nothing() {
     let with_amount = |a: &str| format!(r#"{{"productId":"123","userId":"user_99","amount":{a}}}"#);
     let with_product = |p: &str| format!(r#"{{"productId":{p},"userId":"user_99","amount":500}}"#);
     let long_id = format!("\"{}\"", "x".repeat(129));
-    let huge = format!(r#"{{"productId":"{}","userId":"u","amount":1}}"#, "x".repeat(2000));
+    let huge = format!(
+        r#"{{"productId":"{}","userId":"u","amount":1}}"#,
+        "x".repeat(2000)
+    );
     let json = "application/json";
     let cases: Vec<(&str, String, Option<&str>, StatusCode)> = vec![
-        ("malformed JSON", "{\"productId\": ".into(), Some(json), StatusCode::BAD_REQUEST),
-        ("not an object", "[1,2,3]".into(), Some(json), StatusCode::BAD_REQUEST),
-        ("missing amount", r#"{"productId":"1","userId":"u"}"#.into(), Some(json), StatusCode::BAD_REQUEST),
-        ("missing userId", r#"{"productId":"1","amount":5}"#.into(), Some(json), StatusCode::BAD_REQUEST),
-        ("null productId", with_product("null"), Some(json), StatusCode::BAD_REQUEST),
-        ("empty productId", with_product("\"\""), Some(json), StatusCode::UNPROCESSABLE_ENTITY),
-        ("blank productId", with_product("\"   \""), Some(json), StatusCode::UNPROCESSABLE_ENTITY),
-        ("numeric productId", with_product("123"), Some(json), StatusCode::UNPROCESSABLE_ENTITY),
-        ("NUL in productId", with_product("\"a\\u0000b\""), Some(json), StatusCode::UNPROCESSABLE_ENTITY),
-        ("absurdly long productId", with_product(&long_id), Some(json), StatusCode::UNPROCESSABLE_ENTITY),
-        ("zero amount", with_amount("0"), Some(json), StatusCode::UNPROCESSABLE_ENTITY),
-        ("negative amount", with_amount("-5"), Some(json), StatusCode::UNPROCESSABLE_ENTITY),
-        ("fractional amount", with_amount("5.5"), Some(json), StatusCode::UNPROCESSABLE_ENTITY),
-        ("string amount", with_amount("\"500\""), Some(json), StatusCode::UNPROCESSABLE_ENTITY),
-        ("out-of-range amount", with_amount("99999999999999999999999"), Some(json), StatusCode::UNPROCESSABLE_ENTITY),
-        ("amount over the maximum", with_amount("1000000000001"), Some(json), StatusCode::UNPROCESSABLE_ENTITY),
-        ("wrong content type", valid.into(), Some("text/plain"), StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        ("missing content type", valid.into(), None, StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        ("body over the limit", huge, Some(json), StatusCode::PAYLOAD_TOO_LARGE),
+        (
+            "malformed JSON",
+            "{\"productId\": ".into(),
+            Some(json),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "not an object",
+            "[1,2,3]".into(),
+            Some(json),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "missing amount",
+            r#"{"productId":"1","userId":"u"}"#.into(),
+            Some(json),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "missing userId",
+            r#"{"productId":"1","amount":5}"#.into(),
+            Some(json),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "null productId",
+            with_product("null"),
+            Some(json),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "empty productId",
+            with_product("\"\""),
+            Some(json),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "blank productId",
+            with_product("\"   \""),
+            Some(json),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "numeric productId",
+            with_product("123"),
+            Some(json),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "NUL in productId",
+            with_product("\"a\\u0000b\""),
+            Some(json),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "absurdly long productId",
+            with_product(&long_id),
+            Some(json),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "zero amount",
+            with_amount("0"),
+            Some(json),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "negative amount",
+            with_amount("-5"),
+            Some(json),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "fractional amount",
+            with_amount("5.5"),
+            Some(json),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "string amount",
+            with_amount("\"500\""),
+            Some(json),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "out-of-range amount",
+            with_amount("99999999999999999999999"),
+            Some(json),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "amount over the maximum",
+            with_amount("1000000000001"),
+            Some(json),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "wrong content type",
+            valid.into(),
+            Some("text/plain"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "missing content type",
+            valid.into(),
+            None,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "body over the limit",
+            huge,
+            Some(json),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
     ];
     for (what, body, content_type, expected) in cases {
         let mut request = app.client.post(app.url("/orders")).body(body);
@@ -117,8 +240,14 @@ async fn bad_input_is_rejected_with_a_json_error_and_writes_nothing() {
         }
         let response = request.send().await.unwrap();
         assert_eq!(response.status(), expected, "{what}");
-        let error: Value = response.json().await.unwrap_or_else(|e| panic!("{what}: not JSON: {e}"));
-        assert!(error["error"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {error}");
+        let error: Value = response
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: not JSON: {e}"));
+        assert!(
+            error["error"].as_str().is_some_and(|m| !m.is_empty()),
+            "{what}: {error}"
+        );
     }
     // Invalid UTF-8 inside a string.
     let mut bytes = br#"{"productId":""#.to_vec();
@@ -169,7 +298,9 @@ async fn the_same_idempotency_key_and_body_returns_the_first_answer() {
 
     let first = post(order_body()).await.unwrap();
     let second = post(order_body()).await.unwrap();
-    let other = post(json!({"productId": "123", "userId": "user_99", "amount": 501})).await.unwrap();
+    let other = post(json!({"productId": "123", "userId": "user_99", "amount": 501}))
+        .await
+        .unwrap();
 
     assert_eq!(first.status(), StatusCode::ACCEPTED);
     assert_eq!(second.status(), StatusCode::ACCEPTED);
@@ -231,7 +362,12 @@ async fn get_order_answers_404_for_unknown_and_400_for_a_non_uuid() {
         .send()
         .await
         .unwrap();
-    let not_uuid = app.client.get(app.url("/orders/not-a-uuid")).send().await.unwrap();
+    let not_uuid = app
+        .client
+        .get(app.url("/orders/not-a-uuid"))
+        .send()
+        .await
+        .unwrap();
     let no_route = app.client.get(app.url("/nowhere")).send().await.unwrap();
     let wrong_method = app.client.delete(app.url("/orders")).send().await.unwrap();
 
@@ -306,12 +442,21 @@ async fn shutdown_lets_an_in_flight_request_finish() {
         attempt.is_err().then_some(())
     });
     refused.await;
-    assert!(!in_flight.is_finished(), "the in-flight request is still being served");
+    assert!(
+        !in_flight.is_finished(),
+        "the in-flight request is still being served"
+    );
     blocker.rollback().await.unwrap();
 
-    let response = in_flight.await.unwrap().expect("the in-flight request got an answer");
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request got an answer");
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     assert_eq!(row_counts(&app).await, (1, 1));
-    app.roles.wait(Duration::from_secs(10)).await.expect("roles stopped");
+    app.roles
+        .wait(Duration::from_secs(10))
+        .await
+        .expect("roles stopped");
     app.db.cleanup().await;
 }

@@ -58,7 +58,13 @@ async fn send(channel: &Channel, queue: &str, body: &[u8], message_id: Option<Uu
 }
 
 async fn send_event(channel: &Channel, queue: &str, event: &OrderEvent) {
-    send(channel, queue, &serde_json::to_vec(event).unwrap(), Some(event.transaction_id)).await;
+    send(
+        channel,
+        queue,
+        &serde_json::to_vec(event).unwrap(),
+        Some(event.transaction_id),
+    )
+    .await;
 }
 
 struct Running {
@@ -79,14 +85,29 @@ fn start<H: Handler>(consumer: &Arc<Consumer<H>>) -> Running {
     Running { cancel, task }
 }
 
-fn consumer<H: Handler>(handler: H, pool: &PgPool, amqp: &AmqpConfig, metrics: &Metrics) -> Arc<Consumer<H>> {
-    Arc::new(Consumer::new(handler, pool.clone(), amqp.clone(), ConsumerConfig::default(), metrics))
+fn consumer<H: Handler>(
+    handler: H,
+    pool: &PgPool,
+    amqp: &AmqpConfig,
+    metrics: &Metrics,
+) -> Arc<Consumer<H>> {
+    Arc::new(Consumer::new(
+        handler,
+        pool.clone(),
+        amqp.clone(),
+        ConsumerConfig::default(),
+        metrics,
+    ))
 }
 
 /// Declares the consumer's queues, as a running consumer or the relay would.
 async fn declare(channel: &Channel, amqp: &AmqpConfig) -> QueueNames {
-    order_service::amqp::declare_exchange(channel, amqp).await.unwrap();
-    order_service::amqp::declare_consumer_queues(channel, amqp, BILLING).await.unwrap()
+    order_service::amqp::declare_exchange(channel, amqp)
+        .await
+        .unwrap();
+    order_service::amqp::declare_consumer_queues(channel, amqp, BILLING)
+        .await
+        .unwrap()
 }
 
 fn handled(m: &ConsumerMetrics) -> u64 {
@@ -94,7 +115,10 @@ fn handled(m: &ConsumerMetrics) -> u64 {
 }
 
 async fn wait_handled(m: &ConsumerMetrics, n: u64) {
-    eventually("deliveries to be handled", WAIT, || async { (handled(m) >= n).then_some(()) }).await;
+    eventually("deliveries to be handled", WAIT, || async {
+        (handled(m) >= n).then_some(())
+    })
+    .await;
 }
 
 async fn ledger_rows(pool: &PgPool, order_id: Uuid) -> i64 {
@@ -120,9 +144,22 @@ async fn the_same_message_delivered_three_times_charges_once() {
     wait_handled(&billing.metrics, 3).await;
 
     assert_eq!(ledger_rows(&db.pool, event.order_id).await, 1);
-    assert_eq!((billing.metrics.processed.get(), billing.metrics.duplicates.get()), (1, 2));
+    assert_eq!(
+        (
+            billing.metrics.processed.get(),
+            billing.metrics.duplicates.get()
+        ),
+        (1, 2)
+    );
     let mut conn = db.pool.acquire().await.unwrap();
-    assert_eq!(orders::find(&mut conn, event.order_id).await.unwrap().unwrap().status, "CONFIRMED");
+    assert_eq!(
+        orders::find(&mut conn, event.order_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "CONFIRMED"
+    );
     drop(conn);
     running.stop().await;
     cleanup_amqp(&amqp).await;
@@ -150,7 +187,12 @@ async fn two_instances_racing_on_duplicates_charge_each_order_once() {
     wait_handled(&a.metrics, 50).await; // a and b share one metrics entry
 
     for event in &events {
-        assert_eq!(ledger_rows(&db.pool, event.order_id).await, 1, "order {}", event.order_id);
+        assert_eq!(
+            ledger_rows(&db.pool, event.order_id).await,
+            1,
+            "order {}",
+            event.order_id
+        );
     }
     assert_eq!(a.metrics.processed.get(), 25);
     assert_eq!(a.metrics.duplicates.get(), 25);
@@ -188,7 +230,14 @@ async fn a_handler_failing_twice_then_succeeding_is_retried_and_charges_once() {
     let queues = declare(&channel, &amqp).await;
     let event = order(&db.pool, 700).await;
     send_event(&channel, &queues.main, &event).await;
-    let flaky = consumer(FailsFirst { failures: AtomicU32::new(2) }, &db.pool, &amqp, &metrics);
+    let flaky = consumer(
+        FailsFirst {
+            failures: AtomicU32::new(2),
+        },
+        &db.pool,
+        &amqp,
+        &metrics,
+    );
 
     let running = start(&flaky);
     wait_handled(&flaky.metrics, 1).await;
@@ -196,7 +245,11 @@ async fn a_handler_failing_twice_then_succeeding_is_retried_and_charges_once() {
     assert_eq!(flaky.metrics.retried.get(), 2);
     assert_eq!(flaky.metrics.processed.get(), 1);
     assert_eq!(flaky.metrics.dead_lettered.get(), 0);
-    assert_eq!(ledger_rows(&db.pool, event.order_id).await, 1, "failed attempts left no charge");
+    assert_eq!(
+        ledger_rows(&db.pool, event.order_id).await,
+        1,
+        "failed attempts left no charge"
+    );
     running.stop().await;
     cleanup_amqp(&amqp).await;
     db.cleanup().await;
@@ -234,7 +287,9 @@ async fn an_always_failing_message_is_dead_lettered_after_the_last_attempt_and_r
     let queues = declare(&channel, &amqp).await;
     let event = order(&db.pool, 900).await;
     send_event(&channel, &queues.main, &event).await;
-    let handler = Switchable { failing: AtomicBool::new(true) };
+    let handler = Switchable {
+        failing: AtomicBool::new(true),
+    };
     let billing = consumer(handler, &db.pool, &amqp, &metrics);
     let running = start(&billing);
 
@@ -243,14 +298,26 @@ async fn an_always_failing_message_is_dead_lettered_after_the_last_attempt_and_r
     })
     .await;
 
-    assert_eq!(billing.metrics.retried.get(), 2, "one retry per configured delay");
+    assert_eq!(
+        billing.metrics.retried.get(),
+        2,
+        "one retry per configured delay"
+    );
     let letters = dlq::list(&amqp, &queues, 10).await.unwrap();
     let again = dlq::list(&amqp, &queues, 10).await.unwrap();
-    assert_eq!((letters.len(), again.len()), (1, 1), "listing leaves letters in place");
+    assert_eq!(
+        (letters.len(), again.len()),
+        (1, 1),
+        "listing leaves letters in place"
+    );
     assert_eq!(letters[0].message_id, event.transaction_id.to_string());
     assert_eq!(letters[0].event_type, "order.created");
     assert_eq!(letters[0].attempts, 3);
-    assert!(letters[0].error.contains("card declined"), "{}", letters[0].error);
+    assert!(
+        letters[0].error.contains("card declined"),
+        "{}",
+        letters[0].error
+    );
     assert_eq!(ledger_rows(&db.pool, event.order_id).await, 0);
     assert_eq!(db.count("SELECT count(*) FROM processed_messages").await, 0);
 
@@ -263,7 +330,11 @@ async fn an_always_failing_message_is_dead_lettered_after_the_last_attempt_and_r
     })
     .await;
     assert_eq!(ledger_rows(&db.pool, event.order_id).await, 1);
-    assert_eq!(dlq::replay(&amqp, &queues, 100).await.unwrap(), 0, "the DLQ is empty");
+    assert_eq!(
+        dlq::replay(&amqp, &queues, 100).await.unwrap(),
+        0,
+        "the DLQ is empty"
+    );
     running.stop().await;
     cleanup_amqp(&amqp).await;
     db.cleanup().await;
@@ -274,8 +345,20 @@ async fn a_poison_message_goes_straight_to_the_dlq_and_the_next_one_is_processed
     let (db, amqp, metrics) = (TestDb::new().await, test_amqp(), Metrics::default());
     let (_conn, channel) = amqp_channel().await;
     let queues = declare(&channel, &amqp).await;
-    send(&channel, &queues.main, b"this is not JSON", Some(Uuid::new_v4())).await;
-    send(&channel, &queues.main, br#"{"orderId": "missing the rest"}"#, None).await;
+    send(
+        &channel,
+        &queues.main,
+        b"this is not JSON",
+        Some(Uuid::new_v4()),
+    )
+    .await;
+    send(
+        &channel,
+        &queues.main,
+        br#"{"orderId": "missing the rest"}"#,
+        None,
+    )
+    .await;
     let event = order(&db.pool, 300).await;
     send_event(&channel, &queues.main, &event).await;
     let billing = consumer(Billing, &db.pool, &amqp, &metrics);
@@ -289,7 +372,10 @@ async fn a_poison_message_goes_straight_to_the_dlq_and_the_next_one_is_processed
     running.stop().await;
     let dead = drain_queue(&channel, &queues.dlq).await;
     assert_eq!(dead.len(), 2);
-    assert_eq!(dead[0].data, b"this is not JSON", "the body is kept as it was");
+    assert_eq!(
+        dead[0].data, b"this is not JSON",
+        "the body is kept as it was"
+    );
     assert_eq!(header_i64(&dead[0].properties, "x-attempt"), Some(1));
     cleanup_amqp(&amqp).await;
     db.cleanup().await;
@@ -307,11 +393,19 @@ async fn a_consumer_killed_before_its_ack_gets_the_message_again_and_charges_onc
     // A consumer takes the delivery, commits its transaction, and dies before the ack.
     let (doomed_conn, doomed) = amqp_channel().await;
     let mut deliveries = doomed
-        .basic_consume(queues.main.as_str().into(), "doomed".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queues.main.as_str().into(),
+            "doomed".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     let delivery = deliveries.next().await.unwrap().unwrap();
-    let applied = billing.apply(&Incoming::parse(&delivery).unwrap()).await.unwrap();
+    let applied = billing
+        .apply(&Incoming::parse(&delivery).unwrap())
+        .await
+        .unwrap();
     assert_eq!(applied, Applied::Committed);
     drop(deliveries);
     doomed_conn.close(320, "killed".into()).await.unwrap();
@@ -319,11 +413,18 @@ async fn a_consumer_killed_before_its_ack_gets_the_message_again_and_charges_onc
     let running = start(&billing);
     wait_handled(&billing.metrics, 1).await;
 
-    assert_eq!(billing.metrics.duplicates.get(), 1, "the redelivery was recognised");
+    assert_eq!(
+        billing.metrics.duplicates.get(),
+        1,
+        "the redelivery was recognised"
+    );
     assert_eq!(ledger_rows(&db.pool, event.order_id).await, 1);
     running.stop().await;
     let left = channel
-        .basic_get(queues.main.as_str().into(), BasicGetOptions { no_ack: true })
+        .basic_get(
+            queues.main.as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
         .await
         .unwrap();
     assert!(left.is_none(), "the redelivery was acked");
@@ -338,7 +439,8 @@ async fn a_consumer_resumes_after_the_broker_goes_away() {
     let proxy = Proxy::start(target_of(&crate::helpers::amqp_url())).await;
     let amqp = test_amqp();
     let mut proxied = amqp.clone();
-    proxied.amqp_url = order_service::config::SecretUrl::new(via(&crate::helpers::amqp_url(), proxy.addr));
+    proxied.amqp_url =
+        order_service::config::SecretUrl::new(via(&crate::helpers::amqp_url(), proxy.addr));
     let (_conn, channel) = amqp_channel().await;
     let queues = declare(&channel, &amqp).await;
     let billing = consumer(Billing, &db.pool, &proxied, &metrics);
@@ -354,7 +456,10 @@ async fn a_consumer_resumes_after_the_broker_goes_away() {
         send_event(&channel, &queues.main, &event).await;
         later.push(event);
     }
-    eventually("the consumer to try to reconnect", WAIT, || async { (proxy.refused() >= 1).then_some(()) }).await;
+    eventually("the consumer to try to reconnect", WAIT, || async {
+        (proxy.refused() >= 1).then_some(())
+    })
+    .await;
     proxy.restore();
 
     wait_handled(&billing.metrics, 11).await;

@@ -22,7 +22,8 @@ pub fn admin_url() -> String {
 }
 
 pub fn amqp_url() -> String {
-    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// A fresh database with the migrations applied, dropped by `cleanup`.
@@ -59,14 +60,20 @@ impl TestDb {
     }
 
     pub async fn count(&self, sql: &'static str) -> i64 {
-        sqlx::query_scalar(sql).fetch_one(&self.pool).await.expect(sql)
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.pool)
+            .await
+            .expect(sql)
     }
 
     pub async fn cleanup(self) {
         self.pool.close().await;
         let mut conn = sqlx::PgConnection::connect_with_url(&admin_url()).await;
         let _ = conn
-            .execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            )))
             .await;
     }
 }
@@ -78,7 +85,9 @@ trait ConnectExt {
 impl ConnectExt for sqlx::PgConnection {
     async fn connect_with_url(url: &str) -> sqlx::PgConnection {
         use sqlx::Connection;
-        sqlx::PgConnection::connect(url).await.expect("connecting to Postgres")
+        sqlx::PgConnection::connect(url)
+            .await
+            .expect("connecting to Postgres")
     }
 }
 
@@ -116,7 +125,10 @@ pub async fn cleanup_amqp(config: &AmqpConfig) {
         }
     }
     let _ = channel
-        .exchange_delete(config.exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .exchange_delete(
+            config.exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
         .await;
     let _ = connection.close(200, "test done".into()).await;
 }
@@ -145,7 +157,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(started.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            started.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -166,7 +181,10 @@ impl TestApp {
     pub async fn spawn_with(http: HttpConfig) -> Self {
         let db = TestDb::new().await;
         let roles = Roles::new(db.pool.clone(), CancellationToken::new());
-        let addr = roles.start_api(&http, None).await.expect("starting the API");
+        let addr = roles
+            .start_api(&http, None)
+            .await
+            .expect("starting the API");
         Self {
             addr,
             db,

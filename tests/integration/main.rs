@@ -2,7 +2,9 @@
 //! has its own database and its own exchange and queue names.
 
 mod api;
+mod binary;
 mod consumers;
+mod e2e;
 mod helpers;
 mod proxy;
 mod relay;

@@ -31,7 +31,8 @@ impl Proxy {
         }));
         let stop = CancellationToken::new();
         let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (accept_state, accept_stop, accept_refused) = (state.clone(), stop.clone(), refused.clone());
+        let (accept_state, accept_stop, accept_refused) =
+            (state.clone(), stop.clone(), refused.clone());
         tokio::spawn(async move {
             loop {
                 let (client, _) = tokio::select! {
@@ -48,7 +49,9 @@ impl Proxy {
                     continue;
                 }
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(target).await else { return };
+                    let Ok(mut server) = TcpStream::connect(target).await else {
+                        return;
+                    };
                     let mut client = client;
                     tokio::select! {
                         _ = generation.cancelled() => {}
@@ -57,7 +60,12 @@ impl Proxy {
                 });
             }
         });
-        Self { addr, state, stop, refused }
+        Self {
+            addr,
+            state,
+            stop,
+            refused,
+        }
     }
 
     /// Drops every open connection and refuses new ones.
@@ -90,7 +98,10 @@ impl Drop for Proxy {
 pub fn via(url: &str, addr: SocketAddr) -> String {
     let (scheme, rest) = url.split_once("://").unwrap();
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let userinfo = authority.rsplit_once('@').map(|(u, _)| format!("{u}@")).unwrap_or_default();
+    let userinfo = authority
+        .rsplit_once('@')
+        .map(|(u, _)| format!("{u}@"))
+        .unwrap_or_default();
     format!("{scheme}://{userinfo}{addr}/{path}")
 }
 
@@ -98,7 +109,10 @@ pub fn via(url: &str, addr: SocketAddr) -> String {
 pub fn target_of(url: &str) -> SocketAddr {
     let rest = url.split_once("://").unwrap().1;
     let authority = rest.split('/').next().unwrap();
-    let host_port = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
+    let host_port = authority
+        .rsplit_once('@')
+        .map(|(_, h)| h)
+        .unwrap_or(authority);
     use std::net::ToSocketAddrs;
     host_port.to_socket_addrs().unwrap().next().unwrap()
 }

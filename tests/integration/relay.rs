@@ -84,8 +84,17 @@ async fn every_outbox_row_is_delivered_with_its_properties_and_marked() {
     let db = TestDb::new().await;
     let amqp = test_amqp();
     let ids = insert_events(&db.pool, 120, "order.created").await;
-    let relay = relay(&db.pool, &amqp, RelayConfig { batch_size: 50, ..Default::default() });
-    let publisher = Publisher::open(&amqp, &CancellationToken::new()).await.unwrap();
+    let relay = relay(
+        &db.pool,
+        &amqp,
+        RelayConfig {
+            batch_size: 50,
+            ..Default::default()
+        },
+    );
+    let publisher = Publisher::open(&amqp, &CancellationToken::new())
+        .await
+        .unwrap();
 
     let published = relay.drain(&publisher).await.unwrap();
 
@@ -94,15 +103,27 @@ async fn every_outbox_row_is_delivered_with_its_properties_and_marked() {
     let (_conn, channel) = amqp_channel().await;
     let deliveries = drain_queue(&channel, &billing_queue(&amqp)).await;
     let expected: HashSet<String> = ids.iter().map(Uuid::to_string).collect();
-    assert_eq!(message_ids(&deliveries).into_iter().collect::<HashSet<_>>(), expected);
+    assert_eq!(
+        message_ids(&deliveries).into_iter().collect::<HashSet<_>>(),
+        expected
+    );
     let first = &deliveries[0];
-    assert_eq!(first.properties.content_type().as_ref().unwrap().as_str(), "application/json");
+    assert_eq!(
+        first.properties.content_type().as_ref().unwrap().as_str(),
+        "application/json"
+    );
     assert_eq!(*first.properties.delivery_mode(), Some(2));
-    assert_eq!(first.properties.kind().as_ref().unwrap().as_str(), "order.created");
+    assert_eq!(
+        first.properties.kind().as_ref().unwrap().as_str(),
+        "order.created"
+    );
     assert!(first.properties.timestamp().is_some());
     assert_eq!(first.routing_key.as_str(), "order.created");
     let body: OrderEvent = serde_json::from_slice(&first.data).unwrap();
-    assert_eq!(body.transaction_id.to_string(), first.properties.message_id().as_ref().unwrap().as_str());
+    assert_eq!(
+        body.transaction_id.to_string(),
+        first.properties.message_id().as_ref().unwrap().as_str()
+    );
     publisher.close().await;
     cleanup_amqp(&amqp).await;
     db.cleanup().await;
@@ -114,7 +135,9 @@ async fn a_crash_between_publish_and_mark_publishes_again_with_the_same_id() {
     let amqp = test_amqp();
     let ids = insert_events(&db.pool, 5, "order.created").await;
     let relay = relay(&db.pool, &amqp, RelayConfig::default());
-    let publisher = Publisher::open(&amqp, &CancellationToken::new()).await.unwrap();
+    let publisher = Publisher::open(&amqp, &CancellationToken::new())
+        .await
+        .unwrap();
 
     // Publish, then "crash": the claiming transaction ends without marking.
     let mut tx = db.pool.begin().await.unwrap();
@@ -127,9 +150,16 @@ async fn a_crash_between_publish_and_mark_publishes_again_with_the_same_id() {
     assert_eq!(unpublished(&db.pool).await, 0);
     let (_conn, channel) = amqp_channel().await;
     let deliveries = drain_queue(&channel, &billing_queue(&amqp)).await;
-    assert_eq!(deliveries.len(), 10, "each row arrived twice: at least once");
+    assert_eq!(
+        deliveries.len(),
+        10,
+        "each row arrived twice: at least once"
+    );
     for id in ids {
-        let copies = message_ids(&deliveries).iter().filter(|m| **m == id.to_string()).count();
+        let copies = message_ids(&deliveries)
+            .iter()
+            .filter(|m| **m == id.to_string())
+            .count();
         assert_eq!(copies, 2, "both copies of {id} carry its message_id");
     }
     publisher.close().await;
@@ -144,13 +174,18 @@ async fn an_unroutable_row_stays_pending_with_its_error_and_does_not_hold_up_the
     insert_events(&db.pool, 1, "order.nobody_listens").await;
     insert_events(&db.pool, 10, "order.created").await;
     let relay = relay(&db.pool, &amqp, RelayConfig::default());
-    let publisher = Publisher::open(&amqp, &CancellationToken::new()).await.unwrap();
+    let publisher = Publisher::open(&amqp, &CancellationToken::new())
+        .await
+        .unwrap();
 
     let first = relay.run_once(&publisher).await.unwrap();
     let second = relay.run_once(&publisher).await.unwrap();
 
     assert_eq!((first.claimed, first.published, first.failed), (11, 10, 1));
-    assert_eq!(second.claimed, 0, "the failed row waits for its next attempt");
+    assert_eq!(
+        second.claimed, 0,
+        "the failed row waits for its next attempt"
+    );
     let (attempts, error, retry_in_future): (i32, String, bool) = sqlx::query_as(
         "SELECT attempts, last_error, next_attempt_at > now() FROM outbox WHERE published_at IS NULL",
     )
@@ -172,8 +207,14 @@ async fn two_relays_over_2000_rows_deliver_each_exactly_once() {
     let db = TestDb::new().await;
     let amqp = test_amqp();
     let ids = insert_events(&db.pool, 2000, "order.created").await;
-    let config = RelayConfig { batch_size: 100, ..Default::default() };
-    let (a, b) = (relay(&db.pool, &amqp, config.clone()), relay(&db.pool, &amqp, config));
+    let config = RelayConfig {
+        batch_size: 100,
+        ..Default::default()
+    };
+    let (a, b) = (
+        relay(&db.pool, &amqp, config.clone()),
+        relay(&db.pool, &amqp, config),
+    );
     let cancel = CancellationToken::new();
     let (pa, pb) = (
         Publisher::open(&amqp, &cancel).await.unwrap(),
@@ -200,34 +241,56 @@ async fn the_relay_loses_nothing_when_the_broker_goes_away_mid_stream() {
     let db = TestDb::new().await;
     let proxy = Proxy::start(target_of(&crate::helpers::amqp_url())).await;
     let mut amqp = test_amqp();
-    amqp.amqp_url = order_service::config::SecretUrl::new(via(&crate::helpers::amqp_url(), proxy.addr));
-    let relay = relay(&db.pool, &amqp, RelayConfig { batch_size: 20, poll_interval_ms: 50, ..Default::default() });
+    amqp.amqp_url =
+        order_service::config::SecretUrl::new(via(&crate::helpers::amqp_url(), proxy.addr));
+    let relay = relay(
+        &db.pool,
+        &amqp,
+        RelayConfig {
+            batch_size: 20,
+            poll_interval_ms: 50,
+            ..Default::default()
+        },
+    );
     let cancel = CancellationToken::new();
     let running = tokio::spawn(relay.clone().run(cancel.clone()));
     let mut ids = insert_events(&db.pool, 100, "order.created").await;
-    eventually("the first 100 rows to be published", Duration::from_secs(20), || async {
-        (unpublished(&db.pool).await == 0).then_some(())
-    })
+    eventually(
+        "the first 100 rows to be published",
+        Duration::from_secs(20),
+        || async { (unpublished(&db.pool).await == 0).then_some(()) },
+    )
     .await;
 
     proxy.cut();
     ids.extend(insert_events(&db.pool, 100, "order.created").await);
-    eventually("the relay to try the broker during the outage", Duration::from_secs(10), || async {
-        (proxy.refused() >= 2).then_some(())
-    })
+    eventually(
+        "the relay to try the broker during the outage",
+        Duration::from_secs(10),
+        || async { (proxy.refused() >= 2).then_some(()) },
+    )
     .await;
-    assert!(unpublished(&db.pool).await > 0, "nothing can be published while the broker is away");
+    assert!(
+        unpublished(&db.pool).await > 0,
+        "nothing can be published while the broker is away"
+    );
     proxy.restore();
 
-    eventually("the rest to be published after the broker returns", Duration::from_secs(30), || async {
-        (unpublished(&db.pool).await == 0).then_some(())
-    })
+    eventually(
+        "the rest to be published after the broker returns",
+        Duration::from_secs(30),
+        || async { (unpublished(&db.pool).await == 0).then_some(()) },
+    )
     .await;
     assert!(!running.is_finished(), "the relay kept running");
     let (_conn, channel) = amqp_channel().await;
     let deliveries = drain_queue(&channel, &billing_queue(&amqp)).await;
     let distinct: HashSet<String> = message_ids(&deliveries).into_iter().collect();
-    assert_eq!(distinct, ids.iter().map(Uuid::to_string).collect(), "every row arrived");
+    assert_eq!(
+        distinct,
+        ids.iter().map(Uuid::to_string).collect(),
+        "every row arrived"
+    );
     cancel.cancel();
     running.await.unwrap().unwrap();
     cleanup_amqp(&amqp).await;
@@ -245,34 +308,52 @@ async fn the_relay_catches_up_when_postgres_comes_back() {
         .await
         .unwrap();
     let amqp = test_amqp();
-    let relay = relay(&relay_pool, &amqp, RelayConfig { poll_interval_ms: 50, ..Default::default() });
+    let relay = relay(
+        &relay_pool,
+        &amqp,
+        RelayConfig {
+            poll_interval_ms: 50,
+            ..Default::default()
+        },
+    );
     let cancel = CancellationToken::new();
     let running = tokio::spawn(relay.clone().run(cancel.clone()));
-    eventually("the relay to declare its queues", Duration::from_secs(10), || async {
-        let (_c, channel) = amqp_channel().await;
-        channel
-            .queue_declare(
-                billing_queue(&amqp).as_str().into(),
-                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-                Default::default(),
-            )
-            .await
-            .ok()
-    })
+    eventually(
+        "the relay to declare its queues",
+        Duration::from_secs(10),
+        || async {
+            let (_c, channel) = amqp_channel().await;
+            channel
+                .queue_declare(
+                    billing_queue(&amqp).as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    Default::default(),
+                )
+                .await
+                .ok()
+        },
+    )
     .await;
 
     proxy.cut();
     let ids = insert_events(&db.pool, 50, "order.created").await;
-    eventually("the relay to try Postgres during the outage", Duration::from_secs(10), || async {
-        (proxy.refused() >= 2).then_some(())
-    })
+    eventually(
+        "the relay to try Postgres during the outage",
+        Duration::from_secs(10),
+        || async { (proxy.refused() >= 2).then_some(()) },
+    )
     .await;
     assert_eq!(unpublished(&db.pool).await, 50);
     proxy.restore();
 
-    eventually("the rows to be published once Postgres is back", Duration::from_secs(30), || async {
-        (unpublished(&db.pool).await == 0).then_some(())
-    })
+    eventually(
+        "the rows to be published once Postgres is back",
+        Duration::from_secs(30),
+        || async { (unpublished(&db.pool).await == 0).then_some(()) },
+    )
     .await;
     assert!(!running.is_finished());
     let (_conn, channel) = amqp_channel().await;
@@ -289,33 +370,53 @@ async fn the_relay_catches_up_when_postgres_comes_back() {
 async fn a_notify_from_another_process_wakes_the_relay_long_before_its_poll() {
     let db = TestDb::new().await;
     let amqp = test_amqp();
-    let mut relay = relay(&db.pool, &amqp, RelayConfig { poll_interval_ms: 600_000, ..Default::default() });
+    let mut relay = relay(
+        &db.pool,
+        &amqp,
+        RelayConfig {
+            poll_interval_ms: 600_000,
+            ..Default::default()
+        },
+    );
     relay.listen = true;
     let cancel = CancellationToken::new();
     let running = tokio::spawn(relay.run(cancel.clone()));
     // The "API process": its own wake-up, forwarded as a Postgres NOTIFY.
     let api_wake = Wake::default();
-    tokio::spawn(forward_wakes_as_notify(db.pool.clone(), api_wake.clone(), cancel.clone()));
+    tokio::spawn(forward_wakes_as_notify(
+        db.pool.clone(),
+        api_wake.clone(),
+        cancel.clone(),
+    ));
     // Let the relay finish its first drain and start waiting.
-    eventually("the relay to declare its queues", Duration::from_secs(10), || async {
-        let (_c, channel) = amqp_channel().await;
-        channel
-            .queue_declare(
-                billing_queue(&amqp).as_str().into(),
-                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-                Default::default(),
-            )
-            .await
-            .ok()
-    })
+    eventually(
+        "the relay to declare its queues",
+        Duration::from_secs(10),
+        || async {
+            let (_c, channel) = amqp_channel().await;
+            channel
+                .queue_declare(
+                    billing_queue(&amqp).as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    Default::default(),
+                )
+                .await
+                .ok()
+        },
+    )
     .await;
 
     insert_events(&db.pool, 3, "order.created").await;
     api_wake.notify();
 
-    eventually("the relay to publish after the NOTIFY", Duration::from_secs(10), || async {
-        (unpublished(&db.pool).await == 0).then_some(())
-    })
+    eventually(
+        "the relay to publish after the NOTIFY",
+        Duration::from_secs(10),
+        || async { (unpublished(&db.pool).await == 0).then_some(()) },
+    )
     .await;
     cancel.cancel();
     running.await.unwrap().unwrap();
@@ -336,7 +437,14 @@ async fn published_rows_past_retention_are_pruned_and_pending_ones_kept() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let relay = relay(&db.pool, &amqp, RelayConfig { prune_batch: 7, ..Default::default() });
+    let relay = relay(
+        &db.pool,
+        &amqp,
+        RelayConfig {
+            prune_batch: 7,
+            ..Default::default()
+        },
+    );
 
     let pruned = relay.prune().await.unwrap();
 

@@ -1,0 +1,83 @@
+//! The real binary: started as a user would, stopped with SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::helpers::{TestDb, cleanup_amqp, eventually, order_body, test_amqp};
+
+const PASSWORD: &str = "s3cr3t-never-logged";
+
+#[tokio::test]
+async fn the_binary_serves_orders_exits_zero_on_sigterm_and_never_logs_the_password() {
+    let db = TestDb::new().await;
+    let amqp = test_amqp();
+    // Trust auth accepts any password, so the URL can carry one to look for.
+    let url_with_password = db.url.replacen("postgres@", &format!("postgres:{PASSWORD}@"), 1);
+    assert!(url_with_password.contains(PASSWORD), "the test URL carries a password");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_order-service"))
+        .arg("run")
+        .env("DATABASE_URL", &url_with_password)
+        .env("AMQP_URL", amqp.amqp_url.expose())
+        .env("AMQP_EXCHANGE", &amqp.exchange)
+        .env("AMQP_QUEUE_PREFIX", &amqp.queue_prefix)
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "debug,h2=info,hyper=info")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting order-service");
+    let logs = Arc::new(Mutex::new(String::new()));
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let logs = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let mut logs = logs.lock().unwrap();
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
+    }
+    let addr: String = eventually("the API to listen", Duration::from_secs(30), || async {
+        let logs = logs.lock().unwrap();
+        logs.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["message"] == "HTTP API listening")
+            .and_then(|l| l["addr"].as_str().map(str::to_owned))
+    })
+    .await;
+    let client = reqwest::Client::new();
+
+    let response = client.post(format!("http://{addr}/orders")).json(&order_body()).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    eventually("the order to be confirmed", Duration::from_secs(30), || async {
+        let order: Value = client.get(format!("http://{addr}{location}")).send().await.ok()?.json().await.ok()?;
+        (order["status"] == "CONFIRMED").then_some(())
+    })
+    .await;
+
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let child = Mutex::new(child);
+    let exit = eventually("the process to exit", Duration::from_secs(30), || async {
+        child.lock().unwrap().try_wait().unwrap()
+    })
+    .await;
+
+    assert_eq!(exit.code(), Some(0), "graceful shutdown exits 0");
+    let logs = logs.lock().unwrap().clone();
+    assert!(logs.contains("relay stopped") && logs.contains("consumer stopped"), "{logs}");
+    assert!(!logs.contains(PASSWORD), "the database password reached the logs");
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
