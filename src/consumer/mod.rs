@@ -118,7 +118,10 @@ impl<H: Handler> Consumer<H> {
                     Outcome::Processed => m.processed.inc(),
                     Outcome::Duplicate => m.duplicates.inc(),
                     Outcome::Retried { .. } => m.retried.inc(),
-                    Outcome::DeadLettered { .. } => m.dead_lettered.inc(),
+                    Outcome::DeadLettered { .. } => {
+                        span.record("otel.status_code", "ERROR");
+                        m.dead_lettered.inc()
+                    }
                 }
             }
             Err(error) => {

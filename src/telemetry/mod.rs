@@ -5,11 +5,20 @@
 
 pub mod propagation;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
 use anyhow::Context as _;
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, SpanData, SpanExporter};
+use tracing::Subscriber;
+use tracing_opentelemetry::OpenTelemetryLayer;
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
@@ -60,21 +69,32 @@ impl TelemetryGuard {
     }
 }
 
-/// Builds the OTLP exporter and a batching tracer provider.
+/// Builds the OTLP exporter and a batching tracer provider; `None` when no
+/// endpoint is configured.
+///
+/// The exporter runs on its own one-thread tokio runtime. tonic and the async
+/// reqwest client need a reactor, but the SDK's batch processor exports from a
+/// plain thread; and [`init`] runs before the application's runtime exists
+/// and flushes after it is gone.
 pub fn otlp_provider(config: &TelemetryConfig) -> anyhow::Result<Option<SdkTracerProvider>> {
     let Some(endpoint) = config.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) else {
         return Ok(None);
     };
     use opentelemetry_otlp::WithExportConfig;
-    let exporter = match config.otlp_protocol {
-        OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint)
-            .build(),
-        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
-            .build(),
+    let runtime = ExportRuntime::start()?;
+    let exporter = {
+        // tonic spawns its connection task when the exporter is built.
+        let _inside = runtime.handle().enter();
+        match config.otlp_protocol {
+            OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build(),
+            OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+                .build(),
+        }
     }
     .context("building the OTLP span exporter")?;
     let resource = opentelemetry_sdk::Resource::builder()
@@ -82,35 +102,133 @@ pub fn otlp_provider(config: &TelemetryConfig) -> anyhow::Result<Option<SdkTrace
         .build();
     Ok(Some(
         SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
+            .with_batch_exporter(OnRuntime {
+                inner: exporter,
+                runtime,
+            })
             .with_resource(resource)
             .build(),
     ))
 }
 
-/// Installs the global subscriber and propagator. Call once, from `main`.
-pub fn init(config: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let provider = otlp_provider(config)?;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=warn,amq_protocol=warn"));
-    let fmt_layer = match config.log_format {
+/// The exporter's private runtime; shut down without blocking when dropped,
+/// so dropping it inside another runtime cannot panic.
+#[derive(Debug)]
+struct ExportRuntime(Option<tokio::runtime::Runtime>);
+
+impl ExportRuntime {
+    fn start() -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("otlp-export")
+            .enable_all()
+            .build()
+            .context("starting the trace export runtime")?;
+        Ok(Self(Some(runtime)))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("present until dropped").handle()
+    }
+}
+
+impl Drop for ExportRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// A span exporter whose exports are polled inside the export runtime, so
+/// their sockets and timers have a reactor whichever thread awaits them.
+#[derive(Debug)]
+struct OnRuntime<E> {
+    inner: E,
+    runtime: ExportRuntime,
+}
+
+impl<E: SpanExporter> SpanExporter for OnRuntime<E> {
+    fn export(&self, batch: Vec<SpanData>) -> impl Future<Output = OTelSdkResult> + Send {
+        Entered {
+            handle: self.runtime.handle().clone(),
+            future: Box::pin(self.inner.export(batch)),
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        let _inside = self.runtime.handle().enter();
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        let _inside = self.runtime.handle().enter();
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// Enters `handle` for each poll of `future`.
+struct Entered<F> {
+    handle: tokio::runtime::Handle,
+    future: Pin<Box<F>>,
+}
+
+impl<F: Future> Future for Entered<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        let _inside = this.handle.enter();
+        this.future.as_mut().poll(cx)
+    }
+}
+
+/// The log filter used when `RUST_LOG` is unset: our spans and events at
+/// `info`, the chatty drivers only when they warn.
+pub const DEFAULT_FILTER: &str = "info,sqlx=warn,lapin=warn,amq_protocol=warn";
+
+/// `RUST_LOG` if set and valid, else [`DEFAULT_FILTER`].
+pub fn env_filter() -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER))
+}
+
+/// The log output: compact human-readable lines or one JSON object per event.
+pub fn fmt_layer<S>(format: LogFormat) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    match format {
         LogFormat::Pretty => tracing_subscriber::fmt::layer().compact().boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .boxed(),
-    };
-    let otel_layer = provider.as_ref().map(|p| {
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("order-service"))
-            .boxed()
-    });
+    }
+}
+
+/// Turns `tracing` spans into OpenTelemetry spans exported by `provider`
+/// (`otel.name`, `otel.kind` and `otel.status_code` fields set the span's
+/// name, kind and status). Tests build it around an in-memory exporter.
+pub fn otel_layer<S>(provider: &SdkTracerProvider) -> OpenTelemetryLayer<S, SdkTracer>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    tracing_opentelemetry::layer().with_tracer(provider.tracer("order-service"))
+}
+
+/// Installs the global subscriber and propagator. Call once, from `main`.
+pub fn init(config: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let provider = otlp_provider(config)?;
     Registry::default()
-        .with(filter)
-        .with(fmt_layer)
-        .with(otel_layer)
+        .with(env_filter())
+        .with(fmt_layer(config.log_format))
+        .with(provider.as_ref().map(otel_layer))
         .try_init()
         .context("installing the tracing subscriber")?;
     Ok(TelemetryGuard { provider })

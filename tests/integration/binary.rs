@@ -17,8 +17,13 @@ async fn the_binary_serves_orders_exits_zero_on_sigterm_and_never_logs_the_passw
     let db = TestDb::new().await;
     let amqp = test_amqp();
     // Trust auth accepts any password, so the URL can carry one to look for.
-    let url_with_password = db.url.replacen("postgres@", &format!("postgres:{PASSWORD}@"), 1);
-    assert!(url_with_password.contains(PASSWORD), "the test URL carries a password");
+    let url_with_password = db
+        .url
+        .replacen("postgres@", &format!("postgres:{PASSWORD}@"), 1);
+    assert!(
+        url_with_password.contains(PASSWORD),
+        "the test URL carries a password"
+    );
     let mut child = Command::new(env!("CARGO_BIN_EXE_order-service"))
         .arg("run")
         .env("DATABASE_URL", &url_with_password)
@@ -57,16 +62,35 @@ async fn the_binary_serves_orders_exits_zero_on_sigterm_and_never_logs_the_passw
     .await;
     let client = reqwest::Client::new();
 
-    let response = client.post(format!("http://{addr}/orders")).json(&order_body()).send().await.unwrap();
+    let response = client
+        .post(format!("http://{addr}/orders"))
+        .json(&order_body())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     let location = response.headers()["location"].to_str().unwrap().to_owned();
-    eventually("the order to be confirmed", Duration::from_secs(30), || async {
-        let order: Value = client.get(format!("http://{addr}{location}")).send().await.ok()?.json().await.ok()?;
-        (order["status"] == "CONFIRMED").then_some(())
-    })
+    eventually(
+        "the order to be confirmed",
+        Duration::from_secs(30),
+        || async {
+            let order: Value = client
+                .get(format!("http://{addr}{location}"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (order["status"] == "CONFIRMED").then_some(())
+        },
+    )
     .await;
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let child = Mutex::new(child);
     let exit = eventually("the process to exit", Duration::from_secs(30), || async {
@@ -76,8 +100,14 @@ async fn the_binary_serves_orders_exits_zero_on_sigterm_and_never_logs_the_passw
 
     assert_eq!(exit.code(), Some(0), "graceful shutdown exits 0");
     let logs = logs.lock().unwrap().clone();
-    assert!(logs.contains("relay stopped") && logs.contains("consumer stopped"), "{logs}");
-    assert!(!logs.contains(PASSWORD), "the database password reached the logs");
+    assert!(
+        logs.contains("relay stopped") && logs.contains("consumer stopped"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains(PASSWORD),
+        "the database password reached the logs"
+    );
     cleanup_amqp(&amqp).await;
     db.cleanup().await;
 }

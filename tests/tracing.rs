@@ -1,0 +1,11 @@
+//! Tracing, end to end: one request's trace through the outbox, the relay and
+//! both consumers (and their retries), and the OTLP exporter on the wire.
+//!
+//! Its own test binary, because the span-collecting subscriber is global.
+
+#[path = "tracing/fixtures.rs"]
+mod fixtures;
+#[path = "tracing/otlp.rs"]
+mod otlp;
+#[path = "tracing/pipeline.rs"]
+mod pipeline;
