@@ -14,8 +14,11 @@ WORKDIR /app
 # Dependency layer: build every dependency against a dummy crate, so that editing src/ does not
 # rebuild them. This layer is rebuilt only when Cargo.toml or Cargo.lock change.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+# Cargo.toml names a benchmark target (benches/perf/main.rs): stub it too, or cargo refuses
+# the manifest. `cargo build` does not build benchmarks, so the stub is never compiled.
+RUN mkdir -p src benches/perf \
     && echo 'fn main() {}' > src/main.rs \
+    && echo 'fn main() {}' > benches/perf/main.rs \
     && touch src/lib.rs \
     && cargo build --release --locked \
     && rm -rf src

@@ -6,6 +6,7 @@ pub mod extract;
 pub mod health;
 pub mod idempotency;
 pub mod orders;
+pub mod writer;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +32,8 @@ use error::ApiError;
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
+    /// Group-commit writer for new orders.
+    pub writer: writer::OrderWriter,
     /// Signalled after each committed order so the relay publishes at once.
     pub wake: Wake,
     pub metrics: Arc<Metrics>,
@@ -44,6 +47,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(pool: PgPool, config: &HttpConfig) -> Self {
         Self {
+            writer: writer::OrderWriter::start(pool.clone()),
             pool,
             wake: Wake::default(),
             metrics: Arc::default(),

@@ -4,14 +4,15 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{JsonBody, idempotency_key};
 use super::idempotency::{self, Claim};
-use crate::orders::{self, NewOrder, OrderEvent, ValidationError};
-use crate::outbox::store::{self as outbox, NewOutboxEvent};
+use super::writer;
+use crate::orders::{self, NewOrder, ValidationError};
 use crate::telemetry::propagation;
 
 /// Validates the order, writes it and its `order.created` outbox row in one
@@ -27,51 +28,54 @@ pub async fn create_order(
         ValidationError::Shape(_) => ApiError::BadRequest(error.to_string()),
         ValidationError::Invalid { .. } => ApiError::Unprocessable(error.to_string()),
     })?;
-    let normalized = serde_json::to_value(&order).expect("an order serialises");
     let order_id = Uuid::now_v7();
-
-    let mut tx = state.pool.begin().await?;
-    if let Some(key) = &key {
-        match idempotency::claim(&mut tx, key, &normalized, order_id).await? {
-            Claim::New => {}
-            Claim::Existing { order_id, request } if request == normalized => {
-                tx.commit().await?;
-                tracing::Span::current().record("order.id", tracing::field::display(order_id));
-                return Ok(accepted(order_id));
-            }
-            Claim::Existing { .. } => {
-                return Err(ApiError::Unprocessable(
-                    "Idempotency-Key was already used with a different request body".into(),
-                ));
-            }
+    let trace_headers = propagation::current_context_headers();
+    let (order_id, created) = match key {
+        Some(key) => create_with_key(&state, &key, order, order_id, trace_headers).await?,
+        None => {
+            state
+                .writer
+                .write(order_id, order, trace_headers)
+                .instrument(tracing::info_span!("db insert order+outbox"))
+                .await?;
+            (order_id, true)
         }
-    }
-    let created_at = orders::insert(&mut tx, order_id, &order).await?;
-    let event = OrderEvent {
-        transaction_id: Uuid::new_v4(),
-        order_id,
-        product_id: order.product_id,
-        user_id: order.user_id,
-        amount: order.amount,
-        timestamp: created_at,
     };
-    outbox::insert(
-        &mut tx,
-        &NewOutboxEvent {
-            transaction_id: event.transaction_id,
-            aggregate_type: "order",
-            aggregate_id: order_id.to_string(),
-            event_type: orders::ORDER_CREATED,
-            payload: serde_json::to_value(&event).expect("an event serialises"),
-            headers: propagation::current_context_headers(),
-        },
-    )
-    .await?;
-    tx.commit().await?;
-    state.wake.notify();
-    state.metrics.orders_created.inc();
+    if created {
+        state.wake.notify();
+        state.metrics.orders_created.inc();
+    }
     tracing::Span::current().record("order.id", tracing::field::display(order_id));
     Ok(accepted(order_id))
+}
+
+/// The `Idempotency-Key` path: the key, the order and its outbox row in one
+/// transaction of their own. Returns the order id to answer with, and
+/// whether this request created it.
+async fn create_with_key(
+    state: &AppState,
+    key: &str,
+    order: NewOrder,
+    order_id: Uuid,
+    trace_headers: serde_json::Value,
+) -> Result<(Uuid, bool), ApiError> {
+    let normalized = serde_json::to_value(&order).expect("an order serialises");
+    let mut tx = state.pool.begin().await?;
+    match idempotency::claim(&mut tx, key, &normalized, order_id).await? {
+        Claim::New => {}
+        Claim::Existing { order_id, request } if request == normalized => {
+            tx.commit().await?;
+            return Ok((order_id, false));
+        }
+        Claim::Existing { .. } => {
+            return Err(ApiError::Unprocessable(
+                "Idempotency-Key was already used with a different request body".into(),
+            ));
+        }
+    }
+    writer::write_one(&mut tx, order_id, &order, trace_headers).await?;
+    tx.commit().await?;
+    Ok((order_id, true))
 }
 
 fn accepted(order_id: Uuid) -> Response {

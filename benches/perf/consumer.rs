@@ -1,0 +1,144 @@
+//! Billing consumer throughput beside pgbench running the consumer's own
+//! transaction (dedup insert, ledger insert, order update) at the same
+//! concurrency, same run.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Confirmation};
+use order_service::config::ConsumerConfig;
+use order_service::consumer::Consumer;
+use order_service::consumer::handlers::Billing;
+use order_service::metrics::Metrics;
+use order_service::orders::OrderEvent;
+use tokio_util::sync::CancellationToken;
+
+use crate::report::Report;
+use crate::setup::{BenchDb, bench_amqp, cleanup_amqp, pgbench};
+
+const MESSAGES: i64 = 20_000;
+
+/// The consumer's transaction, on orders whose ids are md5(n).
+const CONSUMER_TX: &str = r#"
+\set n random(1, 20000)
+BEGIN;
+INSERT INTO processed_messages (consumer, transaction_id) VALUES ('pgbench', gen_random_uuid()) ON CONFLICT DO NOTHING;
+INSERT INTO ledger (order_id, user_id, amount, transaction_id) VALUES (md5(:n::text)::uuid, 'user_1', 100, gen_random_uuid());
+UPDATE orders SET status = 'CONFIRMED', updated_at = now() WHERE id = md5(:n::text)::uuid;
+END;
+"#;
+
+pub async fn run(report: &mut Report) -> anyhow::Result<()> {
+    let config = ConsumerConfig::default();
+    let db = BenchDb::new("consumer", config.concurrency as u32 + 2).await?;
+    let amqp = bench_amqp("consumer");
+    sqlx::query(
+        "INSERT INTO orders (id, product_id, user_id, amount) \
+         SELECT md5(n::text)::uuid, 'p', 'user_1', 100 FROM generate_series(1, $1) n",
+    )
+    .bind(MESSAGES)
+    .execute(&db.pool)
+    .await?;
+    let ids: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM orders")
+        .fetch_all(&db.pool)
+        .await?;
+
+    // Fill the billing queue, many confirms in flight.
+    let connection =
+        order_service::amqp::connect(&amqp, "bench filler", &CancellationToken::new()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    order_service::amqp::declare_exchange(&channel, &amqp).await?;
+    let queues =
+        order_service::amqp::declare_consumer_queues(&channel, &amqp, order_service::amqp::BILLING)
+            .await?;
+    let mut in_flight = FuturesUnordered::new();
+    for id in &ids {
+        let event = OrderEvent {
+            transaction_id: uuid::Uuid::new_v4(),
+            order_id: *id,
+            product_id: "p".into(),
+            user_id: "user_1".into(),
+            amount: 100,
+            timestamp: chrono::Utc::now(),
+        };
+        let properties = BasicProperties::default()
+            .with_message_id(event.transaction_id.to_string().into())
+            .with_delivery_mode(2);
+        let body = serde_json::to_vec(&event)?;
+        in_flight.push(
+            channel
+                .basic_publish(
+                    "".into(),
+                    queues.main.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties,
+                )
+                .await?,
+        );
+        while in_flight.len() >= 1000 {
+            anyhow::ensure!(matches!(
+                in_flight.next().await.unwrap()?,
+                Confirmation::Ack(None)
+            ));
+        }
+    }
+    while let Some(c) = in_flight.next().await {
+        anyhow::ensure!(matches!(c?, Confirmation::Ack(None)));
+    }
+    connection.close(200, "filled".into()).await?;
+
+    let metrics = Metrics::default();
+    let consumer = std::sync::Arc::new(Consumer::new(
+        Billing,
+        db.pool.clone(),
+        amqp.clone(),
+        config.clone(),
+        &metrics,
+    ));
+    let cancel = CancellationToken::new();
+    let started = Instant::now();
+    let task = tokio::spawn(consumer.clone().run(cancel.clone()));
+    while consumer.metrics.processed.get() < MESSAGES as u64 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(300),
+            "consumer did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rate = MESSAGES as f64 / started.elapsed().as_secs_f64();
+    cancel.cancel();
+    task.await??;
+    anyhow::ensure!(
+        db.scalar("SELECT count(*) FROM ledger").await == MESSAGES,
+        "one charge per message"
+    );
+
+    let pg = pgbench(&db.url, CONSUMER_TX, config.concurrency as u32, 10)?;
+    println!(
+        "consumer: billing {rate:.0} msg/s at concurrency {}, pgbench same transaction {pg:.0} tps, ratio {:.2}",
+        config.concurrency,
+        rate / pg
+    );
+    report.row(
+        &format!(
+            "Billing consumer, {MESSAGES} queued messages, concurrency {}",
+            config.concurrency
+        ),
+        format!("{rate:.0} msg/s"),
+        format!(
+            "pgbench dedup + ledger + order update, {} clients: {pg:.0} tps",
+            config.concurrency
+        ),
+        rate / pg,
+        "(issue 4: figure)",
+    );
+    cleanup_amqp(&amqp).await?;
+    db.drop_db().await?;
+    Ok(())
+}

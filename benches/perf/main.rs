@@ -1,0 +1,45 @@
+//! Benchmarks that print the project's figures beside the machine's own
+//! limits, measured in the same run (absolute times drift here).
+//!
+//! ```text
+//! cargo bench --bench perf               # everything
+//! cargo bench --bench perf -- relay      # or: ingest, consumer, e2e
+//! ```
+//!
+//! Needs Postgres and RabbitMQ as for the tests (BENCH_DATABASE_URL,
+//! BENCH_AMQP_URL), and `pgbench` and `wrk` on the PATH. Writes a Markdown
+//! table and an SVG plot to `bench-results/`.
+
+mod consumer;
+mod e2e;
+mod ingest;
+mod relay;
+mod report;
+mod service;
+mod setup;
+
+use report::Report;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let wanted: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let run = |name: &str| wanted.is_empty() || wanted.iter().any(|w| w == name);
+    let mut report = Report::new();
+    if run("ingest") {
+        ingest::run(&mut report).await?;
+    }
+    if run("relay") {
+        relay::run(&mut report).await?;
+    }
+    if run("consumer") {
+        consumer::run(&mut report).await?;
+    }
+    if run("e2e") {
+        e2e::run(&mut report).await?;
+    }
+    report.write()?;
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! Databases, broker names and small measuring helpers for the benchmarks.
+
+use order_service::config::{AmqpConfig, DatabaseConfig};
+use sqlx::{Connection, Executor, PgPool};
+use tokio_util::sync::CancellationToken;
+
+pub fn admin_url() -> String {
+    std::env::var("BENCH_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("BENCH_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A fresh, migrated database; dropped by [`BenchDb::drop_db`].
+pub struct BenchDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl BenchDb {
+    pub async fn new(tag: &str, pool_size: u32) -> anyhow::Result<Self> {
+        let name = format!(
+            "osbench_{tag}_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let mut admin = sqlx::PgConnection::connect(&admin_url()).await?;
+        admin
+            .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .await?;
+        let url = format!("{}/{name}", admin_url().rsplit_once('/').unwrap().0);
+        let mut config = DatabaseConfig::new(url.clone());
+        config.pool_size = pool_size;
+        let pool = order_service::db::connect(&config, &CancellationToken::new()).await?;
+        Ok(Self { name, url, pool })
+    }
+
+    pub async fn drop_db(self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        let mut admin = sqlx::PgConnection::connect(&admin_url()).await?;
+        admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            )))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn scalar(&self, sql: &'static str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.pool)
+            .await
+            .expect(sql)
+    }
+}
+
+/// Exchange and queues of this benchmark only.
+pub fn bench_amqp(tag: &str) -> AmqpConfig {
+    let mut config = AmqpConfig::new(amqp_url());
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    config.exchange = format!("bench_{tag}_{id}_order_events");
+    config.queue_prefix = format!("bench_{tag}_{id}_");
+    config
+}
+
+/// Deletes the benchmark's queues and exchange.
+pub async fn cleanup_amqp(config: &AmqpConfig) -> anyhow::Result<()> {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let connection =
+        order_service::amqp::connect(config, "bench cleanup", &CancellationToken::new()).await?;
+    let channel = connection.create_channel().await?;
+    for consumer in order_service::amqp::CONSUMERS {
+        let names = order_service::amqp::QueueNames::new(config, consumer);
+        let queues = [names.main, names.dlq]
+            .into_iter()
+            .chain(names.retries.into_iter().map(|(q, _)| q));
+        for queue in queues {
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+    }
+    channel
+        .exchange_delete(
+            config.exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await?;
+    connection.close(200, "done".into()).await?;
+    Ok(())
+}
+
+/// Runs pgbench with `script` for `seconds` at `clients`; returns its tps.
+pub fn pgbench(db_url: &str, script: &str, clients: u32, seconds: u32) -> anyhow::Result<f64> {
+    let path = std::env::temp_dir().join(format!("pgbench-{}.sql", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&path, script)?;
+    let output = std::process::Command::new("pgbench")
+        .args([
+            "-n",
+            "-M",
+            "prepared",
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &seconds.to_string(),
+            "-f",
+        ])
+        .arg(&path)
+        .arg(db_url)
+        .output()?;
+    let _ = std::fs::remove_file(&path);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(
+        output.status.success(),
+        "pgbench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no tps in pgbench output: {stdout}"))
+}
+
+/// p-th percentile (0..=100) of sorted values.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}

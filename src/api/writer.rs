@@ -1,0 +1,189 @@
+//! Group commit for new orders. Requests that arrive together share one
+//! transaction: each order is still written with its outbox row in the same
+//! transaction, and each client is answered only after that commit. Under
+//! load this turns many small commits (each waiting for its own WAL flush)
+//! into a few larger ones. With one request at a time it is one transaction
+//! per order, as before.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::orders::{self, NewOrder, OrderEvent};
+use crate::outbox::store::{self as outbox, NewOutboxEvent};
+
+/// Orders per shared transaction at most.
+const MAX_BATCH: usize = 64;
+/// Transactions in flight at once (one collects while another commits).
+const WRITERS: usize = 4;
+
+/// One order waiting for its commit.
+struct Job {
+    order_id: Uuid,
+    order: NewOrder,
+    /// The request's trace context, stored with the outbox row.
+    trace_headers: serde_json::Value,
+    reply: oneshot::Sender<Result<(), sqlx::Error>>,
+}
+
+/// The queue of orders to write. Cloned into the API state; the writer tasks
+/// stop once every clone is dropped and the queue is empty.
+#[derive(Clone)]
+pub struct OrderWriter {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl OrderWriter {
+    pub fn start(pool: PgPool) -> Self {
+        let (jobs, receiver) = mpsc::channel::<Job>(1024);
+        let receiver = Arc::new(Mutex::new(receiver));
+        for _ in 0..WRITERS {
+            tokio::spawn(write_batches(pool.clone(), receiver.clone()));
+        }
+        Self { jobs }
+    }
+
+    /// Writes the order and its `order.created` outbox row; returns once they
+    /// are committed.
+    pub async fn write(
+        &self,
+        order_id: Uuid,
+        order: NewOrder,
+        trace_headers: serde_json::Value,
+    ) -> Result<(), sqlx::Error> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            order_id,
+            order,
+            trace_headers,
+            reply,
+        };
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        answer.await.map_err(|_| sqlx::Error::WorkerCrashed)?
+    }
+}
+
+/// Takes whatever is queued (up to `MAX_BATCH`) and writes it in one
+/// transaction; never waits for more to arrive, so an idle system adds no delay.
+async fn write_batches(pool: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Job>>>) {
+    loop {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        {
+            let mut receiver = receiver.lock().await;
+            match receiver.recv().await {
+                Some(job) => batch.push(job),
+                None => return,
+            }
+            while batch.len() < MAX_BATCH {
+                match receiver.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
+        match write_together(&pool, &batch).await {
+            Ok(()) => {
+                for job in batch {
+                    let _ = job.reply.send(Ok(()));
+                }
+            }
+            // One bad order must not fail the others: write each alone.
+            Err(_) if batch.len() > 1 => {
+                for job in batch {
+                    let result = write_alone(&pool, &job).await;
+                    let _ = job.reply.send(result);
+                }
+            }
+            Err(error) => {
+                for job in batch {
+                    let _ = job.reply.send(Err(clone_error(&error)));
+                }
+            }
+        }
+    }
+}
+
+fn clone_error(error: &sqlx::Error) -> sqlx::Error {
+    match error {
+        sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
+        sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
+        other => sqlx::Error::Protocol(other.to_string()),
+    }
+}
+
+/// The event announcing a new order, and its outbox row.
+pub fn order_created(
+    order_id: Uuid,
+    order: &NewOrder,
+    at: DateTime<Utc>,
+    trace_headers: serde_json::Value,
+) -> NewOutboxEvent {
+    let event = OrderEvent {
+        transaction_id: Uuid::new_v4(),
+        order_id,
+        product_id: order.product_id.clone(),
+        user_id: order.user_id.clone(),
+        amount: order.amount,
+        timestamp: at,
+    };
+    NewOutboxEvent {
+        transaction_id: event.transaction_id,
+        aggregate_type: "order",
+        aggregate_id: order_id.to_string(),
+        event_type: orders::ORDER_CREATED,
+        payload: serde_json::to_value(&event).expect("an event serialises"),
+        headers: trace_headers,
+    }
+}
+
+/// One transaction for the whole batch: all orders, then all outbox rows.
+async fn write_together(pool: &PgPool, batch: &[Job]) -> Result<(), sqlx::Error> {
+    let now = Utc::now();
+    let events: Vec<NewOutboxEvent> = batch
+        .iter()
+        .map(|j| order_created(j.order_id, &j.order, now, j.trace_headers.clone()))
+        .collect();
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO orders (id, product_id, user_id, amount, created_at, updated_at) \
+         SELECT id, product_id, user_id, amount, $5, $5 \
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[]) AS t(id, product_id, user_id, amount)",
+    )
+    .bind(batch.iter().map(|j| j.order_id).collect::<Vec<_>>())
+    .bind(batch.iter().map(|j| j.order.product_id.as_str()).collect::<Vec<_>>())
+    .bind(batch.iter().map(|j| j.order.user_id.as_str()).collect::<Vec<_>>())
+    .bind(batch.iter().map(|j| j.order.amount).collect::<Vec<_>>())
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    outbox::insert_many(&mut tx, &events).await?;
+    tx.commit().await
+}
+
+async fn write_alone(pool: &PgPool, job: &Job) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    write_one(&mut tx, job.order_id, &job.order, job.trace_headers.clone()).await?;
+    tx.commit().await
+}
+
+/// Writes one order and its outbox row on `conn` (the caller's transaction).
+pub async fn write_one(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    order: &NewOrder,
+    trace_headers: serde_json::Value,
+) -> Result<(), sqlx::Error> {
+    let created_at = orders::insert(conn, order_id, order).await?;
+    outbox::insert(
+        conn,
+        &order_created(order_id, order, created_at, trace_headers),
+    )
+    .await?;
+    Ok(())
+}
