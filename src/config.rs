@@ -81,7 +81,7 @@ pub struct DatabaseConfig {
     )]
     pub database_url: SecretUrl,
     /// Maximum connections in the pool.
-    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 10)]
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 20)]
     pub pool_size: u32,
     /// How long to wait for a pooled connection before failing a request (ms).
     #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT_MS", default_value_t = 5_000)]
@@ -95,7 +95,7 @@ impl DatabaseConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             database_url: SecretUrl::new(url),
-            pool_size: 10,
+            pool_size: 20,
             acquire_timeout_ms: 5_000,
             skip_migrations: false,
         }
@@ -212,10 +212,12 @@ impl Default for RelayConfig {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConsumerConfig {
     /// Unacked deliveries the broker may send at once (basic.qos prefetch).
-    #[arg(long, env = "CONSUMER_PREFETCH", default_value_t = 64)]
+    #[arg(long, env = "CONSUMER_PREFETCH", default_value_t = 32)]
     pub prefetch: u16,
-    /// Deliveries handled concurrently.
-    #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 16)]
+    /// Deliveries handled concurrently; each holds a pooled connection while
+    /// it runs, so keep it under `DATABASE_POOL_SIZE` (with the other roles'
+    /// needs when they share the process).
+    #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 8)]
     pub concurrency: usize,
     /// Share of simulated SMTP sends that fail, 0.0 to 1.0 (demos only).
     #[arg(long, env = "EMAIL_FAILURE_RATE", default_value_t = 0.0)]
@@ -225,8 +227,8 @@ pub struct ConsumerConfig {
 impl Default for ConsumerConfig {
     fn default() -> Self {
         Self {
-            prefetch: 64,
-            concurrency: 16,
+            prefetch: 32,
+            concurrency: 8,
             email_failure_rate: 0.0,
         }
     }
