@@ -93,27 +93,18 @@ async fn write_batches(pool: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Job>>>) 
                     let _ = job.reply.send(Ok(()));
                 }
             }
+            Err(error) if batch.len() == 1 => {
+                let job = batch.pop().expect("one job");
+                let _ = job.reply.send(Err(error));
+            }
             // One bad order must not fail the others: write each alone.
-            Err(_) if batch.len() > 1 => {
+            Err(_) => {
                 for job in batch {
                     let result = write_alone(&pool, &job).await;
                     let _ = job.reply.send(result);
                 }
             }
-            Err(error) => {
-                for job in batch {
-                    let _ = job.reply.send(Err(clone_error(&error)));
-                }
-            }
         }
-    }
-}
-
-fn clone_error(error: &sqlx::Error) -> sqlx::Error {
-    match error {
-        sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
-        sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
-        other => sqlx::Error::Protocol(other.to_string()),
     }
 }
 

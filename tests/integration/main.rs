@@ -6,5 +6,6 @@ mod binary;
 mod consumers;
 mod e2e;
 mod helpers;
+mod openapi;
 mod proxy;
 mod relay;

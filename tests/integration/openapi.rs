@@ -1,0 +1,388 @@
+//! `GET /openapi.json` against the running API: the document, the `ROUTES`
+//! list and the router name the same routes, and real answers match the
+//! documented statuses, content types and schemas.
+
+use std::collections::BTreeSet;
+
+use order_service::api::openapi::ROUTES;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, order_body};
+
+/// The methods probed on every known path; HEAD rides along with GET in axum.
+const PROBED_METHODS: [&str; 6] = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+/// The router's source, read to find every `.route(..)` it registers.
+const ROUTER_SOURCE: &str = include_str!("../../src/api/mod.rs");
+
+type Routes = BTreeSet<(String, String)>;
+
+fn listed_routes() -> Routes {
+    ROUTES
+        .iter()
+        .map(|(method, path)| (method.to_string(), path.to_string()))
+        .collect()
+}
+
+async fn fetch_document(app: &TestApp) -> Value {
+    let response = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(media_type(&response), "application/json");
+    response.json().await.expect("the document is JSON")
+}
+
+fn documented_routes(doc: &Value) -> Routes {
+    let mut routes = Routes::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for method in item.as_object().expect("a path item").keys() {
+            const OPERATIONS: [&str; 8] = [
+                "get", "put", "post", "delete", "options", "head", "patch", "trace",
+            ];
+            if OPERATIONS.contains(&method.as_str()) {
+                routes.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    routes
+}
+
+/// `(METHOD, path)` for every method router found in a `.route(..)` call of
+/// `router()`. A method router we do not recognise (`any`, `on`) comes out
+/// upper-cased and so fails the comparison with `ROUTES` loudly.
+fn routes_in_router_source() -> Routes {
+    let start = ROUTER_SOURCE
+        .find("pub fn router(")
+        .expect("router() in src/api/mod.rs");
+    let body = &ROUTER_SOURCE[start..];
+    let body = &body[..body.find("\n}\n").expect("the end of router()")];
+    for call in [".nest(", ".merge(", ".route_service(", ".nest_service("] {
+        assert!(
+            !body.contains(call),
+            "router() uses `{call}`: teach this test to read it"
+        );
+    }
+    let mut routes = Routes::new();
+    for (at, call) in body.match_indices(".route(") {
+        let args = balanced_args(&body[at + call.len()..]);
+        let path = args
+            .split('"')
+            .nth(1)
+            .expect("a path literal in .route(..)");
+        let mut methods = 0;
+        for method in [
+            "get", "post", "put", "patch", "delete", "head", "options", "trace", "any", "on",
+        ] {
+            let token = format!("{method}(");
+            for (i, _) in args.match_indices(&token) {
+                let before = args[..i].chars().next_back();
+                if !before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+                    routes.insert((method.to_uppercase(), path.to_owned()));
+                    methods += 1;
+                }
+            }
+        }
+        assert!(methods > 0, "no method router found in .route({args})");
+    }
+    routes
+}
+
+/// The text up to the `)` closing a call whose `(` was just before `text`.
+fn balanced_args(text: &str) -> &str {
+    let (mut depth, mut in_string, mut escaped) = (1, false, false);
+    for (i, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if in_string => escaped = true,
+            '"' => in_string = !in_string,
+            '(' if !in_string => depth += 1,
+            ')' if !in_string => {
+                depth -= 1;
+                if depth == 0 {
+                    return &text[..i];
+                }
+            }
+            _ => {}
+        }
+    }
+    panic!("unbalanced parentheses after .route(");
+}
+
+fn media_type(response: &reqwest::Response) -> String {
+    let value = response.headers()["content-type"].to_str().unwrap();
+    value.split(';').next().unwrap().trim().to_ascii_lowercase()
+}
+
+/// Follows a local `$ref` (`#/components/...`), if `node` is one.
+fn resolve<'a>(doc: &'a Value, node: &'a Value) -> &'a Value {
+    match node.get("$ref").and_then(Value::as_str) {
+        Some(target) => {
+            let pointer = target.strip_prefix('#').expect("a local $ref");
+            resolve(doc, doc.pointer(pointer).expect("the $ref resolves"))
+        }
+        None => node,
+    }
+}
+
+/// Checks `value` against the JSON Schema subset the document uses: type,
+/// required, properties, items, enum, format (uuid, date-time), lengths and
+/// bounds. `pattern` is left to the fuzzer (no regex engine here).
+fn conforms(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+    let schema = resolve(doc, schema);
+    let fail = |what: String| Err(format!("{at}: {what}, got {value}"));
+    if let Some(allowed) = schema["enum"].as_array()
+        && !allowed.contains(value)
+    {
+        return fail(format!("not one of {allowed:?}"));
+    }
+    match schema["type"].as_str() {
+        Some("object") => {
+            let Some(object) = value.as_object() else {
+                return fail("not an object".into());
+            };
+            for key in schema["required"].as_array().into_iter().flatten() {
+                let key = key.as_str().unwrap();
+                if !object.contains_key(key) {
+                    return fail(format!("missing required `{key}`"));
+                }
+            }
+            for (key, property) in schema["properties"].as_object().into_iter().flatten() {
+                if let Some(field) = object.get(key) {
+                    conforms(doc, property, field, &format!("{at}.{key}"))?;
+                }
+            }
+        }
+        Some("array") => {
+            let Some(items) = value.as_array() else {
+                return fail("not an array".into());
+            };
+            for (i, item) in items.iter().enumerate() {
+                conforms(doc, &schema["items"], item, &format!("{at}[{i}]"))?;
+            }
+        }
+        Some("string") => {
+            let Some(text) = value.as_str() else {
+                return fail("not a string".into());
+            };
+            let chars = text.chars().count() as u64;
+            if schema["minLength"].as_u64().is_some_and(|min| chars < min)
+                || schema["maxLength"].as_u64().is_some_and(|max| chars > max)
+            {
+                return fail("length out of bounds".into());
+            }
+            match schema["format"].as_str() {
+                Some("uuid") if uuid::Uuid::parse_str(text).is_err() => {
+                    return fail("not a uuid".into());
+                }
+                Some("date-time") if chrono::DateTime::parse_from_rfc3339(text).is_err() => {
+                    return fail("not an RFC 3339 date-time".into());
+                }
+                _ => {}
+            }
+        }
+        Some(kind @ ("integer" | "number")) => {
+            let is_integer = value.is_i64() || value.is_u64();
+            let Some(number) = value.as_f64().filter(|_| kind == "number" || is_integer) else {
+                return fail(format!("not an {kind}"));
+            };
+            if schema["minimum"].as_f64().is_some_and(|min| number < min)
+                || schema["maximum"].as_f64().is_some_and(|max| number > max)
+            {
+                return fail("out of bounds".into());
+            }
+        }
+        Some("boolean") if !value.is_boolean() => return fail("not a boolean".into()),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Checks an answer against the document's entry for `method path` and its
+/// status: the status is documented, required headers are present, the
+/// content type is the documented one and a JSON body matches its schema.
+/// Returns the body (JSON, or a JSON string for text).
+async fn check_answer(doc: &Value, method: &str, path: &str, response: reqwest::Response) -> Value {
+    let status = response.status();
+    let operation = &doc["paths"][path][method.to_ascii_lowercase()];
+    let documented = operation["responses"]
+        .get(status.as_str())
+        .unwrap_or_else(|| panic!("{method} {path}: status {status} is not documented"));
+    let documented = resolve(doc, documented);
+    for (name, header) in documented["headers"].as_object().into_iter().flatten() {
+        if header["required"] == true {
+            assert!(
+                response.headers().contains_key(name.as_str()),
+                "{method} {path} {status}: no {name} header"
+            );
+        }
+    }
+    let media = media_type(&response);
+    let content = documented["content"]
+        .as_object()
+        .expect("documented content");
+    let schema = content
+        .get(&media)
+        .unwrap_or_else(|| panic!("{method} {path} {status}: {media} is not documented"))["schema"]
+        .clone();
+    let body = if media == "application/json" {
+        response.json::<Value>().await.expect("a JSON body")
+    } else {
+        Value::String(response.text().await.unwrap())
+    };
+    if let Err(mismatch) = conforms(doc, &schema, &body, "body") {
+        panic!("{method} {path} {status}: {mismatch}");
+    }
+    body
+}
+
+#[tokio::test]
+async fn the_document_lists_exactly_the_routes_the_router_serves() {
+    let app = TestApp::spawn().await;
+    let doc = fetch_document(&app).await;
+
+    assert_eq!(
+        documented_routes(&doc),
+        listed_routes(),
+        "openapi.json and ROUTES disagree"
+    );
+    assert_eq!(
+        routes_in_router_source(),
+        listed_routes(),
+        "router() and ROUTES disagree"
+    );
+
+    let created: Value = app.post_order(order_body()).await.json().await.unwrap();
+    let order_id = created["orderId"].as_str().unwrap().to_owned();
+    let paths: BTreeSet<&str> = ROUTES.iter().map(|(_, path)| *path).collect();
+    for path in paths {
+        let concrete: Vec<&str> = path
+            .split('/')
+            .map(|segment| {
+                if segment.starts_with('{') {
+                    order_id.as_str()
+                } else {
+                    segment
+                }
+            })
+            .collect();
+        let url = app.url(&concrete.join("/"));
+        for method in PROBED_METHODS {
+            let mut request = app
+                .client
+                .request(Method::from_bytes(method.as_bytes()).unwrap(), &url);
+            if method == "POST" {
+                request = request.json(&order_body());
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            if ROUTES.contains(&(method, path)) {
+                assert!(status.is_success(), "{method} {path} answered {status}");
+                check_answer(&doc, method, path, response).await;
+            } else {
+                assert_eq!(
+                    status,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {path} is served but not in ROUTES"
+                );
+                let body: Value = response.json().await.unwrap();
+                assert!(body["error"].is_string(), "a 405 is a JSON error");
+            }
+        }
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn real_answers_match_the_documented_schemas() {
+    let app = TestApp::spawn().await;
+    let doc = fetch_document(&app).await;
+
+    let response = app.post_order(order_body()).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let accepted = check_answer(&doc, "POST", "/orders", response).await;
+    assert_eq!(
+        location,
+        format!("/orders/{}", accepted["orderId"].as_str().unwrap())
+    );
+
+    let mut bad_amount = order_body();
+    bad_amount["amount"] = json!(0);
+    let response = app.post_order(bad_amount).await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let error = check_answer(&doc, "POST", "/orders", response).await;
+    assert_eq!(error, json!({"error": "amount: must be greater than zero"}));
+
+    let response = app
+        .post_order(json!({"productId": "1", "userId": "u"}))
+        .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    check_answer(&doc, "POST", "/orders", response).await;
+
+    let response = app
+        .client
+        .post(app.url("/orders"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    check_answer(&doc, "POST", "/orders", response).await;
+
+    let response = app.client.get(app.url(&location)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let order = check_answer(&doc, "GET", "/orders/{id}", response).await;
+    assert_eq!(order["orderId"], accepted["orderId"]);
+
+    for (path, status) in [
+        (
+            format!("/orders/{}", uuid::Uuid::new_v4()),
+            StatusCode::NOT_FOUND,
+        ),
+        ("/orders/not-a-uuid".to_owned(), StatusCode::BAD_REQUEST),
+    ] {
+        let response = app.client.get(app.url(&path)).send().await.unwrap();
+        assert_eq!(response.status(), status, "GET {path}");
+        check_answer(&doc, "GET", "/orders/{id}", response).await;
+    }
+
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let response = app.client.get(app.url(path)).send().await.unwrap();
+        check_answer(&doc, "GET", path, response).await;
+    }
+    app.stop().await;
+}
+
+#[test]
+fn the_schema_check_catches_a_wrong_shape() {
+    let doc: Value = serde_json::from_str(order_service::api::openapi::DOCUMENT).unwrap();
+    let accepted = json!({"$ref": "#/components/schemas/OrderAccepted"});
+    let id = uuid::Uuid::new_v4().to_string();
+    let good = json!({"orderId": id, "status": "PENDING", "message": "ok"});
+    assert_eq!(conforms(&doc, &accepted, &good, "body"), Ok(()));
+    for bad in [
+        json!({"orderId": id, "status": "PENDING"}),
+        json!({"orderId": "nope", "status": "PENDING", "message": "ok"}),
+        json!({"orderId": id, "status": "DONE", "message": "ok"}),
+        json!({"orderId": id, "status": "PENDING", "message": 7}),
+        json!([good]),
+    ] {
+        assert!(
+            conforms(&doc, &accepted, &bad, "body").is_err(),
+            "{bad} passed"
+        );
+    }
+    let order = json!({"$ref": "#/components/schemas/Order"});
+    let mut fetched = json!({
+        "orderId": id, "productId": "p", "userId": "u", "amount": 5, "status": "CONFIRMED",
+        "createdAt": "2024-01-01T00:00:00Z", "updatedAt": "2024-01-01T00:00:00.5+00:00",
+    });
+    assert_eq!(conforms(&doc, &order, &fetched, "body"), Ok(()));
+    fetched["amount"] = json!(1.5);
+    assert!(conforms(&doc, &order, &fetched, "body").is_err());
+}
