@@ -12,6 +12,23 @@ use uuid::Uuid;
 use crate::orders::OrderEvent;
 use crate::telemetry::propagation;
 
+/// The longest any single broker call (ack, publish, confirm) may take. On a
+/// dead connection lapin can leave a command unanswered; past this the call
+/// counts as failed and the message is left for redelivery.
+pub const AMQP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Acks a delivery, bounded by [`AMQP_TIMEOUT`].
+pub async fn ack(delivery: &Delivery) -> anyhow::Result<()> {
+    tokio::time::timeout(
+        AMQP_TIMEOUT,
+        delivery.ack(lapin::options::BasicAckOptions::default()),
+    )
+    .await
+    .context("ack timed out")?
+    .context("acking")?;
+    Ok(())
+}
+
 /// Header: how many times this message has been handled and failed.
 pub const ATTEMPT_HEADER: &str = "x-attempt";
 /// Header: why the last attempt failed.
@@ -117,21 +134,25 @@ pub async fn publish_confirmed(
     body: &[u8],
     properties: BasicProperties,
 ) -> anyhow::Result<()> {
-    let confirm = channel
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            body,
-            properties.with_delivery_mode(2),
-        )
-        .await
-        .with_context(|| format!("publishing to {routing_key}"))?
-        .await
-        .with_context(|| format!("waiting for the confirm from {routing_key}"))?;
+    let publish = channel.basic_publish(
+        exchange.into(),
+        routing_key.into(),
+        BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        },
+        body,
+        properties.with_delivery_mode(2),
+    );
+    let confirm = tokio::time::timeout(AMQP_TIMEOUT, async {
+        publish
+            .await
+            .with_context(|| format!("publishing to {routing_key}"))?
+            .await
+            .with_context(|| format!("waiting for the confirm from {routing_key}"))
+    })
+    .await
+    .with_context(|| format!("no confirm from {routing_key} in time"))??;
     match confirm {
         Confirmation::Ack(None) => Ok(()),
         Confirmation::Ack(Some(returned)) => anyhow::bail!(

@@ -15,7 +15,7 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
@@ -151,26 +151,17 @@ impl<H: Handler> Consumer<H> {
                     &reason,
                 )
                 .await?;
-                delivery
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .context("acking")?;
+                message::ack(delivery).await?;
                 return Ok(Outcome::DeadLettered { reason });
             }
         };
         match self.apply(&incoming).await? {
             Applied::Committed => {
-                delivery
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .context("acking")?;
+                message::ack(delivery).await?;
                 Ok(Outcome::Processed)
             }
             Applied::Duplicate => {
-                delivery
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .context("acking")?;
+                message::ack(delivery).await?;
                 Ok(Outcome::Duplicate)
             }
             Applied::Failed(reason) => {
@@ -192,10 +183,7 @@ impl<H: Handler> Consumer<H> {
                     }
                 };
                 // Only now that the broker holds the copy is the original let go.
-                delivery
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .context("acking")?;
+                message::ack(delivery).await?;
                 Ok(outcome)
             }
         }
@@ -266,7 +254,10 @@ impl<H: Handler> Consumer<H> {
         let name = format!("order-service {}", self.queues.main);
         let connection = crate::amqp::connect(&self.amqp, &name, cancel).await?;
         let result = self.clone().consume_on(&connection, cancel, backoff).await;
-        let _ = connection.close(200, "consumer stopping".into()).await;
+        if connection.status().connected() {
+            let close = connection.close(200, "consumer stopping".into());
+            let _ = tokio::time::timeout(message::AMQP_TIMEOUT, close).await;
+        }
         result
     }
 
@@ -333,23 +324,34 @@ impl<H: Handler> Consumer<H> {
                     // Postgres or the broker failed: leave the message for
                     // redelivery after a pause, so an outage does not spin.
                     tokio::time::sleep(Duration::from_millis(500)).await;
-                    let _ = delivery
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        })
-                        .await;
+                    let nack = delivery.nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    });
+                    // If the connection is gone the broker requeues it anyway.
+                    let _ = tokio::time::timeout(message::AMQP_TIMEOUT, nack).await;
                 }
             });
         };
         // Stop new deliveries first, then let those in hand finish.
-        let _ = consume
-            .basic_cancel(tag, BasicCancelOptions::default())
-            .await;
+        // Every broker call below is bounded: on a dead connection lapin can
+        // leave a queued command unanswered, and waiting on it would keep this
+        // consumer from ever reconnecting.
+        if connection.status().connected() {
+            let cancel_consumer = consume.basic_cancel(tag, BasicCancelOptions::default());
+            let _ = tokio::time::timeout(message::AMQP_TIMEOUT, cancel_consumer).await;
+        }
         tracker.close();
+        // In-flight deliveries end by themselves: each broker call they make
+        // is bounded, and an unacked delivery goes back to the queue.
         tracker.wait().await;
-        let _ = publish.close(200, "consumer stopping".into()).await;
-        let _ = consume.close(200, "consumer stopping".into()).await;
+        if connection.status().connected() {
+            let close = async {
+                let _ = publish.close(200, "consumer stopping".into()).await;
+                let _ = consume.close(200, "consumer stopping".into()).await;
+            };
+            let _ = tokio::time::timeout(message::AMQP_TIMEOUT, close).await;
+        }
         result
     }
 }

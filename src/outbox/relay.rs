@@ -25,6 +25,9 @@ use crate::metrics::Metrics;
 use crate::shutdown::{Backoff, sleep_or_cancel};
 use crate::telemetry::propagation;
 
+/// How long a publish may wait for its confirm before it counts as failed.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A confirm-mode channel on its own connection, with the topology declared.
 pub struct Publisher {
     connection: Connection,
@@ -61,8 +64,13 @@ impl Publisher {
     }
 
     pub async fn close(self) {
-        let _ = self.channel.close(200, "relay stopping".into()).await;
-        let _ = self.connection.close(200, "relay stopping".into()).await;
+        if self.connection.status().connected() {
+            let close = async {
+                let _ = self.channel.close(200, "relay stopping".into()).await;
+                let _ = self.connection.close(200, "relay stopping".into()).await;
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
+        }
     }
 }
 
@@ -178,15 +186,20 @@ impl Relay {
             }
         }
         let confirms = join_all(in_flight.into_iter().map(|(id, span, confirm)| async move {
-            let outcome = match confirm.await {
-                Ok(Confirmation::Ack(None)) => Ok(()),
-                Ok(Confirmation::Ack(Some(returned))) => Err(format!(
+            // Bounded: on a dead connection a confirm may never resolve, and
+            // this batch holds its rows' locks until it ends.
+            let outcome = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+                Err(_) => Err("no confirm from the broker in time".to_owned()),
+                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(format!(
                     "returned by the broker: {} {}",
                     returned.reply_code, returned.reply_text
                 )),
-                Ok(Confirmation::Nack(_)) => Err("nacked by the broker".to_owned()),
-                Ok(Confirmation::NotRequested) => Err("channel is not in confirm mode".to_owned()),
-                Err(error) => Err(format!("confirm failed: {error}")),
+                Ok(Ok(Confirmation::Nack(_))) => Err("nacked by the broker".to_owned()),
+                Ok(Ok(Confirmation::NotRequested)) => {
+                    Err("channel is not in confirm mode".to_owned())
+                }
+                Ok(Err(error)) => Err(format!("confirm failed: {error}")),
             };
             if let Err(error) = &outcome {
                 span.record("otel.status_code", "ERROR");

@@ -1,0 +1,209 @@
+//! The load: orders posted at a steady rate, each on its own task so a slow
+//! answer never holds up the next. Every order answered 202 is remembered;
+//! refused connections, timeouts and 5xx during an outage are counted but
+//! were never promised, so they are not owed.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+/// Requests awaiting an answer at most; past it a tick is skipped, so an
+/// outage cannot pile up thousands of hanging requests.
+const MAX_PENDING: usize = 256;
+
+/// What the load saw, shared with its request tasks.
+#[derive(Default)]
+struct Tally {
+    /// Orders answered 202, by the id in their `Location`.
+    accepted: Mutex<Vec<Uuid>>,
+    /// Connection refused or reset, or no answer in time.
+    failed: AtomicU64,
+    /// 5xx answers.
+    server_errors: AtomicU64,
+    /// Any other answer (a 4xx, a 202 without its `Location`): a valid
+    /// order is never refused.
+    unexpected: Mutex<Vec<String>>,
+    /// Requests sent and not yet answered.
+    pending: AtomicUsize,
+    /// Of those, the ones sent by [`Load::burst`].
+    burst_pending: AtomicUsize,
+    /// Numbers the orders, to vary their amounts.
+    sequence: AtomicU64,
+}
+
+/// What the load saw once stopped.
+#[derive(Debug)]
+pub struct LoadReport {
+    pub accepted: Vec<Uuid>,
+    pub failed: u64,
+    pub server_errors: u64,
+    pub unexpected: Vec<String>,
+}
+
+/// Posts orders until stopped. Dropping it stops the posting too.
+pub struct Load {
+    tally: Arc<Tally>,
+    tracker: TaskTracker,
+    client: reqwest::Client,
+    url: String,
+    cancel: CancellationToken,
+    _stop_on_drop: DropGuard,
+}
+
+impl Load {
+    /// Starts posting `per_second` orders to `url`.
+    pub fn start(url: String, per_second: u32) -> Self {
+        let cancel = CancellationToken::new();
+        let load = Self {
+            tally: Arc::default(),
+            tracker: TaskTracker::new(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("an HTTP client"),
+            url,
+            _stop_on_drop: cancel.clone().drop_guard(),
+            cancel,
+        };
+        let pacer = load.clone_parts();
+        let period = Duration::from_secs(1) / per_second;
+        load.tracker.spawn(async move {
+            let mut ticks = tokio::time::interval(period);
+            ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    _ = pacer.cancel.cancelled() => return,
+                    _ = ticks.tick() => {}
+                }
+                if pacer.tally.pending.load(Ordering::Relaxed) < MAX_PENDING {
+                    pacer.post(false);
+                }
+            }
+        });
+        load
+    }
+
+    fn clone_parts(&self) -> Poster {
+        Poster {
+            tally: self.tally.clone(),
+            tracker: self.tracker.clone(),
+            client: self.client.clone(),
+            url: self.url.clone(),
+            cancel: self.cancel.clone(),
+        }
+    }
+
+    /// Posts `n` orders at once, so that a fault lands on a full batch.
+    pub fn burst(&self, n: usize) {
+        let poster = self.clone_parts();
+        for _ in 0..n {
+            poster.post(true);
+        }
+    }
+
+    /// Requests of the bursts not yet answered.
+    pub fn burst_pending(&self) -> usize {
+        self.tally.burst_pending.load(Ordering::Relaxed)
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.tally.accepted.lock().unwrap().len()
+    }
+
+    /// Requests that failed to connect or got no answer, so far.
+    pub fn failed(&self) -> u64 {
+        self.tally.failed.load(Ordering::Relaxed)
+    }
+
+    /// Requests awaiting an answer right now.
+    pub fn pending(&self) -> usize {
+        self.tally.pending.load(Ordering::Relaxed)
+    }
+
+    /// Stops posting and waits for every request in flight to be answered
+    /// (or to time out).
+    pub async fn stop(self) -> LoadReport {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        let tally = &self.tally;
+        LoadReport {
+            accepted: std::mem::take(&mut *tally.accepted.lock().unwrap()),
+            failed: tally.failed.load(Ordering::Relaxed),
+            server_errors: tally.server_errors.load(Ordering::Relaxed),
+            unexpected: std::mem::take(&mut *tally.unexpected.lock().unwrap()),
+        }
+    }
+}
+
+/// What a request task needs.
+#[derive(Clone)]
+struct Poster {
+    tally: Arc<Tally>,
+    tracker: TaskTracker,
+    client: reqwest::Client,
+    url: String,
+    cancel: CancellationToken,
+}
+
+impl Poster {
+    fn post(&self, burst: bool) {
+        let n = self.tally.sequence.fetch_add(1, Ordering::Relaxed);
+        let body = serde_json::json!({
+            "productId": format!("product-{}", n % 50),
+            "userId": format!("user_{}", n % 20),
+            "amount": n % 997 + 1,
+        });
+        let request = self.client.post(&self.url).json(&body);
+        let tally = self.tally.clone();
+        tally.pending.fetch_add(1, Ordering::Relaxed);
+        if burst {
+            tally.burst_pending.fetch_add(1, Ordering::Relaxed);
+        }
+        self.tracker.spawn(async move {
+            match request.send().await {
+                Ok(response) if response.status() == StatusCode::ACCEPTED => {
+                    let id = response
+                        .headers()
+                        .get(reqwest::header::LOCATION)
+                        .and_then(|l| l.to_str().ok())
+                        .and_then(|l| l.strip_prefix("/orders/"))
+                        .and_then(|id| Uuid::parse_str(id).ok());
+                    match id {
+                        Some(id) => tally.accepted.lock().unwrap().push(id),
+                        None => tally
+                            .unexpected
+                            .lock()
+                            .unwrap()
+                            .push("202 without Location: /orders/{id}".into()),
+                    }
+                }
+                Ok(response) if response.status().is_server_error() => {
+                    tally.server_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(response) => {
+                    let status = response.status();
+                    let body = response.text().await.unwrap_or_default();
+                    tally
+                        .unexpected
+                        .lock()
+                        .unwrap()
+                        .push(format!("{status} {body}"));
+                }
+                Err(_) => {
+                    tally.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            tally.pending.fetch_sub(1, Ordering::Relaxed);
+            if burst {
+                tally.burst_pending.fetch_sub(1, Ordering::Relaxed);
+            }
+        });
+    }
+}

@@ -1,0 +1,365 @@
+//! One scenario's deployment: its own database and AMQP names, and the roles
+//! running as separate processes of the real binary, as docker compose runs
+//! them. Dropping a [`Stack`] kills its processes, brings Postgres and
+//! RabbitMQ back if they are down, and deletes the database, queues and
+//! exchange, whether the scenario passed or panicked.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::{Connection, ConnectionProperties};
+use order_service::amqp::{CONSUMERS, QueueNames};
+use order_service::config::AmqpConfig;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Executor, PgPool};
+use uuid::Uuid;
+
+use crate::{eventually, services};
+
+pub const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A role of the binary, run as its own process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Api,
+    Relay,
+    Email,
+    Billing,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Api, Role::Relay, Role::Email, Role::Billing];
+
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Role::Api => &["api"],
+            Role::Relay => &["relay"],
+            Role::Email => &["consume", "email"],
+            Role::Billing => &["consume", "billing"],
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Api => "api",
+            Role::Relay => "relay",
+            Role::Email => "consume email",
+            Role::Billing => "consume billing",
+        }
+    }
+
+    /// The log line a role writes once it is running and once it has stopped.
+    pub fn started_and_stopped(self) -> (&'static str, &'static str) {
+        match self {
+            Role::Api => ("HTTP API listening", "shutting down"),
+            Role::Relay => ("relay started", "relay stopped"),
+            Role::Email | Role::Billing => ("consumer started", "consumer stopped"),
+        }
+    }
+
+    fn log_file(self) -> &'static str {
+        match self {
+            Role::Api => "api.log",
+            Role::Relay => "relay.log",
+            Role::Email => "email.log",
+            Role::Billing => "billing.log",
+        }
+    }
+}
+
+/// The database, the AMQP names and the running processes of one scenario.
+pub struct Stack {
+    pub db_name: String,
+    pub db_url: String,
+    /// This scenario's exchange, queue prefix and retry delays.
+    pub amqp: AmqpConfig,
+    pub http_addr: SocketAddr,
+    /// The assertions' own small pool on the scenario's database.
+    pub pool: PgPool,
+    /// Each role's stdout and stderr, appended across restarts.
+    log_dir: PathBuf,
+    children: HashMap<Role, Child>,
+}
+
+impl Stack {
+    /// Creates the database, applies the migrations with `order-service
+    /// migrate`, and starts every role; returns once they all run.
+    pub async fn start() -> Self {
+        let id = Uuid::new_v4().simple().to_string();
+        let db_name = format!("osfault_{id}");
+        admin_execute(format!("CREATE DATABASE {db_name}"))
+            .await
+            .expect("creating the scenario database");
+        let db_url = format!("postgres://postgres@127.0.0.1:5432/{db_name}");
+        let mut amqp = AmqpConfig::new(AMQP_URL);
+        amqp.exchange = format!("osf{}_order_events", &id[..12]);
+        amqp.queue_prefix = format!("osf{}_", &id[..12]);
+        amqp.retry_delays_ms = vec![200, 500];
+        let log_dir = std::env::temp_dir().join(&db_name);
+        let mut stack = Self {
+            pool: PgPoolOptions::new()
+                .max_connections(3)
+                .connect_lazy(&db_url)
+                .expect("a valid database URL"),
+            db_name,
+            db_url,
+            amqp,
+            http_addr: free_port(),
+            log_dir,
+            children: HashMap::new(),
+        };
+        std::fs::create_dir_all(&stack.log_dir).expect("creating the log directory");
+        let migrate = stack
+            .command(&["migrate"], "migrate.log")
+            .status()
+            .expect("running order-service migrate");
+        assert!(migrate.success(), "order-service migrate failed");
+        for role in Role::ALL {
+            stack.spawn(role);
+        }
+        for role in Role::ALL {
+            stack.wait_started(role, 0).await;
+        }
+        stack
+    }
+
+    pub fn orders_url(&self) -> String {
+        format!("http://{}/orders", self.http_addr)
+    }
+
+    fn command(&self, args: &[&str], log: &str) -> Command {
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_dir.join(log))
+            .expect("opening a role log");
+        let err = out.try_clone().expect("cloning a file handle");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_order-service"));
+        command
+            .args(args)
+            .env("DATABASE_URL", &self.db_url)
+            .env("AMQP_URL", AMQP_URL)
+            .env("AMQP_EXCHANGE", &self.amqp.exchange)
+            .env("AMQP_QUEUE_PREFIX", &self.amqp.queue_prefix)
+            .env("RETRY_DELAYS_MS", "200,500")
+            .env("RELAY_POLL_INTERVAL_MS", "200")
+            .env("HTTP_ADDR", self.http_addr.to_string())
+            .env("LOG_FORMAT", "json")
+            .env(
+                "RUST_LOG",
+                std::env::var("FAULT_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        command
+    }
+
+    /// Starts `role`; returns the offset in its log where this run begins.
+    fn spawn(&mut self, role: Role) -> u64 {
+        let offset = self.log(role, 0).len() as u64;
+        let child = self
+            .command(role.args(), role.log_file())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", role.name()));
+        let previous = self.children.insert(role, child);
+        assert!(previous.is_none(), "{} was already running", role.name());
+        offset
+    }
+
+    /// Waits until the run of `role` that began at `offset` logs that it is
+    /// up; fails at once if it exits instead.
+    async fn wait_started(&mut self, role: Role, offset: u64) {
+        let (started, _) = role.started_and_stopped();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.log(role, offset).contains(started) {
+                return;
+            }
+            let child = self.children.get_mut(&role).expect("the role was spawned");
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "{} exited with {status} while starting:\n{}",
+                    role.name(),
+                    self.log(role, offset)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not start within a minute:\n{}",
+                role.name(),
+                self.log(role, offset)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts `role` again after a fault and waits until it is up.
+    pub async fn restart(&mut self, role: Role) {
+        let offset = self.spawn(role);
+        self.wait_started(role, offset).await;
+    }
+
+    /// SIGKILL: no chance to finish anything.
+    pub fn kill(&mut self, role: Role) {
+        let mut child = self.children.remove(&role).expect("the role is running");
+        child.kill().expect("sending SIGKILL");
+        child.wait().expect("reaping the killed role");
+    }
+
+    /// SIGTERM to every one of `roles` at once, then waits for each to exit.
+    /// Returns each one's exit status and what it logged while stopping.
+    pub async fn terminate(&mut self, roles: &[Role]) -> Vec<(Role, ExitStatus, String)> {
+        let mut stopping = Vec::new();
+        for &role in roles {
+            let child = self.children.remove(&role).expect("the role is running");
+            let offset = self.log(role, 0).len() as u64;
+            let sent = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .expect("running kill");
+            assert!(sent.success(), "kill -TERM failed");
+            stopping.push((role, offset, std::sync::Mutex::new(child)));
+        }
+        let mut stopped = Vec::new();
+        for (role, offset, child) in stopping {
+            let what = format!("{} to exit after SIGTERM", role.name());
+            let status = eventually(&what, Duration::from_secs(40), || async {
+                child.lock().unwrap().try_wait().expect("try_wait")
+            })
+            .await;
+            stopped.push((role, status, self.log(role, offset)));
+        }
+        stopped
+    }
+
+    /// What `role` logged from byte `offset` on.
+    pub fn log(&self, role: Role, offset: u64) -> String {
+        let text = std::fs::read(self.log_dir.join(role.log_file())).unwrap_or_default();
+        let start = (offset as usize).min(text.len());
+        String::from_utf8_lossy(&text[start..]).into_owned()
+    }
+
+    /// Roles that exited on their own (a crash): name, status, log tail.
+    pub fn exited(&mut self) -> Vec<String> {
+        let mut dead = Vec::new();
+        for (role, child) in &mut self.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                dead.push(format!("{} exited with {status}", role.name()));
+            }
+        }
+        dead
+    }
+
+    /// The last warnings and errors of every role, for a failure message.
+    pub fn diagnostics(&self) -> String {
+        let mut out = format!("role logs in {}\n", self.log_dir.display());
+        for role in Role::ALL {
+            let log = self.log(role, 0);
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains(r#""level":"INFO""#))
+                .collect();
+            out.push_str(&format!("--- {} (last warnings/errors)\n", role.name()));
+            for line in &lines[lines.len().saturating_sub(15)..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for (_, mut child) in self.children.drain() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        services::restore();
+        let (db_name, amqp) = (self.db_name.clone(), self.amqp.clone());
+        // We may be inside the test's runtime: clean up on a runtime of our own.
+        let cleaned = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(cleanup(&db_name, &amqp))
+        })
+        .join();
+        if !matches!(cleaned, Ok(Ok(()))) {
+            eprintln!(
+                "faults: cleanup of {} incomplete: {cleaned:?}",
+                self.db_name
+            );
+        }
+        if std::thread::panicking() || std::env::var_os("FAULT_KEEP_LOGS").is_some() {
+            eprintln!("faults: role logs kept in {}", self.log_dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.log_dir);
+        }
+    }
+}
+
+/// Drops the database and deletes the queues and the exchange, each step
+/// bounded so a server that is still down cannot hang the test.
+async fn cleanup(db_name: &str, amqp: &AmqpConfig) -> Result<(), String> {
+    let limit = Duration::from_secs(20);
+    let dropped = tokio::time::timeout(
+        limit,
+        admin_execute(format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")),
+    )
+    .await;
+    let deleted = tokio::time::timeout(limit, delete_amqp(amqp)).await;
+    match (dropped, deleted) {
+        (Ok(Ok(())), Ok(Ok(()))) => Ok(()),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+async fn delete_amqp(amqp: &AmqpConfig) -> Result<(), lapin::Error> {
+    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    for consumer in CONSUMERS {
+        let names = QueueNames::new(amqp, consumer);
+        let retries = names.retries.iter().map(|(q, _)| q.clone());
+        for queue in [names.main.clone(), names.dlq.clone()]
+            .into_iter()
+            .chain(retries)
+        {
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+    }
+    channel
+        .exchange_delete(
+            amqp.exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await?;
+    let _ = connection.close(200, "faults cleanup".into()).await;
+    Ok(())
+}
+
+/// Runs one statement on the admin database (names cannot be bound).
+async fn admin_execute(sql: String) -> Result<(), sqlx::Error> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(ADMIN_URL).await?;
+    conn.execute(sqlx::AssertSqlSafe(sql)).await?;
+    conn.close().await
+}
+
+/// A port that was free a moment ago; the API binds it, and binds it again
+/// after a restart.
+fn free_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binding port 0");
+    listener.local_addr().expect("a local address")
+}
