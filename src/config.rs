@@ -81,7 +81,7 @@ pub struct DatabaseConfig {
     )]
     pub database_url: SecretUrl,
     /// Maximum connections in the pool.
-    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 20)]
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 40)]
     pub pool_size: u32,
     /// How long to wait for a pooled connection before failing a request (ms).
     #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT_MS", default_value_t = 5_000)]
@@ -95,7 +95,7 @@ impl DatabaseConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             database_url: SecretUrl::new(url),
-            pool_size: 20,
+            pool_size: 40,
             acquire_timeout_ms: 5_000,
             skip_migrations: false,
         }
@@ -183,7 +183,7 @@ pub struct RelayConfig {
     #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 500)]
     pub batch_size: i64,
     /// Batches in flight at once (each on its own claim, same channel).
-    #[arg(long, env = "RELAY_WORKERS", default_value_t = 2)]
+    #[arg(long, env = "RELAY_WORKERS", default_value_t = 3)]
     pub workers: usize,
     /// Fallback poll interval when nothing wakes the relay (ms).
     #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 1_000)]
@@ -200,7 +200,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             batch_size: 500,
-            workers: 2,
+            workers: 3,
             poll_interval_ms: 1_000,
             retention_secs: 7 * 24 * 3600,
             prune_batch: 1_000,
@@ -217,7 +217,7 @@ pub struct ConsumerConfig {
     /// Deliveries handled concurrently; each holds a pooled connection while
     /// it runs, so keep it under `DATABASE_POOL_SIZE` (with the other roles'
     /// needs when they share the process).
-    #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 8)]
+    #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 16)]
     pub concurrency: usize,
     /// Share of simulated SMTP sends that fail, 0.0 to 1.0 (demos only).
     #[arg(long, env = "EMAIL_FAILURE_RATE", default_value_t = 0.0)]
@@ -228,7 +228,7 @@ impl Default for ConsumerConfig {
     fn default() -> Self {
         Self {
             prefetch: 32,
-            concurrency: 8,
+            concurrency: 16,
             email_failure_rate: 0.0,
         }
     }

@@ -241,7 +241,6 @@ impl Relay {
             .with_timestamp(Utc::now().timestamp().max(0) as u64)
             .with_app_id("order-service".into())
             .with_headers(headers);
-        let body = serde_json::to_vec(&row.payload).expect("a JSON value serialises");
         channel
             .basic_publish(
                 self.amqp.exchange.as_str().into(),
@@ -250,7 +249,7 @@ impl Relay {
                     mandatory: true,
                     ..Default::default()
                 },
-                &body,
+                row.payload.as_bytes(),
                 properties,
             )
             .await

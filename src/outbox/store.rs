@@ -58,7 +58,8 @@ pub struct OutboxRow {
     pub id: i64,
     pub transaction_id: Uuid,
     pub event_type: String,
-    pub payload: serde_json::Value,
+    /// The message body, as JSON text: published as it is, never re-parsed.
+    pub payload: String,
     pub headers: serde_json::Value,
     pub created_at: DateTime<Utc>,
     pub attempts: i32,
@@ -68,7 +69,7 @@ pub struct OutboxRow {
 /// holds. The locks last until the caller's transaction ends.
 pub async fn claim_due(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<OutboxRow>> {
     sqlx::query_as(
-        "SELECT id, transaction_id, event_type, payload, headers, created_at, attempts \
+        "SELECT id, transaction_id, event_type, payload::text AS payload, headers, created_at, attempts \
          FROM outbox \
          WHERE published_at IS NULL AND next_attempt_at <= now() \
          ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
