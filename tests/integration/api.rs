@@ -460,3 +460,31 @@ async fn shutdown_lets_an_in_flight_request_finish() {
         .expect("roles stopped");
     app.db.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_request_over_the_timeout_gets_a_503_json_error() {
+    let app = TestApp::spawn_with(order_service::config::HttpConfig {
+        request_timeout_ms: 300,
+        ..Default::default()
+    })
+    .await;
+    // Hold a lock so the order insert cannot finish in time.
+    let mut blocker = app.db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE orders IN EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let response = app.post_order(order_body()).await;
+
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered at the timeout, not after the lock"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body, json!({"error": "request timed out"}));
+    blocker.rollback().await.unwrap();
+    app.stop().await;
+}
