@@ -61,6 +61,31 @@ fn relay(pool: &PgPool, amqp: &AmqpConfig, config: RelayConfig) -> Relay {
     }
 }
 
+/// Waits until a running relay has declared its queues (it does so before
+/// its first publish).
+async fn wait_for_topology(amqp: &AmqpConfig) {
+    eventually(
+        "the relay to declare its queues",
+        Duration::from_secs(10),
+        || async {
+            let (_c, channel) = amqp_channel().await;
+            let passive = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            channel
+                .queue_declare(
+                    billing_queue(amqp).as_str().into(),
+                    passive,
+                    Default::default(),
+                )
+                .await
+                .ok()
+        },
+    )
+    .await;
+}
+
 fn billing_queue(amqp: &AmqpConfig) -> String {
     QueueNames::new(amqp, BILLING).main
 }
@@ -318,25 +343,7 @@ async fn the_relay_catches_up_when_postgres_comes_back() {
     );
     let cancel = CancellationToken::new();
     let running = tokio::spawn(relay.clone().run(cancel.clone()));
-    eventually(
-        "the relay to declare its queues",
-        Duration::from_secs(10),
-        || async {
-            let (_c, channel) = amqp_channel().await;
-            channel
-                .queue_declare(
-                    billing_queue(&amqp).as_str().into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    Default::default(),
-                )
-                .await
-                .ok()
-        },
-    )
-    .await;
+    wait_for_topology(&amqp).await;
 
     proxy.cut();
     let ids = insert_events(&db.pool, 50, "order.created").await;
@@ -389,25 +396,7 @@ async fn a_notify_from_another_process_wakes_the_relay_long_before_its_poll() {
         cancel.clone(),
     ));
     // Let the relay finish its first drain and start waiting.
-    eventually(
-        "the relay to declare its queues",
-        Duration::from_secs(10),
-        || async {
-            let (_c, channel) = amqp_channel().await;
-            channel
-                .queue_declare(
-                    billing_queue(&amqp).as_str().into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    Default::default(),
-                )
-                .await
-                .ok()
-        },
-    )
-    .await;
+    wait_for_topology(&amqp).await;
 
     insert_events(&db.pool, 3, "order.created").await;
     api_wake.notify();
