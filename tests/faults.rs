@@ -17,7 +17,9 @@
 //! ```
 //!
 //! as root (for `pg_ctlcluster` and `rabbitmqctl`). `FAULT_SCENARIOS=kill,postgres`
-//! runs only the named scenarios (`kill`, `rabbitmq`, `postgres`, `sigterm`);
+//! runs only the named scenarios (`kill`, `rabbitmq`, `postgres`, `sigterm`,
+//! `soak`: a 60 s soak with the billing consumer stopped for 25 s, showing
+//! its queue absorbs the backlog and drains afterwards);
 //! `FAULT_KEEP_LOGS=1` keeps the roles' logs (they are kept anyway when a
 //! scenario fails, and their warnings are quoted in the failure);
 //! `FAULT_RUST_LOG` sets the roles' `RUST_LOG` (default `info`).
@@ -40,12 +42,23 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use load::Load;
+use order_service::amqp::BILLING;
 use stack::{Role, Stack};
 
 /// Orders posted per second.
 const RATE: u32 = 100;
 /// Orders posted at once right before a fault, so it lands mid-batch.
 const BURST: usize = 100;
+/// The soak: this long at [`RATE`] at least (longer if the drain is slow),
+const SOAK: Duration = Duration::from_secs(60);
+/// with the billing consumer stopped (SIGSTOP) this long, well inside the
+/// 60 s AMQP heartbeat its connection negotiates with RabbitMQ,
+const SOAK_PAUSE: Duration = Duration::from_secs(25);
+/// this long after the load started.
+const SOAK_PAUSE_AT: Duration = Duration::from_secs(15);
+/// After SIGCONT, the billing queue must be empty again within this long,
+/// while the load goes on.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "stops and restarts the shared Postgres and RabbitMQ; run with --ignored --test-threads=1"]
@@ -98,14 +111,19 @@ enum Scenario {
     /// SIGTERM the relay and each consumer mid-batch, then all three at
     /// once; each must exit 0 after finishing its work, and is restarted.
     Sigterm,
+    /// A steady load for [`SOAK`] with the billing consumer stopped
+    /// (SIGSTOP) for [`SOAK_PAUSE`] in the middle: its queue must absorb
+    /// the backlog and drain after SIGCONT while the load goes on.
+    Soak,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 4] = [
+    const ALL: [Scenario; 5] = [
         Scenario::Kill,
         Scenario::RabbitMq,
         Scenario::Postgres,
         Scenario::Sigterm,
+        Scenario::Soak,
     ];
 
     fn key(self) -> &'static str {
@@ -114,16 +132,25 @@ impl Scenario {
             Scenario::RabbitMq => "rabbitmq",
             Scenario::Postgres => "postgres",
             Scenario::Sigterm => "sigterm",
+            Scenario::Soak => "soak",
         }
     }
 
-    fn title(self) -> &'static str {
+    fn title(self) -> String {
         match self {
             Scenario::Kill => "SIGKILL each role",
             Scenario::RabbitMq => "RabbitMQ stop/start",
             Scenario::Postgres => "Postgres restart",
             Scenario::Sigterm => "SIGTERM relay and consumers",
+            Scenario::Soak => {
+                return format!(
+                    "soak {} s, billing paused {} s",
+                    SOAK.as_secs(),
+                    SOAK_PAUSE.as_secs()
+                );
+            }
         }
+        .into()
     }
 
     /// All of them, or those named in `FAULT_SCENARIOS`.
@@ -142,11 +169,13 @@ impl Scenario {
         let mut stack = Stack::start().await;
         let load = Load::start(stack.orders_url(), RATE);
         let mut faults = Faults::default();
+        let mut soaked = None;
         match self {
             Scenario::Kill => kill_each_role(&mut stack, &load, &mut faults).await,
             Scenario::RabbitMq => stop_rabbitmq(&stack, &load, &mut faults).await,
             Scenario::Postgres => restart_postgres(&stack, &load, &mut faults).await,
             Scenario::Sigterm => terminate_workers(&mut stack, &load, &mut faults).await,
+            Scenario::Soak => soaked = Some(soak(&stack, &load, &mut faults).await),
         }
         let load = load.stop().await;
         let verdict = checks::settle_and_verify(&mut stack, &load).await;
@@ -157,6 +186,7 @@ impl Scenario {
             accepted: load.accepted.len(),
             refused: load.failed + load.server_errors,
             verdict,
+            soaked,
             took: started.elapsed(),
         }
     }
@@ -237,6 +267,69 @@ async fn terminate_workers(stack: &mut Stack, load: &Load, faults: &mut Faults) 
     orders_flow(load, 150, "orders to flow after the restarts").await;
 }
 
+/// Steady load for [`SOAK`]; after [`SOAK_PAUSE_AT`], the billing consumer
+/// is stopped for [`SOAK_PAUSE`] while its queue depth is sampled every
+/// second; after SIGCONT, times how long the queue takes to drain while the
+/// load goes on, then keeps the load going until the soak is over.
+async fn soak(stack: &Stack, load: &Load, faults: &mut Faults) -> Soaked {
+    let started = Instant::now();
+    let probe = checks::QueueProbe::open(stack, BILLING).await;
+    tokio::time::sleep(SOAK_PAUSE_AT).await;
+    assert!(
+        load.accepted() as f64 >= 0.8 * f64::from(RATE) * SOAK_PAUSE_AT.as_secs_f64(),
+        "the load ran at well below {RATE}/s before the pause: {} accepted",
+        load.accepted()
+    );
+    let depth_before = probe.depth().await;
+    faults.in_flight += load.pending() as i64 + checks::unfinished(&stack.pool).await;
+    let accepted_before = load.accepted();
+    let paused = stack.pause(Role::Billing);
+    faults.injected += 1;
+    let until = Instant::now() + SOAK_PAUSE;
+    let mut max_depth = depth_before;
+    while Instant::now() < until {
+        tokio::time::sleep(
+            Duration::from_secs(1).min(until.saturating_duration_since(Instant::now())),
+        )
+        .await;
+        max_depth = max_depth.max(probe.depth().await);
+    }
+    let accepted_while_paused = load.accepted() - accepted_before;
+    drop(paused);
+    let resumed = Instant::now();
+    let drained_in = eventually(
+        "the billing queue to drain after SIGCONT while the load goes on",
+        DRAIN_DEADLINE,
+        || async { (probe.depth().await == 0).then(|| resumed.elapsed()) },
+    )
+    .await;
+    probe.close().await;
+    let absorbed = f64::from(RATE) * SOAK_PAUSE.as_secs_f64() / 2.0;
+    assert!(
+        f64::from(max_depth) >= absorbed,
+        "the billing queue should have absorbed the backlog while billing was stopped: \
+         max depth {max_depth} (was {depth_before} before the pause, \
+         {accepted_while_paused} orders accepted meanwhile), expected at least {absorbed}"
+    );
+    tokio::time::sleep((started + SOAK).saturating_duration_since(Instant::now())).await;
+    Soaked {
+        max_depth,
+        drained_in,
+        ran: started.elapsed(),
+    }
+}
+
+/// What the soak measured.
+#[derive(Debug, Clone, Copy)]
+struct Soaked {
+    /// The billing queue's deepest sample while billing was stopped.
+    max_depth: u32,
+    /// From SIGCONT until the billing queue was empty again.
+    drained_in: Duration,
+    /// How long the load ran.
+    ran: Duration,
+}
+
 /// The faults of one scenario and what they caught in flight.
 #[derive(Debug, Default)]
 struct Faults {
@@ -272,12 +365,34 @@ struct Report {
     /// Requests refused, unanswered or answered 5xx during the outages.
     refused: u64,
     verdict: checks::Verdict,
+    /// The soak's own measurements, for [`Scenario::Soak`].
+    soaked: Option<Soaked>,
     took: Duration,
 }
 
 impl Report {
     fn line(&self) -> String {
         let v = &self.verdict;
+        if let Some(soak) = self.soaked {
+            return format!(
+                "faults[{}]: {} orders accepted (202) in {:.1}s, max billing queue depth {}, \
+                 drained in {:.1}s after resume, {} requests refused or failed, \
+                 {} orders written, lost {}, applied twice {}, {} dead letters, \
+                 settled in {:.1}s, took {:.1}s",
+                self.scenario.title(),
+                self.accepted,
+                soak.ran.as_secs_f64(),
+                soak.max_depth,
+                soak.drained_in.as_secs_f64(),
+                self.refused,
+                v.orders,
+                v.lost,
+                v.applied_twice,
+                v.dead_letters,
+                v.settled_in.as_secs_f64(),
+                self.took.as_secs_f64()
+            );
+        }
         format!(
             "faults[{}]: {} injected, {} orders accepted (202), {} in flight at the faults, \
              {} requests refused or failed, {} orders written, lost {}, applied twice {}, \

@@ -158,6 +158,48 @@ async fn queue_depths(stack: &Stack, dlq: bool) -> Result<Vec<(String, u32)>, la
     Ok(depths)
 }
 
+/// Samples the ready messages of one consumer's main queue over a
+/// connection of its own.
+pub struct QueueProbe {
+    connection: Connection,
+    channel: lapin::Channel,
+    pub queue: String,
+}
+
+impl QueueProbe {
+    pub async fn open(stack: &Stack, consumer: &str) -> Self {
+        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .expect("connecting to RabbitMQ");
+        let channel = connection.create_channel().await.expect("a channel");
+        Self {
+            connection,
+            channel,
+            queue: QueueNames::new(&stack.amqp, consumer).main,
+        }
+    }
+
+    /// Ready messages in the queue now (a passive declare).
+    pub async fn depth(&self) -> u32 {
+        self.channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("declaring {} passively: {e}", self.queue))
+            .message_count()
+    }
+
+    pub async fn close(self) {
+        let _ = self.connection.close(200, "faults probe".into()).await;
+    }
+}
+
 /// Waits (at most [`SETTLE_DEADLINE`]) until the settled state has held for
 /// [`QUIET`], failing early if a role died; then checks every invariant.
 pub async fn settle_and_verify(stack: &mut Stack, load: &LoadReport) -> Verdict {

@@ -240,6 +240,33 @@ impl Stack {
         stopped
     }
 
+    /// SIGSTOP: the process is frozen where it stands, its connections left
+    /// open (unacked deliveries stay with it), until the returned guard is
+    /// dropped, which sends SIGCONT, on success and on a panic alike.
+    pub fn pause(&self, role: Role) -> Paused {
+        let pid = self.children.get(&role).expect("the role is running").id();
+        signal("-STOP", pid).expect("sending SIGSTOP");
+        let paused = Paused { pid };
+        // In /proc/PID/stat the state follows the command name: T when stopped.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T'))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not stop on SIGSTOP: {stat}",
+                role.name()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        paused
+    }
+
     /// What `role` logged from byte `offset` on.
     pub fn log(&self, role: Role, offset: u64) -> String {
         let text = std::fs::read(self.log_dir.join(role.log_file())).unwrap_or_default();
@@ -274,6 +301,33 @@ impl Stack {
             }
         }
         out
+    }
+}
+
+/// A role stopped with SIGSTOP; dropping it sends SIGCONT.
+#[must_use = "dropping it resumes the role at once"]
+pub struct Paused {
+    pid: u32,
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        if let Err(error) = signal("-CONT", self.pid) {
+            eprintln!("faults: could not resume process {}: {error}", self.pid);
+        }
+    }
+}
+
+/// `kill -SIGNAL pid`.
+fn signal(signal: &str, pid: u32) -> Result<(), String> {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .map_err(|e| format!("running kill: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("kill {signal} {pid}: {status}"))
     }
 }
 
