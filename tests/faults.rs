@@ -30,6 +30,7 @@
 
 #[path = "faults/checks.rs"]
 mod checks;
+mod common;
 #[path = "faults/load.rs"]
 mod load;
 #[path = "faults/services.rs"]
@@ -37,10 +38,10 @@ mod services;
 #[path = "faults/stack.rs"]
 mod stack;
 
-use std::future::Future;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use common::eventually;
 use load::Load;
 use order_service::amqp::BILLING;
 use stack::{Role, Stack};
@@ -436,25 +437,6 @@ async fn orders_flow(load: &Load, n: usize, what: &str) {
         (load.accepted() >= target).then_some(())
     })
     .await;
-}
-
-/// Polls `check` every 20 ms until it returns `Some`, failing after `deadline`.
-pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            started.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Runs a blocking server command off the runtime's threads.

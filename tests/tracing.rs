@@ -3,6 +3,7 @@
 //!
 //! Its own test binary, because the span-collecting subscriber is global.
 
+mod common;
 #[path = "tracing/fixtures.rs"]
 mod fixtures;
 #[path = "tracing/otlp.rs"]

@@ -3,6 +3,8 @@
 
 mod api;
 mod binary;
+#[path = "../common/mod.rs"]
+mod common;
 mod consumers;
 mod e2e;
 mod helpers;

@@ -1,0 +1,111 @@
+//! Fixtures shared by the test binaries (integration, tracing, faults): the
+//! servers' URLs, a database and broker names of each test's own, and polling
+//! with a deadline instead of sleeping. Each binary uses a part of it.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::{Connection, ConnectionProperties};
+use order_service::amqp::{CONSUMERS, QueueNames};
+use order_service::config::AmqpConfig;
+use sqlx::{Connection as _, Executor as _, PgConnection};
+use uuid::Uuid;
+
+/// The server's admin database; tests create their own beside it.
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+async fn admin() -> PgConnection {
+    PgConnection::connect(&admin_url())
+        .await
+        .expect("connecting to Postgres")
+}
+
+/// Creates an empty database `ostest_<uuid>`; returns its name and URL.
+pub async fn create_database() -> (String, String) {
+    let name = format!("ostest_{}", Uuid::new_v4().simple());
+    admin()
+        .await
+        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await
+        .expect("creating the test database");
+    let admin_url = admin_url();
+    let base = admin_url.rsplit_once('/').expect("a URL with a database").0;
+    let url = format!("{base}/{name}");
+    (name, url)
+}
+
+pub async fn drop_database(name: &str) {
+    let _ = admin()
+        .await
+        .execute(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .await;
+}
+
+/// AMQP settings with this test's own exchange and queue names, and short
+/// retry delays.
+pub fn test_amqp() -> AmqpConfig {
+    let id = Uuid::new_v4().simple().to_string();
+    let mut config = AmqpConfig::new(amqp_url());
+    config.exchange = format!("t{}_order_events", &id[..12]);
+    config.queue_prefix = format!("t{}_", &id[..12]);
+    config.retry_delays_ms = vec![50, 100];
+    config
+}
+
+/// Deletes this test's exchange and every consumer's queues.
+pub async fn cleanup_amqp(config: &AmqpConfig) {
+    let connection = Connection::connect(config.amqp_url.expose(), ConnectionProperties::default())
+        .await
+        .expect("connecting to RabbitMQ");
+    let channel = connection.create_channel().await.expect("a channel");
+    for consumer in CONSUMERS {
+        let names = QueueNames::new(config, consumer);
+        let retries = names.retries.iter().map(|(queue, _)| queue.clone());
+        for queue in [names.main.clone(), names.dlq.clone()]
+            .into_iter()
+            .chain(retries)
+        {
+            let _ = channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+    let _ = channel
+        .exchange_delete(
+            config.exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await;
+    let _ = connection.close(200, "test done".into()).await;
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, failing after `deadline`.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = tokio::time::Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
