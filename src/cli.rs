@@ -255,3 +255,19 @@ async fn outbox_status(db: DatabaseConfig, cancel: &CancellationToken) -> anyhow
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Catches clashing flag names across the flattened configs (clap only
+    /// reports them at run time, in the role that combines them).
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+        let run = Cli::try_parse_from(["order-service", "run"]).expect("`run` with defaults");
+        assert!(matches!(run.command, Command::Run { .. }));
+    }
+}

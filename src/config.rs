@@ -212,13 +212,24 @@ impl Default for RelayConfig {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConsumerConfig {
     /// Unacked deliveries the broker may send at once (basic.qos prefetch).
-    #[arg(long, env = "CONSUMER_PREFETCH", default_value_t = 32)]
+    #[arg(long, env = "CONSUMER_PREFETCH", default_value_t = 128)]
     pub prefetch: u16,
-    /// Deliveries handled concurrently; each holds a pooled connection while
-    /// it runs, so keep it under `DATABASE_POOL_SIZE` (with the other roles'
-    /// needs when they share the process).
-    #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 16)]
+    /// Transactions (batches of deliveries) handled at once; each holds a
+    /// pooled connection while it runs, so keep it under
+    /// `DATABASE_POOL_SIZE` (with the other roles' needs when they share the
+    /// process).
+    #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 4)]
     pub concurrency: usize,
+    /// Most deliveries in one transaction: those already received when a
+    /// transaction starts share it (1 = one transaction per delivery).
+    #[arg(
+        long = "consumer-batch-size",
+        id = "consumer_batch_size",
+        value_name = "CONSUMER_BATCH_SIZE",
+        env = "CONSUMER_BATCH_SIZE",
+        default_value_t = 64
+    )]
+    pub batch_size: usize,
     /// Share of simulated SMTP sends that fail, 0.0 to 1.0 (demos only).
     #[arg(long, env = "EMAIL_FAILURE_RATE", default_value_t = 0.0)]
     pub email_failure_rate: f64,
@@ -227,8 +238,9 @@ pub struct ConsumerConfig {
 impl Default for ConsumerConfig {
     fn default() -> Self {
         Self {
-            prefetch: 32,
-            concurrency: 16,
+            prefetch: 128,
+            concurrency: 4,
+            batch_size: 64,
             email_failure_rate: 0.0,
         }
     }

@@ -75,6 +75,8 @@ pub struct ConsumerMetrics {
     pub duplicates: Counter,
     pub retried: Counter,
     pub dead_lettered: Counter,
+    /// Postgres transactions committed (one per batch of deliveries).
+    pub transactions: Counter,
     pub handling: Histogram,
 }
 
@@ -161,6 +163,7 @@ impl Metrics {
             ("duplicates", |c| c.duplicates.get()),
             ("retried", |c| c.retried.get()),
             ("dead_lettered", |c| c.dead_lettered.get()),
+            ("transactions", |c| c.transactions.get()),
         ] {
             let _ = writeln!(out, "# TYPE consumer_{kind}_total counter");
             for (name, c) in consumers.iter() {

@@ -133,16 +133,6 @@ pub async fn find(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Orde
     .await
 }
 
-/// Marks an order `CONFIRMED`; false if no such order exists.
-pub async fn confirm(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<bool> {
-    let result =
-        sqlx::query("UPDATE orders SET status = 'CONFIRMED', updated_at = now() WHERE id = $1")
-            .bind(id)
-            .execute(conn)
-            .await?;
-    Ok(result.rows_affected() == 1)
-}
-
 /// The event type of a new order, also its routing key.
 pub const ORDER_CREATED: &str = "order.created";
 

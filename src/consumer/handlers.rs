@@ -1,11 +1,13 @@
-//! The two consumers' side effects.
+//! The two consumers' side effects, written set-based: one statement applies
+//! a whole batch of events.
 
 use anyhow::Context;
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 use super::Handler;
 use crate::amqp::{BILLING, EMAIL};
-use crate::orders::{self, OrderEvent};
+use crate::orders::OrderEvent;
 
 /// Charges the order amount to the user's ledger and confirms the order: the
 /// place where a duplicate processed twice would visibly double-charge.
@@ -17,22 +19,45 @@ impl Handler for Billing {
         BILLING
     }
 
-    async fn handle(&self, conn: &mut PgConnection, event: &OrderEvent) -> anyhow::Result<()> {
-        sqlx::query(
-            "INSERT INTO ledger (order_id, user_id, amount, transaction_id) VALUES ($1, $2, $3, $4)",
+    async fn handle(&self, conn: &mut PgConnection, events: &[&OrderEvent]) -> anyhow::Result<()> {
+        let order_ids: Vec<Uuid> = events.iter().map(|e| e.order_id).collect();
+        let user_ids: Vec<&str> = events.iter().map(|e| e.user_id.as_str()).collect();
+        let amounts: Vec<i64> = events.iter().map(|e| e.amount).collect();
+        let transaction_ids: Vec<Uuid> = events.iter().map(|e| e.transaction_id).collect();
+        // One statement: the ledger rows, and the orders confirmed in id order
+        // (a fixed lock order, so two batches cannot deadlock).
+        let confirmed = sqlx::query_scalar::<_, i64>(
+            "WITH e AS ( \
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::uuid[]) \
+                     AS e(order_id, user_id, amount, transaction_id)), \
+             charged AS ( \
+                 INSERT INTO ledger (order_id, user_id, amount, transaction_id) \
+                 SELECT order_id, user_id, amount, transaction_id FROM e), \
+             confirmed AS ( \
+                 UPDATE orders o SET status = 'CONFIRMED', updated_at = now() \
+                 FROM (SELECT DISTINCT order_id FROM e ORDER BY order_id) d \
+                 WHERE o.id = d.order_id RETURNING o.id) \
+             SELECT count(*) FROM confirmed",
         )
-        .bind(event.order_id)
-        .bind(&event.user_id)
-        .bind(event.amount)
-        .bind(event.transaction_id)
-        .execute(&mut *conn)
+        .bind(&order_ids)
+        .bind(&user_ids)
+        .bind(&amounts)
+        .bind(&transaction_ids)
+        .fetch_one(&mut *conn)
         .await
-        .context("writing the ledger row")?;
-        if !orders::confirm(conn, event.order_id)
-            .await
-            .context("confirming the order")?
-        {
-            anyhow::bail!("order {} does not exist", event.order_id);
+        .context("writing the ledger rows and confirming the orders")?;
+        let mut distinct = order_ids.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if confirmed != distinct.len() as i64 {
+            match order_ids.as_slice() {
+                [one] => anyhow::bail!("order {one} does not exist"),
+                _ => anyhow::bail!(
+                    "{} of {} orders do not exist",
+                    distinct.len() as i64 - confirmed,
+                    distinct.len()
+                ),
+            }
         }
         Ok(())
     }
@@ -50,24 +75,41 @@ impl Handler for Email {
         EMAIL
     }
 
-    async fn handle(&self, conn: &mut PgConnection, event: &OrderEvent) -> anyhow::Result<()> {
-        if self.failure_rate > 0.0 && rand::random::<f64>() < self.failure_rate {
-            anyhow::bail!("simulated SMTP failure");
+    async fn handle(&self, conn: &mut PgConnection, events: &[&OrderEvent]) -> anyhow::Result<()> {
+        if self.failure_rate > 0.0 {
+            // Failures are drawn one message at a time, so each message fails
+            // with exactly `failure_rate`: a batch goes back one by one.
+            anyhow::ensure!(
+                events.len() == 1,
+                "simulated failures are drawn one message at a time"
+            );
+            if rand::random::<f64>() < self.failure_rate {
+                anyhow::bail!("simulated SMTP failure");
+            }
         }
-        let body = format!(
-            "Hello {}, we received your order {} for product {} ({} minor units).",
-            event.user_id, event.order_id, event.product_id, event.amount
-        );
+        let bodies: Vec<String> = events
+            .iter()
+            .map(|e| {
+                format!(
+                    "Hello {}, we received your order {} for product {} ({} minor units).",
+                    e.user_id, e.order_id, e.product_id, e.amount
+                )
+            })
+            .collect();
+        let order_ids: Vec<Uuid> = events.iter().map(|e| e.order_id).collect();
+        let user_ids: Vec<&str> = events.iter().map(|e| e.user_id.as_str()).collect();
+        let transaction_ids: Vec<Uuid> = events.iter().map(|e| e.transaction_id).collect();
         sqlx::query(
-            "INSERT INTO notifications (order_id, user_id, body, transaction_id) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO notifications (order_id, user_id, body, transaction_id) \
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[])",
         )
-        .bind(event.order_id)
-        .bind(&event.user_id)
-        .bind(body)
-        .bind(event.transaction_id)
+        .bind(&order_ids)
+        .bind(&user_ids)
+        .bind(&bodies)
+        .bind(&transaction_ids)
         .execute(conn)
         .await
-        .context("recording the notification")?;
+        .context("recording the notifications")?;
         Ok(())
     }
 }

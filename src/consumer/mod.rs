@@ -1,18 +1,20 @@
-//! Idempotent consumers. Each delivery is handled in ONE Postgres
-//! transaction: the dedup row in `processed_messages`, then (only if it was
-//! new) the side effect; commit; then ack. A failing handler is retried
+//! Idempotent consumers. The deliveries in hand are handled in ONE Postgres
+//! transaction: their dedup rows in `processed_messages`, then (only for the
+//! new ones) the side effect; commit; then ack each. A failing handler is retried
 //! through delay queues, then dead-lettered; nothing is dropped.
 
 pub mod dlq;
 pub mod handlers;
 mod message;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::StreamExt;
+use futures_util::future::join_all;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -25,6 +27,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
+use uuid::Uuid;
 
 use crate::amqp::QueueNames;
 use crate::config::{AmqpConfig, ConsumerConfig};
@@ -34,15 +37,19 @@ use crate::shutdown::{Backoff, sleep_or_cancel};
 pub use message::{Incoming, ParseError};
 
 /// A consumer's side effect. It runs inside the transaction that holds the
-/// dedup row; an error rolls both back and sends the message to retry.
+/// dedup rows; an error rolls both back.
 pub trait Handler: Send + Sync + 'static {
     /// The consumer's name: its dedup key and its queue's base name.
     fn name(&self) -> &'static str;
 
+    /// Applies the side effect of one or more events: the deliveries in hand
+    /// share one transaction, so write it set-based. An error rolls the whole
+    /// transaction back; a batch is then applied again one event at a time,
+    /// so a failing event only sends itself to retry.
     fn handle(
         &self,
         conn: &mut PgConnection,
-        event: &OrderEvent,
+        events: &[&OrderEvent],
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
 }
 
@@ -99,18 +106,56 @@ impl<H: Handler> Consumer<H> {
         }
     }
 
-    /// Handles one delivery to the end: commit and ack, or retry/dead-letter
-    /// and ack. `Err` means an infrastructure failure (Postgres, broker):
-    /// the delivery is left unacked for redelivery.
+    /// Handles one delivery to the end; see [`Consumer::process_batch`].
     pub async fn process(&self, delivery: &Delivery, publish: &Channel) -> anyhow::Result<Outcome> {
-        let started = Instant::now();
-        let incoming = Incoming::parse(delivery);
-        let span = message::process_span(&self.queues.main, delivery, &incoming);
-        let outcome = self
-            .process_parsed(delivery, publish, incoming)
-            .instrument(span.clone())
+        let mut outcomes = self
+            .process_batch(std::slice::from_ref(delivery), publish)
             .await;
-        match &outcome {
+        outcomes.pop().expect("one outcome per delivery")
+    }
+
+    /// Handles deliveries to the end, their database work in ONE transaction:
+    /// commit, then ack each; or retry/dead-letter and ack. One result per
+    /// delivery, in order. `Err` means an infrastructure failure (Postgres,
+    /// broker): that delivery is left unacked for redelivery.
+    pub async fn process_batch(
+        &self,
+        deliveries: &[Delivery],
+        publish: &Channel,
+    ) -> Vec<anyhow::Result<Outcome>> {
+        let started = Instant::now();
+        let parsed: Vec<Result<Incoming, ParseError>> =
+            deliveries.iter().map(Incoming::parse).collect();
+        let spans: Vec<tracing::Span> = deliveries
+            .iter()
+            .zip(&parsed)
+            .map(|(delivery, incoming)| {
+                message::process_span(&self.queues.main, delivery, incoming)
+            })
+            .collect();
+        let incoming: Vec<&Incoming> = parsed.iter().filter_map(|p| p.as_ref().ok()).collect();
+        let mut applied = self.apply_batch(&incoming).await.into_iter();
+        let settles: Vec<_> = deliveries
+            .iter()
+            .zip(parsed)
+            .zip(&spans)
+            .map(|((delivery, incoming), span)| {
+                let applied = incoming.is_ok().then(|| applied.next()).flatten();
+                self.settle(delivery, publish, incoming, applied)
+                    .instrument(span.clone())
+            })
+            .collect();
+        let outcomes = join_all(settles).await;
+        let elapsed = started.elapsed();
+        for (outcome, span) in outcomes.iter().zip(&spans) {
+            self.record(outcome, span);
+            self.metrics.handling.observe(elapsed);
+        }
+        outcomes
+    }
+
+    fn record(&self, outcome: &anyhow::Result<Outcome>, span: &tracing::Span) {
+        match outcome {
             Ok(o) => {
                 span.record("outcome", format!("{o:?}"));
                 let m = &self.metrics;
@@ -126,22 +171,24 @@ impl<H: Handler> Consumer<H> {
             }
             Err(error) => {
                 span.record("otel.status_code", "ERROR");
-                tracing::warn!(parent: &span, error = format!("{error:#}"), "delivery left for redelivery");
+                tracing::warn!(parent: span, error = format!("{error:#}"), "delivery left for redelivery");
             }
         }
-        self.metrics.handling.observe(started.elapsed());
-        outcome
     }
 
-    async fn process_parsed(
+    /// Acks a delivery whose database work is done, or forwards it to a delay
+    /// queue or the DLQ first. `applied` is `None` only for an unparseable one.
+    async fn settle(
         &self,
         delivery: &Delivery,
         publish: &Channel,
         incoming: Result<Incoming, ParseError>,
+        applied: Option<anyhow::Result<Applied>>,
     ) -> anyhow::Result<Outcome> {
-        let incoming = match incoming {
-            Ok(incoming) => incoming,
-            Err(error) => {
+        let (incoming, applied) = match (incoming, applied) {
+            (Ok(incoming), Some(applied)) => (incoming, applied?),
+            (Ok(_), None) => anyhow::bail!("no database result for this delivery"),
+            (Err(error), _) => {
                 let reason = format!("unparseable message: {error}");
                 message::forward(
                     publish,
@@ -155,7 +202,7 @@ impl<H: Handler> Consumer<H> {
                 return Ok(Outcome::DeadLettered { reason });
             }
         };
-        match self.apply(&incoming).await? {
+        match applied {
             Applied::Committed => {
                 message::ack(delivery).await?;
                 Ok(Outcome::Processed)
@@ -189,39 +236,97 @@ impl<H: Handler> Consumer<H> {
         }
     }
 
-    /// The database half of handling a message: ONE transaction holding the
-    /// dedup row and, if the row is new, the side effect. Does not ack.
-    /// `Err` is an infrastructure failure; a handler failure is
-    /// `Applied::Failed` and leaves nothing behind.
+    /// The database half of handling one message; see [`Consumer::apply_batch`].
     pub async fn apply(&self, incoming: &Incoming) -> anyhow::Result<Applied> {
+        Ok(match self.transact(&[incoming]).await? {
+            Ok(mut applied) => applied.pop().expect("one result per message"),
+            Err(reason) => Applied::Failed(reason),
+        })
+    }
+
+    /// The database half of handling messages: ONE transaction holding their
+    /// dedup rows and, for the new ones, the side effect. Does not ack. One
+    /// result per message, in order: `Err` is an infrastructure failure; a
+    /// handler failure is `Applied::Failed` and leaves nothing behind. When
+    /// the handler fails on a batch, each message is applied again on its
+    /// own, so only the failing ones fail.
+    pub async fn apply_batch(&self, batch: &[&Incoming]) -> Vec<anyhow::Result<Applied>> {
+        match self.transact(batch).await {
+            Ok(Ok(applied)) => applied.into_iter().map(Ok).collect(),
+            Ok(Err(reason)) if batch.len() == 1 => vec![Ok(Applied::Failed(reason))],
+            Ok(Err(reason)) => {
+                tracing::debug!(%reason, messages = batch.len(), "batch failed; applying one at a time");
+                let mut applied = Vec::with_capacity(batch.len());
+                for incoming in batch {
+                    applied.push(self.apply(incoming).await);
+                }
+                applied
+            }
+            Err(error) => {
+                let error = format!("{error:#}");
+                batch
+                    .iter()
+                    .map(|_| Err(anyhow::anyhow!("{error}")))
+                    .collect()
+            }
+        }
+    }
+
+    /// One transaction over `batch`: `Ok(Err(reason))` when the handler failed
+    /// and everything was rolled back.
+    async fn transact(&self, batch: &[&Incoming]) -> anyhow::Result<Result<Vec<Applied>, String>> {
+        if batch.is_empty() {
+            return Ok(Ok(Vec::new()));
+        }
         let mut tx = self
             .pool
             .begin()
             .await
             .context("starting the consumer transaction")?;
-        let fresh = sqlx::query(
-            "INSERT INTO processed_messages (consumer, transaction_id) VALUES ($1, $2) \
-             ON CONFLICT DO NOTHING",
+        let mut ids: Vec<Uuid> = batch.iter().map(|i| i.transaction_id).collect();
+        // A fixed insert order, so two batches sharing ids cannot deadlock.
+        ids.sort_unstable();
+        let fresh: HashSet<Uuid> = sqlx::query_scalar(
+            "INSERT INTO processed_messages (consumer, transaction_id) \
+             SELECT $1, id FROM unnest($2::uuid[]) AS id ORDER BY id \
+             ON CONFLICT DO NOTHING RETURNING transaction_id",
         )
         .bind(self.handler.name())
-        .bind(incoming.transaction_id)
-        .execute(&mut *tx)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
         .await
-        .context("recording the dedup row")?
-        .rows_affected()
-            == 1;
-        if !fresh {
-            tx.commit().await.context("committing a duplicate")?;
-            return Ok(Applied::Duplicate);
+        .context("recording the dedup rows")?
+        .into_iter()
+        .collect();
+        // The first copy of a new id is applied; any other copy is a duplicate.
+        let mut first = HashSet::new();
+        let applied: Vec<Applied> = batch
+            .iter()
+            .map(|i| {
+                if fresh.contains(&i.transaction_id) && first.insert(i.transaction_id) {
+                    Applied::Committed
+                } else {
+                    Applied::Duplicate
+                }
+            })
+            .collect();
+        let events: Vec<&OrderEvent> = batch
+            .iter()
+            .zip(&applied)
+            .filter(|(_, a)| **a == Applied::Committed)
+            .map(|(i, _)| &i.event)
+            .collect();
+        if !events.is_empty()
+            && let Err(error) = self.handler.handle(&mut tx, &events).await
+        {
+            // Dropping the transaction rolls back the dedup rows with the effect.
+            return Ok(Err(format!("{error:#}")));
         }
-        match self.handler.handle(&mut tx, &incoming.event).await {
-            Ok(()) => {
-                tx.commit().await.context("committing the side effect")?;
-                Ok(Applied::Committed)
-            }
-            // Dropping the transaction rolls back the dedup row with the effect.
-            Err(error) => Ok(Applied::Failed(format!("{error:#}"))),
-        }
+        tx.commit()
+            .await
+            .context("committing the consumer transaction")?;
+        self.metrics.transactions.inc();
+        Ok(Ok(applied))
     }
 
     /// Consumes until `cancel` fires, reconnecting with backoff when the
@@ -284,7 +389,7 @@ impl<H: Handler> Consumer<H> {
             .basic_qos(self.config.prefetch, BasicQosOptions::default())
             .await
             .context("setting prefetch")?;
-        let mut deliveries = consume
+        let deliveries = consume
             .basic_consume(
                 self.queues.main.as_str().into(),
                 format!("{}-{}", self.handler.name(), uuid::Uuid::new_v4()).into(),
@@ -295,35 +400,50 @@ impl<H: Handler> Consumer<H> {
             .context("starting to consume")?;
         tracing::info!(queue = %self.queues.main, "consumer started");
         let tag = deliveries.tag();
+        // Each batch is what has arrived when a transaction can start.
+        let mut batches = deliveries.ready_chunks(self.config.batch_size.max(1));
         let limit = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
         let tracker = TaskTracker::new();
         let publish = Arc::new(publish);
         let result = loop {
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => break Ok(()),
+                permit = limit.clone().acquire_owned() => permit.expect("semaphore never closed"),
+            };
             let next = tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
-                next = deliveries.next() => next,
+                next = batches.next() => next,
             };
-            let delivery = match next {
-                Some(Ok(delivery)) => delivery,
-                Some(Err(error)) => {
+            let Some(items) = next else {
+                break Err(anyhow::anyhow!("consumer was cancelled by the broker"));
+            };
+            let batch: Result<Vec<Delivery>, lapin::Error> = items.into_iter().collect();
+            let batch = match batch {
+                Ok(batch) => batch,
+                // Unacked deliveries go back to the queue with the channel.
+                Err(error) => {
                     break Err(anyhow::Error::new(error).context("consumer stream failed"));
                 }
-                None => break Err(anyhow::anyhow!("consumer was cancelled by the broker")),
             };
             backoff.reset();
-            let permit = limit
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore never closed");
             let this = self.clone();
             let publish = publish.clone();
             tracker.spawn(async move {
                 let _permit = permit;
-                if this.process(&delivery, &publish).await.is_err() {
-                    // Postgres or the broker failed: leave the message for
-                    // redelivery after a pause, so an outage does not spin.
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                let outcomes = this.process_batch(&batch, &publish).await;
+                let failed: Vec<&Delivery> = batch
+                    .iter()
+                    .zip(&outcomes)
+                    .filter(|(_, outcome)| outcome.is_err())
+                    .map(|(delivery, _)| delivery)
+                    .collect();
+                if failed.is_empty() {
+                    return;
+                }
+                // Postgres or the broker failed: leave these for redelivery
+                // after a pause, so an outage does not spin.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                for delivery in failed {
                     let nack = delivery.nack(BasicNackOptions {
                         requeue: true,
                         ..Default::default()

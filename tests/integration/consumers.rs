@@ -91,11 +91,21 @@ fn consumer<H: Handler>(
     amqp: &AmqpConfig,
     metrics: &Metrics,
 ) -> Arc<Consumer<H>> {
+    consumer_with(handler, pool, amqp, metrics, ConsumerConfig::default())
+}
+
+fn consumer_with<H: Handler>(
+    handler: H,
+    pool: &PgPool,
+    amqp: &AmqpConfig,
+    metrics: &Metrics,
+    config: ConsumerConfig,
+) -> Arc<Consumer<H>> {
     Arc::new(Consumer::new(
         handler,
         pool.clone(),
         amqp.clone(),
-        ConsumerConfig::default(),
+        config,
         metrics,
     ))
 }
@@ -202,6 +212,111 @@ async fn two_instances_racing_on_duplicates_charge_each_order_once() {
     db.cleanup().await;
 }
 
+#[tokio::test]
+async fn queued_deliveries_share_transactions_and_each_order_is_charged_once() {
+    let (db, amqp, metrics) = (TestDb::new().await, test_amqp(), Metrics::default());
+    let (_conn, channel) = amqp_channel().await;
+    let queues = declare(&channel, &amqp).await;
+    let mut events = Vec::new();
+    for i in 0..40 {
+        let event = order(&db.pool, 100 + i).await;
+        send_event(&channel, &queues.main, &event).await;
+        // Every eighth message also arrives twice in the same burst.
+        if i % 8 == 0 {
+            send_event(&channel, &queues.main, &event).await;
+        }
+        events.push(event);
+    }
+    let config = ConsumerConfig {
+        concurrency: 1,
+        ..ConsumerConfig::default()
+    };
+    let billing = consumer_with(Billing, &db.pool, &amqp, &metrics, config);
+
+    let running = start(&billing);
+    wait_handled(&billing.metrics, 45).await;
+
+    assert_eq!(
+        (
+            billing.metrics.processed.get(),
+            billing.metrics.duplicates.get()
+        ),
+        (40, 5)
+    );
+    for event in &events {
+        assert_eq!(ledger_rows(&db.pool, event.order_id).await, 1);
+    }
+    let charged: i64 = sqlx::query_scalar("SELECT sum(amount)::bigint FROM ledger")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(charged, events.iter().map(|e| e.amount).sum::<i64>());
+    let confirmed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'CONFIRMED'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(confirmed, 40);
+    let transactions = billing.metrics.transactions.get();
+    assert!(
+        transactions <= 20,
+        "45 queued deliveries took {transactions} transactions"
+    );
+    running.stop().await;
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_failing_message_in_a_batch_does_not_fail_the_others() {
+    let (db, amqp, metrics) = (TestDb::new().await, test_amqp(), Metrics::default());
+    let (_conn, channel) = amqp_channel().await;
+    let queues = declare(&channel, &amqp).await;
+    let mut events = Vec::new();
+    for i in 0..20 {
+        events.push(order(&db.pool, 10 + i).await);
+    }
+    // An event for an order that does not exist: billing must refuse it.
+    let mut missing = events[10].clone();
+    missing.order_id = Uuid::now_v7();
+    missing.transaction_id = Uuid::new_v4();
+    events.insert(10, missing.clone());
+    for event in &events {
+        send_event(&channel, &queues.main, event).await;
+    }
+    let config = ConsumerConfig {
+        concurrency: 1,
+        ..ConsumerConfig::default()
+    };
+    let billing = consumer_with(Billing, &db.pool, &amqp, &metrics, config);
+
+    let running = start(&billing);
+    eventually(
+        "the good messages to be charged and the bad one retried",
+        WAIT,
+        || async {
+            (billing.metrics.processed.get() == 20 && billing.metrics.retried.get() >= 1)
+                .then_some(())
+        },
+    )
+    .await;
+
+    for event in events.iter().filter(|e| e.order_id != missing.order_id) {
+        assert_eq!(ledger_rows(&db.pool, event.order_id).await, 1);
+    }
+    assert_eq!(ledger_rows(&db.pool, missing.order_id).await, 0);
+    let recorded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM processed_messages WHERE transaction_id = $1")
+            .bind(missing.transaction_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(recorded, 0, "the failed message left no dedup row");
+    running.stop().await;
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
+
 /// Fails the first `failures` calls, then bills.
 struct FailsFirst {
     failures: AtomicU32,
@@ -211,9 +326,9 @@ impl Handler for FailsFirst {
     fn name(&self) -> &'static str {
         BILLING
     }
-    async fn handle(&self, conn: &mut PgConnection, event: &OrderEvent) -> anyhow::Result<()> {
+    async fn handle(&self, conn: &mut PgConnection, events: &[&OrderEvent]) -> anyhow::Result<()> {
         // The side effect happens first, so a rollback must undo it.
-        Billing.handle(conn, event).await?;
+        Billing.handle(conn, events).await?;
         let left = self.failures.load(Ordering::SeqCst);
         if left > 0 {
             self.failures.store(left - 1, Ordering::SeqCst);
@@ -264,11 +379,11 @@ impl Handler for Switchable {
     fn name(&self) -> &'static str {
         BILLING
     }
-    async fn handle(&self, conn: &mut PgConnection, event: &OrderEvent) -> anyhow::Result<()> {
+    async fn handle(&self, conn: &mut PgConnection, events: &[&OrderEvent]) -> anyhow::Result<()> {
         if self.failing.load(Ordering::SeqCst) {
             anyhow::bail!("card declined");
         }
-        Billing.handle(conn, event).await
+        Billing.handle(conn, events).await
     }
 }
 
