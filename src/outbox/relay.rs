@@ -14,6 +14,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -290,11 +291,15 @@ impl Relay {
         }
     }
 
-    /// Runs until `cancel` fires: drain, then wait for a wake-up, a NOTIFY or
-    /// the poll interval. Reconnects to RabbitMQ and Postgres with backoff and
-    /// never returns an error for their outages. Stops between batches.
+    /// Runs until `cancel` fires. A wake-up (in-process, a NOTIFY or the poll
+    /// interval) starts a batch at once if one of the `workers` slots is free,
+    /// even while other batches wait for their confirms; a batch that comes
+    /// back full fills every slot until the backlog is gone. Reconnects to
+    /// RabbitMQ and Postgres with backoff and never returns an error for
+    /// their outages. On cancel, the batches in hand finish.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let poll = Duration::from_millis(self.config.poll_interval_ms);
+        let slots = self.config.workers.max(1);
         let mut listener = if self.listen {
             self.listener().await
         } else {
@@ -302,41 +307,50 @@ impl Relay {
         };
         let mut backoff = Backoff::default();
         let mut last_prune: Option<Instant> = None;
-        let mut publisher: Option<Publisher> = None;
+        let mut publisher: Option<Arc<Publisher>> = None;
+        let mut batches: JoinSet<anyhow::Result<BatchOutcome>> = JoinSet::new();
+        // Claim now: at start, after a wake-up, and while batches come back full.
+        let mut due = true;
+        let mut backlog = false;
         tracing::info!(exchange = %self.amqp.exchange, "relay started");
         while !cancel.is_cancelled() {
-            let current = match publisher.take() {
-                Some(p) if p.is_usable() => p,
-                _ => match Publisher::open(&self.amqp, &cancel).await {
-                    Ok(p) => p,
-                    Err(error) if cancel.is_cancelled() => {
-                        tracing::debug!(%error, "relay stopped while connecting");
-                        break;
+            let current = match publisher.as_ref().filter(|p| p.is_usable()) {
+                Some(p) => p.clone(),
+                None => {
+                    // The batches on a failed channel end first (their
+                    // confirms are bounded), then a new one is opened.
+                    finish(&mut batches).await;
+                    if let Some(old) = publisher.take().and_then(Arc::into_inner) {
+                        old.close().await;
                     }
-                    Err(error) => {
-                        tracing::warn!(
-                            error = format!("{error:#}"),
-                            "relay could not open a publisher"
-                        );
-                        sleep_or_cancel(backoff.next_delay(), &cancel).await;
-                        continue;
+                    match Publisher::open(&self.amqp, &cancel).await {
+                        Ok(p) => publisher = Some(Arc::new(p)),
+                        Err(error) if cancel.is_cancelled() => {
+                            tracing::debug!(%error, "relay stopped while connecting");
+                        }
+                        Err(error) => {
+                            tracing::warn!(
+                                error = format!("{error:#}"),
+                                "relay could not open a publisher"
+                            );
+                            sleep_or_cancel(backoff.next_delay(), &cancel).await;
+                        }
                     }
-                },
-            };
-            match self.drain(&current).await {
-                Ok(_) => backoff.reset(),
-                Err(error) => {
-                    tracing::warn!(
-                        error = format!("{error:#}"),
-                        "relay batch failed; will retry"
-                    );
-                    let usable = current.is_usable();
-                    publisher = usable.then_some(current);
-                    sleep_or_cancel(backoff.next_delay(), &cancel).await;
+                    due = true;
                     continue;
                 }
+            };
+            if due && batches.len() < slots {
+                let relay = self.clone();
+                batches.spawn(async move { relay.run_once(&current).await });
+                // A backlog fills every slot; a wake-up starts one batch.
+                due = backlog;
+                continue;
             }
-            if last_prune.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+            if !due
+                && batches.is_empty()
+                && last_prune.is_none_or(|t| t.elapsed() > Duration::from_secs(60))
+            {
                 last_prune = Some(Instant::now());
                 match self.prune().await {
                     Ok(0) => {}
@@ -344,16 +358,33 @@ impl Relay {
                     Err(error) => tracing::warn!(error = format!("{error:#}"), "pruning failed"),
                 }
             }
-            let usable = current.is_usable();
-            publisher = usable.then_some(current);
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(poll) => {}
-                _ = wait_notify(&mut listener) => {}
+                Some(joined) = batches.join_next() => {
+                    match joined.map_err(anyhow::Error::from).and_then(|r| r) {
+                        Ok(outcome) => {
+                            backoff.reset();
+                            backlog = outcome.claimed as i64 >= self.config.batch_size;
+                            due |= backlog;
+                        }
+                        Err(error) => {
+                            tracing::warn!(
+                                error = format!("{error:#}"),
+                                "relay batch failed; will retry"
+                            );
+                            backlog = false;
+                            sleep_or_cancel(backoff.next_delay(), &cancel).await;
+                            due = true;
+                        }
+                    }
+                }
+                _ = self.wake.notified() => due = true,
+                _ = tokio::time::sleep(poll) => due = true,
+                _ = wait_notify(&mut listener) => due = true,
             }
         }
-        if let Some(p) = publisher {
+        finish(&mut batches).await;
+        if let Some(p) = publisher.and_then(Arc::into_inner) {
             p.close().await;
         }
         tracing::info!("relay stopped");
@@ -364,6 +395,16 @@ impl Relay {
         let mut listener = PgListener::connect_with(&self.pool).await.ok()?;
         listener.listen(NOTIFY_CHANNEL).await.ok()?;
         Some(listener)
+    }
+}
+
+/// Waits for every batch in flight to end (each is bounded by its confirms'
+/// timeout), logging failures: their rows stay due for the next run.
+async fn finish(batches: &mut JoinSet<anyhow::Result<BatchOutcome>>) {
+    while let Some(joined) = batches.join_next().await {
+        if let Err(error) = joined.map_err(anyhow::Error::from).and_then(|r| r) {
+            tracing::warn!(error = format!("{error:#}"), "relay batch failed");
+        }
     }
 }
 

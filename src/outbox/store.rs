@@ -83,11 +83,12 @@ pub async fn mark_published(conn: &mut PgConnection, ids: &[i64]) -> sqlx::Resul
     if ids.is_empty() {
         return Ok(0);
     }
-    let result =
-        sqlx::query("UPDATE outbox SET published_at = now(), last_error = NULL WHERE id = ANY($1)")
-            .bind(ids)
-            .execute(conn)
-            .await?;
+    let result = sqlx::query(
+        "UPDATE outbox SET published_at = clock_timestamp(), last_error = NULL WHERE id = ANY($1)",
+    )
+    .bind(ids)
+    .execute(conn)
+    .await?;
     Ok(result.rows_affected())
 }
 
