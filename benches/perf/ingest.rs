@@ -2,6 +2,7 @@
 //! two-insert transaction on the same schema at 32 clients, same run; and the
 //! same POST load with trace export on.
 
+use anyhow::Context;
 use std::process::Command;
 
 use crate::report::Report;
@@ -49,7 +50,8 @@ pub fn wrk(url: &str, connections: u32, seconds: u32) -> anyhow::Result<WrkResul
         ])
         .arg(&script)
         .arg(url)
-        .output()?;
+        .output()
+        .context("running wrk (apt-get install wrk)")?;
     let text = String::from_utf8_lossy(&output.stdout);
     anyhow::ensure!(
         output.status.success(),

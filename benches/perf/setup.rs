@@ -1,5 +1,6 @@
 //! Databases, broker names and small measuring helpers for the benchmarks.
 
+use anyhow::Context;
 use order_service::config::{AmqpConfig, DatabaseConfig};
 use sqlx::{Connection, Executor, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -113,7 +114,8 @@ pub fn pgbench(db_url: &str, script: &str, clients: u32, seconds: u32) -> anyhow
         ])
         .arg(&path)
         .arg(db_url)
-        .output()?;
+        .output()
+        .context("running pgbench (apt-get install postgresql-contrib)")?;
     let _ = std::fs::remove_file(&path);
     let stdout = String::from_utf8_lossy(&output.stdout);
     anyhow::ensure!(
