@@ -192,6 +192,9 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
         .iter()
         .map(|(raw, relay)| format!("{relay:.0}/{raw:.0} = {:.2}", relay / raw))
         .collect();
-    report.note(format!("Relay rounds (relay/raw msg/s): {}", all.join(", ")));
+    report.note(format!(
+        "Relay rounds (relay/raw msg/s): {}",
+        all.join(", ")
+    ));
     Ok(())
 }
