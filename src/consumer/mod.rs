@@ -106,14 +106,6 @@ impl<H: Handler> Consumer<H> {
         }
     }
 
-    /// Handles one delivery to the end; see [`Consumer::process_batch`].
-    pub async fn process(&self, delivery: &Delivery, publish: &Channel) -> anyhow::Result<Outcome> {
-        let mut outcomes = self
-            .process_batch(std::slice::from_ref(delivery), publish)
-            .await;
-        outcomes.pop().expect("one outcome per delivery")
-    }
-
     /// Handles deliveries to the end, their database work in ONE transaction:
     /// commit, then ack each; or retry/dead-letter and ack. One result per
     /// delivery, in order. `Err` means an infrastructure failure (Postgres,
