@@ -24,31 +24,29 @@ impl Handler for Billing {
         let user_ids: Vec<&str> = events.iter().map(|e| e.user_id.as_str()).collect();
         let amounts: Vec<i64> = events.iter().map(|e| e.amount).collect();
         let transaction_ids: Vec<Uuid> = events.iter().map(|e| e.transaction_id).collect();
-        // One statement: the ledger rows, and the orders confirmed in id order
-        // (a fixed lock order, so two batches cannot deadlock).
+        let mut distinct = order_ids.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        // One statement: the ledger rows, and the orders confirmed. The
+        // orders are found by `id = ANY(...)`, so even a plan cached while
+        // the table was small looks them up by key instead of scanning it.
         let confirmed = sqlx::query_scalar::<_, i64>(
-            "WITH e AS ( \
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::uuid[]) \
-                     AS e(order_id, user_id, amount, transaction_id)), \
-             charged AS ( \
+            "WITH charged AS ( \
                  INSERT INTO ledger (order_id, user_id, amount, transaction_id) \
-                 SELECT order_id, user_id, amount, transaction_id FROM e), \
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::uuid[])), \
              confirmed AS ( \
-                 UPDATE orders o SET status = 'CONFIRMED', updated_at = now() \
-                 FROM (SELECT DISTINCT order_id FROM e ORDER BY order_id) d \
-                 WHERE o.id = d.order_id RETURNING o.id) \
+                 UPDATE orders SET status = 'CONFIRMED', updated_at = now() \
+                 WHERE id = ANY($5::uuid[]) RETURNING id) \
              SELECT count(*) FROM confirmed",
         )
         .bind(&order_ids)
         .bind(&user_ids)
         .bind(&amounts)
         .bind(&transaction_ids)
+        .bind(&distinct)
         .fetch_one(&mut *conn)
         .await
         .context("writing the ledger rows and confirming the orders")?;
-        let mut distinct = order_ids.clone();
-        distinct.sort_unstable();
-        distinct.dedup();
         if confirmed != distinct.len() as i64 {
             match order_ids.as_slice() {
                 [one] => anyhow::bail!("order {one} does not exist"),
