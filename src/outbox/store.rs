@@ -35,23 +35,6 @@ pub async fn insert(conn: &mut PgConnection, event: &NewOutboxEvent) -> sqlx::Re
     .await
 }
 
-/// Inserts several events in one statement (the group-commit path).
-pub async fn insert_many(conn: &mut PgConnection, events: &[NewOutboxEvent]) -> sqlx::Result<u64> {
-    let result = sqlx::query(
-        "INSERT INTO outbox (transaction_id, aggregate_type, aggregate_id, event_type, payload, headers) \
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[])",
-    )
-    .bind(events.iter().map(|e| e.transaction_id).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.aggregate_type).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.aggregate_id.as_str()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.event_type).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| &e.payload).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| &e.headers).collect::<Vec<_>>())
-    .execute(conn)
-    .await?;
-    Ok(result.rows_affected())
-}
-
 /// A row claimed by the relay.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OutboxRow {
@@ -105,7 +88,8 @@ pub async fn mark_failed(
     let result = sqlx::query(
         "UPDATE outbox AS o SET attempts = o.attempts + 1, last_error = f.error, \
              next_attempt_at = now() + least(interval '1 second' * power(2, o.attempts), interval '5 minutes') \
-         FROM unnest($1::bigint[], $2::text[]) AS f(id, error) WHERE o.id = f.id",
+         FROM unnest($1::bigint[], $2::text[]) AS f(id, error) \
+         WHERE o.id = ANY($1) AND o.id = f.id",
     )
     .bind(ids)
     .bind(errors)
