@@ -100,7 +100,7 @@ async fn write_batches(pool: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Job>>>) 
             // One bad order must not fail the others: write each alone.
             Err(_) => {
                 for job in batch {
-                    let result = write_alone(&pool, &job).await;
+                    let result = write_together(&pool, std::slice::from_ref(&job)).await;
                     let _ = job.reply.send(result);
                 }
             }
@@ -133,34 +133,37 @@ pub fn order_created(
     }
 }
 
-/// One transaction for the whole batch: all orders, then all outbox rows.
+/// The whole batch in ONE statement, so one transaction without a `BEGIN`
+/// or `COMMIT` round trip: all orders and all their outbox rows commit
+/// together or not at all.
 async fn write_together(pool: &PgPool, batch: &[Job]) -> Result<(), sqlx::Error> {
     let now = Utc::now();
     let events: Vec<NewOutboxEvent> = batch
         .iter()
         .map(|j| order_created(j.order_id, &j.order, now, j.trace_headers.clone()))
         .collect();
-    let mut tx = pool.begin().await?;
     sqlx::query(
-        "INSERT INTO orders (id, product_id, user_id, amount, created_at, updated_at) \
-         SELECT id, product_id, user_id, amount, $5, $5 \
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[]) AS t(id, product_id, user_id, amount)",
+        "WITH new_orders AS ( \
+             INSERT INTO orders (id, product_id, user_id, amount, created_at, updated_at) \
+             SELECT id, product_id, user_id, amount, $5, $5 \
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[]) AS t(id, product_id, user_id, amount)) \
+         INSERT INTO outbox (transaction_id, aggregate_type, aggregate_id, event_type, payload, headers) \
+         SELECT * FROM unnest($6::uuid[], $7::text[], $8::text[], $9::text[], $10::jsonb[], $11::jsonb[])",
     )
     .bind(batch.iter().map(|j| j.order_id).collect::<Vec<_>>())
     .bind(batch.iter().map(|j| j.order.product_id.as_str()).collect::<Vec<_>>())
     .bind(batch.iter().map(|j| j.order.user_id.as_str()).collect::<Vec<_>>())
     .bind(batch.iter().map(|j| j.order.amount).collect::<Vec<_>>())
     .bind(now)
-    .execute(&mut *tx)
+    .bind(events.iter().map(|e| e.transaction_id).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.aggregate_type).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.aggregate_id.as_str()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.event_type).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| &e.payload).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| &e.headers).collect::<Vec<_>>())
+    .execute(pool)
     .await?;
-    outbox::insert_many(&mut tx, &events).await?;
-    tx.commit().await
-}
-
-async fn write_alone(pool: &PgPool, job: &Job) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    write_one(&mut tx, job.order_id, &job.order, job.trace_headers.clone()).await?;
-    tx.commit().await
+    Ok(())
 }
 
 /// Writes one order and its outbox row on `conn` (the caller's transaction).
