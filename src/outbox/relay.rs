@@ -8,13 +8,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::Utc;
-use futures_util::future::join_all;
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
-use tokio::task::JoinSet;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -30,8 +32,10 @@ use crate::telemetry::propagation;
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A confirm-mode channel on its own connection, with the topology declared.
+/// Clones share the channel.
+#[derive(Clone)]
 pub struct Publisher {
-    connection: Connection,
+    connection: Arc<Connection>,
     channel: Channel,
 }
 
@@ -50,7 +54,7 @@ impl Publisher {
             .context("enabling publisher confirms")?;
         crate::amqp::declare_topology(&channel, amqp).await?;
         Ok(Self {
-            connection,
+            connection: Arc::new(connection),
             channel,
         })
     }
@@ -64,6 +68,7 @@ impl Publisher {
         &self.channel
     }
 
+    /// Closes the channel and connection (for every clone).
     pub async fn close(self) {
         if self.connection.status().connected() {
             let close = async {
@@ -81,6 +86,8 @@ pub struct BatchOutcome {
     pub claimed: usize,
     pub published: usize,
     pub failed: usize,
+    /// It claimed as many rows as it asked for: more are probably due.
+    pub full: bool,
 }
 
 /// The rows of one claimed batch, by their confirms.
@@ -110,23 +117,38 @@ impl Relay {
     /// Claims one batch, publishes it, waits for every confirm and marks each
     /// row by its own confirm, all inside the claiming transaction so no other
     /// relay can take these rows meanwhile.
+    pub async fn run_once(&self, publisher: &Publisher) -> anyhow::Result<BatchOutcome> {
+        self.run_batch(publisher, None).await
+    }
+
+    /// [`Relay::run_once`], with the publishes awaiting confirms bounded by
+    /// `window`, shared with the other batches in flight.
     #[tracing::instrument(
         name = "relay batch",
         skip_all,
         fields(claimed, published, failed),
         err
     )]
-    pub async fn run_once(&self, publisher: &Publisher) -> anyhow::Result<BatchOutcome> {
+    async fn run_batch(
+        &self,
+        publisher: &Publisher,
+        window: Option<Arc<Semaphore>>,
+    ) -> anyhow::Result<BatchOutcome> {
+        let limit = self.config.batch_size;
         let mut tx = self
             .pool
             .begin()
             .await
             .context("starting the claim transaction")?;
-        let batch = self.claim_and_publish(&mut tx, publisher).await?;
-        if batch.claimed == 0 {
+        let rows = store::claim_due(&mut tx, limit)
+            .await
+            .context("claiming outbox rows")?;
+        let full = rows.len() as i64 >= limit;
+        if rows.is_empty() {
             tx.commit().await?;
             return Ok(BatchOutcome::default());
         }
+        let batch = self.publish_rows(&rows, publisher, window.as_ref()).await;
         store::mark_published(&mut tx, &batch.published)
             .await
             .context("marking rows published")?;
@@ -144,6 +166,7 @@ impl Relay {
             claimed: batch.claimed,
             published: batch.published.len(),
             failed: batch.failed.len(),
+            full,
         };
         let span = tracing::Span::current();
         span.record("claimed", outcome.claimed);
@@ -164,52 +187,60 @@ impl Relay {
         let rows = store::claim_due(conn, self.config.batch_size)
             .await
             .context("claiming outbox rows")?;
+        Ok(self.publish_rows(&rows, publisher, None).await)
+    }
+
+    /// Publishes `rows` and waits for their confirms: which were confirmed as
+    /// routed and stored, which failed and why. With a `window`, each publish
+    /// first takes one permit and gives it back with its confirm, so the
+    /// publishes awaiting confirms never exceed the window, as in a raw
+    /// confirmed-publish loop; without one, every confirm is in flight at once.
+    async fn publish_rows(
+        &self,
+        rows: &[OutboxRow],
+        publisher: &Publisher,
+        window: Option<&Arc<Semaphore>>,
+    ) -> PublishedBatch {
         let mut batch = PublishedBatch {
             claimed: rows.len(),
             ..Default::default()
         };
         if rows.is_empty() {
-            return Ok(batch);
+            return batch;
         }
         let started = Instant::now();
-        let mut in_flight = Vec::with_capacity(rows.len());
-        for row in &rows {
+        let mut pending = FuturesUnordered::new();
+        let mut confirmed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let permit = match window {
+                // Settle the confirms already in while waiting for room.
+                Some(window) => Some(loop {
+                    tokio::select! {
+                        biased;
+                        permit = window.clone().acquire_owned() => {
+                            break permit.expect("the window is never closed");
+                        }
+                        Some(done) = pending.next() => confirmed.push(done),
+                    }
+                }),
+                None => None,
+            };
             let span = publish_span(&self.amqp.exchange, row);
             let result = self
                 .publish(publisher.channel(), row, &span)
                 .instrument(span.clone())
                 .await;
             match result {
-                Ok(confirm) => in_flight.push((row.id, span, confirm)),
+                Ok(confirm) => pending.push(settle_confirm(row.id, span, confirm, permit)),
                 Err(error) => batch
                     .failed
                     .push((row.id, format!("publish failed: {error}"))),
             }
         }
-        let confirms = join_all(in_flight.into_iter().map(|(id, span, confirm)| async move {
-            // Bounded: on a dead connection a confirm may never resolve, and
-            // this batch holds its rows' locks until it ends.
-            let outcome = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
-                Err(_) => Err("no confirm from the broker in time".to_owned()),
-                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-                Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(format!(
-                    "returned by the broker: {} {}",
-                    returned.reply_code, returned.reply_text
-                )),
-                Ok(Ok(Confirmation::Nack(_))) => Err("nacked by the broker".to_owned()),
-                Ok(Ok(Confirmation::NotRequested)) => {
-                    Err("channel is not in confirm mode".to_owned())
-                }
-                Ok(Err(error)) => Err(format!("confirm failed: {error}")),
-            };
-            if let Err(error) = &outcome {
-                span.record("otel.status_code", "ERROR");
-                tracing::warn!(parent: &span, outbox.id = id, %error, "publish not confirmed");
-            }
-            (id, outcome)
-        }))
-        .await;
-        for (id, outcome) in confirms {
+        while let Some(done) = pending.next().await {
+            confirmed.push(done);
+        }
+        for (id, outcome) in confirmed {
             match outcome {
                 Ok(()) => batch.published.push(id),
                 Err(error) => batch.failed.push((id, error)),
@@ -218,7 +249,7 @@ impl Relay {
         self.metrics
             .relay_publish_latency
             .observe(started.elapsed());
-        Ok(batch)
+        batch
     }
 
     async fn publish(
@@ -256,24 +287,36 @@ impl Relay {
             .await
     }
 
-    /// Publishes until no due row is left, with `workers` batches in flight.
-    /// Returns the rows published.
+    /// Publishes until no due row is left, with the same batches in flight
+    /// as [`Relay::run`]. Returns the rows published; the first failed batch
+    /// is the error, after the others have ended.
     pub async fn drain(&self, publisher: &Publisher) -> anyhow::Result<usize> {
-        let workers = (0..self.config.workers.max(1)).map(|_| async {
-            let mut total = 0;
-            loop {
-                let outcome = self.run_once(publisher).await?;
-                total += outcome.published;
-                if (outcome.claimed as i64) < self.config.batch_size || !publisher.is_usable() {
-                    return anyhow::Ok(total);
+        let mut batches = Batches::new(&self.config);
+        let mut total = 0;
+        let mut failure = None;
+        // Start as a backlog: open every batch, and keep them open while
+        // they come back full.
+        let mut due = true;
+        loop {
+            if due && failure.is_none() && publisher.is_usable() && batches.start(self, publisher) {
+                continue;
+            }
+            let next = batches.next().await;
+            match next {
+                None => break,
+                Some(Ok(outcome)) => {
+                    total += outcome.published;
+                    due = outcome.full;
+                }
+                Some(Err(error)) => {
+                    failure.get_or_insert(error);
                 }
             }
-        });
-        let mut total = 0;
-        for result in join_all(workers).await {
-            total += result?;
         }
-        Ok(total)
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(total),
+        }
     }
 
     /// Deletes published rows past the retention period, in bounded batches.
@@ -292,14 +335,13 @@ impl Relay {
     }
 
     /// Runs until `cancel` fires. A wake-up (in-process, a NOTIFY or the poll
-    /// interval) starts a batch at once if one of the `workers` slots is free,
-    /// even while other batches wait for their confirms; a batch that comes
-    /// back full fills every slot until the backlog is gone. Reconnects to
+    /// interval) starts a batch at once unless `workers + 1` are open, even
+    /// while other batches wait for their confirms; a batch that comes back
+    /// full keeps every batch open until the backlog is gone. Reconnects to
     /// RabbitMQ and Postgres with backoff and never returns an error for
     /// their outages. On cancel, the batches in hand finish.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let poll = Duration::from_millis(self.config.poll_interval_ms);
-        let slots = self.config.workers.max(1);
         let mut listener = if self.listen {
             self.listener().await
         } else {
@@ -307,24 +349,27 @@ impl Relay {
         };
         let mut backoff = Backoff::default();
         let mut last_prune: Option<Instant> = None;
-        let mut publisher: Option<Arc<Publisher>> = None;
-        let mut batches: JoinSet<anyhow::Result<BatchOutcome>> = JoinSet::new();
+        let mut publisher: Option<Publisher> = None;
+        let mut batches = Batches::new(&self.config);
         // Claim now: at start, after a wake-up, and while batches come back full.
         let mut due = true;
-        let mut backlog = false;
+        let mut backlog = true;
+        // After a failed batch no new one starts before this; the batches in
+        // flight carry on meanwhile.
+        let mut hold_until = tokio::time::Instant::now();
         tracing::info!(exchange = %self.amqp.exchange, "relay started");
         while !cancel.is_cancelled() {
             let current = match publisher.as_ref().filter(|p| p.is_usable()) {
-                Some(p) => p.clone(),
+                Some(p) => p,
                 None => {
                     // The batches on a failed channel end first (their
                     // confirms are bounded), then a new one is opened.
-                    finish(&mut batches).await;
-                    if let Some(old) = publisher.take().and_then(Arc::into_inner) {
+                    batches.finish().await;
+                    if let Some(old) = publisher.take() {
                         old.close().await;
                     }
                     match Publisher::open(&self.amqp, &cancel).await {
-                        Ok(p) => publisher = Some(Arc::new(p)),
+                        Ok(p) => publisher = Some(p),
                         Err(error) if cancel.is_cancelled() => {
                             tracing::debug!(%error, "relay stopped while connecting");
                         }
@@ -340,10 +385,9 @@ impl Relay {
                     continue;
                 }
             };
-            if due && batches.len() < slots {
-                let relay = self.clone();
-                batches.spawn(async move { relay.run_once(&current).await });
-                // A backlog fills every slot; a wake-up starts one batch.
+            let held = tokio::time::Instant::now() < hold_until;
+            if due && !held && batches.start(&self, current) {
+                // A backlog opens every batch; a wake-up starts one.
                 due = backlog;
                 continue;
             }
@@ -360,11 +404,12 @@ impl Relay {
             }
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                Some(joined) = batches.join_next() => {
-                    match joined.map_err(anyhow::Error::from).and_then(|r| r) {
+                _ = tokio::time::sleep_until(hold_until), if held => {}
+                Some(result) = batches.next() => {
+                    match result {
                         Ok(outcome) => {
                             backoff.reset();
-                            backlog = outcome.claimed as i64 >= self.config.batch_size;
+                            backlog = outcome.full;
                             due |= backlog;
                         }
                         Err(error) => {
@@ -373,7 +418,7 @@ impl Relay {
                                 "relay batch failed; will retry"
                             );
                             backlog = false;
-                            sleep_or_cancel(backoff.next_delay(), &cancel).await;
+                            hold_until = tokio::time::Instant::now() + backoff.next_delay();
                             due = true;
                         }
                     }
@@ -383,8 +428,8 @@ impl Relay {
                 _ = wait_notify(&mut listener) => due = true,
             }
         }
-        finish(&mut batches).await;
-        if let Some(p) = publisher.and_then(Arc::into_inner) {
+        batches.finish().await;
+        if let Some(p) = publisher {
             p.close().await;
         }
         tracing::info!("relay stopped");
@@ -398,12 +443,61 @@ impl Relay {
     }
 }
 
-/// Waits for every batch in flight to end (each is bounded by its confirms'
-/// timeout), logging failures: their rows stay due for the next run.
-async fn finish(batches: &mut JoinSet<anyhow::Result<BatchOutcome>>) {
-    while let Some(joined) = batches.join_next().await {
-        if let Err(error) = joined.map_err(anyhow::Error::from).and_then(|r| r) {
-            tracing::warn!(error = format!("{error:#}"), "relay batch failed");
+/// The batches in flight, for [`Relay::run`] and [`Relay::drain`]: at most
+/// `workers + 1` claim transactions open, and between them at most
+/// `batch_size × workers` publishes awaiting confirms (the confirm window).
+/// Each publish takes a permit of the window and gives it back with its
+/// confirm, so the window rolls as in a raw publish loop; the extra batch
+/// claims its rows while the window is full, so it stays full while batches
+/// claim and mark. Batches make progress only while
+/// [`Batches::next`] is polled, so every wait of the scheduler includes it.
+struct Batches {
+    window: Arc<Semaphore>,
+    max_open: usize,
+    /// Polled by the scheduler's own task: one task drives every batch, as
+    /// the raw publish loop it is measured against does.
+    set: FuturesUnordered<BoxFuture<'static, anyhow::Result<BatchOutcome>>>,
+}
+
+impl Batches {
+    fn new(config: &RelayConfig) -> Self {
+        let batch_size = config.batch_size.max(1) as usize;
+        let workers = config.workers.max(1);
+        Self {
+            window: Arc::new(Semaphore::new(batch_size * workers)),
+            max_open: workers + 1,
+            set: FuturesUnordered::new(),
+        }
+    }
+
+    /// Starts a batch unless `workers + 1` are open already.
+    fn start(&mut self, relay: &Relay, publisher: &Publisher) -> bool {
+        if self.set.len() >= self.max_open {
+            return false;
+        }
+        let (relay, publisher, window) = (relay.clone(), publisher.clone(), self.window.clone());
+        self.set.push(Box::pin(async move {
+            relay.run_batch(&publisher, Some(window)).await
+        }));
+        true
+    }
+
+    fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    /// The next batch to end; `None` when none is in flight.
+    async fn next(&mut self) -> Option<anyhow::Result<BatchOutcome>> {
+        self.set.next().await
+    }
+
+    /// Waits for every batch in flight to end (each is bounded by its
+    /// confirms' timeout), logging failures: their rows stay due.
+    async fn finish(&mut self) {
+        while let Some(result) = self.next().await {
+            if let Err(error) = result {
+                tracing::warn!(error = format!("{error:#}"), "relay batch failed");
+            }
         }
     }
 }
@@ -420,6 +514,34 @@ async fn wait_notify(listener: &mut Option<PgListener>) {
         }
         None => std::future::pending().await,
     }
+}
+
+/// Waits for one publish's confirm (bounded: on a dead connection a confirm
+/// may never resolve, and the batch holds its rows' locks until it ends),
+/// then gives its `permit` back to the window.
+async fn settle_confirm(
+    id: i64,
+    span: tracing::Span,
+    confirm: lapin::PublisherConfirm,
+    permit: Option<OwnedSemaphorePermit>,
+) -> (i64, Result<(), String>) {
+    let outcome = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+        Err(_) => Err("no confirm from the broker in time".to_owned()),
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(format!(
+            "returned by the broker: {} {}",
+            returned.reply_code, returned.reply_text
+        )),
+        Ok(Ok(Confirmation::Nack(_))) => Err("nacked by the broker".to_owned()),
+        Ok(Ok(Confirmation::NotRequested)) => Err("channel is not in confirm mode".to_owned()),
+        Ok(Err(error)) => Err(format!("confirm failed: {error}")),
+    };
+    drop(permit);
+    if let Err(error) = &outcome {
+        span.record("otel.status_code", "ERROR");
+        tracing::warn!(parent: &span, outbox.id = id, %error, "publish not confirmed");
+    }
+    (id, outcome)
 }
 
 /// The PRODUCER span of one publish, a child of the context stored with the
