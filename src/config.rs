@@ -179,10 +179,11 @@ impl Default for HttpConfig {
 /// Relay settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RelayConfig {
-    /// Rows claimed per batch; also the number of confirms in flight per worker.
+    /// Rows claimed per batch.
     #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 500)]
     pub batch_size: i64,
-    /// Batches in flight at once (each on its own claim, same channel).
+    /// The confirm window is `batch_size × workers` publishes awaiting
+    /// confirms, shared by the batches; `workers + 1` claims may be open.
     #[arg(long, env = "RELAY_WORKERS", default_value_t = 3)]
     pub workers: usize,
     /// Fallback poll interval when nothing wakes the relay (ms).
