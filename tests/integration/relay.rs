@@ -442,3 +442,53 @@ async fn published_rows_past_retention_are_pruned_and_pending_ones_kept() {
     assert_eq!(unpublished(&db.pool).await, 3);
     db.cleanup().await;
 }
+
+/// The batches share a confirm window far smaller than the backlog, and more
+/// batches may be open than the window holds full ones: every row must still
+/// get through, once, in `drain` and in `run` (a scheduler that waits for
+/// room without settling confirms would hang here).
+#[tokio::test]
+async fn a_backlog_far_larger_than_the_confirm_window_is_published_once() {
+    let db = TestDb::new().await;
+    let amqp = test_amqp();
+    // Window 7 × 2 = 14 publishes awaiting confirms, 3 batches open.
+    let config = RelayConfig {
+        batch_size: 7,
+        workers: 2,
+        poll_interval_ms: 50,
+        ..Default::default()
+    };
+    let relay = relay(&db.pool, &amqp, config);
+    let mut ids = insert_events(&db.pool, 150, "order.created").await;
+    let publisher = Publisher::open(&amqp, &CancellationToken::new())
+        .await
+        .unwrap();
+
+    let drained = tokio::time::timeout(Duration::from_secs(30), relay.drain(&publisher))
+        .await
+        .expect("drain ends")
+        .unwrap();
+    assert_eq!(drained, 150);
+
+    ids.extend(insert_events(&db.pool, 150, "order.created").await);
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn(relay.clone().run(cancel.clone()));
+    eventually(
+        "run to publish the second backlog",
+        Duration::from_secs(30),
+        || async { (unpublished(&db.pool).await == 0).then_some(()) },
+    )
+    .await;
+    cancel.cancel();
+    running.await.unwrap().unwrap();
+    publisher.close().await;
+
+    let (_conn, channel) = amqp_channel().await;
+    let deliveries = drain_queue(&channel, &billing_queue(&amqp)).await;
+    let delivered = message_ids(&deliveries);
+    let distinct: HashSet<String> = delivered.iter().cloned().collect();
+    assert_eq!(delivered.len(), 300, "each row published once");
+    assert_eq!(distinct, ids.iter().map(Uuid::to_string).collect());
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
