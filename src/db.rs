@@ -28,7 +28,9 @@ pub async fn connect(
         // A connection idle for a while is checked before use (it may have
         // outlived a Postgres restart); one in steady use is not, which saves
         // a round trip per transaction under load. A connection that fails
-        // anyway is dropped by the pool and its caller retries.
+        // anyway is dropped by the pool, and the work on it fails as in any
+        // outage: a request gets a 503, a delivery is redelivered, a relay
+        // batch is retried.
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
