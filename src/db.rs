@@ -3,14 +3,11 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseConfig;
-
-/// Pooled connections idle at least this long are pinged before use.
-const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -25,21 +22,6 @@ pub async fn connect(
     let pool = PgPoolOptions::new()
         .max_connections(config.pool_size)
         .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))
-        // A connection idle for a while is checked before use (it may have
-        // outlived a Postgres restart); one in steady use is not, which saves
-        // a round trip per transaction under load. A connection that fails
-        // anyway is dropped by the pool, and the work on it fails as in any
-        // outage: a request gets a 503, a delivery is redelivered, a relay
-        // batch is retried.
-        .test_before_acquire(false)
-        .before_acquire(|conn, meta| {
-            Box::pin(async move {
-                if meta.idle_for >= PING_AFTER_IDLE {
-                    conn.ping().await?;
-                }
-                Ok(true)
-            })
-        })
         .connect_lazy(config.database_url.expose())
         .with_context(|| format!("invalid DATABASE_URL {}", config.database_url))?;
 
