@@ -100,6 +100,16 @@ pub struct PublishedBatch {
     pub failed: Vec<(i64, String)>,
 }
 
+impl PublishedBatch {
+    /// Files one row by its confirm's outcome.
+    fn settle(&mut self, (id, outcome): (i64, Result<(), String>)) {
+        match outcome {
+            Ok(()) => self.published.push(id),
+            Err(error) => self.failed.push((id, error)),
+        }
+    }
+}
+
 /// Moves outbox rows to RabbitMQ. Cheap to clone.
 #[derive(Clone)]
 pub struct Relay {
@@ -134,21 +144,18 @@ impl Relay {
         publisher: &Publisher,
         window: Option<Arc<Semaphore>>,
     ) -> anyhow::Result<BatchOutcome> {
-        let limit = self.config.batch_size;
         let mut tx = self
             .pool
             .begin()
             .await
             .context("starting the claim transaction")?;
-        let rows = store::claim_due(&mut tx, limit)
-            .await
-            .context("claiming outbox rows")?;
-        let full = rows.len() as i64 >= limit;
-        if rows.is_empty() {
+        let batch = self
+            .claim_and_publish_in(&mut tx, publisher, window.as_ref())
+            .await?;
+        if batch.claimed == 0 {
             tx.commit().await?;
             return Ok(BatchOutcome::default());
         }
-        let batch = self.publish_rows(&rows, publisher, window.as_ref()).await;
         store::mark_published(&mut tx, &batch.published)
             .await
             .context("marking rows published")?;
@@ -166,7 +173,7 @@ impl Relay {
             claimed: batch.claimed,
             published: batch.published.len(),
             failed: batch.failed.len(),
-            full,
+            full: batch.claimed as i64 >= self.config.batch_size,
         };
         let span = tracing::Span::current();
         span.record("claimed", outcome.claimed);
@@ -184,10 +191,20 @@ impl Relay {
         conn: &mut sqlx::PgConnection,
         publisher: &Publisher,
     ) -> anyhow::Result<PublishedBatch> {
+        self.claim_and_publish_in(conn, publisher, None).await
+    }
+
+    /// [`Relay::claim_and_publish`] within `window`; see [`Relay::publish_rows`].
+    async fn claim_and_publish_in(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        publisher: &Publisher,
+        window: Option<&Arc<Semaphore>>,
+    ) -> anyhow::Result<PublishedBatch> {
         let rows = store::claim_due(conn, self.config.batch_size)
             .await
             .context("claiming outbox rows")?;
-        Ok(self.publish_rows(&rows, publisher, None).await)
+        Ok(self.publish_rows(&rows, publisher, window).await)
     }
 
     /// Publishes `rows` and waits for their confirms: which were confirmed as
@@ -210,7 +227,6 @@ impl Relay {
         }
         let started = Instant::now();
         let mut pending = FuturesUnordered::new();
-        let mut confirmed = Vec::with_capacity(rows.len());
         for row in rows {
             let permit = match window {
                 // Settle the confirms already in while waiting for room.
@@ -220,7 +236,7 @@ impl Relay {
                         permit = window.clone().acquire_owned() => {
                             break permit.expect("the window is never closed");
                         }
-                        Some(done) = pending.next() => confirmed.push(done),
+                        Some(done) = pending.next() => batch.settle(done),
                     }
                 }),
                 None => None,
@@ -238,13 +254,7 @@ impl Relay {
             }
         }
         while let Some(done) = pending.next().await {
-            confirmed.push(done);
-        }
-        for (id, outcome) in confirmed {
-            match outcome {
-                Ok(()) => batch.published.push(id),
-                Err(error) => batch.failed.push((id, error)),
-            }
+            batch.settle(done);
         }
         self.metrics
             .relay_publish_latency
@@ -301,8 +311,7 @@ impl Relay {
             if due && failure.is_none() && publisher.is_usable() && batches.start(self, publisher) {
                 continue;
             }
-            let next = batches.next().await;
-            match next {
+            match batches.next().await {
                 None => break,
                 Some(Ok(outcome)) => {
                     total += outcome.published;
