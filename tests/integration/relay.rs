@@ -97,6 +97,14 @@ async fn unpublished(pool: &PgPool) -> i64 {
         .unwrap()
 }
 
+/// Waits, up to `within`, until no outbox row is left unpublished.
+async fn all_published(pool: &PgPool, what: &str, within: Duration) {
+    eventually(what, within, || async {
+        (unpublished(pool).await == 0).then_some(())
+    })
+    .await;
+}
+
 fn message_ids(deliveries: &[lapin::message::Delivery]) -> Vec<String> {
     deliveries
         .iter()
@@ -280,10 +288,10 @@ async fn the_relay_loses_nothing_when_the_broker_goes_away_mid_stream() {
     let cancel = CancellationToken::new();
     let running = tokio::spawn(relay.clone().run(cancel.clone()));
     let mut ids = insert_events(&db.pool, 100, "order.created").await;
-    eventually(
+    all_published(
+        &db.pool,
         "the first 100 rows to be published",
         Duration::from_secs(20),
-        || async { (unpublished(&db.pool).await == 0).then_some(()) },
     )
     .await;
 
@@ -301,10 +309,10 @@ async fn the_relay_loses_nothing_when_the_broker_goes_away_mid_stream() {
     );
     proxy.restore();
 
-    eventually(
+    all_published(
+        &db.pool,
         "the rest to be published after the broker returns",
         Duration::from_secs(30),
-        || async { (unpublished(&db.pool).await == 0).then_some(()) },
     )
     .await;
     assert!(!running.is_finished(), "the relay kept running");
@@ -356,10 +364,10 @@ async fn the_relay_catches_up_when_postgres_comes_back() {
     assert_eq!(unpublished(&db.pool).await, 50);
     proxy.restore();
 
-    eventually(
+    all_published(
+        &db.pool,
         "the rows to be published once Postgres is back",
         Duration::from_secs(30),
-        || async { (unpublished(&db.pool).await == 0).then_some(()) },
     )
     .await;
     assert!(!running.is_finished());
@@ -401,10 +409,10 @@ async fn a_notify_from_another_process_wakes_the_relay_long_before_its_poll() {
     insert_events(&db.pool, 3, "order.created").await;
     api_wake.notify();
 
-    eventually(
+    all_published(
+        &db.pool,
         "the relay to publish after the NOTIFY",
         Duration::from_secs(10),
-        || async { (unpublished(&db.pool).await == 0).then_some(()) },
     )
     .await;
     cancel.cancel();
@@ -473,10 +481,10 @@ async fn a_backlog_far_larger_than_the_confirm_window_is_published_once() {
     ids.extend(insert_events(&db.pool, 150, "order.created").await);
     let cancel = CancellationToken::new();
     let running = tokio::spawn(relay.clone().run(cancel.clone()));
-    eventually(
+    all_published(
+        &db.pool,
         "run to publish the second backlog",
         Duration::from_secs(30),
-        || async { (unpublished(&db.pool).await == 0).then_some(()) },
     )
     .await;
     cancel.cancel();
