@@ -20,6 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use uuid::Uuid;
 
 use super::store::{self, OutboxRow};
 use super::{NOTIFY_CHANNEL, Wake};
@@ -86,6 +87,9 @@ pub struct BatchOutcome {
     pub claimed: usize,
     pub published: usize,
     pub failed: usize,
+    /// Rows of other batches, already counted as published there, that this
+    /// batch made due again: their returns rode on its confirms.
+    pub reopened: usize,
     /// It claimed as many rows as it asked for: more are probably due.
     pub full: bool,
 }
@@ -94,19 +98,88 @@ pub struct BatchOutcome {
 #[derive(Debug, Default, Clone)]
 pub struct PublishedBatch {
     pub claimed: usize,
-    /// Confirmed as routed and stored.
+    /// Ids of the rows confirmed as routed and stored.
     pub published: Vec<i64>,
-    /// Nacked, returned or failed, with the reason.
-    pub failed: Vec<(i64, String)>,
+    /// Nacked, returned or failed: the rows' `transaction_id`s, with the reason.
+    pub failed: Vec<(Uuid, String)>,
+    /// Returned (unroutable) messages that this batch's confirms carried but
+    /// that belong to rows of another batch, by `transaction_id`. lapin hands
+    /// a returned message to whichever confirm the broker's next ack
+    /// completes, and one ack may complete many publishes (`multiple`), of
+    /// any batch on the channel: so a return is matched to its row by its
+    /// `message_id`, and that row, perhaps already marked published by its
+    /// own batch, must be made due again.
+    pub returned_elsewhere: Vec<(Uuid, String)>,
+    /// Returns carried by this batch's confirms, not yet matched to rows.
+    returned: Vec<(Uuid, String)>,
 }
 
 impl PublishedBatch {
-    /// Files one row by its confirm's outcome.
-    fn settle(&mut self, (id, outcome): (i64, Result<(), String>)) {
-        match outcome {
-            Ok(()) => self.published.push(id),
-            Err(error) => self.failed.push((id, error)),
+    /// Files one row by its confirm's outcome, keeping any returned message
+    /// the confirm carried for [`PublishedBatch::match_returns`].
+    fn settle(&mut self, confirmed: Confirmed) {
+        match confirmed.outcome {
+            Ok(()) => self.published.push(confirmed.id),
+            Err(error) => self.failed.push((confirmed.transaction_id, error)),
         }
+        self.returned.extend(confirmed.returned);
+    }
+
+    /// Once every confirm of the batch is in: each returned message fails its
+    /// own row, found by `message_id`, whichever confirm carried it.
+    fn match_returns(&mut self, rows: &[OutboxRow]) {
+        for (transaction_id, error) in std::mem::take(&mut self.returned) {
+            let Some(row) = rows.iter().find(|r| r.transaction_id == transaction_id) else {
+                self.returned_elsewhere.push((transaction_id, error));
+                continue;
+            };
+            self.published.retain(|id| *id != row.id);
+            if !self.failed.iter().any(|(t, _)| *t == transaction_id) {
+                self.failed.push((transaction_id, error));
+            }
+        }
+    }
+}
+
+/// Rows of other batches whose messages were returned (see
+/// [`PublishedBatch::returned_elsewhere`]), waiting to be made due again.
+/// They are kept here until that succeeds, so an outage of Postgres at that
+/// moment does not leave them marked published.
+#[derive(Debug, Clone, Default)]
+struct Reopen(Arc<std::sync::Mutex<Vec<(Uuid, String)>>>);
+
+impl Reopen {
+    fn keep(&self, rows: &[(Uuid, String)]) {
+        self.lock().extend_from_slice(rows);
+    }
+
+    /// Makes every waiting row due again (each row's own batch has committed
+    /// or holds it until it does: the update waits for its lock). On failure
+    /// they wait for the next batch.
+    async fn apply(&self, pool: &PgPool) -> anyhow::Result<usize> {
+        let waiting = std::mem::take(&mut *self.lock());
+        if waiting.is_empty() {
+            return Ok(0);
+        }
+        let result = async {
+            let mut conn = pool.acquire().await?;
+            store::mark_failed(&mut conn, &waiting).await
+        }
+        .await;
+        match result {
+            Ok(_) => Ok(waiting.len()),
+            Err(error) => {
+                let n = waiting.len();
+                self.lock().extend(waiting);
+                Err(anyhow::Error::new(error).context(format!(
+                    "making {n} returned rows of other batches due again"
+                )))
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Uuid, String)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -128,7 +201,7 @@ impl Relay {
     /// row by its own confirm, all inside the claiming transaction so no other
     /// relay can take these rows meanwhile.
     pub async fn run_once(&self, publisher: &Publisher) -> anyhow::Result<BatchOutcome> {
-        self.run_batch(publisher, None).await
+        self.run_batch(publisher, None, &Reopen::default()).await
     }
 
     /// [`Relay::run_once`], with the publishes awaiting confirms bounded by
@@ -143,6 +216,7 @@ impl Relay {
         &self,
         publisher: &Publisher,
         window: Option<Arc<Semaphore>>,
+        reopen: &Reopen,
     ) -> anyhow::Result<BatchOutcome> {
         let mut tx = self
             .pool
@@ -152,27 +226,38 @@ impl Relay {
         let batch = self
             .claim_and_publish_in(&mut tx, publisher, window.as_ref())
             .await?;
+        // Kept before anything can fail: a later batch reopens them then.
+        reopen.keep(&batch.returned_elsewhere);
         if batch.claimed == 0 {
             tx.commit().await?;
-            return Ok(BatchOutcome::default());
+            let reopened = reopen.apply(&self.pool).await?;
+            return Ok(BatchOutcome {
+                reopened,
+                ..Default::default()
+            });
         }
         store::mark_published(&mut tx, &batch.published)
             .await
             .context("marking rows published")?;
-        let (ids, errors): (Vec<i64>, Vec<String>) = batch.failed.iter().cloned().unzip();
-        store::mark_failed(&mut tx, &ids, &errors)
+        store::mark_failed(&mut tx, &batch.failed)
             .await
             .context("recording failed rows")?;
         tx.commit().await.context("committing the batch")?;
+        // After the commit: the other batches' rows may wait for their own
+        // batch's commit, and this one holds no lock they could wait for.
+        let reopened = reopen.apply(&self.pool).await?;
 
         self.metrics
             .relay_published
             .add(batch.published.len() as u64);
-        self.metrics.relay_failed.add(batch.failed.len() as u64);
+        self.metrics
+            .relay_failed
+            .add((batch.failed.len() + reopened) as u64);
         let outcome = BatchOutcome {
             claimed: batch.claimed,
             published: batch.published.len(),
             failed: batch.failed.len(),
+            reopened,
             full: batch.claimed as i64 >= self.config.batch_size,
         };
         let span = tracing::Span::current();
@@ -247,15 +332,16 @@ impl Relay {
                 .instrument(span.clone())
                 .await;
             match result {
-                Ok(confirm) => pending.push(settle_confirm(row.id, span, confirm, permit)),
+                Ok(confirm) => pending.push(settle_confirm(row, span, confirm, permit)),
                 Err(error) => batch
                     .failed
-                    .push((row.id, format!("publish failed: {error}"))),
+                    .push((row.transaction_id, format!("publish failed: {error}"))),
             }
         }
         while let Some(done) = pending.next().await {
             batch.settle(done);
         }
+        batch.match_returns(rows);
         self.metrics
             .relay_publish_latency
             .observe(started.elapsed());
@@ -302,7 +388,8 @@ impl Relay {
     /// is the error, after the others have ended.
     pub async fn drain(&self, publisher: &Publisher) -> anyhow::Result<usize> {
         let mut batches = Batches::new(&self.config);
-        let mut total = 0;
+        // Rows a batch reopened were counted as published by their own batch.
+        let (mut published, mut reopened) = (0, 0);
         let mut failure = None;
         // Start as a backlog: open every batch, and keep them open while
         // they come back full.
@@ -314,7 +401,8 @@ impl Relay {
             match batches.next().await {
                 None => break,
                 Some(Ok(outcome)) => {
-                    total += outcome.published;
+                    published += outcome.published;
+                    reopened += outcome.reopened;
                     due = outcome.full;
                 }
                 Some(Err(error)) => {
@@ -322,9 +410,10 @@ impl Relay {
                 }
             }
         }
+        batches.report_unreopened();
         match failure {
             Some(error) => Err(error),
-            None => Ok(total),
+            None => Ok(published.saturating_sub(reopened)),
         }
     }
 
@@ -438,6 +527,7 @@ impl Relay {
             }
         }
         batches.finish().await;
+        batches.report_unreopened();
         if let Some(p) = publisher {
             p.close().await;
         }
@@ -462,6 +552,7 @@ impl Relay {
 /// [`Batches::next`] is polled, so every wait of the scheduler includes it.
 struct Batches {
     window: Arc<Semaphore>,
+    reopen: Reopen,
     max_open: usize,
     /// Polled by the scheduler's own task: one task drives every batch, as
     /// the raw publish loop it is measured against does.
@@ -474,6 +565,7 @@ impl Batches {
         let workers = config.workers.max(1);
         Self {
             window: Arc::new(Semaphore::new(batch_size * workers)),
+            reopen: Reopen::default(),
             max_open: workers + 1,
             set: FuturesUnordered::new(),
         }
@@ -484,9 +576,10 @@ impl Batches {
         if self.set.len() >= self.max_open {
             return false;
         }
-        let (relay, publisher, window) = (relay.clone(), publisher.clone(), self.window.clone());
+        let (relay, publisher) = (relay.clone(), publisher.clone());
+        let (window, reopen) = (self.window.clone(), self.reopen.clone());
         self.set.push(Box::pin(async move {
-            relay.run_batch(&publisher, Some(window)).await
+            relay.run_batch(&publisher, Some(window), &reopen).await
         }));
         true
     }
@@ -509,6 +602,19 @@ impl Batches {
             }
         }
     }
+
+    /// Logs the returned rows still marked published, if Postgres refused to
+    /// make them due again until the end: an operator must reset them.
+    fn report_unreopened(&self) {
+        let waiting = self.reopen.lock();
+        if !waiting.is_empty() {
+            let ids: Vec<String> = waiting.iter().map(|(t, _)| t.to_string()).collect();
+            tracing::error!(
+                transaction_ids = ids.join(","),
+                "returned by the broker but still marked published: set published_at = NULL on these outbox rows"
+            );
+        }
+    }
 }
 
 /// Waits for a NOTIFY; pends forever without a listener. On a listener
@@ -525,32 +631,63 @@ async fn wait_notify(listener: &mut Option<PgListener>) {
     }
 }
 
+/// One publish's confirm.
+struct Confirmed {
+    id: i64,
+    transaction_id: Uuid,
+    /// Acked, or why not. An ack does not yet say the message was routed:
+    /// its return may ride on another publish's confirm.
+    outcome: Result<(), String>,
+    /// A returned message this confirm carried, which may be another
+    /// publish's: its `message_id` (a row's `transaction_id`) and the reason.
+    returned: Option<(Uuid, String)>,
+}
+
 /// Waits for one publish's confirm (bounded: on a dead connection a confirm
 /// may never resolve, and the batch holds its rows' locks until it ends),
 /// then gives its `permit` back to the window.
 async fn settle_confirm(
-    id: i64,
+    row: &OutboxRow,
     span: tracing::Span,
     confirm: lapin::PublisherConfirm,
     permit: Option<OwnedSemaphorePermit>,
-) -> (i64, Result<(), String>) {
-    let outcome = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
-        Err(_) => Err("no confirm from the broker in time".to_owned()),
-        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-        Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(format!(
-            "returned by the broker: {} {}",
-            returned.reply_code, returned.reply_text
-        )),
-        Ok(Ok(Confirmation::Nack(_))) => Err("nacked by the broker".to_owned()),
-        Ok(Ok(Confirmation::NotRequested)) => Err("channel is not in confirm mode".to_owned()),
-        Ok(Err(error)) => Err(format!("confirm failed: {error}")),
+) -> Confirmed {
+    let (id, transaction_id) = (row.id, row.transaction_id);
+    let (outcome, returned) = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+        Err(_) => (Err("no confirm from the broker in time".to_owned()), None),
+        Ok(Ok(Confirmation::Ack(returned))) => (Ok(()), returned),
+        Ok(Ok(Confirmation::Nack(returned))) => (Err("nacked by the broker".to_owned()), returned),
+        Ok(Ok(Confirmation::NotRequested)) => {
+            (Err("channel is not in confirm mode".to_owned()), None)
+        }
+        Ok(Err(error)) => (Err(format!("confirm failed: {error}")), None),
     };
     drop(permit);
+    let returned = returned.map(|message| {
+        let error = format!(
+            "returned by the broker: {} {}",
+            message.reply_code, message.reply_text
+        );
+        let owner = message
+            .properties
+            .message_id()
+            .as_ref()
+            .and_then(|m| Uuid::parse_str(m.as_str()).ok());
+        tracing::warn!(parent: &span, message_id = ?owner, %error, "publish returned");
+        // Every message the relay sends has its row's id; without one the
+        // owner is unknown, and this row is at least not marked published.
+        (owner.unwrap_or(transaction_id), error)
+    });
     if let Err(error) = &outcome {
         span.record("otel.status_code", "ERROR");
         tracing::warn!(parent: &span, outbox.id = id, %error, "publish not confirmed");
     }
-    (id, outcome)
+    Confirmed {
+        id,
+        transaction_id,
+        outcome,
+        returned,
+    }
 }
 
 /// The PRODUCER span of one publish, a child of the context stored with the

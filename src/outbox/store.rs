@@ -75,24 +75,29 @@ pub async fn mark_published(conn: &mut PgConnection, ids: &[i64]) -> sqlx::Resul
     Ok(result.rows_affected())
 }
 
-/// Records a failed attempt: `attempts + 1`, `last_error`, and a retry time
-/// that grows with the attempts (1 s, 2 s, 4 s … capped at 5 minutes).
+/// Records a failed attempt for each row, found by its `transaction_id`: its
+/// message did not reach a queue. The row becomes due again (`published_at`
+/// back to NULL, for a row its own batch had marked published before the
+/// broker's return was matched to it), with `attempts + 1`, `last_error`, and
+/// a retry time that grows with the attempts (1 s, 2 s, 4 s … capped at 5
+/// minutes).
 pub async fn mark_failed(
     conn: &mut PgConnection,
-    ids: &[i64],
-    errors: &[String],
+    failures: &[(Uuid, String)],
 ) -> sqlx::Result<u64> {
-    if ids.is_empty() {
+    if failures.is_empty() {
         return Ok(0);
     }
+    let (transaction_ids, errors): (Vec<Uuid>, Vec<&str>) =
+        failures.iter().map(|(t, e)| (*t, e.as_str())).unzip();
     let result = sqlx::query(
-        "UPDATE outbox AS o SET attempts = o.attempts + 1, last_error = f.error, \
+        "UPDATE outbox AS o SET published_at = NULL, attempts = o.attempts + 1, last_error = f.error, \
              next_attempt_at = now() + least(interval '1 second' * power(2, o.attempts), interval '5 minutes') \
-         FROM unnest($1::bigint[], $2::text[]) AS f(id, error) \
-         WHERE o.id = ANY($1) AND o.id = f.id",
+         FROM unnest($1::uuid[], $2::text[]) AS f(transaction_id, error) \
+         WHERE o.transaction_id = ANY($1) AND o.transaction_id = f.transaction_id",
     )
-    .bind(ids)
-    .bind(errors)
+    .bind(&transaction_ids)
+    .bind(&errors)
     .execute(conn)
     .await?;
     Ok(result.rows_affected())

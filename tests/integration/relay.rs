@@ -235,6 +235,61 @@ async fn an_unroutable_row_stays_pending_with_its_error_and_does_not_hold_up_the
     db.cleanup().await;
 }
 
+/// The broker may confirm many publishes with one ack, and lapin hands a
+/// returned message to whichever confirm that ack completes first. Each
+/// row's fate must still be its own: the unroutable rows, and only they, stay
+/// pending with their error; every other row is published and delivered.
+#[tokio::test]
+async fn unroutable_rows_among_many_are_each_kept_pending_and_no_other() {
+    let db = TestDb::new().await;
+    let amqp = test_amqp();
+    let (mut routable, mut unroutable) = (Vec::new(), Vec::new());
+    for _ in 0..60 {
+        routable.extend(insert_events(&db.pool, 9, "order.created").await);
+        unroutable.extend(insert_events(&db.pool, 1, "order.nobody_listens").await);
+    }
+    // Small batches, many open at once: one ack often spans several batches.
+    let config = RelayConfig {
+        batch_size: 40,
+        workers: 4,
+        ..Default::default()
+    };
+    let relay = relay(&db.pool, &amqp, config);
+    let publisher = Publisher::open(&amqp, &CancellationToken::new())
+        .await
+        .unwrap();
+
+    let published = relay.drain(&publisher).await.unwrap();
+
+    assert_eq!(published, 540);
+    let pending: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT transaction_id, last_error FROM outbox WHERE published_at IS NULL")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let pending_ids: HashSet<Uuid> = pending.iter().map(|(t, _)| *t).collect();
+    let unroutable: HashSet<Uuid> = unroutable.into_iter().collect();
+    let lost: Vec<&Uuid> = unroutable.difference(&pending_ids).collect();
+    let held: Vec<&Uuid> = pending_ids.difference(&unroutable).collect();
+    assert!(
+        lost.is_empty() && held.is_empty(),
+        "unroutable rows marked published: {lost:?}; routable rows left pending: {held:?}"
+    );
+    assert!(
+        pending.iter().all(|(_, e)| e.contains("NO_ROUTE")),
+        "{pending:?}"
+    );
+    let (_conn, channel) = amqp_channel().await;
+    let delivered: HashSet<String> =
+        message_ids(&drain_queue(&channel, &billing_queue(&amqp)).await)
+            .into_iter()
+            .collect();
+    assert_eq!(delivered, routable.iter().map(Uuid::to_string).collect());
+    publisher.close().await;
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
+
 #[tokio::test]
 async fn two_relays_over_2000_rows_deliver_each_exactly_once() {
     let db = TestDb::new().await;
