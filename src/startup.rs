@@ -57,9 +57,8 @@ impl Roles {
             .await
             .with_context(|| format!("binding {}", http.http_addr))?;
         let addr = listener.local_addr()?;
-        let mut state = AppState::new(self.pool.clone(), http);
+        let mut state = AppState::new(self.pool.clone(), http, self.wake.clone());
         state.metrics = self.metrics.clone();
-        state.wake = self.wake.clone();
         state.amqp = amqp;
         let app = api::router(state);
         let cancel = self.cancel.clone();

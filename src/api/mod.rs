@@ -46,11 +46,12 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(pool: PgPool, config: &HttpConfig) -> Self {
+    /// `wake` is signalled after each commit of new orders.
+    pub fn new(pool: PgPool, config: &HttpConfig, wake: Wake) -> Self {
         Self {
-            writer: writer::OrderWriter::start(pool.clone()),
+            writer: writer::OrderWriter::start(pool.clone(), wake.clone()),
             pool,
-            wake: Wake::default(),
+            wake,
             metrics: Arc::default(),
             body_limit: config.body_limit,
             request_timeout: Duration::from_millis(config.request_timeout_ms),

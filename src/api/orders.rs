@@ -31,7 +31,15 @@ pub async fn create_order(
     let order_id = Uuid::now_v7();
     let trace_headers = propagation::current_context_headers();
     let (order_id, created) = match key {
-        Some(key) => create_with_key(&state, &key, order, order_id, trace_headers).await?,
+        Some(key) => {
+            let (order_id, created) =
+                create_with_key(&state, &key, order, order_id, trace_headers).await?;
+            if created {
+                state.wake.notify();
+            }
+            (order_id, created)
+        }
+        // The writer wakes the relay itself, as soon as it has committed.
         None => {
             state
                 .writer
@@ -42,7 +50,6 @@ pub async fn create_order(
         }
     };
     if created {
-        state.wake.notify();
         state.metrics.orders_created.inc();
     }
     tracing::Span::current().record("order.id", tracing::field::display(order_id));

@@ -13,6 +13,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::orders::{self, NewOrder, OrderEvent};
+use crate::outbox::Wake;
 use crate::outbox::store::{self as outbox, NewOutboxEvent};
 
 /// Orders per shared transaction at most.
@@ -37,11 +38,13 @@ pub struct OrderWriter {
 }
 
 impl OrderWriter {
-    pub fn start(pool: PgPool) -> Self {
+    /// Starts the writer tasks; `wake` is signalled after each commit, before
+    /// the clients are answered, so the relay starts on the new rows at once.
+    pub fn start(pool: PgPool, wake: Wake) -> Self {
         let (jobs, receiver) = mpsc::channel::<Job>(1024);
         let receiver = Arc::new(Mutex::new(receiver));
         for _ in 0..WRITERS {
-            tokio::spawn(write_batches(pool.clone(), receiver.clone()));
+            tokio::spawn(write_batches(pool.clone(), receiver.clone(), wake.clone()));
         }
         Self { jobs }
     }
@@ -71,7 +74,7 @@ impl OrderWriter {
 
 /// Takes whatever is queued (up to `MAX_BATCH`) and writes it in one
 /// transaction; never waits for more to arrive, so an idle system adds no delay.
-async fn write_batches(pool: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Job>>>) {
+async fn write_batches(pool: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Job>>>, wake: Wake) {
     loop {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         {
@@ -89,6 +92,7 @@ async fn write_batches(pool: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Job>>>) 
         }
         match write_together(&pool, &batch).await {
             Ok(()) => {
+                wake.notify();
                 for job in batch {
                     let _ = job.reply.send(Ok(()));
                 }
@@ -101,6 +105,9 @@ async fn write_batches(pool: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Job>>>) 
             Err(_) => {
                 for job in batch {
                     let result = write_together(&pool, std::slice::from_ref(&job)).await;
+                    if result.is_ok() {
+                        wake.notify();
+                    }
                     let _ = job.reply.send(result);
                 }
             }
