@@ -52,16 +52,11 @@ impl ApiError {
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> Self {
         match error {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+            // Retryable, so a 503.
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
                 Self::Unavailable(anyhow::Error::new(error).context("database unavailable"))
             }
-            // Connection exceptions (08xxx) and operator intervention (57Pxx: the
-            // server is shutting down or restarting): retryable, so a 503.
-            sqlx::Error::Database(ref db)
-                if db
-                    .code()
-                    .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
-            {
+            ref lost if crate::db::connection_lost(lost) => {
                 Self::Unavailable(anyhow::Error::new(error).context("database unavailable"))
             }
             other => Self::Internal(anyhow::Error::new(other).context("database error")),

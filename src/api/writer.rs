@@ -90,7 +90,7 @@ async fn write_batches(pool: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Job>>>, 
                 }
             }
         }
-        match write_together(&pool, &batch).await {
+        match write_retrying(&pool, &batch).await {
             Ok(()) => {
                 wake.notify();
                 for job in batch {
@@ -104,7 +104,7 @@ async fn write_batches(pool: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Job>>>, 
             // One bad order must not fail the others: write each alone.
             Err(_) => {
                 for job in batch {
-                    let result = write_together(&pool, std::slice::from_ref(&job)).await;
+                    let result = write_retrying(&pool, std::slice::from_ref(&job)).await;
                     if result.is_ok() {
                         wake.notify();
                     }
@@ -140,10 +140,30 @@ pub fn order_created(
     }
 }
 
+/// [`write_together`], tried again when the connection it ran on failed.
+/// Pooled connections in steady use are not pinged before use, and after a
+/// Postgres restart every idle one is dead: each try takes the next one (the
+/// pool closes the dead), at most as many tries as the pool holds. Safe: the
+/// statement is atomic, and if it did commit before its connection failed,
+/// the retry fails on the orders' primary key.
+async fn write_retrying(pool: &PgPool, batch: &[Job]) -> Result<(), sqlx::Error> {
+    let mut tries = 0;
+    loop {
+        let result = async { write_together(&mut *pool.acquire().await?, batch).await }.await;
+        match result {
+            Err(error) if crate::db::connection_lost(&error) && tries < pool.size() => {
+                tracing::debug!(%error, "connection lost while writing orders; trying another");
+                tries += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// The whole batch in ONE statement, so one transaction without a `BEGIN`
 /// or `COMMIT` round trip: all orders and all their outbox rows commit
 /// together or not at all.
-async fn write_together(pool: &PgPool, batch: &[Job]) -> Result<(), sqlx::Error> {
+async fn write_together(conn: &mut PgConnection, batch: &[Job]) -> Result<(), sqlx::Error> {
     let now = Utc::now();
     let events: Vec<NewOutboxEvent> = batch
         .iter()
@@ -168,7 +188,7 @@ async fn write_together(pool: &PgPool, batch: &[Job]) -> Result<(), sqlx::Error>
     .bind(events.iter().map(|e| e.event_type).collect::<Vec<_>>())
     .bind(events.iter().map(|e| &e.payload).collect::<Vec<_>>())
     .bind(events.iter().map(|e| &e.headers).collect::<Vec<_>>())
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(())
 }

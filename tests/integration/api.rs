@@ -488,3 +488,46 @@ async fn a_request_over_the_timeout_gets_a_503_json_error() {
     blocker.rollback().await.unwrap();
     app.stop().await;
 }
+
+/// Pooled connections in steady use are not pinged before use. When
+/// Postgres drops every one of them (a restart, an administrator), the next
+/// order is still accepted: its write moves on to a live connection.
+#[tokio::test]
+async fn an_order_is_accepted_after_postgres_dropped_every_pooled_connection() {
+    let app = TestApp::spawn().await;
+    // Several idle connections in the pool, all just used.
+    let held = futures_util::future::join_all((0..6).map(|_| app.db.pool.acquire())).await;
+    drop(held);
+    let admin = app.db.extra_pool(1).await;
+    let dropped: Vec<i32> = sqlx::query_scalar(
+        "WITH pooled AS MATERIALIZED ( \
+             SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()) \
+         SELECT pid FROM pooled WHERE pg_terminate_backend(pid)",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert!(dropped.len() >= 6, "{dropped:?}");
+    eventually(
+        "the dropped connections to end",
+        Duration::from_secs(5),
+        || async {
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)")
+                    .bind(&dropped)
+                    .fetch_one(&admin)
+                    .await
+                    .unwrap();
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+
+    let response = app.post_order(order_body()).await;
+
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    assert_eq!(row_counts(&app).await, (1, 1));
+    admin.close().await;
+    app.stop().await;
+}
