@@ -144,8 +144,8 @@ pub fn order_created(
 /// Pooled connections in steady use are not pinged before use, and after a
 /// Postgres restart every idle one is dead: each try takes the next one (the
 /// pool closes the dead), at most as many tries as the pool holds. Safe: the
-/// statement is atomic, and if it did commit before its connection failed,
-/// the retry fails on the orders' primary key.
+/// statement is atomic, and the order ids are this batch's own, so a retry
+/// that finds them taken means the lost try did commit: that is success.
 async fn write_retrying(pool: &PgPool, batch: &[Job]) -> Result<(), sqlx::Error> {
     let mut tries = 0;
     loop {
@@ -155,9 +155,19 @@ async fn write_retrying(pool: &PgPool, batch: &[Job]) -> Result<(), sqlx::Error>
                 tracing::debug!(%error, "connection lost while writing orders; trying another");
                 tries += 1;
             }
+            Err(error) if tries > 0 && already_written(&error) => {
+                tracing::debug!("the write whose connection was lost had committed");
+                return Ok(());
+            }
             result => return result,
         }
     }
+}
+
+/// The orders' primary key refused an id: on a retry, the earlier try's.
+fn already_written(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db)
+        if db.is_unique_violation() && db.constraint() == Some("orders_pkey"))
 }
 
 /// The whole batch in ONE statement, so one transaction without a `BEGIN`

@@ -178,6 +178,25 @@ impl Reopen {
         }
     }
 
+    /// Makes the rows still waiting due again, a last time; logs those
+    /// Postgres still refuses: an operator must reset them.
+    async fn finish(&self, pool: &PgPool) {
+        if let Err(error) = self.apply(pool).await {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "could not reopen returned rows"
+            );
+        }
+        let waiting = self.lock();
+        if !waiting.is_empty() {
+            let ids: Vec<String> = waiting.iter().map(|(t, _)| t.to_string()).collect();
+            tracing::error!(
+                transaction_ids = ids.join(","),
+                "returned by the broker but still marked published: set published_at = NULL on these outbox rows"
+            );
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Uuid, String)>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -245,7 +264,17 @@ impl Relay {
         tx.commit().await.context("committing the batch")?;
         // After the commit: the other batches' rows may wait for their own
         // batch's commit, and this one holds no lock they could wait for.
-        let reopened = reopen.apply(&self.pool).await?;
+        // This batch is done whatever happens here; rows left wait for the next.
+        let reopened = match reopen.apply(&self.pool).await {
+            Ok(n) => n,
+            Err(error) => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "will retry with the next batch"
+                );
+                0
+            }
+        };
 
         self.metrics
             .relay_published
@@ -410,7 +439,7 @@ impl Relay {
                 }
             }
         }
-        batches.report_unreopened();
+        batches.reopen.finish(&self.pool).await;
         match failure {
             Some(error) => Err(error),
             None => Ok(published.saturating_sub(reopened)),
@@ -527,7 +556,7 @@ impl Relay {
             }
         }
         batches.finish().await;
-        batches.report_unreopened();
+        batches.reopen.finish(&self.pool).await;
         if let Some(p) = publisher {
             p.close().await;
         }
@@ -600,19 +629,6 @@ impl Batches {
             if let Err(error) = result {
                 tracing::warn!(error = format!("{error:#}"), "relay batch failed");
             }
-        }
-    }
-
-    /// Logs the returned rows still marked published, if Postgres refused to
-    /// make them due again until the end: an operator must reset them.
-    fn report_unreopened(&self) {
-        let waiting = self.reopen.lock();
-        if !waiting.is_empty() {
-            let ids: Vec<String> = waiting.iter().map(|(t, _)| t.to_string()).collect();
-            tracing::error!(
-                transaction_ids = ids.join(","),
-                "returned by the broker but still marked published: set published_at = NULL on these outbox rows"
-            );
         }
     }
 }
