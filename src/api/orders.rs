@@ -80,7 +80,7 @@ async fn create_with_key(
             ));
         }
     }
-    writer::write_one(&mut tx, order_id, &order, trace_headers).await?;
+    writer::write_one(&mut tx, order_id, order, trace_headers).await?;
     tx.commit().await?;
     Ok((order_id, true))
 }

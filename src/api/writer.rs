@@ -14,19 +14,24 @@ use uuid::Uuid;
 
 use crate::orders::{self, NewOrder, OrderEvent};
 use crate::outbox::Wake;
-use crate::outbox::store::{self as outbox, NewOutboxEvent};
+use crate::outbox::store::NewOutboxEvent;
 
 /// Orders per shared transaction at most.
 const MAX_BATCH: usize = 64;
 /// Transactions in flight at once (one collects while another commits).
 const WRITERS: usize = 4;
 
-/// One order waiting for its commit.
-struct Job {
+/// An order to write, and what its `order.created` outbox row needs.
+struct NewRow {
     order_id: Uuid,
     order: NewOrder,
     /// The request's trace context, stored with the outbox row.
     trace_headers: serde_json::Value,
+}
+
+/// One order waiting for its commit.
+struct Job {
+    row: NewRow,
     reply: oneshot::Sender<Result<(), sqlx::Error>>,
 }
 
@@ -59,9 +64,11 @@ impl OrderWriter {
     ) -> Result<(), sqlx::Error> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
-            order_id,
-            order,
-            trace_headers,
+            row: NewRow {
+                order_id,
+                order,
+                trace_headers,
+            },
             reply,
         };
         self.jobs
@@ -147,9 +154,10 @@ pub fn order_created(
 /// statement is atomic, and the order ids are this batch's own, so a retry
 /// that finds them taken means the lost try did commit: that is success.
 async fn write_retrying(pool: &PgPool, batch: &[Job]) -> Result<(), sqlx::Error> {
+    let rows: Vec<&NewRow> = batch.iter().map(|job| &job.row).collect();
     let mut tries = 0;
     loop {
-        let result = async { write_together(&mut *pool.acquire().await?, batch).await }.await;
+        let result = async { write_together(&mut *pool.acquire().await?, &rows).await }.await;
         match result {
             Err(error) if crate::db::connection_lost(&error) && tries < pool.size() => {
                 tracing::debug!(%error, "connection lost while writing orders; trying another");
@@ -170,14 +178,15 @@ fn already_written(error: &sqlx::Error) -> bool {
         if db.is_unique_violation() && db.constraint() == Some("orders_pkey"))
 }
 
-/// The whole batch in ONE statement, so one transaction without a `BEGIN`
-/// or `COMMIT` round trip: all orders and all their outbox rows commit
-/// together or not at all.
-async fn write_together(conn: &mut PgConnection, batch: &[Job]) -> Result<(), sqlx::Error> {
+/// The orders and their outbox rows in ONE statement: on a pooled
+/// connection it is a transaction of its own, without a `BEGIN` or `COMMIT`
+/// round trip; on a transaction it is part of it. All the orders and all
+/// their outbox rows are written together or not at all.
+async fn write_together(conn: &mut PgConnection, rows: &[&NewRow]) -> Result<(), sqlx::Error> {
     let now = Utc::now();
-    let events: Vec<NewOutboxEvent> = batch
+    let events: Vec<NewOutboxEvent> = rows
         .iter()
-        .map(|j| order_created(j.order_id, &j.order, now, j.trace_headers.clone()))
+        .map(|r| order_created(r.order_id, &r.order, now, r.trace_headers.clone()))
         .collect();
     sqlx::query(
         "WITH new_orders AS ( \
@@ -187,10 +196,10 @@ async fn write_together(conn: &mut PgConnection, batch: &[Job]) -> Result<(), sq
          INSERT INTO outbox (transaction_id, aggregate_type, aggregate_id, event_type, payload, headers) \
          SELECT * FROM unnest($6::uuid[], $7::text[], $8::text[], $9::text[], $10::jsonb[], $11::jsonb[])",
     )
-    .bind(batch.iter().map(|j| j.order_id).collect::<Vec<_>>())
-    .bind(batch.iter().map(|j| j.order.product_id.as_str()).collect::<Vec<_>>())
-    .bind(batch.iter().map(|j| j.order.user_id.as_str()).collect::<Vec<_>>())
-    .bind(batch.iter().map(|j| j.order.amount).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.order_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.order.product_id.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.order.user_id.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.order.amount).collect::<Vec<_>>())
     .bind(now)
     .bind(events.iter().map(|e| e.transaction_id).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.aggregate_type).collect::<Vec<_>>())
@@ -203,18 +212,18 @@ async fn write_together(conn: &mut PgConnection, batch: &[Job]) -> Result<(), sq
     Ok(())
 }
 
-/// Writes one order and its outbox row on `conn` (the caller's transaction).
+/// Writes one order and its outbox row on `conn` (the caller's transaction),
+/// with the same statement as the group commits.
 pub async fn write_one(
     conn: &mut PgConnection,
     order_id: Uuid,
-    order: &NewOrder,
+    order: NewOrder,
     trace_headers: serde_json::Value,
 ) -> Result<(), sqlx::Error> {
-    let created_at = orders::insert(conn, order_id, order).await?;
-    outbox::insert(
-        conn,
-        &order_created(order_id, order, created_at, trace_headers),
-    )
-    .await?;
-    Ok(())
+    let row = NewRow {
+        order_id,
+        order,
+        trace_headers,
+    };
+    write_together(conn, &[&row]).await
 }
