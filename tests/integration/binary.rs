@@ -30,6 +30,8 @@ async fn the_binary_serves_orders_exits_zero_on_sigterm_and_never_logs_the_passw
         .env("AMQP_URL", amqp.amqp_url.expose())
         .env("AMQP_EXCHANGE", &amqp.exchange)
         .env("AMQP_QUEUE_PREFIX", &amqp.queue_prefix)
+        // The test's delays, so that cleanup_amqp finds the retry queues.
+        .env("RETRY_DELAYS_MS", retry_delays(&amqp))
         .env("HTTP_ADDR", "127.0.0.1:0")
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "debug,h2=info,hyper=info")
@@ -110,4 +112,9 @@ async fn the_binary_serves_orders_exits_zero_on_sigterm_and_never_logs_the_passw
     );
     cleanup_amqp(&amqp).await;
     db.cleanup().await;
+}
+
+fn retry_delays(amqp: &order_service::config::AmqpConfig) -> String {
+    let delays: Vec<String> = amqp.retry_delays_ms.iter().map(u64::to_string).collect();
+    delays.join(",")
 }
