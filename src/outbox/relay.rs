@@ -247,14 +247,8 @@ impl Relay {
             .await?;
         // Kept before anything can fail: a later batch reopens them then.
         reopen.keep(&batch.returned_elsewhere);
-        if batch.claimed == 0 {
-            tx.commit().await?;
-            let reopened = reopen.apply(&self.pool).await?;
-            return Ok(BatchOutcome {
-                reopened,
-                ..Default::default()
-            });
-        }
+        // Both marks do nothing for an empty claim, which still commits and
+        // reopens what earlier batches left.
         store::mark_published(&mut tx, &batch.published)
             .await
             .context("marking rows published")?;
