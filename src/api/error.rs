@@ -51,15 +51,13 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> Self {
-        match error {
-            // Retryable, so a 503.
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
-                Self::Unavailable(anyhow::Error::new(error).context("database unavailable"))
-            }
-            ref lost if crate::db::connection_lost(lost) => {
-                Self::Unavailable(anyhow::Error::new(error).context("database unavailable"))
-            }
-            other => Self::Internal(anyhow::Error::new(other).context("database error")),
+        // No connection to be had, or the one in use failed: retryable, so a 503.
+        let unavailable = matches!(error, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
+            || crate::db::connection_lost(&error);
+        if unavailable {
+            Self::Unavailable(anyhow::Error::new(error).context("database unavailable"))
+        } else {
+            Self::Internal(anyhow::Error::new(error).context("database error"))
         }
     }
 }
