@@ -1,9 +1,5 @@
 //! The two consumers' side effects, written set-based: one statement applies
-//! a whole batch of events.
-
-use anyhow::Context;
-use sqlx::PgConnection;
-use uuid::Uuid;
+//! a whole batch of events, together with its dedup rows.
 
 use super::Handler;
 use crate::amqp::{BILLING, EMAIL};
@@ -19,45 +15,17 @@ impl Handler for Billing {
         BILLING
     }
 
-    async fn handle(&self, conn: &mut PgConnection, events: &[&OrderEvent]) -> anyhow::Result<()> {
-        let order_ids: Vec<Uuid> = events.iter().map(|e| e.order_id).collect();
-        let user_ids: Vec<&str> = events.iter().map(|e| e.user_id.as_str()).collect();
-        let amounts: Vec<i64> = events.iter().map(|e| e.amount).collect();
-        let transaction_ids: Vec<Uuid> = events.iter().map(|e| e.transaction_id).collect();
-        let mut distinct = order_ids.clone();
-        distinct.sort_unstable();
-        distinct.dedup();
-        // One statement: the ledger rows, and the orders confirmed. The
-        // orders are found by `id = ANY(...)`, so even a plan cached while
-        // the table was small looks them up by key instead of scanning it.
-        let confirmed = sqlx::query_scalar::<_, i64>(
-            "WITH charged AS ( \
-                 INSERT INTO ledger (order_id, user_id, amount, transaction_id) \
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::uuid[])), \
-             confirmed AS ( \
-                 UPDATE orders SET status = 'CONFIRMED', updated_at = now() \
-                 WHERE id = ANY($5::uuid[]) RETURNING id) \
-             SELECT count(*) FROM confirmed",
-        )
-        .bind(&order_ids)
-        .bind(&user_ids)
-        .bind(&amounts)
-        .bind(&transaction_ids)
-        .bind(&distinct)
-        .fetch_one(&mut *conn)
-        .await
-        .context("writing the ledger rows and confirming the orders")?;
-        if confirmed != distinct.len() as i64 {
-            match order_ids.as_slice() {
-                [one] => anyhow::bail!("order {one} does not exist"),
-                _ => anyhow::bail!(
-                    "{} of {} orders do not exist",
-                    distinct.len() as i64 - confirmed,
-                    distinct.len()
-                ),
-            }
-        }
-        Ok(())
+    /// The ledger's foreign key refuses a charge for an order that does not
+    /// exist, which fails the statement. The orders are found by
+    /// `id = ANY(ARRAY(...))`, a key lookup even in a plan cached while the
+    /// table was small.
+    fn effect(&self) -> &'static str {
+        "charged AS ( \
+             INSERT INTO ledger (order_id, user_id, amount, transaction_id) \
+             SELECT order_id, user_id, amount, transaction_id FROM events), \
+         confirmed AS ( \
+             UPDATE orders SET status = 'CONFIRMED', updated_at = now() \
+             WHERE id = ANY(ARRAY(SELECT order_id FROM events)))"
     }
 }
 
@@ -73,7 +41,17 @@ impl Handler for Email {
         EMAIL
     }
 
-    async fn handle(&self, conn: &mut PgConnection, events: &[&OrderEvent]) -> anyhow::Result<()> {
+    fn effect(&self) -> &'static str {
+        "sent AS ( \
+             INSERT INTO notifications (order_id, user_id, body, transaction_id) \
+             SELECT order_id, user_id, \
+                    format('Hello %s, we received your order %s for product %s (%s minor units).', \
+                           user_id, order_id, product_id, amount), \
+                    transaction_id \
+             FROM events)"
+    }
+
+    fn check(&self, events: &[&OrderEvent]) -> anyhow::Result<()> {
         if self.failure_rate > 0.0 {
             // Failures are drawn one message at a time, so each message fails
             // with exactly `failure_rate`: a batch goes back one by one.
@@ -85,29 +63,6 @@ impl Handler for Email {
                 anyhow::bail!("simulated SMTP failure");
             }
         }
-        let bodies: Vec<String> = events
-            .iter()
-            .map(|e| {
-                format!(
-                    "Hello {}, we received your order {} for product {} ({} minor units).",
-                    e.user_id, e.order_id, e.product_id, e.amount
-                )
-            })
-            .collect();
-        let order_ids: Vec<Uuid> = events.iter().map(|e| e.order_id).collect();
-        let user_ids: Vec<&str> = events.iter().map(|e| e.user_id.as_str()).collect();
-        let transaction_ids: Vec<Uuid> = events.iter().map(|e| e.transaction_id).collect();
-        sqlx::query(
-            "INSERT INTO notifications (order_id, user_id, body, transaction_id) \
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[])",
-        )
-        .bind(&order_ids)
-        .bind(&user_ids)
-        .bind(&bodies)
-        .bind(&transaction_ids)
-        .execute(conn)
-        .await
-        .context("recording the notifications")?;
         Ok(())
     }
 }

@@ -1,6 +1,6 @@
 //! Idempotent consumers. The deliveries in hand are handled in ONE Postgres
-//! transaction: their dedup rows in `processed_messages`, then (only for the
-//! new ones) the side effect; commit; then ack each. A failing handler is retried
+//! statement, so one transaction: their dedup rows in `processed_messages`
+//! and, only for the new ones, the side effect; then ack each. A failing handler is retried
 //! through delay queues, then dead-lettered; nothing is dropped.
 
 pub mod dlq;
@@ -8,11 +8,11 @@ pub mod handlers;
 mod message;
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use futures_util::future::join_all;
 use lapin::message::Delivery;
@@ -22,7 +22,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
-use sqlx::{PgConnection, PgPool};
+use sqlx::{AssertSqlSafe, PgPool, SqlSafeStr, SqlStr};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,21 +36,51 @@ use crate::orders::OrderEvent;
 use crate::shutdown::{Backoff, sleep_or_cancel};
 pub use message::{Incoming, ParseError};
 
-/// A consumer's side effect. It runs inside the transaction that holds the
-/// dedup rows; an error rolls both back.
+/// A consumer's side effect, written as SQL that runs in the SAME statement
+/// as the dedup insert: one statement is one transaction, so the dedup rows
+/// and the effect commit together, or neither does, in one round trip.
 pub trait Handler: Send + Sync + 'static {
     /// The consumer's name: its dedup key and its queue's base name.
     fn name(&self) -> &'static str;
 
-    /// Applies the side effect of one or more events: the deliveries in hand
-    /// share one transaction, so write it set-based. An error rolls the whole
-    /// transaction back; a batch is then applied again one event at a time,
-    /// so a failing event only sends itself to retry.
-    fn handle(
-        &self,
-        conn: &mut PgConnection,
-        events: &[&OrderEvent],
-    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// The side effect: one or more comma-separated `name AS (INSERT|UPDATE
+    /// ...)` CTEs over `events`, the batch's events not seen before, with the
+    /// columns `transaction_id`, `order_id`, `product_id`, `user_id`,
+    /// `amount` and `occurred_at` (the message's `timestamp`). Any error the
+    /// statement raises (a constraint, say) rolls back the dedup rows with
+    /// the effect; a batch is then applied again one event at a time, so a
+    /// failing event only sends itself to retry.
+    fn effect(&self) -> &'static str;
+
+    /// Runs before the statement, outside the database, on every event
+    /// offered (duplicates too: they are known only inside the statement). An
+    /// error fails the events with nothing written, as a refused call to
+    /// another service would.
+    fn check(&self, _events: &[&OrderEvent]) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// Wraps a handler's effect into the statement that also inserts the dedup
+/// rows (sorted, so two batches sharing ids cannot deadlock) and returns the
+/// ids that were new. Binds: `$1` the consumer's name, then the events'
+/// fields as arrays.
+fn apply_statement(effect: &str) -> SqlStr {
+    let statement = format!(
+        "WITH incoming AS ( \
+             SELECT * FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::text[], \
+                                  $6::bigint[], $7::timestamptz[]) \
+             AS e(transaction_id, order_id, product_id, user_id, amount, occurred_at)), \
+         fresh AS ( \
+             INSERT INTO processed_messages (consumer, transaction_id) \
+             SELECT $1, transaction_id FROM incoming ORDER BY transaction_id \
+             ON CONFLICT DO NOTHING RETURNING transaction_id), \
+         events AS (SELECT incoming.* FROM incoming JOIN fresh USING (transaction_id)), \
+         {effect} \
+         SELECT transaction_id FROM fresh"
+    );
+    // The effect is the handler's own constant SQL, never a message's data.
+    AssertSqlSafe(Arc::<str>::from(statement)).into_sql_str()
 }
 
 /// What became of one delivery.
@@ -85,6 +115,8 @@ pub struct Consumer<H> {
     pub config: ConsumerConfig,
     pub queues: QueueNames,
     pub metrics: Arc<ConsumerMetrics>,
+    /// The dedup insert and the handler's effect, as one statement.
+    statement: SqlStr,
 }
 
 impl<H: Handler> Consumer<H> {
@@ -98,6 +130,7 @@ impl<H: Handler> Consumer<H> {
         let queues = QueueNames::new(&amqp, handler.name());
         Self {
             metrics: metrics.consumer(&queues.main),
+            statement: apply_statement(handler.effect()),
             handler: Arc::new(handler),
             pool,
             amqp,
@@ -264,35 +297,36 @@ impl<H: Handler> Consumer<H> {
         }
     }
 
-    /// One transaction over `batch`: `Ok(Err(reason))` when the handler failed
-    /// and everything was rolled back.
+    /// One statement, so one transaction, over `batch`: `Ok(Err(reason))`
+    /// when the handler's check or its effect failed and nothing was written.
     async fn transact(&self, batch: &[&Incoming]) -> anyhow::Result<Result<Vec<Applied>, String>> {
         if batch.is_empty() {
             return Ok(Ok(Vec::new()));
         }
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .context("starting the consumer transaction")?;
-        let mut ids: Vec<Uuid> = batch.iter().map(|i| i.transaction_id).collect();
-        // A fixed insert order, so two batches sharing ids cannot deadlock.
-        ids.sort_unstable();
-        let fresh: HashSet<Uuid> = sqlx::query_scalar(
-            "INSERT INTO processed_messages (consumer, transaction_id) \
-             SELECT $1, id FROM unnest($2::uuid[]) AS id ORDER BY id \
-             ON CONFLICT DO NOTHING RETURNING transaction_id",
-        )
-        .bind(self.handler.name())
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await
-        .context("recording the dedup rows")?
-        .into_iter()
-        .collect();
-        // The first copy of a new id is applied; any other copy is a duplicate.
+        // The first copy of an id is offered; any other copy is a duplicate.
+        let mut offered = HashSet::new();
+        let events: Vec<&OrderEvent> = batch
+            .iter()
+            .filter(|i| offered.insert(i.transaction_id))
+            .map(|i| &i.event)
+            .collect();
+        if let Err(error) = self.handler.check(&events) {
+            return Ok(Err(format!("{error:#}")));
+        }
+        let fresh: HashSet<Uuid> = match self.run_statement(&events).await {
+            Ok(fresh) => fresh.into_iter().collect(),
+            // The database refused the statement (a constraint, say): the
+            // effect failed, and the statement's dedup rows went with it.
+            Err(error @ sqlx::Error::Database(_)) if !crate::db::connection_lost(&error) => {
+                return Ok(Err(format!("{error:#}")));
+            }
+            Err(error) => {
+                return Err(anyhow::Error::new(error).context("applying the consumer statement"));
+            }
+        };
+        self.metrics.transactions.inc();
         let mut first = HashSet::new();
-        let applied: Vec<Applied> = batch
+        Ok(Ok(batch
             .iter()
             .map(|i| {
                 if fresh.contains(&i.transaction_id) && first.insert(i.transaction_id) {
@@ -301,24 +335,28 @@ impl<H: Handler> Consumer<H> {
                     Applied::Duplicate
                 }
             })
-            .collect();
-        let events: Vec<&OrderEvent> = batch
-            .iter()
-            .zip(&applied)
-            .filter(|(_, a)| **a == Applied::Committed)
-            .map(|(i, _)| &i.event)
-            .collect();
-        if !events.is_empty()
-            && let Err(error) = self.handler.handle(&mut tx, &events).await
-        {
-            // Dropping the transaction rolls back the dedup rows with the effect.
-            return Ok(Err(format!("{error:#}")));
-        }
-        tx.commit()
+            .collect()))
+    }
+
+    /// Runs the consumer's statement on `events` (distinct ids); returns the
+    /// ids it saw for the first time.
+    async fn run_statement(&self, events: &[&OrderEvent]) -> Result<Vec<Uuid>, sqlx::Error> {
+        let column =
+            |field: fn(&OrderEvent) -> Uuid| events.iter().map(|e| field(e)).collect::<Vec<_>>();
+        let product_ids: Vec<&str> = events.iter().map(|e| e.product_id.as_str()).collect();
+        let user_ids: Vec<&str> = events.iter().map(|e| e.user_id.as_str()).collect();
+        let amounts: Vec<i64> = events.iter().map(|e| e.amount).collect();
+        let timestamps: Vec<DateTime<Utc>> = events.iter().map(|e| e.timestamp).collect();
+        sqlx::query_scalar(self.statement.clone())
+            .bind(self.handler.name())
+            .bind(column(|e| e.transaction_id))
+            .bind(column(|e| e.order_id))
+            .bind(&product_ids)
+            .bind(&user_ids)
+            .bind(&amounts)
+            .bind(&timestamps)
+            .fetch_all(&self.pool)
             .await
-            .context("committing the consumer transaction")?;
-        self.metrics.transactions.inc();
-        Ok(Ok(applied))
     }
 
     /// Consumes until `cancel` fires, reconnecting with backoff when the

@@ -14,7 +14,7 @@ use order_service::consumer::handlers::Billing;
 use order_service::consumer::{Applied, Consumer, Handler, Incoming, dlq};
 use order_service::metrics::{ConsumerMetrics, Metrics};
 use order_service::orders::{self, NewOrder, OrderEvent};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -326,9 +326,10 @@ impl Handler for FailsFirst {
     fn name(&self) -> &'static str {
         BILLING
     }
-    async fn handle(&self, conn: &mut PgConnection, events: &[&OrderEvent]) -> anyhow::Result<()> {
-        // The side effect happens first, so a rollback must undo it.
-        Billing.handle(conn, events).await?;
+    fn effect(&self) -> &'static str {
+        Billing.effect()
+    }
+    fn check(&self, _events: &[&OrderEvent]) -> anyhow::Result<()> {
         let left = self.failures.load(Ordering::SeqCst);
         if left > 0 {
             self.failures.store(left - 1, Ordering::SeqCst);
@@ -379,11 +380,12 @@ impl Handler for Switchable {
     fn name(&self) -> &'static str {
         BILLING
     }
-    async fn handle(&self, conn: &mut PgConnection, events: &[&OrderEvent]) -> anyhow::Result<()> {
-        if self.failing.load(Ordering::SeqCst) {
-            anyhow::bail!("card declined");
-        }
-        Billing.handle(conn, events).await
+    fn effect(&self) -> &'static str {
+        Billing.effect()
+    }
+    fn check(&self, _events: &[&OrderEvent]) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.failing.load(Ordering::SeqCst), "card declined");
+        Ok(())
     }
 }
 

@@ -120,6 +120,19 @@ async fn every_posted_order_is_confirmed_charged_once_and_notified_once() {
             .await,
         40
     );
+    let bodies: Vec<(String, String)> = sqlx::query_as(
+        "SELECT n.body, format('Hello %s, we received your order %s for product %s (%s minor units).', \
+                o.user_id, o.id, o.product_id, o.amount) \
+         FROM notifications n JOIN orders o ON o.id = n.order_id AND o.user_id = n.user_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(bodies.len(), 40, "each notification names its order's user");
+    for (body, expected) in &bodies {
+        assert_eq!(body, expected, "the e-mail names its own order");
+    }
+    assert!(bodies[0].0.contains(" for product p-"), "{}", bodies[0].0);
     assert_eq!(
         db.count("SELECT count(*) FROM processed_messages").await,
         80
