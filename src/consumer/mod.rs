@@ -45,20 +45,35 @@ pub trait Handler: Send + Sync + 'static {
 
     /// The side effect: one or more comma-separated `name AS (INSERT|UPDATE
     /// ...)` CTEs over `events`, the batch's events not seen before, with the
-    /// columns `transaction_id`, `order_id`, `product_id`, `user_id`,
-    /// `amount` and `occurred_at` (the message's `timestamp`). Any error the
-    /// statement raises (a constraint, say) rolls back the dedup rows with
-    /// the effect; a batch is then applied again one event at a time, so a
-    /// failing event only sends itself to retry.
+    /// columns `transaction_id` (the dedup key: the message's `message_id`),
+    /// `order_id`, `product_id`, `user_id`, `amount` and `occurred_at` (the
+    /// event's `timestamp`). An error the statement raises on the data (a
+    /// constraint, a bad value, a `RAISE` in a trigger) rolls back the dedup
+    /// rows with the effect and fails the events; a batch is then applied
+    /// again one event at a time, so a failing event only sends itself to
+    /// retry. Any other Postgres error is an outage: the deliveries go back
+    /// to the queue without using up an attempt.
     fn effect(&self) -> &'static str;
 
     /// Runs before the statement, outside the database, on every event
-    /// offered (duplicates too: they are known only inside the statement). An
-    /// error fails the events with nothing written, as a refused call to
-    /// another service would.
+    /// offered: duplicates too, which are known only inside the statement,
+    /// so it must have no side effect of its own. An error fails the events
+    /// with nothing written (the e-mail demo's simulated failures).
     fn check(&self, _events: &[&OrderEvent]) -> anyhow::Result<()> {
         Ok(())
     }
+}
+
+/// Whether Postgres refused the statement for its data (SQLSTATE classes 22
+/// data exception, 23 integrity constraint, P0 raised by a trigger): the
+/// events fail. Every other error (a lost connection, a refused login, a
+/// read-only or full database, a deadlock) is an outage, retried as such.
+fn refused_data(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = error else {
+        return false;
+    };
+    db.code()
+        .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("P0"))
 }
 
 /// Wraps a handler's effect into the statement that also inserts the dedup
@@ -305,21 +320,20 @@ impl<H: Handler> Consumer<H> {
         }
         // The first copy of an id is offered; any other copy is a duplicate.
         let mut offered = HashSet::new();
-        let events: Vec<&OrderEvent> = batch
+        let offered_batch: Vec<&Incoming> = batch
             .iter()
+            .copied()
             .filter(|i| offered.insert(i.transaction_id))
-            .map(|i| &i.event)
             .collect();
+        let events: Vec<&OrderEvent> = offered_batch.iter().map(|i| &i.event).collect();
         if let Err(error) = self.handler.check(&events) {
             return Ok(Err(format!("{error:#}")));
         }
-        let fresh: HashSet<Uuid> = match self.run_statement(&events).await {
+        let fresh: HashSet<Uuid> = match self.run_statement(&offered_batch).await {
             Ok(fresh) => fresh.into_iter().collect(),
-            // The database refused the statement (a constraint, say): the
-            // effect failed, and the statement's dedup rows went with it.
-            Err(error @ sqlx::Error::Database(_)) if !crate::db::connection_lost(&error) => {
-                return Ok(Err(format!("{error:#}")));
-            }
+            // The database refused the data (a constraint, say): the effect
+            // failed, and the statement's dedup rows went with it.
+            Err(error) if refused_data(&error) => return Ok(Err(format!("{error:#}"))),
             Err(error) => {
                 return Err(anyhow::Error::new(error).context("applying the consumer statement"));
             }
@@ -338,19 +352,20 @@ impl<H: Handler> Consumer<H> {
             .collect()))
     }
 
-    /// Runs the consumer's statement on `events` (distinct ids); returns the
-    /// ids it saw for the first time.
-    async fn run_statement(&self, events: &[&OrderEvent]) -> Result<Vec<Uuid>, sqlx::Error> {
-        let column =
-            |field: fn(&OrderEvent) -> Uuid| events.iter().map(|e| field(e)).collect::<Vec<_>>();
+    /// Runs the consumer's statement on `batch` (distinct dedup keys);
+    /// returns the keys it saw for the first time.
+    async fn run_statement(&self, batch: &[&Incoming]) -> Result<Vec<Uuid>, sqlx::Error> {
+        let keys: Vec<Uuid> = batch.iter().map(|i| i.transaction_id).collect();
+        let events: Vec<&OrderEvent> = batch.iter().map(|i| &i.event).collect();
+        let order_ids: Vec<Uuid> = events.iter().map(|e| e.order_id).collect();
         let product_ids: Vec<&str> = events.iter().map(|e| e.product_id.as_str()).collect();
         let user_ids: Vec<&str> = events.iter().map(|e| e.user_id.as_str()).collect();
         let amounts: Vec<i64> = events.iter().map(|e| e.amount).collect();
         let timestamps: Vec<DateTime<Utc>> = events.iter().map(|e| e.timestamp).collect();
         sqlx::query_scalar(self.statement.clone())
             .bind(self.handler.name())
-            .bind(column(|e| e.transaction_id))
-            .bind(column(|e| e.order_id))
+            .bind(&keys)
+            .bind(&order_ids)
             .bind(&product_ids)
             .bind(&user_ids)
             .bind(&amounts)

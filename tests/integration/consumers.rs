@@ -14,7 +14,7 @@ use order_service::consumer::handlers::Billing;
 use order_service::consumer::{Applied, Consumer, Handler, Incoming, dlq};
 use order_service::metrics::{ConsumerMetrics, Metrics};
 use order_service::orders::{self, NewOrder, OrderEvent};
-use sqlx::PgPool;
+use sqlx::{AssertSqlSafe, PgPool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -313,6 +313,71 @@ async fn a_failing_message_in_a_batch_does_not_fail_the_others() {
             .unwrap();
     assert_eq!(recorded, 0, "the failed message left no dedup row");
     running.stop().await;
+    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
+
+/// Sets the test database read-only (or back) for new sessions, and ends the
+/// pool's sessions so that the next ones take the setting.
+async fn set_read_only(admin: &PgPool, name: &str, on: bool) {
+    let setting = if on {
+        "SET default_transaction_read_only = on"
+    } else {
+        "RESET default_transaction_read_only"
+    };
+    // The name is the fixture's own (letters, digits, underscores).
+    sqlx::query(AssertSqlSafe(format!(
+        "ALTER DATABASE \"{name}\" {setting}"
+    )))
+    .execute(admin)
+    .await
+    .unwrap();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .execute(admin)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_read_only_database_is_an_outage_not_a_failing_message() {
+    let (db, amqp, metrics) = (TestDb::new().await, test_amqp(), Metrics::default());
+    let (_conn, channel) = amqp_channel().await;
+    let queues = declare(&channel, &amqp).await;
+    let event = order(&db.pool, 77).await;
+    let admin = db.extra_pool(1).await;
+    let rollbacks = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT xact_rollback FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(&admin)
+        .await
+        .unwrap()
+    };
+    set_read_only(&admin, &db.name, true).await;
+    let before = rollbacks().await;
+    send_event(&channel, &queues.main, &event).await;
+    let billing = consumer(Billing, &db.pool, &amqp, &metrics);
+    let running = start(&billing);
+
+    // Postgres refuses the statement (25006) again and again: an outage.
+    eventually("two refused attempts", WAIT, || async {
+        (rollbacks().await >= before + 2).then_some(())
+    })
+    .await;
+    assert_eq!(billing.metrics.retried.get(), 0, "no attempt used up");
+    assert_eq!(billing.metrics.dead_lettered.get(), 0);
+    assert_eq!(ledger_rows(&admin, event.order_id).await, 0);
+
+    set_read_only(&admin, &db.name, false).await;
+    wait_handled(&billing.metrics, 1).await;
+    assert_eq!(billing.metrics.processed.get(), 1);
+    assert_eq!(billing.metrics.retried.get(), 0);
+    assert_eq!(ledger_rows(&admin, event.order_id).await, 1);
+    running.stop().await;
+    admin.close().await;
     cleanup_amqp(&amqp).await;
     db.cleanup().await;
 }
