@@ -180,11 +180,11 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone, clap::Args)]
 pub struct RelayConfig {
     /// Rows claimed per batch.
-    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 500)]
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 750)]
     pub batch_size: i64,
     /// The confirm window is `batch_size × workers` publishes awaiting
     /// confirms, shared by the batches; `workers + 1` claims may be open.
-    #[arg(long, env = "RELAY_WORKERS", default_value_t = 3)]
+    #[arg(long, env = "RELAY_WORKERS", default_value_t = 2)]
     pub workers: usize,
     /// Fallback poll interval when nothing wakes the relay (ms).
     #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 1_000)]
@@ -200,8 +200,8 @@ pub struct RelayConfig {
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
-            batch_size: 500,
-            workers: 3,
+            batch_size: 750,
+            workers: 2,
             poll_interval_ms: 1_000,
             retention_secs: 7 * 24 * 3600,
             prune_batch: 1_000,
