@@ -65,15 +65,19 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 /// Whether Postgres refused the statement for its data (SQLSTATE classes 22
-/// data exception, 23 integrity constraint, P0 raised by a trigger): the
-/// events fail. Every other error (a lost connection, a refused login, a
-/// read-only or full database, a deadlock) is an outage, retried as such.
+/// data exception, 23 integrity constraint, 54 program limit such as a value
+/// too large for an index, P0 raised by a trigger): the events fail. Every
+/// other error (a lost connection, a refused login, a read-only or full
+/// database, a deadlock) is an outage, retried as such.
 fn refused_data(error: &sqlx::Error) -> bool {
     let sqlx::Error::Database(db) = error else {
         return false;
     };
-    db.code()
-        .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("P0"))
+    db.code().is_some_and(|c| {
+        ["22", "23", "54", "P0"]
+            .iter()
+            .any(|class| c.starts_with(class))
+    })
 }
 
 /// Wraps a handler's effect into the statement that also inserts the dedup
