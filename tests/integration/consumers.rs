@@ -14,6 +14,7 @@ use order_service::consumer::handlers::Billing;
 use order_service::consumer::{Applied, Consumer, Handler, Incoming, dlq};
 use order_service::metrics::{ConsumerMetrics, Metrics};
 use order_service::orders::{self, NewOrder, OrderEvent};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -317,8 +318,9 @@ async fn a_failing_message_in_a_batch_does_not_fail_the_others() {
     db.cleanup().await;
 }
 
-/// Sets the test database read-only (or back) for new sessions, and ends the
-/// pool's sessions so that the next ones take the setting.
+/// Sets the test database read-only (or back) for new sessions, and ends its
+/// sessions so that the next ones take the setting. `admin` is on the
+/// server's admin database, so the setting never applies to it.
 async fn set_read_only(admin: &PgPool, name: &str, on: bool) {
     let setting = if on {
         "SET default_transaction_read_only = on"
@@ -332,13 +334,11 @@ async fn set_read_only(admin: &PgPool, name: &str, on: bool) {
     .execute(admin)
     .await
     .unwrap();
-    sqlx::query(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = current_database() AND pid <> pg_backend_pid()",
-    )
-    .execute(admin)
-    .await
-    .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(name)
+        .execute(admin)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -347,11 +347,16 @@ async fn a_read_only_database_is_an_outage_not_a_failing_message() {
     let (_conn, channel) = amqp_channel().await;
     let queues = declare(&channel, &amqp).await;
     let event = order(&db.pool, 77).await;
-    let admin = db.extra_pool(1).await;
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&crate::common::admin_url())
+        .await
+        .unwrap();
     let rollbacks = || async {
         sqlx::query_scalar::<_, i64>(
-            "SELECT xact_rollback FROM pg_stat_database WHERE datname = current_database()",
+            "SELECT xact_rollback FROM pg_stat_database WHERE datname = $1",
         )
+        .bind(&db.name)
         .fetch_one(&admin)
         .await
         .unwrap()
@@ -369,13 +374,13 @@ async fn a_read_only_database_is_an_outage_not_a_failing_message() {
     .await;
     assert_eq!(billing.metrics.retried.get(), 0, "no attempt used up");
     assert_eq!(billing.metrics.dead_lettered.get(), 0);
-    assert_eq!(ledger_rows(&admin, event.order_id).await, 0);
+    assert_eq!(ledger_rows(&db.pool, event.order_id).await, 0);
 
     set_read_only(&admin, &db.name, false).await;
     wait_handled(&billing.metrics, 1).await;
     assert_eq!(billing.metrics.processed.get(), 1);
     assert_eq!(billing.metrics.retried.get(), 0);
-    assert_eq!(ledger_rows(&admin, event.order_id).await, 1);
+    assert_eq!(ledger_rows(&db.pool, event.order_id).await, 1);
     running.stop().await;
     admin.close().await;
     cleanup_amqp(&amqp).await;
