@@ -75,6 +75,8 @@ pub struct ConsumerMetrics {
     pub duplicates: Counter,
     pub retried: Counter,
     pub dead_lettered: Counter,
+    /// Deliveries left for redelivery because Postgres or the broker failed.
+    pub requeued: Counter,
     /// Postgres transactions committed (one per batch of deliveries).
     pub transactions: Counter,
     pub handling: Histogram,
@@ -163,6 +165,7 @@ impl Metrics {
             ("duplicates", |c| c.duplicates.get()),
             ("retried", |c| c.retried.get()),
             ("dead_lettered", |c| c.dead_lettered.get()),
+            ("requeued", |c| c.requeued.get()),
             ("transactions", |c| c.transactions.get()),
         ] {
             let _ = writeln!(out, "# TYPE consumer_{kind}_total counter");

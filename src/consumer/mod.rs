@@ -215,6 +215,7 @@ impl<H: Handler> Consumer<H> {
             }
             Err(error) => {
                 span.record("otel.status_code", "ERROR");
+                self.metrics.requeued.inc();
                 tracing::warn!(parent: span, error = format!("{error:#}"), "delivery left for redelivery");
             }
         }
