@@ -334,7 +334,7 @@ impl<H: Handler> Consumer<H> {
         if let Err(error) = self.handler.check(&events) {
             return Ok(Err(format!("{error:#}")));
         }
-        let fresh: HashSet<Uuid> = match self.run_statement(&offered_batch).await {
+        let mut fresh: HashSet<Uuid> = match self.run_statement(&offered_batch).await {
             Ok(fresh) => fresh.into_iter().collect(),
             // The database refused the data (a constraint, say): the effect
             // failed, and the statement's dedup rows went with it.
@@ -344,11 +344,12 @@ impl<H: Handler> Consumer<H> {
             }
         };
         self.metrics.transactions.inc();
-        let mut first = HashSet::new();
+        // A new id is applied once, by its first copy; later copies find it
+        // taken, as an id seen before does.
         Ok(Ok(batch
             .iter()
             .map(|i| {
-                if fresh.contains(&i.transaction_id) && first.insert(i.transaction_id) {
+                if fresh.remove(&i.transaction_id) {
                     Applied::Committed
                 } else {
                     Applied::Duplicate
