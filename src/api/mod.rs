@@ -7,7 +7,6 @@ pub mod health;
 pub mod idempotency;
 pub mod openapi;
 pub mod orders;
-pub mod writer;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,7 +33,7 @@ use error::ApiError;
 pub struct AppState {
     pub pool: PgPool,
     /// Group-commit writer for new orders.
-    pub writer: writer::OrderWriter,
+    pub writer: crate::orders::writer::OrderWriter,
     /// Signalled after each committed order so the relay publishes at once.
     pub wake: Wake,
     pub metrics: Arc<Metrics>,
@@ -49,7 +48,7 @@ impl AppState {
     /// `wake` is signalled after each commit of new orders.
     pub fn new(pool: PgPool, config: &HttpConfig, wake: Wake) -> Self {
         Self {
-            writer: writer::OrderWriter::start(pool.clone(), wake.clone()),
+            writer: crate::orders::writer::OrderWriter::start(pool.clone(), wake.clone()),
             pool,
             wake,
             metrics: Arc::default(),

@@ -11,8 +11,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::{JsonBody, idempotency_key};
 use super::idempotency::{self, Claim};
-use super::writer;
-use crate::orders::{self, NewOrder, ValidationError};
+use crate::orders::{self, NewOrder, ValidationError, writer};
 use crate::telemetry::propagation;
 
 /// Validates the order, writes it and its `order.created` outbox row in one

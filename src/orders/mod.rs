@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+pub mod writer;
+
 /// Longest `productId`/`userId` accepted, in characters.
 pub const MAX_ID_CHARS: usize = 128;
 /// Largest amount accepted, in minor units (ten billion in major units).
