@@ -1,6 +1,6 @@
 //! RabbitMQ connections and the topology shared by the relay and consumers:
-//! exchange `order_events`, and per consumer a durable queue, its delay
-//! queues (retries) and its dead-letter queue.
+//! one topic exchange, and per subscription a durable queue bound to its
+//! event types, its delay queues (retries) and its dead-letter queue.
 
 use std::time::Duration;
 
@@ -11,16 +11,18 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AmqpConfig;
-use crate::shutdown::{Backoff, sleep_or_cancel};
+use crate::shutdown::retry_until_cancelled;
 
-/// The consumer that sends order e-mails.
-pub const EMAIL: &str = "email_notification_service";
-/// The consumer that charges orders.
-pub const BILLING: &str = "billing_service";
-/// Every consumer the relay must make sure exists before it publishes.
-pub const CONSUMERS: [&str; 2] = [EMAIL, BILLING];
-/// What each consumer's queue is bound to.
-pub const BINDING_KEY: &str = "order.created";
+/// A consumer's queue and the event types (routing keys) bound to it. The
+/// domain lists its subscriptions; the relay declares them all before it
+/// publishes, so no event is published before the queues that take it exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subscription {
+    /// The consumer's name: its dedup key and its queue's base name.
+    pub consumer: &'static str,
+    /// The routing keys its main queue is bound to.
+    pub routing_keys: &'static [&'static str],
+}
 
 /// The queues of one consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,25 +55,12 @@ pub async fn connect(
     name: &str,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Connection> {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    loop {
+    retry_until_cancelled("RabbitMQ", cancel, || {
         let properties = ConnectionProperties::default().with_connection_name(name.into());
-        match Connection::connect(config.amqp_url.expose(), properties).await {
-            Ok(connection) => return Ok(connection),
-            Err(error) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(
-                    url = %config.amqp_url,
-                    %error,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "RabbitMQ not reachable"
-                );
-                if !sleep_or_cancel(delay, cancel).await {
-                    anyhow::bail!("cancelled while connecting to RabbitMQ");
-                }
-            }
-        }
-    }
+        Connection::connect(config.amqp_url.expose(), properties)
+    })
+    .await
+    .with_context(|| format!("connecting to RabbitMQ at {}", config.amqp_url))
 }
 
 /// Opens and closes a connection: the readiness check.
@@ -86,11 +75,15 @@ pub async fn ping(config: &AmqpConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Declares the exchange and every consumer's queues; idempotent.
-pub async fn declare_topology(channel: &Channel, config: &AmqpConfig) -> anyhow::Result<()> {
+/// Declares the exchange and every subscription's queues; idempotent.
+pub async fn declare_topology(
+    channel: &Channel,
+    config: &AmqpConfig,
+    subscriptions: &[Subscription],
+) -> anyhow::Result<()> {
     declare_exchange(channel, config).await?;
-    for consumer in CONSUMERS {
-        declare_consumer_queues(channel, config, consumer).await?;
+    for subscription in subscriptions {
+        declare_consumer_queues(channel, config, subscription).await?;
     }
     Ok(())
 }
@@ -115,20 +108,22 @@ pub async fn declare_exchange(channel: &Channel, config: &AmqpConfig) -> anyhow:
 pub async fn declare_consumer_queues(
     channel: &Channel,
     config: &AmqpConfig,
-    consumer: &str,
+    subscription: &Subscription,
 ) -> anyhow::Result<QueueNames> {
-    let names = QueueNames::new(config, consumer);
+    let names = QueueNames::new(config, subscription.consumer);
     declare_queue(channel, &names.main, FieldTable::default()).await?;
-    channel
-        .queue_bind(
-            names.main.as_str().into(),
-            config.exchange.as_str().into(),
-            BINDING_KEY.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("binding {} to {}", names.main, config.exchange))?;
+    for key in subscription.routing_keys {
+        channel
+            .queue_bind(
+                names.main.as_str().into(),
+                config.exchange.as_str().into(),
+                (*key).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("binding {} to {} for {key}", names.main, config.exchange))?;
+    }
     for (retry, delay) in &names.retries {
         let mut args = FieldTable::default();
         args.insert(

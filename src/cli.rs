@@ -7,7 +7,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::QueueNames;
 use crate::config::{AmqpConfig, ConsumerConfig, DatabaseConfig, HttpConfig, RelayConfig};
+use crate::orders;
 use crate::startup::{ConsumerKind, Roles};
 use crate::telemetry::{self, TelemetryConfig};
 
@@ -156,6 +158,7 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
             roles.start_api(&http, Some(amqp.clone())).await?;
             roles.start_relay(&amqp, &relay, false);
+            roles.start_pruner(&relay);
             roles.start_consumer(ConsumerKind::Email, &amqp, &consumer);
             roles.start_consumer(ConsumerKind::Billing, &amqp, &consumer);
             roles.wait(SHUTDOWN_DEADLINE).await
@@ -169,6 +172,7 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
         Command::Relay { db, amqp, relay } => {
             let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
             roles.start_relay(&amqp, &relay, true);
+            roles.start_pruner(&relay);
             roles.wait(SHUTDOWN_DEADLINE).await
         }
         Command::Consume {
@@ -179,6 +183,8 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
         } => {
             let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
             roles.start_consumer(which, &amqp, &consumer);
+            // Billing writes order.confirmed rows: wake the relay elsewhere.
+            roles.start_notify_forwarder();
             roles.wait(SHUTDOWN_DEADLINE).await
         }
         Command::Migrate { db } => {
@@ -199,10 +205,10 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
 }
 
 async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
-    use crate::consumer::dlq;
+    use crate::inbox::dlq;
     match command {
         DlqCommand::List { queue, limit, amqp } => {
-            let queues = dlq::queues_for(&amqp, &queue)?;
+            let queues = consumer_queues(&amqp, &queue)?;
             let letters = dlq::list(&amqp, &queues, limit).await?;
             println!("{} dead letter(s) in {}", letters.len(), queues.dlq);
             for l in letters {
@@ -218,7 +224,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             Ok(())
         }
         DlqCommand::Replay { queue, limit, amqp } => {
-            let queues = dlq::queues_for(&amqp, &queue)?;
+            let queues = consumer_queues(&amqp, &queue)?;
             let moved = dlq::replay(&amqp, &queues, limit).await?;
             println!(
                 "replayed {moved} message(s) from {} to {}",
@@ -227,6 +233,16 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The queues of a consumer, named `email`/`billing` or in full.
+fn consumer_queues(amqp: &AmqpConfig, consumer: &str) -> anyhow::Result<QueueNames> {
+    let name = match consumer {
+        "email" | orders::EMAIL => orders::EMAIL,
+        "billing" | orders::BILLING => orders::BILLING,
+        other => anyhow::bail!("unknown consumer {other:?}: use email or billing"),
+    };
+    Ok(QueueNames::new(amqp, name))
 }
 
 async fn outbox_status(db: DatabaseConfig, cancel: &CancellationToken) -> anyhow::Result<()> {

@@ -6,31 +6,41 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// A connection URL that may carry a password. `Debug` and `Display` print it
-/// with the password replaced, so it can never reach a log by accident.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretUrl(String);
+use secrecy::{ExposeSecret, SecretString};
+
+/// A connection URL that may carry a password, kept in a
+/// [`secrecy::SecretString`] (zeroed on drop, never printed). `Debug` and
+/// `Display` print it with the password replaced, so it can never reach a
+/// log by accident.
+#[derive(Clone)]
+pub struct SecretUrl(SecretString);
 
 impl SecretUrl {
     pub fn new(url: impl Into<String>) -> Self {
-        Self(url.into())
+        Self(SecretString::from(url.into()))
     }
 
     /// The real URL, for the one place that connects with it.
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose_secret()
     }
 
     /// The URL with any password replaced by `***`.
     pub fn redacted(&self) -> String {
-        redact_url(&self.0)
+        redact_url(self.expose())
+    }
+}
+
+impl PartialEq for SecretUrl {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
     }
 }
 
 impl FromStr for SecretUrl {
     type Err = std::convert::Infallible;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_owned()))
+        Ok(Self::new(s))
     }
 }
 

@@ -44,41 +44,49 @@ pub async fn connect(
         .connect_lazy(config.database_url.expose())
         .with_context(|| format!("invalid DATABASE_URL {}", config.database_url))?;
 
-    let mut backoff = crate::shutdown::Backoff::default();
-    loop {
-        match sqlx::query("SELECT 1").execute(&pool).await {
-            Ok(_) => break,
-            Err(error) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(
-                    url = %config.database_url,
-                    error = %error,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "Postgres not reachable yet"
-                );
-                if !crate::shutdown::sleep_or_cancel(delay, cancel).await {
-                    anyhow::bail!("cancelled while waiting for Postgres");
-                }
-            }
-        }
-    }
+    crate::shutdown::retry_until_cancelled("Postgres", cancel, || async {
+        sqlx::query("SELECT 1").execute(&pool).await.map(|_| ())
+    })
+    .await
+    .with_context(|| format!("waiting for Postgres at {}", config.database_url))?;
     if !config.skip_migrations {
         migrate(&pool).await?;
     }
     Ok(pool)
 }
 
-/// Whether `error` means the connection itself failed (it broke, or the
-/// server is shutting down or restarting): the work can be retried on
-/// another connection, where any other error would fail again.
-pub fn connection_lost(error: &sqlx::Error) -> bool {
+/// What a Postgres error means for the work that met it: the one SQLSTATE
+/// classifier of the crate, used by the API, the order writer, the relay and
+/// the inbox. Never matches message text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Postgres refused the data (SQLSTATE classes 22 data exception, 23
+    /// integrity constraint, 54 program limit such as a value too large for
+    /// an index, P0 raised by a trigger): trying again fails again.
+    Refused,
+    /// The connection broke, or the server is shutting down or restarting
+    /// (I/O, 08xxx, 57Pxx): the work can be retried on another connection.
+    ConnectionLost,
+    /// No connection could be had from the pool in time, or it is closed.
+    Unavailable,
+    /// Anything else (a read-only or full database, a deadlock, a bug in a
+    /// statement): not the data's fault, so an outage to wait out.
+    Other,
+}
+
+/// Classifies `error`; see [`ErrorKind`].
+pub fn classify(error: &sqlx::Error) -> ErrorKind {
     match error {
-        sqlx::Error::Io(_) => true,
-        // Connection exceptions (08xxx) and operator intervention (57Pxx).
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
-        _ => false,
+        sqlx::Error::Io(_) => ErrorKind::ConnectionLost,
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => ErrorKind::Unavailable,
+        sqlx::Error::Database(db) => match db.code() {
+            Some(c) if ["22", "23", "54", "P0"].iter().any(|k| c.starts_with(k)) => {
+                ErrorKind::Refused
+            }
+            Some(c) if c.starts_with("08") || c.starts_with("57P") => ErrorKind::ConnectionLost,
+            _ => ErrorKind::Other,
+        },
+        _ => ErrorKind::Other,
     }
 }
 

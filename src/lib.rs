@@ -11,22 +11,28 @@
 //!              failures go through delay queues, then <queue>.dlq)
 //! ```
 //!
-//! - [`api`]: the HTTP API (axum). Writes an order and its outbox row in one
-//!   transaction and answers 202; never talks to RabbitMQ.
-//! - [`outbox`]: the outbox table, the relay that moves rows to RabbitMQ with
-//!   publisher confirms, and its status/pruning.
-//! - [`consumer`]: the idempotent consumer framework and the two consumers,
-//!   with retry queues, dead letters and replay.
-//! - [`amqp`]: connections and the broker topology shared by relay and consumers.
-//! - [`telemetry`]: logs, OpenTelemetry tracing and W3C context propagation.
-//! - [`cli`]: the roles (`run`, `api`, `relay`, `consume`, `migrate`, `dlq`, `outbox`).
+//! Generic machinery, which never names an order:
+//! - [`outbox`]: outbox rows, the relay (publisher, confirm settlement,
+//!   batch, scheduler), the pruner and the wake-up.
+//! - [`inbox`]: the idempotent-consumer framework: dedup rows, batching,
+//!   retries, DLQ, acks, and the [`inbox::Handler`] trait whose Rust code
+//!   runs in the dedup transaction and may write outbox rows there.
+//!
+//! The domain, plugged into it:
+//! - [`orders`]: validation, the `orders` table, the events
+//!   (`order.created`, `order.confirmed`), the group-commit writer, and the
+//!   billing and e-mail handlers.
+//!
+//! Around them: [`api`] (HTTP, axum), [`telemetry`] (logs, OpenTelemetry,
+//! W3C propagation), [`cli`] and [`startup`] (the roles), and the small
+//! shared modules [`config`], [`db`], [`amqp`], [`shutdown`], [`metrics`].
 
 pub mod amqp;
 pub mod api;
 pub mod cli;
 pub mod config;
-pub mod consumer;
 pub mod db;
+pub mod inbox;
 pub mod metrics;
 pub mod orders;
 pub mod outbox;

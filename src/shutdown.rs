@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 
 /// Cancels `token` on SIGTERM or Ctrl-C. Roles stop taking new work when the
@@ -38,15 +39,14 @@ pub async fn sleep_or_cancel(delay: Duration, cancel: &CancellationToken) -> boo
     }
 }
 
-/// Exponential backoff with a cap, for reconnect loops.
-#[derive(Debug, Clone)]
+/// Exponential backoff with a cap and full jitter, for reconnect loops: a
+/// fleet that lost its broker or database together does not come back in
+/// lockstep. The delays come from `backon`; this keeps the reset that a
+/// long-lived loop needs after a success.
+#[derive(Debug)]
 pub struct Backoff {
-    /// The delay the next failure will wait.
-    current: Duration,
-    /// First delay, and the one after a success.
-    initial: Duration,
-    /// Longest delay.
-    max: Duration,
+    builder: ExponentialBuilder,
+    delays: backon::ExponentialBackoff,
 }
 
 impl Default for Backoff {
@@ -56,22 +56,57 @@ impl Default for Backoff {
 }
 
 impl Backoff {
+    /// Delays start near `initial` and double up to `max`, each drawn with
+    /// jitter; they never run out.
     pub fn new(initial: Duration, max: Duration) -> Self {
+        let builder = ExponentialBuilder::default()
+            .with_min_delay(initial)
+            .with_max_delay(max)
+            .with_jitter()
+            .without_max_times();
         Self {
-            current: initial,
-            initial,
-            max,
+            delays: builder.build(),
+            builder,
         }
     }
 
-    /// The delay to wait now; doubles the next one.
+    /// The delay to wait now; the next one is about twice as long.
     pub fn next_delay(&mut self) -> Duration {
-        let delay = self.current;
-        self.current = (self.current * 2).min(self.max);
-        delay
+        self.delays
+            .next()
+            .expect("a backoff without a maximum number of times never runs out")
     }
 
+    /// Back to the first delay, after a success.
     pub fn reset(&mut self) {
-        self.current = self.initial;
+        self.delays = self.builder.build();
+    }
+}
+
+/// Runs `attempt` until it succeeds, waiting a [`Backoff`] delay after each
+/// failure and logging it with `what`; an error only when `cancel` fires
+/// first. The one connect-and-wait loop of the crate.
+pub async fn retry_until_cancelled<T, E, F, Fut>(
+    what: &str,
+    cancel: &CancellationToken,
+    mut attempt: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(error) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "{what} not reachable");
+                if !sleep_or_cancel(delay, cancel).await {
+                    anyhow::bail!("cancelled while waiting for {what}");
+                }
+            }
+        }
     }
 }

@@ -13,11 +13,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
 use crate::config::{AmqpConfig, ConsumerConfig, HttpConfig, RelayConfig};
-use crate::consumer::Consumer;
-use crate::consumer::handlers::{Billing, Email};
+use crate::inbox::{Consumer, Handler};
 use crate::metrics::Metrics;
-use crate::outbox::Wake;
-use crate::outbox::relay::Relay;
+use crate::orders::billing::Billing;
+use crate::orders::email::Email;
+use crate::outbox::{Relay, Wake};
 
 /// Which consumer a `consume` role runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -82,51 +82,61 @@ impl Roles {
         ));
     }
 
-    pub fn relay(&self, amqp: &AmqpConfig, config: &RelayConfig, listen: bool) -> Relay {
+    /// A relay over this process's pool, publishing the order events.
+    pub fn relay(&self, amqp: &AmqpConfig, config: &RelayConfig) -> Relay {
         Relay {
             pool: self.pool.clone(),
             amqp: amqp.clone(),
             config: config.clone(),
             metrics: self.metrics.clone(),
             wake: self.wake.clone(),
-            listen,
+            subscriptions: crate::orders::SUBSCRIPTIONS.to_vec(),
         }
     }
 
+    /// Starts the relay; with `listen`, also the LISTEN task that wakes it
+    /// on a `NOTIFY` from writers in other processes.
     pub fn start_relay(&self, amqp: &AmqpConfig, config: &RelayConfig, listen: bool) {
-        let relay = self.relay(amqp, config, listen);
+        let relay = self.relay(amqp, config);
+        if listen {
+            self.tracker.spawn(crate::outbox::wake::listen(
+                self.pool.clone(),
+                self.wake.clone(),
+                self.cancel.clone(),
+            ));
+        }
         let cancel = self.cancel.clone();
         self.tracker.spawn(async move { relay.run(cancel).await });
     }
 
+    /// Starts the pruner of published outbox rows.
+    pub fn start_pruner(&self, config: &RelayConfig) {
+        self.tracker.spawn(crate::outbox::pruner::run(
+            self.pool.clone(),
+            config.retention_secs as i64,
+            config.prune_batch,
+            self.cancel.clone(),
+        ));
+    }
+
     pub fn start_consumer(&self, kind: ConsumerKind, amqp: &AmqpConfig, config: &ConsumerConfig) {
-        let cancel = self.cancel.clone();
-        let (pool, metrics) = (self.pool.clone(), &self.metrics);
         match kind {
             ConsumerKind::Email => {
                 let handler = Email {
                     failure_rate: config.email_failure_rate,
                 };
-                let consumer = Arc::new(Consumer::new(
-                    handler,
-                    pool,
-                    amqp.clone(),
-                    config.clone(),
-                    metrics,
-                ));
-                self.tracker.spawn(consumer.run(cancel));
+                self.start_handler(handler, amqp, config);
             }
-            ConsumerKind::Billing => {
-                let consumer = Arc::new(Consumer::new(
-                    Billing,
-                    pool,
-                    amqp.clone(),
-                    config.clone(),
-                    metrics,
-                ));
-                self.tracker.spawn(consumer.run(cancel));
-            }
+            ConsumerKind::Billing => self.start_handler(Billing, amqp, config),
         }
+    }
+
+    /// Starts a consumer running `handler`; its commits wake this process's
+    /// relay (or its NOTIFY forwarder).
+    pub fn start_handler<H: Handler>(&self, handler: H, amqp: &AmqpConfig, config: &ConsumerConfig) {
+        let consumer = Consumer::new(handler, self.pool.clone(), amqp.clone(), config.clone(), &self.metrics)
+            .with_wake(self.wake.clone());
+        self.tracker.spawn(Arc::new(consumer).run(self.cancel.clone()));
     }
 
     /// Waits for the cancel token, then for every role to finish its work in

@@ -5,6 +5,8 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use crate::db::ErrorKind;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// Malformed JSON, missing field, bad header or path (400).
@@ -52,9 +54,8 @@ impl ApiError {
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> Self {
         // No connection to be had, or the one in use failed: retryable, so a 503.
-        let unavailable = matches!(error, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
-            || crate::db::connection_lost(&error);
-        if unavailable {
+        let kind = crate::db::classify(&error);
+        if matches!(kind, ErrorKind::Unavailable | ErrorKind::ConnectionLost) {
             Self::Unavailable(anyhow::Error::new(error).context("database unavailable"))
         } else {
             Self::Internal(anyhow::Error::new(error).context("database error"))

@@ -1,12 +1,21 @@
-//! Orders: validation of a new order, the order row, and the event envelope
-//! the outbox carries to the consumers.
+//! The order domain, on top of the generic outbox and inbox: validation of a
+//! new order, the `orders` table, the events ([`events`]), the group-commit
+//! writer ([`writer`]), and the two consumers' handlers ([`billing`],
+//! [`email`]).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+pub mod billing;
+pub mod email;
+pub mod events;
 pub mod writer;
+
+pub use events::{
+    BILLING, EMAIL, ORDER_CONFIRMED, ORDER_CREATED, OrderConfirmed, OrderEvent, SUBSCRIPTIONS,
+};
 
 /// Longest `productId`/`userId` accepted, in characters.
 pub const MAX_ID_CHARS: usize = 128;
@@ -133,22 +142,6 @@ pub async fn find(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Orde
     .bind(id)
     .fetch_optional(conn)
     .await
-}
-
-/// The event type of a new order, also its routing key.
-pub const ORDER_CREATED: &str = "order.created";
-
-/// The message body: the original design's flat order event plus its id, so
-/// consumers written for it (`JSON.parse(msg.content).orderId`) keep working.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct OrderEvent {
-    pub transaction_id: Uuid,
-    pub order_id: Uuid,
-    pub product_id: String,
-    pub user_id: String,
-    pub amount: i64,
-    pub timestamp: DateTime<Utc>,
 }
 
 #[cfg(test)]

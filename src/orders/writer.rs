@@ -12,7 +12,8 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::orders::{self, NewOrder, OrderEvent};
+use crate::db::ErrorKind;
+use crate::orders::{NewOrder, OrderEvent};
 use crate::outbox::Wake;
 use crate::outbox::store::NewOutboxEvent;
 
@@ -129,22 +130,15 @@ pub fn order_created(
     at: DateTime<Utc>,
     trace_headers: serde_json::Value,
 ) -> NewOutboxEvent {
-    let event = OrderEvent {
+    OrderEvent {
         transaction_id: Uuid::new_v4(),
         order_id,
         product_id: order.product_id.clone(),
         user_id: order.user_id.clone(),
         amount: order.amount,
         timestamp: at,
-    };
-    NewOutboxEvent {
-        transaction_id: event.transaction_id,
-        aggregate_type: "order",
-        aggregate_id: order_id.to_string(),
-        event_type: orders::ORDER_CREATED,
-        payload: serde_json::to_value(&event).expect("an event serialises"),
-        headers: trace_headers,
     }
+    .created_row(trace_headers)
 }
 
 /// [`write_together`], tried again when the connection it ran on failed.
@@ -159,7 +153,9 @@ async fn write_retrying(pool: &PgPool, batch: &[Job]) -> Result<(), sqlx::Error>
     loop {
         let result = async { write_together(&mut *pool.acquire().await?, &rows).await }.await;
         match result {
-            Err(error) if crate::db::connection_lost(&error) && tries < pool.size() => {
+            Err(error)
+                if crate::db::classify(&error) == ErrorKind::ConnectionLost && tries < pool.size() =>
+            {
                 tracing::debug!(%error, "connection lost while writing orders; trying another");
                 tries += 1;
             }

@@ -5,6 +5,8 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::confirms::Failed;
+
 /// An event to be written in the same transaction as the change it describes.
 #[derive(Debug, Clone)]
 pub struct NewOutboxEvent {
@@ -13,26 +15,38 @@ pub struct NewOutboxEvent {
     pub transaction_id: Uuid,
     pub aggregate_type: &'static str,
     pub aggregate_id: String,
-    /// Also the routing key.
+    /// Also the routing key and the AMQP `type`.
     pub event_type: &'static str,
     pub payload: serde_json::Value,
     /// W3C trace context of the writer (`traceparent`, `tracestate`).
     pub headers: serde_json::Value,
 }
 
-pub async fn insert(conn: &mut PgConnection, event: &NewOutboxEvent) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
+/// Writes one outbox row on `conn` (the caller's transaction).
+pub async fn insert(conn: &mut PgConnection, event: &NewOutboxEvent) -> sqlx::Result<()> {
+    insert_many(conn, std::slice::from_ref(event)).await
+}
+
+/// Writes outbox rows on `conn`, in one statement: the caller's transaction
+/// (a request's, or a consumer's dedup transaction) covers them together
+/// with the change they describe.
+pub async fn insert_many(conn: &mut PgConnection, events: &[NewOutboxEvent]) -> sqlx::Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
         "INSERT INTO outbox (transaction_id, aggregate_type, aggregate_id, event_type, payload, headers) \
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[])",
     )
-    .bind(event.transaction_id)
-    .bind(event.aggregate_type)
-    .bind(&event.aggregate_id)
-    .bind(event.event_type)
-    .bind(&event.payload)
-    .bind(&event.headers)
-    .fetch_one(conn)
-    .await
+    .bind(events.iter().map(|e| e.transaction_id).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.aggregate_type).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.aggregate_id.as_str()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.event_type).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| &e.payload).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| &e.headers).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// A row claimed by the relay.
@@ -81,15 +95,14 @@ pub async fn mark_published(conn: &mut PgConnection, ids: &[i64]) -> sqlx::Resul
 /// broker's return was matched to it), with `attempts + 1`, `last_error`, and
 /// a retry time that grows with the attempts (1 s, 2 s, 4 s … capped at 5
 /// minutes).
-pub async fn mark_failed(
-    conn: &mut PgConnection,
-    failures: &[(Uuid, String)],
-) -> sqlx::Result<u64> {
+pub async fn mark_failed(conn: &mut PgConnection, failures: &[Failed]) -> sqlx::Result<u64> {
     if failures.is_empty() {
         return Ok(0);
     }
-    let (transaction_ids, errors): (Vec<Uuid>, Vec<&str>) =
-        failures.iter().map(|(t, e)| (*t, e.as_str())).unzip();
+    let (transaction_ids, errors): (Vec<Uuid>, Vec<String>) = failures
+        .iter()
+        .map(|f| (f.transaction_id, f.error.to_string()))
+        .unzip();
     let result = sqlx::query(
         "UPDATE outbox AS o SET published_at = NULL, attempts = o.attempts + 1, last_error = f.error, \
              next_attempt_at = now() + least(interval '1 second' * power(2, o.attempts), interval '5 minutes') \

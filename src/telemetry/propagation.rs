@@ -10,8 +10,14 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 /// The current span's context as `traceparent`/`tracestate` entries, ready to
 /// store in `outbox.headers`. Empty when tracing is off.
 pub fn current_context_headers() -> serde_json::Value {
+    span_context_headers(&tracing::Span::current())
+}
+
+/// `span`'s context as `traceparent`/`tracestate` entries, ready to store in
+/// `outbox.headers`. Empty when tracing is off.
+pub fn span_context_headers(span: &tracing::Span) -> serde_json::Value {
     let mut carrier: HashMap<String, String> = HashMap::new();
-    let cx = tracing::Span::current().context();
+    let cx = span.context();
     opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
     serde_json::Value::Object(
         carrier

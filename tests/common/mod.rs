@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
-use order_service::amqp::{CONSUMERS, QueueNames};
+use order_service::amqp::QueueNames;
+use order_service::orders::SUBSCRIPTIONS;
 use order_service::config::AmqpConfig;
 use sqlx::{Connection as _, Executor as _, PgConnection};
 use uuid::Uuid;
@@ -64,13 +65,19 @@ pub fn test_amqp() -> AmqpConfig {
     config
 }
 
-/// Deletes this test's exchange and every consumer's queues.
+/// Deletes this test's exchange and every order consumer's queues.
 pub async fn cleanup_amqp(config: &AmqpConfig) {
+    let consumers: Vec<&str> = SUBSCRIPTIONS.iter().map(|s| s.consumer).collect();
+    cleanup_amqp_for(config, &consumers).await;
+}
+
+/// Deletes this test's exchange and the queues of `consumers`.
+pub async fn cleanup_amqp_for(config: &AmqpConfig, consumers: &[&str]) {
     let connection = Connection::connect(config.amqp_url.expose(), ConnectionProperties::default())
         .await
         .expect("connecting to RabbitMQ");
     let channel = connection.create_channel().await.expect("a channel");
-    for consumer in CONSUMERS {
+    for consumer in consumers {
         let names = QueueNames::new(config, consumer);
         let retries = names.retries.iter().map(|(queue, _)| queue.clone());
         for queue in [names.main.clone(), names.dlq.clone()]
@@ -89,6 +96,60 @@ pub async fn cleanup_amqp(config: &AmqpConfig) {
         )
         .await;
     let _ = connection.close(200, "test done".into()).await;
+}
+
+/// Runs `cleanup` to the end on a thread of its own, from a `Drop`: it works
+/// while a test unwinds from a failed assertion, inside or outside a runtime.
+pub fn run_to_end<F>(cleanup: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let done = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for cleanup")
+            .block_on(cleanup)
+    });
+    let _ = done.join();
+}
+
+/// Drops the test database `ostest_<uuid>` when dropped, even when the test
+/// fails, so a failing run leaves nothing behind.
+#[derive(Debug)]
+pub struct DropDatabase(pub String);
+
+impl Drop for DropDatabase {
+    fn drop(&mut self) {
+        let name = std::mem::take(&mut self.0);
+        if !name.is_empty() {
+            run_to_end(async move { drop_database(&name).await });
+        }
+    }
+}
+
+/// Deletes a test's exchange and queues when dropped, even when the test fails.
+#[derive(Debug)]
+pub struct DeleteQueues {
+    pub config: AmqpConfig,
+    pub consumers: Vec<&'static str>,
+}
+
+impl DeleteQueues {
+    /// For the order consumers' queues.
+    pub fn orders(config: &AmqpConfig) -> Self {
+        Self {
+            config: config.clone(),
+            consumers: SUBSCRIPTIONS.iter().map(|s| s.consumer).collect(),
+        }
+    }
+}
+
+impl Drop for DeleteQueues {
+    fn drop(&mut self) {
+        let (config, consumers) = (self.config.clone(), std::mem::take(&mut self.consumers));
+        run_to_end(async move { cleanup_amqp_for(&config, &consumers).await });
+    }
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, failing after `deadline`.

@@ -15,11 +15,13 @@ use tokio_util::sync::CancellationToken;
 use crate::common;
 pub use crate::common::{amqp_url, cleanup_amqp, eventually, test_amqp};
 
-/// A fresh database with the migrations applied, dropped by `cleanup`.
+/// A fresh database with the migrations applied, dropped by `cleanup` or,
+/// if the test fails first, when it is dropped.
 pub struct TestDb {
     pub pool: PgPool,
     pub name: String,
     pub url: String,
+    _guard: common::DropDatabase,
 }
 
 impl TestDb {
@@ -29,7 +31,12 @@ impl TestDb {
         let pool = order_service::db::connect(&config, &CancellationToken::new())
             .await
             .expect("connecting to the test database");
-        Self { pool, name, url }
+        Self {
+            pool,
+            _guard: common::DropDatabase(name.clone()),
+            name,
+            url,
+        }
     }
 
     /// A second pool on the same database (for the assertions' own queries).
@@ -48,9 +55,10 @@ impl TestDb {
             .expect(sql)
     }
 
+    /// Closes the pool and drops the database now.
     pub async fn cleanup(self) {
         self.pool.close().await;
-        common::drop_database(&self.name).await;
+        // The guard drops the database as `self` goes.
     }
 }
 

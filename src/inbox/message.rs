@@ -1,5 +1,5 @@
-//! Reading a delivery (id, envelope, attempt count, trace context) and
-//! forwarding it to a delay queue or the dead-letter queue.
+//! Reading a delivery (id, event type, body, attempt count, trace context)
+//! and forwarding it to a delay queue or the dead-letter queue.
 
 use anyhow::Context;
 use lapin::message::Delivery;
@@ -7,9 +7,10 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use crate::orders::OrderEvent;
+use crate::outbox::publisher::PUBLISHED_AT_HEADER;
 use crate::telemetry::propagation;
 
 /// The longest any single broker call (ack, publish, confirm) may take. On a
@@ -35,42 +36,57 @@ pub const ATTEMPT_HEADER: &str = "x-attempt";
 pub const ERROR_HEADER: &str = "x-last-error";
 /// Header: the queue the message was consumed from before a retry or DLQ move.
 pub const ORIGIN_HEADER: &str = "x-original-queue";
-/// Header: when the relay published it (ms since the epoch).
-pub const PUBLISHED_AT_HEADER: &str = "x-published-at-ms";
-
-/// A delivery that parsed.
+/// A delivery that parsed: everything of an [`super::Event`] but its trace
+/// context, which comes from the span opened for it.
 #[derive(Debug, Clone)]
-pub struct Incoming {
-    pub transaction_id: Uuid,
-    pub event: OrderEvent,
-    /// Failed attempts so far (0 on first delivery).
+pub struct Parsed<E> {
+    pub id: Uuid,
+    pub event_type: String,
+    pub body: E,
     pub attempt: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
-    #[error("body is not an order event: {0}")]
+    #[error("body does not match the event type: {0}")]
     Body(#[from] serde_json::Error),
     #[error("message_id {0:?} is not a UUID")]
     MessageId(String),
+    #[error("no message_id, and no transactionId in the body")]
+    NoId,
 }
 
-impl Incoming {
-    /// The id comes from `message_id`, falling back to the envelope's
-    /// `transactionId` for publishers that do not set it.
-    pub fn parse(delivery: &Delivery) -> Result<Self, ParseError> {
-        let event: OrderEvent = serde_json::from_slice(&delivery.data)?;
-        let transaction_id = match delivery.properties.message_id() {
-            Some(id) => Uuid::parse_str(id.as_str())
-                .map_err(|_| ParseError::MessageId(id.as_str().to_owned()))?,
-            None => event.transaction_id,
-        };
-        Ok(Self {
-            transaction_id,
-            event,
-            attempt: attempt(delivery),
-        })
-    }
+/// The body's own id, for publishers that set no `message_id`.
+#[derive(serde::Deserialize)]
+struct BodyId {
+    #[serde(rename = "transactionId")]
+    transaction_id: Option<Uuid>,
+}
+
+/// Parses a delivery: the id from `message_id`, falling back to the body's
+/// `transactionId`; the type from `type`, falling back to the routing key.
+pub fn parse<E: DeserializeOwned>(delivery: &Delivery) -> Result<Parsed<E>, ParseError> {
+    let body: E = serde_json::from_slice(&delivery.data)?;
+    let id = match delivery.properties.message_id() {
+        Some(id) => {
+            Uuid::parse_str(id.as_str()).map_err(|_| ParseError::MessageId(id.as_str().to_owned()))?
+        }
+        None => serde_json::from_slice::<BodyId>(&delivery.data)?
+            .transaction_id
+            .ok_or(ParseError::NoId)?,
+    };
+    let event_type = delivery
+        .properties
+        .kind()
+        .as_ref()
+        .map(|t| t.as_str().to_owned())
+        .unwrap_or_else(|| delivery.routing_key.as_str().to_owned());
+    Ok(Parsed {
+        id,
+        event_type,
+        body,
+        attempt: attempt(delivery),
+    })
 }
 
 /// The attempt count in the headers (0 when absent).
@@ -165,10 +181,13 @@ pub async fn publish_confirmed(
 }
 
 /// The CONSUMER span `<queue> process`, a child of the publisher's context.
+/// `attempt` and `conversation_id` (an order id, say) come from the parsed
+/// message when it parsed.
 pub fn process_span(
     queue: &str,
     delivery: &Delivery,
-    incoming: &Result<Incoming, ParseError>,
+    attempt: u32,
+    conversation_id: Option<String>,
 ) -> tracing::Span {
     let headers = delivery.properties.headers().as_ref();
     let queue_wait_ms = header_str(headers, PUBLISHED_AT_HEADER)
@@ -190,14 +209,11 @@ pub fn process_span(
         messaging.destination.name = %queue,
         messaging.rabbitmq.destination.routing_key = %delivery.routing_key,
         messaging.message.id = %message_id,
-        messaging.consumer.attempt = incoming.as_ref().map(|i| i.attempt).unwrap_or(0),
+        messaging.message.conversation_id = conversation_id,
+        messaging.consumer.attempt = attempt,
         messaging.queue_wait_ms = queue_wait_ms,
-        order.id = tracing::field::Empty,
         outcome = tracing::field::Empty,
     );
-    if let Ok(incoming) = incoming {
-        span.record("order.id", tracing::field::display(incoming.event.order_id));
-    }
     let _ = span.set_parent(propagation::extract_amqp(headers));
     span
 }

@@ -21,16 +21,6 @@ pub struct DeadLetter {
     pub published_at: Option<DateTime<Utc>>,
 }
 
-/// The queues of `consumer`, accepting `email`/`billing` or a full name.
-pub fn queues_for(amqp: &AmqpConfig, consumer: &str) -> anyhow::Result<QueueNames> {
-    let name = match consumer {
-        "email" | crate::amqp::EMAIL => crate::amqp::EMAIL,
-        "billing" | crate::amqp::BILLING => crate::amqp::BILLING,
-        other => anyhow::bail!("unknown consumer {other:?}: use email or billing"),
-    };
-    Ok(QueueNames::new(amqp, name))
-}
-
 /// Reads up to `limit` dead letters and leaves them in the queue (they are
 /// fetched unacked and returned when the channel closes).
 pub async fn list(

@@ -1,0 +1,108 @@
+//! The e-mail consumer: one notification per event, "order received" for
+//! `order.created` and "payment confirmed" for `order.confirmed`, written in
+//! the inbox's dedup transaction.
+
+use sqlx::PgConnection;
+
+use super::events::{EMAIL_SUBSCRIPTION, ORDER_CONFIRMED, ORDER_CREATED, OrderEvent};
+use crate::amqp::Subscription;
+use crate::inbox::{Event, Handler, HandlerError};
+
+/// Records the e-mail of each order event. `failure_rate` makes a share of
+/// events fail, to watch retries and dead letters in a demo.
+#[derive(Debug, Default, Clone)]
+pub struct Email {
+    pub failure_rate: f64,
+}
+
+/// One e-mail: its subject and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mail {
+    pub subject: String,
+    pub body: String,
+}
+
+impl Mail {
+    /// The mail for an event of `event_type`; `None` for a type this
+    /// consumer does not know.
+    pub fn for_event(event_type: &str, e: &OrderEvent) -> Option<Self> {
+        let (order, user) = (e.order_id, &e.user_id);
+        match event_type {
+            ORDER_CREATED => Some(Self {
+                subject: format!("Order {order} received"),
+                body: format!(
+                    "Hello {user}, we received your order {order} for product {} ({} minor units).",
+                    e.product_id, e.amount
+                ),
+            }),
+            ORDER_CONFIRMED => Some(Self {
+                subject: format!("Payment confirmed for order {order}"),
+                body: format!(
+                    "Hello {user}, your payment of {} minor units for order {order} (product {}) is confirmed.",
+                    e.amount, e.product_id
+                ),
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl Handler for Email {
+    type Event = OrderEvent;
+
+    fn subscription(&self) -> Subscription {
+        EMAIL_SUBSCRIPTION
+    }
+
+    fn conversation_id(&self, event: &OrderEvent) -> Option<String> {
+        Some(event.order_id.to_string())
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        events: &[Event<OrderEvent>],
+    ) -> Result<(), HandlerError> {
+        self.simulate_failure(events.len())?;
+        let mut mails = Vec::with_capacity(events.len());
+        for event in events {
+            let mail = Mail::for_event(&event.event_type, &event.body).ok_or_else(|| {
+                HandlerError::refused(format!("no e-mail for event type {:?}", event.event_type))
+            })?;
+            mails.push(mail);
+        }
+        sqlx::query(
+            "INSERT INTO notifications (order_id, user_id, event_type, subject, body, transaction_id) \
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[])",
+        )
+        .bind(events.iter().map(|e| e.body.order_id).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.body.user_id.as_str()).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>())
+        .bind(mails.iter().map(|m| m.subject.as_str()).collect::<Vec<_>>())
+        .bind(mails.iter().map(|m| m.body.as_str()).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.id).collect::<Vec<_>>())
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+}
+
+impl Email {
+    /// With a failure rate, failures are drawn one event at a time, so each
+    /// event fails with exactly `failure_rate`: a batch is refused first and
+    /// the inbox applies it again one by one.
+    fn simulate_failure(&self, events: usize) -> Result<(), HandlerError> {
+        if self.failure_rate <= 0.0 {
+            return Ok(());
+        }
+        if events > 1 {
+            return Err(HandlerError::refused(
+                "simulated failures are drawn one event at a time",
+            ));
+        }
+        if rand::random::<f64>() < self.failure_rate {
+            return Err(HandlerError::refused("simulated SMTP failure"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,226 @@
+//! The publisher: a confirm-mode channel on its own connection, and one
+//! row's publish and confirm (`mandatory`, persistent, with its PRODUCER
+//! span and trace context).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::Utc;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use uuid::Uuid;
+
+use super::confirms::{Confirmed, PublishFailure, Returned};
+use super::store::OutboxRow;
+use crate::amqp::Subscription;
+use crate::config::AmqpConfig;
+use crate::telemetry::propagation;
+
+/// How long a publish may wait for its confirm before it counts as failed.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a publish may wait to be written (a blocked connection, under a
+/// broker alarm, holds it): past this it counts as failed and stays due.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Header: when the relay published the message (ms since the epoch), so
+/// consumers can report how long it waited in its queue.
+pub const PUBLISHED_AT_HEADER: &str = "x-published-at-ms";
+
+/// A confirm-mode channel on its own connection, with the topology declared.
+/// Clones share the channel.
+#[derive(Clone)]
+pub struct Publisher {
+    connection: Arc<Connection>,
+    channel: Channel,
+}
+
+impl Publisher {
+    /// Connects (waiting for RabbitMQ), enables confirms and declares the
+    /// exchange and `subscriptions`, so no event is published before the
+    /// queues that take it exist.
+    pub async fn open(
+        amqp: &AmqpConfig,
+        subscriptions: &[Subscription],
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let connection = crate::amqp::connect(amqp, "order-service relay", cancel).await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .context("opening a channel")?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .context("enabling publisher confirms")?;
+        crate::amqp::declare_topology(&channel, amqp, subscriptions).await?;
+        Ok(Self {
+            connection: Arc::new(connection),
+            channel,
+        })
+    }
+
+    /// False once the channel or connection has failed; open a new one then.
+    pub fn is_usable(&self) -> bool {
+        self.channel.status().connected() && self.connection.status().connected()
+    }
+
+    /// Closes the channel and connection (for every clone).
+    pub async fn close(self) {
+        if self.connection.status().connected() {
+            let close = async {
+                let _ = self.channel.close(200, "relay stopping".into()).await;
+                let _ = self.connection.close(200, "relay stopping".into()).await;
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
+        }
+    }
+
+    /// Publishes `row` to `exchange` under its PRODUCER span. Returns the
+    /// confirm to wait for, or why the publish itself failed.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        row: &OutboxRow,
+    ) -> Result<PendingConfirm, Confirmed> {
+        let span = publish_span(exchange, row);
+        let result = tokio::time::timeout(PUBLISH_TIMEOUT, self.send(exchange, row, &span))
+            .instrument(span.clone())
+            .await;
+        match result {
+            Ok(Ok(confirm)) => Ok(PendingConfirm {
+                row_id: row.id,
+                transaction_id: row.transaction_id,
+                span,
+                confirm,
+            }),
+            Ok(Err(error)) => Err(failed(row, PublishFailure::Publish(error.to_string()))),
+            Err(_) => Err(failed(
+                row,
+                PublishFailure::Publish("timed out (is the connection blocked?)".into()),
+            )),
+        }
+    }
+
+    async fn send(
+        &self,
+        exchange: &str,
+        row: &OutboxRow,
+        span: &tracing::Span,
+    ) -> lapin::Result<lapin::PublisherConfirm> {
+        let mut headers = FieldTable::default();
+        propagation::inject_amqp(&span.context(), &mut headers);
+        headers.insert(
+            PUBLISHED_AT_HEADER.into(),
+            AMQPValue::LongString(Utc::now().timestamp_millis().to_string().into()),
+        );
+        let properties = BasicProperties::default()
+            .with_message_id(row.transaction_id.to_string().into())
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_type(row.event_type.as_str().into())
+            .with_timestamp(Utc::now().timestamp().max(0) as u64)
+            .with_app_id("order-service".into())
+            .with_headers(headers);
+        self.channel
+            .basic_publish(
+                exchange.into(),
+                row.event_type.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                row.payload.as_bytes(),
+                properties,
+            )
+            .await
+    }
+}
+
+fn failed(row: &OutboxRow, error: PublishFailure) -> Confirmed {
+    Confirmed {
+        row_id: row.id,
+        transaction_id: row.transaction_id,
+        outcome: Err(error),
+        returned: None,
+    }
+}
+
+/// A publish awaiting its confirm.
+pub struct PendingConfirm {
+    row_id: i64,
+    transaction_id: Uuid,
+    span: tracing::Span,
+    confirm: lapin::PublisherConfirm,
+}
+
+impl PendingConfirm {
+    /// Waits for the confirm (bounded: on a dead connection a confirm may
+    /// never resolve, and the batch holds its rows' locks until it ends),
+    /// then gives `permit` back to the confirm window.
+    pub async fn settle(self, permit: Option<OwnedSemaphorePermit>) -> Confirmed {
+        let Self {
+            row_id,
+            transaction_id,
+            span,
+            confirm,
+        } = self;
+        let (outcome, returned) = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+            Err(_) => (Err(PublishFailure::ConfirmTimeout), None),
+            Ok(Ok(Confirmation::Ack(returned))) => (Ok(()), returned),
+            Ok(Ok(Confirmation::Nack(returned))) => (Err(PublishFailure::Nacked), returned),
+            Ok(Ok(Confirmation::NotRequested)) => (Err(PublishFailure::NotConfirmMode), None),
+            Ok(Err(error)) => (Err(PublishFailure::Confirm(error.to_string())), None),
+        };
+        drop(permit);
+        let returned = returned.map(|message| {
+            let message_id = message
+                .properties
+                .message_id()
+                .as_ref()
+                .and_then(|m| Uuid::parse_str(m.as_str()).ok());
+            tracing::warn!(parent: &span, ?message_id, code = message.reply_code, text = %message.reply_text, "publish returned");
+            Returned {
+                message_id,
+                code: message.reply_code,
+                text: message.reply_text.to_string(),
+            }
+        });
+        if let Err(error) = &outcome {
+            span.record("otel.status_code", "ERROR");
+            tracing::warn!(parent: &span, outbox.id = row_id, %error, "publish not confirmed");
+        }
+        Confirmed {
+            row_id,
+            transaction_id,
+            outcome,
+            returned,
+        }
+    }
+}
+
+/// The PRODUCER span of one publish, a child of the context stored with the
+/// row by whoever wrote it (a request, or a consumer's span).
+fn publish_span(exchange: &str, row: &OutboxRow) -> tracing::Span {
+    let waited_ms = (Utc::now() - row.created_at).num_milliseconds();
+    let span = tracing::info_span!(
+        "outbox publish",
+        otel.name = format!("{exchange} publish"),
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "publish",
+        messaging.destination.name = %exchange,
+        messaging.rabbitmq.destination.routing_key = %row.event_type,
+        messaging.message.id = %row.transaction_id,
+        outbox.id = row.id,
+        outbox.attempts = row.attempts,
+        outbox.wait_ms = waited_ms,
+    );
+    let _ = span.set_parent(propagation::context_from_json(&row.headers));
+    span
+}

@@ -1,0 +1,187 @@
+//! The relay's scheduler: when to start a batch, as a named [`State`], and
+//! the batches in flight ([`Batches`]). Both [`super::Relay::run`] and
+//! [`super::Relay::drain`] drive it.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use super::batch::{BatchOutcome, Reopen};
+use super::publisher::Publisher;
+use super::{Relay, RelayError};
+use crate::config::RelayConfig;
+
+/// Whether the scheduler should start a batch now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Nothing known to be due: wait for a wake-up, the poll or a batch's end.
+    Idle,
+    /// Woken (a commit, a NOTIFY, the poll): start one batch.
+    Due,
+    /// Batches come back full: keep every batch open until one is not.
+    Backlog,
+    /// A batch failed: start none before `until`; those in flight carry on.
+    Holding { until: Instant },
+    /// Start nothing more; let the batches in flight end (a drain that failed).
+    Stopping,
+}
+
+impl State {
+    /// Whether a batch may start at `now`.
+    pub fn may_start(self, now: Instant) -> bool {
+        match self {
+            Self::Due | Self::Backlog => true,
+            Self::Holding { until } => now >= until,
+            Self::Idle | Self::Stopping => false,
+        }
+    }
+
+    /// After a batch started: a wake-up starts one; a backlog opens them all.
+    pub fn started(self) -> Self {
+        match self {
+            Self::Due | Self::Holding { .. } => Self::Idle,
+            other => other,
+        }
+    }
+
+    /// A wake-up or the poll: something may be due.
+    pub fn woken(self) -> Self {
+        match self {
+            Self::Idle => Self::Due,
+            other => other,
+        }
+    }
+
+    /// After a batch ended: a full one means a backlog; one that was not
+    /// full ends it; a failure holds new batches for `hold`.
+    pub fn ended(self, result: Result<BatchOutcome, ()>, hold: Duration, now: Instant) -> Self {
+        match (self, result) {
+            (Self::Stopping, _) => Self::Stopping,
+            (_, Err(())) => Self::Holding { until: now + hold },
+            (_, Ok(outcome)) if outcome.full => Self::Backlog,
+            (Self::Backlog, Ok(_)) => Self::Idle,
+            (other, Ok(_)) => other,
+        }
+    }
+}
+
+/// The batches in flight: at most `workers + 1` claim transactions open,
+/// and between them at most `batch_size × workers` publishes awaiting
+/// confirms (the confirm window). Each publish takes a permit of the window
+/// and gives it back with its confirm, so the window rolls as in a raw
+/// publish loop; the extra batch claims its rows while the window is full,
+/// so it stays full while batches claim and mark. Batches make progress
+/// only while [`Batches::next`] is polled, so every wait of the scheduler
+/// includes it: one task drives every batch, as the raw publish loop it is
+/// measured against does.
+pub(super) struct Batches {
+    window: Arc<Semaphore>,
+    pub(super) reopen: Reopen,
+    max_open: usize,
+    set: FuturesUnordered<BoxFuture<'static, Result<BatchOutcome, RelayError>>>,
+}
+
+impl Batches {
+    pub(super) fn new(config: &RelayConfig) -> Self {
+        let batch_size = config.batch_size.max(1) as usize;
+        let workers = config.workers.max(1);
+        Self {
+            window: Arc::new(Semaphore::new(batch_size * workers)),
+            reopen: Reopen::default(),
+            max_open: workers + 1,
+            set: FuturesUnordered::new(),
+        }
+    }
+
+    /// Starts a batch unless `workers + 1` are open already. A batch that
+    /// panics ends as a failed batch: its transaction is dropped, so its
+    /// rows stay due, and the relay carries on.
+    pub(super) fn start(&mut self, relay: &Relay, publisher: &Publisher) -> bool {
+        if self.set.len() >= self.max_open {
+            return false;
+        }
+        let (relay, publisher) = (relay.clone(), publisher.clone());
+        let (window, reopen) = (self.window.clone(), self.reopen.clone());
+        let batch = async move { relay.run_batch(&publisher, Some(window), &reopen).await };
+        self.set.push(Box::pin(AssertUnwindSafe(batch).catch_unwind().map(
+            |result| result.unwrap_or_else(|panic| Err(RelayError::Panicked(panic_text(&*panic)))),
+        )));
+        true
+    }
+
+    /// The next batch to end; `None` when none is in flight.
+    pub(super) async fn next(&mut self) -> Option<Result<BatchOutcome, RelayError>> {
+        self.set.next().await
+    }
+
+    /// Waits for every batch in flight to end (each is bounded by its
+    /// confirms' timeout), logging failures: their rows stay due.
+    pub(super) async fn finish(&mut self) {
+        while let Some(result) = self.next().await {
+            if let Err(error) = result {
+                tracing::warn!(%error, "relay batch failed");
+            }
+        }
+    }
+}
+
+/// The message of a panic payload.
+pub fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(full: bool) -> Result<BatchOutcome, ()> {
+        Ok(BatchOutcome {
+            full,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_wake_up_starts_one_batch_and_a_full_batch_opens_them_all() {
+        let now = Instant::now();
+        let hold = Duration::from_secs(1);
+        let state = State::Idle.woken();
+        assert!(state.may_start(now));
+        let state = state.started();
+        assert_eq!(state, State::Idle);
+        let state = state.ended(outcome(true), hold, now);
+        assert_eq!(state, State::Backlog);
+        assert_eq!(state.started(), State::Backlog);
+        assert_eq!(state.ended(outcome(false), hold, now), State::Idle);
+    }
+
+    #[test]
+    fn a_failed_batch_holds_new_batches_until_its_backoff_has_passed() {
+        let now = Instant::now();
+        let hold = Duration::from_secs(1);
+        let state = State::Backlog.ended(Err(()), hold, now);
+        assert!(!state.may_start(now));
+        assert!(state.may_start(now + hold));
+        // A wake-up during the hold does not cut it short.
+        assert_eq!(state.woken(), state);
+        assert_eq!(state.started(), State::Idle);
+    }
+
+    #[test]
+    fn a_stopping_scheduler_starts_nothing_more() {
+        let now = Instant::now();
+        let state = State::Stopping.ended(outcome(true), Duration::ZERO, now);
+        assert_eq!(state, State::Stopping);
+        assert!(!state.woken().may_start(now));
+    }
+}
