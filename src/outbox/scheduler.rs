@@ -2,6 +2,7 @@
 //! the batches in flight ([`Batches`]). Both [`super::Relay::run`] and
 //! [`super::Relay::drain`] drive it.
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -108,11 +109,18 @@ impl Batches {
         }
         let (relay, publisher) = (relay.clone(), publisher.clone());
         let (window, reopen) = (self.window.clone(), self.reopen.clone());
-        let batch = async move { relay.run_batch(&publisher, Some(window), &reopen).await };
+        self.push(async move { relay.run_batch(&publisher, Some(window), &reopen).await });
+        true
+    }
+
+    /// Adds a batch to those in flight, a panic in it caught as its error.
+    fn push<F>(&mut self, batch: F)
+    where
+        F: Future<Output = Result<BatchOutcome, RelayError>> + Send + 'static,
+    {
         self.set.push(Box::pin(AssertUnwindSafe(batch).catch_unwind().map(
             |result| result.unwrap_or_else(|panic| Err(RelayError::Panicked(panic_text(&*panic)))),
         )));
-        true
     }
 
     /// The next batch to end; `None` when none is in flight.
@@ -175,6 +183,31 @@ mod tests {
         // A wake-up during the hold does not cut it short.
         assert_eq!(state.woken(), state);
         assert_eq!(state.started(), State::Idle);
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_panics_ends_as_a_failed_batch_and_the_others_carry_on() {
+        let mut batches = Batches::new(&RelayConfig::default());
+        batches.push(async { panic!("a bug in a batch") });
+        batches.push(async { Ok(BatchOutcome::default()) });
+        let mut results = Vec::new();
+        while let Some(result) = batches.next().await {
+            results.push(result);
+        }
+        assert_eq!(results.len(), 2, "both batches end");
+        let panicked = results
+            .iter()
+            .find_map(|r| match r {
+                Err(RelayError::Panicked(message)) => Some(message.clone()),
+                _ => None,
+            })
+            .expect("the panic is a failed batch");
+        assert_eq!(panicked, "a bug in a batch");
+        assert!(results.iter().any(|r| r.is_ok()));
+        // The scheduler treats it as any failed batch: it holds, then goes on.
+        let now = Instant::now();
+        let state = State::Backlog.ended(Err(()), Duration::from_millis(10), now);
+        assert!(state.may_start(now + Duration::from_millis(10)));
     }
 
     #[test]
