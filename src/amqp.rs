@@ -10,7 +10,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::AmqpConfig;
+use crate::config::{AmqpConfig, QueueType, redact_url};
 use crate::shutdown::retry_until_cancelled;
 
 /// A consumer's queue and the event types (routing keys) bound to it. The
@@ -49,28 +49,43 @@ impl QueueNames {
     }
 }
 
-/// Connects, retrying with backoff until RabbitMQ answers or `cancel` fires.
+/// How long one connection attempt to one node may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects, retrying with backoff until a broker answers or `cancel` fires.
+/// Each attempt tries every URL of the list once, starting at a random one,
+/// so a fleet spreads over a cluster and a lost node is skipped.
 pub async fn connect(
     config: &AmqpConfig,
     name: &str,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Connection> {
-    retry_until_cancelled("RabbitMQ", cancel, || {
-        let properties = ConnectionProperties::default().with_connection_name(name.into());
-        Connection::connect(config.amqp_url.expose(), properties)
-    })
-    .await
-    .with_context(|| format!("connecting to RabbitMQ at {}", config.amqp_url))
+    retry_until_cancelled("RabbitMQ", cancel, || connect_any(config, name))
+        .await
+        .with_context(|| format!("connecting to RabbitMQ at {}", config.amqp_url))
 }
 
-/// Opens and closes a connection: the readiness check.
+/// One attempt over every URL; the error names the last node's failure.
+async fn connect_any(config: &AmqpConfig, name: &str) -> anyhow::Result<Connection> {
+    let urls = config.urls();
+    anyhow::ensure!(!urls.is_empty(), "AMQP_URL names no broker");
+    let start = rand::random_range(0..urls.len());
+    let mut last = None;
+    for i in 0..urls.len() {
+        let url = urls[(start + i) % urls.len()];
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+            Ok(Ok(connection)) => return Ok(connection),
+            Ok(Err(error)) => last = Some(anyhow::anyhow!("{}: {error}", redact_url(url))),
+            Err(_) => last = Some(anyhow::anyhow!("{}: no answer in time", redact_url(url))),
+        }
+    }
+    Err(last.expect("at least one URL was tried"))
+}
+
+/// Opens and closes a connection to any node: the readiness check.
 pub async fn ping(config: &AmqpConfig) -> anyhow::Result<()> {
-    let connection = Connection::connect(
-        config.amqp_url.expose(),
-        ConnectionProperties::default().with_connection_name("order-service readyz".into()),
-    )
-    .await
-    .context("connecting to RabbitMQ")?;
+    let connection = connect_any(config, "order-service readyz").await?;
     let _ = connection.close(200, "readiness check done".into()).await;
     Ok(())
 }
@@ -111,7 +126,16 @@ pub async fn declare_consumer_queues(
     subscription: &Subscription,
 ) -> anyhow::Result<QueueNames> {
     let names = QueueNames::new(config, subscription.consumer);
-    declare_queue(channel, &names.main, FieldTable::default()).await?;
+    let mut main = queue_args(config.queue_type);
+    if config.queue_type == QueueType::Quorum {
+        // RabbitMQ 4.x gives quorum queues a delivery limit of 20, past which
+        // a message is dropped: a long outage requeues a message far more
+        // often. Far above any outage; past it, the message is dead-lettered
+        // at least once into the DLQ, never dropped.
+        main.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(1_000_000));
+        dead_letter_to(&mut main, &names.dlq);
+    }
+    declare_queue(channel, &names.main, main).await?;
     for key in subscription.routing_keys {
         channel
             .queue_bind(
@@ -125,23 +149,42 @@ pub async fn declare_consumer_queues(
             .with_context(|| format!("binding {} to {} for {key}", names.main, config.exchange))?;
     }
     for (retry, delay) in &names.retries {
-        let mut args = FieldTable::default();
+        let mut args = queue_args(config.queue_type);
         args.insert(
             "x-message-ttl".into(),
             AMQPValue::LongLongInt(delay.as_millis() as i64),
         );
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(LongString::from("")),
-        );
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(LongString::from(names.main.as_str())),
-        );
+        dead_letter_to(&mut args, &names.main);
         declare_queue(channel, retry, args).await?;
     }
-    declare_queue(channel, &names.dlq, FieldTable::default()).await?;
+    declare_queue(channel, &names.dlq, queue_args(config.queue_type)).await?;
     Ok(names)
+}
+
+/// The arguments every queue of `queue_type` is declared with. A quorum
+/// queue dead-letters at least once (the broker keeps a message until its
+/// target has confirmed it), which needs `reject-publish` overflow.
+fn queue_args(queue_type: QueueType) -> FieldTable {
+    let mut args = FieldTable::default();
+    if queue_type == QueueType::Quorum {
+        args.insert("x-queue-type".into(), long_string("quorum"));
+        args.insert("x-overflow".into(), long_string("reject-publish"));
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            long_string("at-least-once"),
+        );
+    }
+    args
+}
+
+/// Dead-letters into `queue` through the default exchange.
+fn dead_letter_to(args: &mut FieldTable, queue: &str) {
+    args.insert("x-dead-letter-exchange".into(), long_string(""));
+    args.insert("x-dead-letter-routing-key".into(), long_string(queue));
+}
+
+fn long_string(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
 }
 
 async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> anyhow::Result<()> {

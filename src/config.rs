@@ -25,9 +25,14 @@ impl SecretUrl {
         self.0.expose_secret()
     }
 
-    /// The URL with any password replaced by `***`.
+    /// The URL with any password replaced by `***` (each URL of a
+    /// comma-separated list).
     pub fn redacted(&self) -> String {
-        redact_url(self.expose())
+        self.expose()
+            .split(',')
+            .map(redact_url)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -112,10 +117,21 @@ impl DatabaseConfig {
     }
 }
 
+/// The type of every queue the service declares.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueType {
+    /// Replicated across a cluster (Raft); at-least-once dead-lettering.
+    #[default]
+    Quorum,
+    /// One node's queue, not replicated (RabbitMQ 4.x: no mirroring).
+    Classic,
+}
+
 /// RabbitMQ settings shared by the relay and the consumers.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AmqpConfig {
-    /// RabbitMQ URL.
+    /// RabbitMQ URL, or the URLs of a cluster's nodes, comma separated: each
+    /// connection tries them in turn, starting at a random one.
     #[arg(
         long,
         env = "AMQP_URL",
@@ -123,6 +139,10 @@ pub struct AmqpConfig {
         hide_env_values = true
     )]
     pub amqp_url: SecretUrl,
+    /// Type of the main, retry and dead-letter queues. A queue cannot change
+    /// its type in place: see docs/operations.md before switching.
+    #[arg(long, env = "QUEUE_TYPE", value_enum, default_value_t = QueueType::Quorum)]
+    pub queue_type: QueueType,
     /// Exchange the relay publishes to.
     #[arg(long, env = "AMQP_EXCHANGE", default_value = "order_events")]
     pub exchange: String,
@@ -143,10 +163,21 @@ impl AmqpConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             amqp_url: SecretUrl::new(url),
+            queue_type: QueueType::Quorum,
             exchange: "order_events".into(),
             queue_prefix: String::new(),
             retry_delays_ms: vec![1_000, 10_000, 60_000],
         }
+    }
+
+    /// The broker URLs, in the order given.
+    pub fn urls(&self) -> Vec<&str> {
+        self.amqp_url
+            .expose()
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
     }
 
     pub fn retry_delays(&self) -> Vec<Duration> {
@@ -274,5 +305,10 @@ mod tests {
         assert_eq!(redact_url("postgres://db/orders"), "postgres://db/orders");
         let s = SecretUrl::new("postgres://u:topsecret@h/d");
         assert!(!format!("{s:?} {s}").contains("topsecret"));
+        let cluster = SecretUrl::new("amqp://u:one@a:5672/%2f,amqp://u:two@b:5672/%2f");
+        assert_eq!(
+            cluster.redacted(),
+            "amqp://u:***@a:5672/%2f,amqp://u:***@b:5672/%2f"
+        );
     }
 }
