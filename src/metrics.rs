@@ -1,75 +1,47 @@
-//! Prometheus metrics, kept in atomics and rendered as text on `GET /metrics`.
-//! Hand-rolled to stay small: counters, and histograms with fixed buckets.
+//! Prometheus metrics through `prometheus-client`: one [`Registry`] per
+//! process (no global, so every test has its own), rendered as OpenMetrics
+//! text on `GET /metrics` by every role.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 
-impl Counter {
-    pub fn inc(&self) {
-        self.add(1);
-    }
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
+/// Latency buckets in seconds: 1 ms to about 33 s, doubling.
+fn latency_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
-/// Upper bounds of the latency buckets, in seconds.
-const BUCKETS: [f64; 12] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
-];
-
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Count per bucket (not cumulative; summed when rendered).
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+/// Seconds of a duration, for a histogram.
+pub fn seconds(elapsed: Duration) -> f64 {
+    elapsed.as_secs_f64()
 }
 
-impl Histogram {
-    pub fn observe(&self, elapsed: Duration) {
-        let secs = elapsed.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cumulative = 0;
-        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
-            cumulative += bucket.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        let count = self.count();
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
-    }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabel {
+    queue: String,
 }
 
-/// What one consumer reports.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// What one consumer reports. Each field is that consumer's series of a
+/// family labelled `queue`.
+#[derive(Debug, Clone)]
 pub struct ConsumerMetrics {
     pub processed: Counter,
     pub duplicates: Counter,
@@ -79,108 +51,155 @@ pub struct ConsumerMetrics {
     pub requeued: Counter,
     /// Postgres transactions committed (one per batch of deliveries).
     pub transactions: Counter,
+    /// Time to handle a batch, per delivery.
     pub handling: Histogram,
+    /// From the event's outbox write to this consumer's commit.
+    pub event_age: Histogram,
+    /// Messages in the consumer's dead-letter queue, sampled.
+    pub dead_letters: Gauge,
+}
+
+/// The gauges of one outbox table, read from Postgres at each scrape.
+#[derive(Debug, Clone, Default)]
+pub struct OutboxGauges {
+    pub pending: Gauge,
+    pub oldest_pending_age: FloatGauge,
+    pub failed: Gauge,
+}
+
+impl OutboxGauges {
+    pub fn set(&self, status: &crate::outbox::store::OutboxStatus) {
+        self.pending.set(status.pending);
+        self.oldest_pending_age
+            .set(status.oldest_pending_age_secs.unwrap_or(0.0));
+        self.failed.set(status.with_errors);
+    }
 }
 
 /// Every metric of the process. Shared as `Arc<Metrics>`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    /// Requests by (method, route, status).
-    http_requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    registry: Registry,
+    http_requests: Family<HttpLabels, Counter>,
     pub http_latency: Histogram,
     pub orders_created: Counter,
     pub relay_published: Counter,
     pub relay_failed: Counter,
-    pub relay_publish_latency: Histogram,
-    consumers: Mutex<BTreeMap<String, std::sync::Arc<ConsumerMetrics>>>,
+    /// From a publish to its confirm.
+    pub relay_confirm_latency: Histogram,
+    /// One batch, from its claim to its last confirm.
+    pub relay_batch_latency: Histogram,
+    pub outbox: OutboxGauges,
+    consumer_processed: Family<QueueLabel, Counter>,
+    consumer_duplicates: Family<QueueLabel, Counter>,
+    consumer_retried: Family<QueueLabel, Counter>,
+    consumer_dead_lettered: Family<QueueLabel, Counter>,
+    consumer_requeued: Family<QueueLabel, Counter>,
+    consumer_transactions: Family<QueueLabel, Counter>,
+    consumer_handling: Histograms<QueueLabel>,
+    consumer_event_age: Histograms<QueueLabel>,
+    dead_letters: Family<QueueLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let this = Self {
+            http_requests: Family::default(),
+            http_latency: latency_buckets(),
+            orders_created: Counter::default(),
+            relay_published: Counter::default(),
+            relay_failed: Counter::default(),
+            relay_confirm_latency: latency_buckets(),
+            relay_batch_latency: latency_buckets(),
+            outbox: OutboxGauges::default(),
+            consumer_processed: Family::default(),
+            consumer_duplicates: Family::default(),
+            consumer_retried: Family::default(),
+            consumer_dead_lettered: Family::default(),
+            consumer_requeued: Family::default(),
+            consumer_transactions: Family::default(),
+            consumer_handling: Family::new_with_constructor(latency_buckets),
+            consumer_event_age: Family::new_with_constructor(latency_buckets),
+            dead_letters: Family::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register("http_requests", "HTTP requests by method, route and status", this.http_requests.clone());
+        r.register("http_request_duration_seconds", "HTTP request latency", this.http_latency.clone());
+        r.register("orders_created", "Orders accepted and written", this.orders_created.clone());
+        r.register("relay_published", "Outbox rows confirmed by the broker", this.relay_published.clone());
+        r.register("relay_failed", "Publishes not confirmed (retried later)", this.relay_failed.clone());
+        r.register("relay_confirm_duration_seconds", "From a publish to its confirm", this.relay_confirm_latency.clone());
+        r.register("relay_batch_duration_seconds", "A relay batch, claim to last confirm", this.relay_batch_latency.clone());
+        r.register("outbox_pending_rows", "Outbox rows not yet published", this.outbox.pending.clone());
+        r.register("outbox_oldest_pending_age_seconds", "Age of the oldest unpublished outbox row (the lag)", this.outbox.oldest_pending_age.clone());
+        r.register("outbox_failed_rows", "Unpublished outbox rows with an error", this.outbox.failed.clone());
+        r.register("consumer_processed", "Deliveries whose effect was committed", this.consumer_processed.clone());
+        r.register("consumer_duplicates", "Deliveries seen before, acked without effect", this.consumer_duplicates.clone());
+        r.register("consumer_retried", "Refused deliveries sent to a delay queue", this.consumer_retried.clone());
+        r.register("consumer_dead_lettered", "Deliveries sent to the dead-letter queue", this.consumer_dead_lettered.clone());
+        r.register("consumer_requeued", "Deliveries left for redelivery after an outage", this.consumer_requeued.clone());
+        r.register("consumer_transactions", "Dedup transactions committed", this.consumer_transactions.clone());
+        r.register("consumer_handling_duration_seconds", "Time to handle a batch, per delivery", this.consumer_handling.clone());
+        r.register("consumer_event_age_seconds", "From the event's outbox write to this consumer's commit", this.consumer_event_age.clone());
+        r.register("dead_letter_queue_messages", "Messages in a dead-letter queue, sampled", this.dead_letters.clone());
+        Self { registry, ..this }
+    }
 }
 
 impl Metrics {
     pub fn record_http(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
-        let mut map = self.http_requests.lock().expect("metrics lock");
-        *map.entry((method.to_owned(), route.to_owned(), status))
-            .or_default() += 1;
-        drop(map);
-        self.http_latency.observe(elapsed);
+        let labels = HttpLabels {
+            method: method.to_owned(),
+            route: route.to_owned(),
+            status,
+        };
+        self.http_requests.get_or_create(&labels).inc();
+        self.http_latency.observe(seconds(elapsed));
     }
 
-    /// The metrics of consumer `name`, created on first use.
-    pub fn consumer(&self, name: &str) -> std::sync::Arc<ConsumerMetrics> {
-        self.consumers
-            .lock()
-            .expect("metrics lock")
-            .entry(name.to_owned())
-            .or_default()
-            .clone()
+    /// The metrics of the consumer of `queue`.
+    pub fn consumer(&self, queue: &str) -> Arc<ConsumerMetrics> {
+        let label = QueueLabel {
+            queue: queue.to_owned(),
+        };
+        Arc::new(ConsumerMetrics {
+            processed: self.consumer_processed.get_or_create(&label).clone(),
+            duplicates: self.consumer_duplicates.get_or_create(&label).clone(),
+            retried: self.consumer_retried.get_or_create(&label).clone(),
+            dead_lettered: self.consumer_dead_lettered.get_or_create(&label).clone(),
+            requeued: self.consumer_requeued.get_or_create(&label).clone(),
+            transactions: self.consumer_transactions.get_or_create(&label).clone(),
+            handling: self.consumer_handling.get_or_create(&label).clone(),
+            event_age: self.consumer_event_age.get_or_create(&label).clone(),
+            dead_letters: self.dead_letters.get_or_create(&label).clone(),
+        })
     }
 
-    /// Prometheus text exposition. `outbox` is read from Postgres by the caller.
-    pub fn render(&self, outbox: Option<&crate::outbox::store::OutboxStatus>) -> String {
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
         let mut out = String::new();
-        out.push_str("# TYPE http_requests_total counter\n");
-        for ((method, route, status), n) in self.http_requests.lock().expect("metrics lock").iter()
-        {
-            let _ = writeln!(
-                out,
-                "http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}"
-            );
-        }
-        out.push_str("# TYPE http_request_duration_seconds histogram\n");
-        self.http_latency
-            .render(&mut out, "http_request_duration_seconds", "");
-        let counters = [
-            ("orders_created_total", &self.orders_created),
-            ("relay_published_total", &self.relay_published),
-            ("relay_failed_total", &self.relay_failed),
-        ];
-        for (name, counter) in counters {
-            let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", counter.get());
-        }
-        out.push_str("# TYPE relay_publish_duration_seconds histogram\n");
-        self.relay_publish_latency
-            .render(&mut out, "relay_publish_duration_seconds", "");
-        if let Some(status) = outbox {
-            let _ = writeln!(
-                out,
-                "# TYPE outbox_pending_rows gauge\noutbox_pending_rows {}",
-                status.pending
-            );
-            let _ = writeln!(
-                out,
-                "# TYPE outbox_oldest_pending_age_seconds gauge\noutbox_oldest_pending_age_seconds {}",
-                status.oldest_pending_age_secs.unwrap_or(0.0)
-            );
-            let _ = writeln!(
-                out,
-                "# TYPE outbox_failed_rows gauge\noutbox_failed_rows {}",
-                status.with_errors
-            );
-        }
-        let consumers = self.consumers.lock().expect("metrics lock");
-        for (kind, pick) in [
-            (
-                "processed",
-                (|c: &ConsumerMetrics| c.processed.get()) as fn(&ConsumerMetrics) -> u64,
-            ),
-            ("duplicates", |c| c.duplicates.get()),
-            ("retried", |c| c.retried.get()),
-            ("dead_lettered", |c| c.dead_lettered.get()),
-            ("requeued", |c| c.requeued.get()),
-            ("transactions", |c| c.transactions.get()),
-        ] {
-            let _ = writeln!(out, "# TYPE consumer_{kind}_total counter");
-            for (name, c) in consumers.iter() {
-                let _ = writeln!(out, "consumer_{kind}_total{{queue=\"{name}\"}} {}", pick(c));
-            }
-        }
-        out.push_str("# TYPE consumer_handling_duration_seconds histogram\n");
-        for (name, c) in consumers.iter() {
-            c.handling.render(
-                &mut out,
-                "consumer_handling_duration_seconds",
-                &format!("queue=\"{name}\""),
-            );
-        }
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_renders_with_its_labels() {
+        let metrics = Metrics::default();
+        metrics.orders_created.inc();
+        metrics.consumer("billing_service").processed.inc_by(3);
+        metrics.record_http("POST", "/orders", 202, Duration::from_millis(2));
+        let text = metrics.render();
+        assert!(text.contains("orders_created_total 1"), "{text}");
+        assert!(text.contains("consumer_processed_total{queue=\"billing_service\"} 3"), "{text}");
+        assert!(text.contains("http_requests_total{method=\"POST\",route=\"/orders\",status=\"202\"} 1"), "{text}");
+        assert!(text.contains("consumer_event_age_seconds_bucket"), "{text}");
+        assert!(text.ends_with("# EOF\n"));
     }
 }

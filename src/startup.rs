@@ -133,10 +133,22 @@ impl Roles {
 
     /// Starts a consumer running `handler`; its commits wake this process's
     /// relay (or its NOTIFY forwarder).
-    pub fn start_handler<H: Handler>(&self, handler: H, amqp: &AmqpConfig, config: &ConsumerConfig) {
-        let consumer = Consumer::new(handler, self.pool.clone(), amqp.clone(), config.clone(), &self.metrics)
-            .with_wake(self.wake.clone());
-        self.tracker.spawn(Arc::new(consumer).run(self.cancel.clone()));
+    pub fn start_handler<H: Handler>(
+        &self,
+        handler: H,
+        amqp: &AmqpConfig,
+        config: &ConsumerConfig,
+    ) {
+        let consumer = Consumer::new(
+            handler,
+            self.pool.clone(),
+            amqp.clone(),
+            config.clone(),
+            &self.metrics,
+        )
+        .with_wake(self.wake.clone());
+        self.tracker
+            .spawn(Arc::new(consumer).run(self.cancel.clone()));
     }
 
     /// Waits for the cancel token, then for every role to finish its work in

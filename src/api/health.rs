@@ -63,15 +63,19 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// Prometheus text exposition.
+/// The OpenMetrics text exposition, with the outbox gauges read now.
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let outbox = match state.pool.acquire().await {
-        Ok(mut conn) => store::status(&mut conn).await.ok(),
-        Err(_) => None,
-    };
+    if let Ok(mut conn) = state.pool.acquire().await
+        && let Ok(status) = store::status(&mut conn).await
+    {
+        state.metrics.outbox.set(&status);
+    }
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(outbox.as_ref()),
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
     )
         .into_response()
 }

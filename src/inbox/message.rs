@@ -6,8 +6,8 @@ use lapin::message::Delivery;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 use serde::de::DeserializeOwned;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 use crate::outbox::publisher::PUBLISHED_AT_HEADER;
@@ -68,9 +68,8 @@ struct BodyId {
 pub fn parse<E: DeserializeOwned>(delivery: &Delivery) -> Result<Parsed<E>, ParseError> {
     let body: E = serde_json::from_slice(&delivery.data)?;
     let id = match delivery.properties.message_id() {
-        Some(id) => {
-            Uuid::parse_str(id.as_str()).map_err(|_| ParseError::MessageId(id.as_str().to_owned()))?
-        }
+        Some(id) => Uuid::parse_str(id.as_str())
+            .map_err(|_| ParseError::MessageId(id.as_str().to_owned()))?,
         None => serde_json::from_slice::<BodyId>(&delivery.data)?
             .transaction_id
             .ok_or(ParseError::NoId)?,

@@ -18,9 +18,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::Consumer;
 use super::handler::Handler;
 use super::message::AMQP_TIMEOUT;
-use super::Consumer;
 use crate::shutdown::{Backoff, sleep_or_cancel};
 
 /// How long deliveries left by an outage wait before they are requeued, so
@@ -56,13 +56,19 @@ impl<H: Handler> Consumer<H> {
     }
 
     /// One connection's life: returns when the connection fails or on cancel.
-    async fn session(self: Arc<Self>, cancel: &CancellationToken, backoff: &mut Backoff) -> anyhow::Result<()> {
+    async fn session(
+        self: Arc<Self>,
+        cancel: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> anyhow::Result<()> {
         let name = format!("order-service {}", self.queues.main);
         let connection = crate::amqp::connect(&self.amqp, &name, cancel).await?;
         let result = async {
             let channels = self.open(&connection).await?;
             let deliveries = self.subscribe(&channels.consume).await?;
-            self.clone().consume(&connection, channels, deliveries, cancel, backoff).await
+            self.clone()
+                .consume(&connection, channels, deliveries, cancel, backoff)
+                .await
         }
         .await;
         if connection.status().connected() {
@@ -74,11 +80,20 @@ impl<H: Handler> Consumer<H> {
 
     /// Opens the channels and declares this consumer's queues.
     async fn open(&self, connection: &Connection) -> anyhow::Result<Channels> {
-        let consume = connection.create_channel().await.context("opening the consume channel")?;
-        let publish = connection.create_channel().await.context("opening the publish channel")?;
-        publish.confirm_select(ConfirmSelectOptions::default()).await?;
+        let consume = connection
+            .create_channel()
+            .await
+            .context("opening the consume channel")?;
+        let publish = connection
+            .create_channel()
+            .await
+            .context("opening the publish channel")?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         crate::amqp::declare_exchange(&consume, &self.amqp).await?;
-        crate::amqp::declare_consumer_queues(&consume, &self.amqp, &self.handler.subscription()).await?;
+        crate::amqp::declare_consumer_queues(&consume, &self.amqp, &self.handler.subscription())
+            .await?;
         Ok(Channels {
             consume,
             publish: Arc::new(publish),
@@ -132,7 +147,9 @@ impl<H: Handler> Consumer<H> {
             // Unacked deliveries go back to the queue with a failed channel.
             let batch = match items.into_iter().collect::<Result<Vec<Delivery>, _>>() {
                 Ok(batch) => batch,
-                Err(error) => break Err(anyhow::Error::new(error).context("consumer stream failed")),
+                Err(error) => {
+                    break Err(anyhow::Error::new(error).context("consumer stream failed"));
+                }
             };
             backoff.reset();
             let (this, publish) = (self.clone(), channels.publish.clone());
@@ -146,15 +163,23 @@ impl<H: Handler> Consumer<H> {
         // a command unanswered, and waiting on it would keep this consumer
         // from ever reconnecting.
         if connection.status().connected() {
-            let cancel_consumer = channels.consume.basic_cancel(tag, BasicCancelOptions::default());
+            let cancel_consumer = channels
+                .consume
+                .basic_cancel(tag, BasicCancelOptions::default());
             let _ = tokio::time::timeout(AMQP_TIMEOUT, cancel_consumer).await;
         }
         tracker.close();
         tracker.wait().await;
         if connection.status().connected() {
             let close = async {
-                let _ = channels.publish.close(200, "consumer stopping".into()).await;
-                let _ = channels.consume.close(200, "consumer stopping".into()).await;
+                let _ = channels
+                    .publish
+                    .close(200, "consumer stopping".into())
+                    .await;
+                let _ = channels
+                    .consume
+                    .close(200, "consumer stopping".into())
+                    .await;
             };
             let _ = tokio::time::timeout(AMQP_TIMEOUT, close).await;
         }

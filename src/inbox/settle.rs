@@ -14,6 +14,7 @@ use super::handler::{Event, Handler};
 use super::message::{self, ParseError, Parsed};
 use super::transact::Applied;
 use super::{Consumer, InboxError};
+use crate::outbox::publisher::WRITTEN_AT_HEADER;
 use crate::telemetry::propagation;
 
 /// What became of one delivery.
@@ -37,9 +38,17 @@ impl<H: Handler> Consumer<H> {
     /// commit, then ack each; or retry/dead-letter and ack. Results by
     /// delivery tag; an `Err` is an outage, and that delivery is left unacked
     /// for the caller to requeue.
-    pub async fn process_batch(&self, deliveries: &[Delivery], publish: &Channel) -> HashMap<u64, Settled> {
+    pub async fn process_batch(
+        &self,
+        deliveries: &[Delivery],
+        publish: &Channel,
+    ) -> HashMap<u64, Settled> {
         let started = Instant::now();
-        let parsed: Vec<(&Delivery, Result<Event<H::Event>, ParseError>, tracing::Span)> = deliveries
+        let parsed: Vec<(
+            &Delivery,
+            Result<Event<H::Event>, ParseError>,
+            tracing::Span,
+        )> = deliveries
             .iter()
             .map(|delivery| {
                 let (parsed, span) = self.parse(delivery);
@@ -64,14 +73,19 @@ impl<H: Handler> Consumer<H> {
                 (e.attempt, applied)
             });
             async move {
-                let outcome = self.settle(delivery, publish, result).instrument(span.clone()).await;
+                let outcome = self
+                    .settle(delivery, publish, result)
+                    .instrument(span.clone())
+                    .await;
                 self.record(&outcome, &span);
                 (delivery.delivery_tag, outcome)
             }
         });
         let settled: HashMap<u64, Settled> = join_all(settles).await.into_iter().collect();
         for _ in 0..settled.len() {
-            self.metrics.handling.observe(started.elapsed());
+            self.metrics
+                .handling
+                .observe(crate::metrics::seconds(started.elapsed()));
         }
         settled
     }
@@ -100,12 +114,18 @@ impl<H: Handler> Consumer<H> {
             Ok(o) => {
                 span.record("outcome", format!("{o:?}"));
                 match o {
-                    Outcome::Processed => m.processed.inc(),
-                    Outcome::Duplicate => m.duplicates.inc(),
-                    Outcome::Retried { .. } => m.retried.inc(),
+                    Outcome::Processed => {
+                        m.processed.inc();
+                    }
+                    Outcome::Duplicate => {
+                        m.duplicates.inc();
+                    }
+                    Outcome::Retried { .. } => {
+                        m.retried.inc();
+                    }
                     Outcome::DeadLettered { .. } => {
                         span.record("otel.status_code", "ERROR");
-                        m.dead_lettered.inc()
+                        m.dead_lettered.inc();
                     }
                 }
             }
@@ -131,14 +151,21 @@ impl<H: Handler> Consumer<H> {
             Err(error) => {
                 let reason = format!("unparseable message: {error}");
                 let attempt = message::attempt(delivery);
-                self.forward(delivery, publish, &self.queues.dlq, attempt, &reason).await?;
+                self.forward(delivery, publish, &self.queues.dlq, attempt, &reason)
+                    .await?;
                 return Ok(Outcome::DeadLettered { reason });
             }
         };
         match applied {
-            Applied::Committed => self.ack(delivery, Outcome::Processed).await,
+            Applied::Committed => {
+                self.observe_event_age(delivery);
+                self.ack(delivery, Outcome::Processed).await
+            }
             Applied::Duplicate => self.ack(delivery, Outcome::Duplicate).await,
-            Applied::Refused(reason) => self.retry_or_dead_letter(delivery, publish, attempt, reason).await,
+            Applied::Refused(reason) => {
+                self.retry_or_dead_letter(delivery, publish, attempt, reason)
+                    .await
+            }
         }
     }
 
@@ -153,12 +180,16 @@ impl<H: Handler> Consumer<H> {
         match self.queues.retries.get(attempt as usize) {
             Some((retry_queue, _)) => {
                 tracing::info!(%reason, attempt = attempt + 1, queue = %retry_queue, "event refused; retrying later");
-                self.forward(delivery, publish, retry_queue, attempt, &reason).await?;
-                Ok(Outcome::Retried { attempt: attempt + 1 })
+                self.forward(delivery, publish, retry_queue, attempt, &reason)
+                    .await?;
+                Ok(Outcome::Retried {
+                    attempt: attempt + 1,
+                })
             }
             None => {
                 tracing::warn!(%reason, attempts = attempt + 1, "event refused; dead-lettering");
-                self.forward(delivery, publish, &self.queues.dlq, attempt, &reason).await?;
+                self.forward(delivery, publish, &self.queues.dlq, attempt, &reason)
+                    .await?;
                 Ok(Outcome::DeadLettered { reason })
             }
         }
@@ -178,6 +209,16 @@ impl<H: Handler> Consumer<H> {
             .await
             .map_err(InboxError::broker)?;
         message::ack(delivery).await.map_err(InboxError::broker)
+    }
+
+    /// How long the event took from its outbox write to this commit.
+    fn observe_event_age(&self, delivery: &Delivery) {
+        let headers = delivery.properties.headers().as_ref();
+        let written = message::header_str(headers, WRITTEN_AT_HEADER).and_then(|v| v.parse::<i64>().ok());
+        if let Some(written) = written {
+            let age_ms = (chrono::Utc::now().timestamp_millis() - written).max(0);
+            self.metrics.event_age.observe(age_ms as f64 / 1000.0);
+        }
     }
 
     async fn ack(&self, delivery: &Delivery, outcome: Outcome) -> Settled {

@@ -41,9 +41,10 @@ impl<H: Handler> Consumer<H> {
                 .into_iter()
                 .map(|id| (id, Ok(applied(fresh.contains(&id)))))
                 .collect(),
-            Ok(Err(reason)) if ids.len() == 1 => {
-                ids.into_iter().map(|id| (id, Ok(Applied::Refused(reason.clone())))).collect()
-            }
+            Ok(Err(reason)) if ids.len() == 1 => ids
+                .into_iter()
+                .map(|id| (id, Ok(Applied::Refused(reason.clone()))))
+                .collect(),
             Ok(Err(reason)) => {
                 tracing::debug!(%reason, events = events.len(), "batch refused; applying one at a time");
                 let mut results = Results::new();

@@ -43,7 +43,9 @@ impl Handler for Billing {
         let confirmations: Vec<_> = events
             .iter()
             .map(|event| {
-                let ledger_id = *ledger_ids.get(&event.id).ok_or_else(|| HandlerError::outage(format!("no ledger row for {}", event.id)))?;
+                let ledger_id = *ledger_ids.get(&event.id).ok_or_else(|| {
+                    HandlerError::outage(format!("no ledger row for {}", event.id))
+                })?;
                 let charge = Charge {
                     ledger_id,
                     amount: event.body.amount,
@@ -80,7 +82,12 @@ async fn charge_and_confirm(
          SELECT transaction_id, id FROM charged",
     )
     .bind(events.iter().map(|e| e.body.order_id).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.body.user_id.as_str()).collect::<Vec<_>>())
+    .bind(
+        events
+            .iter()
+            .map(|e| e.body.user_id.as_str())
+            .collect::<Vec<_>>(),
+    )
     .bind(events.iter().map(|e| e.body.amount).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.id).collect::<Vec<_>>())
     .bind(charged_at)

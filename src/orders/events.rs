@@ -112,7 +112,8 @@ impl OrderConfirmed {
     /// Its outbox row.
     pub fn row(&self, trace_headers: serde_json::Value) -> NewOutboxEvent {
         let payload = serde_json::to_value(self).expect("an event serialises");
-        self.order.outbox_row(ORDER_CONFIRMED, payload, trace_headers)
+        self.order
+            .outbox_row(ORDER_CONFIRMED, payload, trace_headers)
     }
 }
 

@@ -154,7 +154,8 @@ async fn write_retrying(pool: &PgPool, batch: &[Job]) -> Result<(), sqlx::Error>
         let result = async { write_together(&mut *pool.acquire().await?, &rows).await }.await;
         match result {
             Err(error)
-                if crate::db::classify(&error) == ErrorKind::ConnectionLost && tries < pool.size() =>
+                if crate::db::classify(&error) == ErrorKind::ConnectionLost
+                    && tries < pool.size() =>
             {
                 tracing::debug!(%error, "connection lost while writing orders; trying another");
                 tries += 1;

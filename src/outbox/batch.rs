@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use futures_util::stream::FuturesUnordered;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Semaphore;
@@ -48,7 +48,12 @@ impl Relay {
 
     /// [`Relay::run_once`], with the publishes awaiting confirms bounded by
     /// `window`, shared with the other batches in flight.
-    #[tracing::instrument(name = "relay batch", skip_all, fields(claimed, published, failed), err)]
+    #[tracing::instrument(
+        name = "relay batch",
+        skip_all,
+        fields(claimed, published, failed),
+        err
+    )]
     pub(super) async fn run_batch(
         &self,
         publisher: &Publisher,
@@ -82,10 +87,12 @@ impl Relay {
             }
         };
         let metrics = &self.metrics;
-        metrics.relay_published.add(settlement.published.len() as u64);
+        metrics
+            .relay_published
+            .inc_by(settlement.published.len() as u64);
         metrics
             .relay_failed
-            .add((settlement.failed.len() + reopened) as u64);
+            .inc_by((settlement.failed.len() + reopened) as u64);
         let outcome = BatchOutcome {
             claimed: batch.claimed,
             published: settlement.published.len(),
@@ -155,7 +162,12 @@ impl Relay {
                 None => None,
             };
             match publisher.publish(&self.amqp.exchange, row).await {
-                Ok(confirm) => pending.push(confirm.settle(permit)),
+                Ok(confirm) => {
+                    let (sent, latency) = (Instant::now(), &self.metrics.relay_confirm_latency);
+                    pending.push(confirm.settle(permit).inspect(move |_| {
+                        latency.observe(crate::metrics::seconds(sent.elapsed()));
+                    }));
+                }
                 Err(failed) => confirms.push(failed),
             }
         }
@@ -164,8 +176,8 @@ impl Relay {
         }
         let by_id: HashMap<_, _> = rows.iter().map(|r| (r.transaction_id, r.id)).collect();
         self.metrics
-            .relay_publish_latency
-            .observe(started.elapsed());
+            .relay_batch_latency
+            .observe(crate::metrics::seconds(started.elapsed()));
         PublishedBatch {
             claimed: rows.len(),
             settlement: confirms::settle(&by_id, confirms),
@@ -215,7 +227,10 @@ impl Reopen {
         }
         let waiting = self.lock();
         if !waiting.is_empty() {
-            let ids: Vec<String> = waiting.iter().map(|f| f.transaction_id.to_string()).collect();
+            let ids: Vec<String> = waiting
+                .iter()
+                .map(|f| f.transaction_id.to_string())
+                .collect();
             tracing::error!(
                 transaction_ids = ids.join(","),
                 "returned by the broker but still marked published: set published_at = NULL on these outbox rows"

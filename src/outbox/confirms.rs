@@ -187,7 +187,10 @@ mod tests {
         assert_eq!(s.published, vec![1]);
         assert_eq!(s.failed.len(), 1);
         assert_eq!(s.failed[0].transaction_id, rows[1].0);
-        assert!(matches!(s.failed[0].error, PublishFailure::Returned { code: 312, .. }));
+        assert!(matches!(
+            s.failed[0].error,
+            PublishFailure::Returned { code: 312, .. }
+        ));
     }
 
     #[test]

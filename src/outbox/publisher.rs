@@ -30,6 +30,9 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Header: when the relay published the message (ms since the epoch), so
 /// consumers can report how long it waited in its queue.
 pub const PUBLISHED_AT_HEADER: &str = "x-published-at-ms";
+/// Header: when the outbox row was written (ms since the epoch): with the
+/// consumer's commit, how long the event took end to end.
+pub const WRITTEN_AT_HEADER: &str = "x-outbox-written-at-ms";
 
 /// A confirm-mode channel on its own connection, with the topology declared.
 /// Clones share the channel.
@@ -117,6 +120,10 @@ impl Publisher {
         headers.insert(
             PUBLISHED_AT_HEADER.into(),
             AMQPValue::LongString(Utc::now().timestamp_millis().to_string().into()),
+        );
+        headers.insert(
+            WRITTEN_AT_HEADER.into(),
+            AMQPValue::LongString(row.created_at.timestamp_millis().to_string().into()),
         );
         let properties = BasicProperties::default()
             .with_message_id(row.transaction_id.to_string().into())

@@ -190,7 +190,10 @@ impl Relay {
                 None
             }
             Err(error) => {
-                tracing::warn!(error = format!("{error:#}"), "relay could not open a publisher");
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "relay could not open a publisher"
+                );
                 crate::shutdown::sleep_or_cancel(backoff.next_delay(), cancel).await;
                 None
             }

@@ -118,9 +118,12 @@ impl Batches {
     where
         F: Future<Output = Result<BatchOutcome, RelayError>> + Send + 'static,
     {
-        self.set.push(Box::pin(AssertUnwindSafe(batch).catch_unwind().map(
-            |result| result.unwrap_or_else(|panic| Err(RelayError::Panicked(panic_text(&*panic)))),
-        )));
+        self.set
+            .push(Box::pin(AssertUnwindSafe(batch).catch_unwind().map(
+                |result| {
+                    result.unwrap_or_else(|panic| Err(RelayError::Panicked(panic_text(&*panic))))
+                },
+            )));
     }
 
     /// The next batch to end; `None` when none is in flight.
