@@ -8,9 +8,12 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::QueueNames;
-use crate::config::{AmqpConfig, ConsumerConfig, DatabaseConfig, HttpConfig, RelayConfig};
+use crate::config::{
+    AmqpConfig, ConsumerConfig, DatabaseConfig, HttpConfig, RelayConfig, RetentionConfig,
+};
 use crate::orders;
-use crate::startup::{ConsumerKind, Roles};
+use crate::retention;
+use crate::startup::{ConsumerKind, Probes, Roles};
 use crate::telemetry::{self, TelemetryConfig};
 
 /// How long roles get to finish their work after SIGTERM/Ctrl-C.
@@ -43,6 +46,8 @@ pub enum Command {
         relay: RelayConfig,
         #[command(flatten)]
         consumer: ConsumerConfig,
+        #[command(flatten)]
+        retention: RetentionConfig,
     },
     /// The HTTP API only (wakes a separate relay with a Postgres NOTIFY).
     Api {
@@ -52,8 +57,10 @@ pub enum Command {
         amqp: AmqpConfig,
         #[command(flatten)]
         http: HttpConfig,
+        #[command(flatten)]
+        retention: RetentionConfig,
     },
-    /// The outbox relay only.
+    /// The outbox relay only (serves /healthz, /readyz, /metrics on HTTP_ADDR).
     Relay {
         #[command(flatten)]
         db: DatabaseConfig,
@@ -61,8 +68,12 @@ pub enum Command {
         amqp: AmqpConfig,
         #[command(flatten)]
         relay: RelayConfig,
+        #[command(flatten)]
+        http: HttpConfig,
+        #[command(flatten)]
+        retention: RetentionConfig,
     },
-    /// One consumer.
+    /// One consumer (serves /healthz, /readyz, /metrics on HTTP_ADDR).
     Consume {
         which: ConsumerKind,
         #[command(flatten)]
@@ -71,6 +82,10 @@ pub enum Command {
         amqp: AmqpConfig,
         #[command(flatten)]
         consumer: ConsumerConfig,
+        #[command(flatten)]
+        http: HttpConfig,
+        #[command(flatten)]
+        retention: RetentionConfig,
     },
     /// Apply the database migrations and exit.
     Migrate {
@@ -99,13 +114,20 @@ pub enum DlqCommand {
         #[command(flatten)]
         amqp: AmqpConfig,
     },
-    /// Move dead letters back to the consumer's main queue.
+    /// Move dead letters back to the consumer's main queue. Letters older
+    /// than the dedup window are left (with a warning) unless --force.
     Replay {
         queue: String,
         #[arg(long, default_value_t = usize::MAX)]
         limit: usize,
+        /// Also replay letters older than DEDUP_RETENTION_SECS: their dedup
+        /// rows may be gone, so an effect could be applied twice.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         amqp: AmqpConfig,
+        #[command(flatten)]
+        retention: RetentionConfig,
     },
 }
 
@@ -154,25 +176,50 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             http,
             relay,
             consumer,
+            retention,
         } => {
+            retention.check(&amqp).map_err(anyhow::Error::msg)?;
             let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
             roles.start_api(&http, Some(amqp.clone())).await?;
             roles.start_relay(&amqp, &relay, false);
-            roles.start_pruner(&relay);
             roles.start_consumer(ConsumerKind::Email, &amqp, &consumer);
             roles.start_consumer(ConsumerKind::Billing, &amqp, &consumer);
+            let dedup = retention.dedup();
+            let prunes = vec![
+                retention::outbox(relay.retention()),
+                retention::idempotency_keys(retention.idempotency_keys()),
+                retention::dedup(ConsumerKind::Email.name(), dedup),
+                retention::dedup(ConsumerKind::Billing.name(), dedup),
+            ];
+            roles.start_retention(prunes, &retention);
             roles.wait(SHUTDOWN_DEADLINE).await
         }
-        Command::Api { db, amqp, http } => {
+        Command::Api {
+            db,
+            amqp,
+            http,
+            retention,
+        } => {
             let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
             roles.start_api(&http, Some(amqp)).await?;
             roles.start_notify_forwarder();
+            let prunes = vec![retention::idempotency_keys(retention.idempotency_keys())];
+            roles.start_retention(prunes, &retention);
             roles.wait(SHUTDOWN_DEADLINE).await
         }
-        Command::Relay { db, amqp, relay } => {
+        Command::Relay {
+            db,
+            amqp,
+            relay,
+            http,
+            retention,
+        } => {
             let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
             roles.start_relay(&amqp, &relay, true);
-            roles.start_pruner(&relay);
+            roles.start_retention(vec![retention::outbox(relay.retention())], &retention);
+            roles
+                .start_probes(&http, Probes::relay(&amqp, &http))
+                .await?;
             roles.wait(SHUTDOWN_DEADLINE).await
         }
         Command::Consume {
@@ -180,11 +227,19 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             db,
             amqp,
             consumer,
+            http,
+            retention,
         } => {
+            retention.check(&amqp).map_err(anyhow::Error::msg)?;
             let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
             roles.start_consumer(which, &amqp, &consumer);
             // Billing writes order.confirmed rows: wake the relay elsewhere.
             roles.start_notify_forwarder();
+            roles.start_retention(
+                vec![retention::dedup(which.name(), retention.dedup())],
+                &retention,
+            );
+            roles.start_probes(&http, Probes::consumer(&amqp)).await?;
             roles.wait(SHUTDOWN_DEADLINE).await
         }
         Command::Migrate { db } => {
@@ -223,13 +278,28 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        DlqCommand::Replay { queue, limit, amqp } => {
+        DlqCommand::Replay {
+            queue,
+            limit,
+            force,
+            amqp,
+            retention,
+        } => {
             let queues = consumer_queues(&amqp, &queue)?;
-            let moved = dlq::replay(&amqp, &queues, limit).await?;
+            let window = (!force).then(|| retention.dedup());
+            let replay = dlq::replay(&amqp, &queues, limit, window).await?;
             println!(
-                "replayed {moved} message(s) from {} to {}",
-                queues.dlq, queues.main
+                "replayed {} message(s) from {} to {}",
+                replay.moved, queues.dlq, queues.main
             );
+            if replay.too_old > 0 {
+                eprintln!(
+                    "warning: left {} message(s) older than the dedup window ({}s) in {}: their \
+                     dedup rows may be pruned, so a replay could apply them twice; \
+                     `--force` replays them anyway",
+                    replay.too_old, retention.dedup_retention_secs, queues.dlq
+                );
+            }
             Ok(())
         }
     }

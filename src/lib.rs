@@ -13,7 +13,7 @@
 //!
 //! Generic machinery, which never names an order:
 //! - [`outbox`]: outbox rows, the relay (publisher, confirm settlement,
-//!   batch, scheduler), the pruner and the wake-up.
+//!   batch, scheduler) and the wake-up.
 //! - [`inbox`]: the idempotent-consumer framework: dedup rows, batching,
 //!   retries, DLQ, acks, and the [`inbox::Handler`] trait whose Rust code
 //!   runs in the dedup transaction and may write outbox rows there.
@@ -25,7 +25,9 @@
 //!
 //! Around them: [`api`] (HTTP, axum), [`telemetry`] (logs, OpenTelemetry,
 //! W3C propagation), [`cli`] and [`startup`] (the roles), and the small
-//! shared modules [`config`], [`db`], [`amqp`], [`shutdown`], [`metrics`].
+//! shared modules [`config`], [`db`], [`amqp`], [`shutdown`], [`metrics`],
+//! [`retention`] (pruning of the bounded tables), [`probe`] (every role's
+//! `/healthz`, `/readyz`, `/metrics`).
 
 pub mod amqp;
 pub mod api;
@@ -36,6 +38,8 @@ pub mod inbox;
 pub mod metrics;
 pub mod orders;
 pub mod outbox;
+pub mod probe;
+pub mod retention;
 pub mod shutdown;
 pub mod startup;
 pub mod telemetry;

@@ -125,25 +125,101 @@ impl Default for Metrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
-        r.register("http_requests", "HTTP requests by method, route and status", this.http_requests.clone());
-        r.register("http_request_duration_seconds", "HTTP request latency", this.http_latency.clone());
-        r.register("orders_created", "Orders accepted and written", this.orders_created.clone());
-        r.register("relay_published", "Outbox rows confirmed by the broker", this.relay_published.clone());
-        r.register("relay_failed", "Publishes not confirmed (retried later)", this.relay_failed.clone());
-        r.register("relay_confirm_duration_seconds", "From a publish to its confirm", this.relay_confirm_latency.clone());
-        r.register("relay_batch_duration_seconds", "A relay batch, claim to last confirm", this.relay_batch_latency.clone());
-        r.register("outbox_pending_rows", "Outbox rows not yet published", this.outbox.pending.clone());
-        r.register("outbox_oldest_pending_age_seconds", "Age of the oldest unpublished outbox row (the lag)", this.outbox.oldest_pending_age.clone());
-        r.register("outbox_failed_rows", "Unpublished outbox rows with an error", this.outbox.failed.clone());
-        r.register("consumer_processed", "Deliveries whose effect was committed", this.consumer_processed.clone());
-        r.register("consumer_duplicates", "Deliveries seen before, acked without effect", this.consumer_duplicates.clone());
-        r.register("consumer_retried", "Refused deliveries sent to a delay queue", this.consumer_retried.clone());
-        r.register("consumer_dead_lettered", "Deliveries sent to the dead-letter queue", this.consumer_dead_lettered.clone());
-        r.register("consumer_requeued", "Deliveries left for redelivery after an outage", this.consumer_requeued.clone());
-        r.register("consumer_transactions", "Dedup transactions committed", this.consumer_transactions.clone());
-        r.register("consumer_handling_duration_seconds", "Time to handle a batch, per delivery", this.consumer_handling.clone());
-        r.register("consumer_event_age_seconds", "From the event's outbox write to this consumer's commit", this.consumer_event_age.clone());
-        r.register("dead_letter_queue_messages", "Messages in a dead-letter queue, sampled", this.dead_letters.clone());
+        r.register(
+            "http_requests",
+            "HTTP requests by method, route and status",
+            this.http_requests.clone(),
+        );
+        r.register(
+            "http_request_duration_seconds",
+            "HTTP request latency",
+            this.http_latency.clone(),
+        );
+        r.register(
+            "orders_created",
+            "Orders accepted and written",
+            this.orders_created.clone(),
+        );
+        r.register(
+            "relay_published",
+            "Outbox rows confirmed by the broker",
+            this.relay_published.clone(),
+        );
+        r.register(
+            "relay_failed",
+            "Publishes not confirmed (retried later)",
+            this.relay_failed.clone(),
+        );
+        r.register(
+            "relay_confirm_duration_seconds",
+            "From a publish to its confirm",
+            this.relay_confirm_latency.clone(),
+        );
+        r.register(
+            "relay_batch_duration_seconds",
+            "A relay batch, claim to last confirm",
+            this.relay_batch_latency.clone(),
+        );
+        r.register(
+            "outbox_pending_rows",
+            "Outbox rows not yet published",
+            this.outbox.pending.clone(),
+        );
+        r.register(
+            "outbox_oldest_pending_age_seconds",
+            "Age of the oldest unpublished outbox row (the lag)",
+            this.outbox.oldest_pending_age.clone(),
+        );
+        r.register(
+            "outbox_failed_rows",
+            "Unpublished outbox rows with an error",
+            this.outbox.failed.clone(),
+        );
+        r.register(
+            "consumer_processed",
+            "Deliveries whose effect was committed",
+            this.consumer_processed.clone(),
+        );
+        r.register(
+            "consumer_duplicates",
+            "Deliveries seen before, acked without effect",
+            this.consumer_duplicates.clone(),
+        );
+        r.register(
+            "consumer_retried",
+            "Refused deliveries sent to a delay queue",
+            this.consumer_retried.clone(),
+        );
+        r.register(
+            "consumer_dead_lettered",
+            "Deliveries sent to the dead-letter queue",
+            this.consumer_dead_lettered.clone(),
+        );
+        r.register(
+            "consumer_requeued",
+            "Deliveries left for redelivery after an outage",
+            this.consumer_requeued.clone(),
+        );
+        r.register(
+            "consumer_transactions",
+            "Dedup transactions committed",
+            this.consumer_transactions.clone(),
+        );
+        r.register(
+            "consumer_handling_duration_seconds",
+            "Time to handle a batch, per delivery",
+            this.consumer_handling.clone(),
+        );
+        r.register(
+            "consumer_event_age_seconds",
+            "From the event's outbox write to this consumer's commit",
+            this.consumer_event_age.clone(),
+        );
+        r.register(
+            "dead_letter_queue_messages",
+            "Messages in a dead-letter queue, sampled",
+            this.dead_letters.clone(),
+        );
         Self { registry, ..this }
     }
 }
@@ -197,8 +273,16 @@ mod tests {
         metrics.record_http("POST", "/orders", 202, Duration::from_millis(2));
         let text = metrics.render();
         assert!(text.contains("orders_created_total 1"), "{text}");
-        assert!(text.contains("consumer_processed_total{queue=\"billing_service\"} 3"), "{text}");
-        assert!(text.contains("http_requests_total{method=\"POST\",route=\"/orders\",status=\"202\"} 1"), "{text}");
+        assert!(
+            text.contains("consumer_processed_total{queue=\"billing_service\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "http_requests_total{method=\"POST\",route=\"/orders\",status=\"202\"} 1"
+            ),
+            "{text}"
+        );
         assert!(text.contains("consumer_event_age_seconds_bucket"), "{text}");
         assert!(text.ends_with("# EOF\n"));
     }

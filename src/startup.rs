@@ -12,18 +12,31 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
-use crate::config::{AmqpConfig, ConsumerConfig, HttpConfig, RelayConfig};
+use crate::config::{AmqpConfig, ConsumerConfig, HttpConfig, RelayConfig, RetentionConfig};
 use crate::inbox::{Consumer, Handler};
 use crate::metrics::Metrics;
 use crate::orders::billing::Billing;
 use crate::orders::email::Email;
 use crate::outbox::{Relay, Wake};
+pub use crate::probe::Probes;
+use crate::probe::{ProbeState, Status};
+use crate::retention::Prune;
 
 /// Which consumer a `consume` role runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ConsumerKind {
     Email,
     Billing,
+}
+
+impl ConsumerKind {
+    /// The consumer's name: its dedup key and queue base name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Email => crate::orders::EMAIL,
+            Self::Billing => crate::orders::BILLING,
+        }
+    }
 }
 
 /// The roles of one process, sharing a pool, metrics and the relay wake-up.
@@ -33,6 +46,8 @@ pub struct Roles {
     pub wake: Wake,
     pub tracker: TaskTracker,
     pub cancel: CancellationToken,
+    /// The loops and subscriptions `/healthz` and `/readyz` report.
+    pub status: Status,
 }
 
 impl Roles {
@@ -43,6 +58,7 @@ impl Roles {
             wake: Wake::default(),
             tracker: TaskTracker::new(),
             cancel,
+            status: Status::default(),
         }
     }
 
@@ -106,15 +122,19 @@ impl Roles {
             ));
         }
         let cancel = self.cancel.clone();
-        self.tracker.spawn(async move { relay.run(cancel).await });
+        let running = self.status.running("relay");
+        self.tracker.spawn(async move {
+            let _running = running;
+            relay.run(cancel).await
+        });
     }
 
-    /// Starts the pruner of published outbox rows.
-    pub fn start_pruner(&self, config: &RelayConfig) {
-        self.tracker.spawn(crate::outbox::pruner::run(
+    /// Starts the pruning of `prunes` (see [`crate::retention`]).
+    pub fn start_retention(&self, prunes: Vec<Prune>, retention: &RetentionConfig) {
+        self.tracker.spawn(crate::retention::run(
             self.pool.clone(),
-            config.retention_secs as i64,
-            config.prune_batch,
+            prunes,
+            retention.interval(),
             self.cancel.clone(),
         ));
     }
@@ -139,6 +159,7 @@ impl Roles {
         amqp: &AmqpConfig,
         config: &ConsumerConfig,
     ) {
+        let handler_name = handler.subscription().consumer;
         let consumer = Consumer::new(
             handler,
             self.pool.clone(),
@@ -146,9 +167,34 @@ impl Roles {
             config.clone(),
             &self.metrics,
         )
-        .with_wake(self.wake.clone());
-        self.tracker
-            .spawn(Arc::new(consumer).run(self.cancel.clone()));
+        .with_wake(self.wake.clone())
+        .with_subscribed(self.status.subscription(handler_name));
+        let running = self.status.running(handler_name);
+        let cancel = self.cancel.clone();
+        self.tracker.spawn(async move {
+            let _running = running;
+            Arc::new(consumer).run(cancel).await
+        });
+    }
+
+    /// Serves `/healthz`, `/readyz` and `/metrics` on `http.http_addr` for a
+    /// role without the API; returns the bound address.
+    pub async fn start_probes(
+        &self,
+        http: &HttpConfig,
+        probes: Probes,
+    ) -> anyhow::Result<SocketAddr> {
+        let state = ProbeState {
+            pool: self.pool.clone(),
+            metrics: self.metrics.clone(),
+            status: self.status.clone(),
+            probes,
+        };
+        let (addr, server) =
+            crate::probe::serve(http.http_addr, state, self.cancel.clone()).await?;
+        self.tracker.spawn(server);
+        tracing::info!(%addr, "probes listening");
+        Ok(addr)
     }
 
     /// Waits for the cancel token, then for every role to finish its work in

@@ -72,10 +72,26 @@ pub async fn list(
     Ok(letters)
 }
 
+/// What a replay did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replayed {
+    pub moved: usize,
+    /// Letters left in the DLQ because they are older than the dedup window
+    /// (or carry no timestamp to tell).
+    pub too_old: usize,
+}
+
 /// Moves up to `limit` dead letters back to the main queue with a fresh
 /// attempt count; each is acked off the DLQ only after the broker confirmed
-/// the copy. Returns how many moved.
-pub async fn replay(amqp: &AmqpConfig, queues: &QueueNames, limit: usize) -> anyhow::Result<usize> {
+/// the copy. With a `window` (the dedup retention), a letter first published
+/// longer ago than that is left where it is: its dedup row may have been
+/// pruned, so replaying it could apply its effect twice.
+pub async fn replay(
+    amqp: &AmqpConfig,
+    queues: &QueueNames,
+    limit: usize,
+    window: Option<std::time::Duration>,
+) -> anyhow::Result<Replayed> {
     let connection =
         crate::amqp::connect(amqp, "order-service dlq replay", &CancellationToken::new()).await?;
     let channel = connection.create_channel().await?;
@@ -83,8 +99,8 @@ pub async fn replay(amqp: &AmqpConfig, queues: &QueueNames, limit: usize) -> any
     publish
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let mut moved = 0;
-    while moved < limit {
+    let mut replayed = Replayed::default();
+    while replayed.moved < limit {
         let Some(got) = channel
             .basic_get(
                 queues.dlq.as_str().into(),
@@ -96,6 +112,13 @@ pub async fn replay(amqp: &AmqpConfig, queues: &QueueNames, limit: usize) -> any
             break;
         };
         let d = got.delivery;
+        if let Some(window) = window
+            && !younger_than(&d, window)
+        {
+            // Left unacked: it goes back to the DLQ when the channel closes.
+            replayed.too_old += 1;
+            continue;
+        }
         let mut headers = d.properties.headers().clone().unwrap_or_default();
         let previous = header(Some(&headers), ATTEMPT_HEADER).cloned();
         headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(0));
@@ -105,12 +128,22 @@ pub async fn replay(amqp: &AmqpConfig, queues: &QueueNames, limit: usize) -> any
         let properties = d.properties.clone().with_headers(headers);
         message::publish_confirmed(&publish, "", &queues.main, &d.data, properties).await?;
         d.ack(BasicAckOptions::default()).await?;
-        moved += 1;
+        replayed.moved += 1;
     }
     let _ = channel.close(200, "replayed".into()).await;
     let _ = publish.close(200, "replayed".into()).await;
     let _ = connection.close(200, "replayed".into()).await;
-    Ok(moved)
+    Ok(replayed)
+}
+
+/// Whether the letter was first published less than `window` ago (its AMQP
+/// `timestamp`, set at the first publish and kept by every forward).
+fn younger_than(d: &lapin::message::Delivery, window: std::time::Duration) -> bool {
+    let Some(published) = d.properties.timestamp() else {
+        return false;
+    };
+    let age = Utc::now().timestamp() - *published as i64;
+    age >= 0 && (age as u64) < window.as_secs()
 }
 
 /// Publishes `body` straight to `queue` (default exchange), persistent, and

@@ -29,6 +29,7 @@ use crate::amqp::QueueNames;
 use crate::config::{AmqpConfig, ConsumerConfig};
 use crate::metrics::{ConsumerMetrics, Metrics};
 use crate::outbox::Wake;
+use crate::probe::Flag;
 pub use handler::{Event, Handler, HandlerError};
 pub use settle::Outcome;
 pub use transact::Applied;
@@ -65,6 +66,8 @@ pub struct Consumer<H> {
     /// Signalled after a commit that handled new events, so a relay in this
     /// process publishes the outbox rows a handler wrote at once.
     pub wake: Option<Wake>,
+    /// True while a session is subscribed to the queue (for `/readyz`).
+    pub subscribed: Flag,
 }
 
 impl<H: Handler> Consumer<H> {
@@ -84,12 +87,19 @@ impl<H: Handler> Consumer<H> {
             config,
             queues,
             wake: None,
+            subscribed: Flag::default(),
         }
     }
 
     /// Wakes `wake` after each commit that handled new events.
     pub fn with_wake(mut self, wake: Wake) -> Self {
         self.wake = Some(wake);
+        self
+    }
+
+    /// Reports the subscription through `flag`.
+    pub fn with_subscribed(mut self, flag: Flag) -> Self {
+        self.subscribed = flag;
         self
     }
 

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    ConfirmSelectOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer as Deliveries};
@@ -26,6 +26,8 @@ use crate::shutdown::{Backoff, sleep_or_cancel};
 /// How long deliveries left by an outage wait before they are requeued, so
 /// an outage does not spin.
 const REQUEUE_PAUSE: Duration = Duration::from_millis(500);
+/// How often the dead-letter queue's depth is sampled.
+const DLQ_SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
 /// The two channels of a session: deliveries come in on one, retries and
 /// dead letters go out on the other (confirm mode).
@@ -66,9 +68,13 @@ impl<H: Handler> Consumer<H> {
         let result = async {
             let channels = self.open(&connection).await?;
             let deliveries = self.subscribe(&channels.consume).await?;
-            self.clone()
+            self.subscribed.set(true);
+            let consumed = self
+                .clone()
                 .consume(&connection, channels, deliveries, cancel, backoff)
-                .await
+                .await;
+            self.subscribed.set(false);
+            consumed
         }
         .await;
         if connection.status().connected() {
@@ -132,6 +138,10 @@ impl<H: Handler> Consumer<H> {
         let mut batches = deliveries.ready_chunks(self.config.batch_size.max(1));
         let limit = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
         let tracker = TaskTracker::new();
+        let sampling = cancel.child_token();
+        if let Ok(channel) = connection.create_channel().await {
+            tracker.spawn(self.clone().sample_dead_letters(channel, sampling.clone()));
+        }
         let result = loop {
             let permit = tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
@@ -168,6 +178,7 @@ impl<H: Handler> Consumer<H> {
                 .basic_cancel(tag, BasicCancelOptions::default());
             let _ = tokio::time::timeout(AMQP_TIMEOUT, cancel_consumer).await;
         }
+        sampling.cancel();
         tracker.close();
         tracker.wait().await;
         if connection.status().connected() {
@@ -184,6 +195,38 @@ impl<H: Handler> Consumer<H> {
             let _ = tokio::time::timeout(AMQP_TIMEOUT, close).await;
         }
         result
+    }
+
+    /// Sets the dead-letter queue's depth gauge every [`DLQ_SAMPLE_EVERY`]
+    /// (a passive declare on a channel of its own, so a failure cannot close
+    /// the consume channel) until `cancel`.
+    async fn sample_dead_letters(self: Arc<Self>, channel: Channel, cancel: CancellationToken) {
+        loop {
+            let declare = channel.queue_declare(
+                self.queues.dlq.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            );
+            match tokio::time::timeout(AMQP_TIMEOUT, declare).await {
+                Ok(Ok(queue)) => {
+                    self.metrics
+                        .dead_letters
+                        .set(i64::from(queue.message_count()));
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "could not sample the dead-letter queue");
+                    return;
+                }
+                Err(_) => {}
+            }
+            if !sleep_or_cancel(DLQ_SAMPLE_EVERY, &cancel).await {
+                let _ = tokio::time::timeout(AMQP_TIMEOUT, channel.close(200, "done".into())).await;
+                return;
+            }
+        }
     }
 
     /// Processes one batch; requeues, after a pause, the deliveries an

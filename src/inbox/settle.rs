@@ -214,7 +214,8 @@ impl<H: Handler> Consumer<H> {
     /// How long the event took from its outbox write to this commit.
     fn observe_event_age(&self, delivery: &Delivery) {
         let headers = delivery.properties.headers().as_ref();
-        let written = message::header_str(headers, WRITTEN_AT_HEADER).and_then(|v| v.parse::<i64>().ok());
+        let written =
+            message::header_str(headers, WRITTEN_AT_HEADER).and_then(|v| v.parse::<i64>().ok());
         if let Some(written) = written {
             let age_ms = (chrono::Utc::now().timestamp_millis() - written).max(0);
             self.metrics.event_age.observe(age_ms as f64 / 1000.0);

@@ -1,11 +1,11 @@
 //! The transactional outbox, generic over event types: rows written in the
 //! same transaction as the change they describe ([`store`]), the [`relay`]
-//! that publishes them with confirms, the [`pruner`] and the [`wake`]-up.
+//! that publishes them with confirms, and the [`wake`]-up; pruning is
+//! [`crate::retention::outbox`].
 //! It knows event types and JSON payloads, never a domain.
 
 pub mod batch;
 pub mod confirms;
-pub mod pruner;
 pub mod publisher;
 pub mod relay;
 pub mod scheduler;

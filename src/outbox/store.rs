@@ -116,26 +116,6 @@ pub async fn mark_failed(conn: &mut PgConnection, failures: &[Failed]) -> sqlx::
     Ok(result.rows_affected())
 }
 
-/// Deletes up to `batch` published rows older than `retention_secs`; returns
-/// how many went. Called repeatedly until it returns less than `batch`.
-pub async fn prune_published(
-    conn: &mut PgConnection,
-    retention_secs: i64,
-    batch: i64,
-) -> sqlx::Result<u64> {
-    let result = sqlx::query(
-        "DELETE FROM outbox WHERE id IN ( \
-             SELECT id FROM outbox WHERE published_at IS NOT NULL \
-               AND published_at < now() - make_interval(secs => $1) \
-             ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
-    )
-    .bind(retention_secs as f64)
-    .bind(batch)
-    .execute(conn)
-    .await?;
-    Ok(result.rows_affected())
-}
-
 /// What `order-service outbox status` and the metrics report. Reads only
 /// unpublished rows (the partial index), so it stays cheap as the table grows.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]

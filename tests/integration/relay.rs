@@ -4,18 +4,17 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use order_service::amqp::{BILLING, QueueNames};
+use order_service::amqp::QueueNames;
 use order_service::config::{AmqpConfig, RelayConfig};
 use order_service::metrics::Metrics;
-use order_service::orders::OrderEvent;
-use order_service::outbox::relay::{Publisher, Relay};
+use order_service::orders::{BILLING, OrderEvent, SUBSCRIPTIONS};
 use order_service::outbox::store::{self, NewOutboxEvent};
-use order_service::outbox::{Wake, forward_wakes_as_notify};
+use order_service::outbox::{Publisher, Relay, Wake, forward_wakes_as_notify};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::helpers::{TestDb, amqp_channel, cleanup_amqp, drain_queue, eventually, test_amqp};
+use crate::helpers::{DeleteQueues, TestDb, amqp_channel, drain_queue, eventually, test_amqp};
 use crate::proxy::{Proxy, target_of, via};
 
 /// Writes `n` order events straight into the outbox; returns their ids.
@@ -57,8 +56,15 @@ fn relay(pool: &PgPool, amqp: &AmqpConfig, config: RelayConfig) -> Relay {
         config,
         metrics: Arc::new(Metrics::default()),
         wake: Wake::default(),
-        listen: false,
+        subscriptions: SUBSCRIPTIONS.to_vec(),
     }
+}
+
+/// A publisher with the order subscriptions, as the relay opens it.
+async fn publisher(amqp: &AmqpConfig) -> Publisher {
+    Publisher::open(amqp, &SUBSCRIPTIONS, &CancellationToken::new())
+        .await
+        .unwrap()
 }
 
 /// Waits until a running relay has declared its queues (it does so before
@@ -116,6 +122,7 @@ fn message_ids(deliveries: &[lapin::message::Delivery]) -> Vec<String> {
 async fn every_outbox_row_is_delivered_with_its_properties_and_marked() {
     let db = TestDb::new().await;
     let amqp = test_amqp();
+    let _queues = DeleteQueues::orders(&amqp);
     let ids = insert_events(&db.pool, 120, "order.created").await;
     let relay = relay(
         &db.pool,
@@ -125,9 +132,7 @@ async fn every_outbox_row_is_delivered_with_its_properties_and_marked() {
             ..Default::default()
         },
     );
-    let publisher = Publisher::open(&amqp, &CancellationToken::new())
-        .await
-        .unwrap();
+    let publisher = publisher(&amqp).await;
 
     let published = relay.drain(&publisher).await.unwrap();
 
@@ -158,7 +163,6 @@ async fn every_outbox_row_is_delivered_with_its_properties_and_marked() {
         first.properties.message_id().as_ref().unwrap().as_str()
     );
     publisher.close().await;
-    cleanup_amqp(&amqp).await;
     db.cleanup().await;
 }
 
@@ -166,16 +170,17 @@ async fn every_outbox_row_is_delivered_with_its_properties_and_marked() {
 async fn a_crash_between_publish_and_mark_publishes_again_with_the_same_id() {
     let db = TestDb::new().await;
     let amqp = test_amqp();
+    let _queues = DeleteQueues::orders(&amqp);
     let ids = insert_events(&db.pool, 5, "order.created").await;
     let relay = relay(&db.pool, &amqp, RelayConfig::default());
-    let publisher = Publisher::open(&amqp, &CancellationToken::new())
-        .await
-        .unwrap();
+    let publisher = publisher(&amqp).await;
 
     // Publish, then "crash": the claiming transaction ends without marking.
     let mut tx = db.pool.begin().await.unwrap();
     let batch = relay.claim_and_publish(&mut tx, &publisher).await.unwrap();
-    assert_eq!(batch.published.len(), 5);
+    assert_eq!(batch.claimed, 5);
+    assert_eq!(batch.settlement.published.len(), 5);
+    assert!(batch.settlement.failed.is_empty());
     drop(tx);
     assert_eq!(unpublished(&db.pool).await, 5, "nothing was marked");
     relay.drain(&publisher).await.unwrap();
@@ -196,7 +201,6 @@ async fn a_crash_between_publish_and_mark_publishes_again_with_the_same_id() {
         assert_eq!(copies, 2, "both copies of {id} carry its message_id");
     }
     publisher.close().await;
-    cleanup_amqp(&amqp).await;
     db.cleanup().await;
 }
 
@@ -204,12 +208,11 @@ async fn a_crash_between_publish_and_mark_publishes_again_with_the_same_id() {
 async fn an_unroutable_row_stays_pending_with_its_error_and_does_not_hold_up_the_rest() {
     let db = TestDb::new().await;
     let amqp = test_amqp();
+    let _queues = DeleteQueues::orders(&amqp);
     insert_events(&db.pool, 1, "order.nobody_listens").await;
     insert_events(&db.pool, 10, "order.created").await;
     let relay = relay(&db.pool, &amqp, RelayConfig::default());
-    let publisher = Publisher::open(&amqp, &CancellationToken::new())
-        .await
-        .unwrap();
+    let publisher = publisher(&amqp).await;
 
     let first = relay.run_once(&publisher).await.unwrap();
     let second = relay.run_once(&publisher).await.unwrap();
@@ -231,7 +234,6 @@ async fn an_unroutable_row_stays_pending_with_its_error_and_does_not_hold_up_the
     let (_conn, channel) = amqp_channel().await;
     assert_eq!(drain_queue(&channel, &billing_queue(&amqp)).await.len(), 10);
     publisher.close().await;
-    cleanup_amqp(&amqp).await;
     db.cleanup().await;
 }
 
@@ -243,6 +245,7 @@ async fn an_unroutable_row_stays_pending_with_its_error_and_does_not_hold_up_the
 async fn unroutable_rows_among_many_are_each_kept_pending_and_no_other() {
     let db = TestDb::new().await;
     let amqp = test_amqp();
+    let _queues = DeleteQueues::orders(&amqp);
     let (mut routable, mut unroutable) = (Vec::new(), Vec::new());
     for _ in 0..60 {
         routable.extend(insert_events(&db.pool, 9, "order.created").await);
@@ -255,9 +258,7 @@ async fn unroutable_rows_among_many_are_each_kept_pending_and_no_other() {
         ..Default::default()
     };
     let relay = relay(&db.pool, &amqp, config);
-    let publisher = Publisher::open(&amqp, &CancellationToken::new())
-        .await
-        .unwrap();
+    let publisher = publisher(&amqp).await;
 
     let published = relay.drain(&publisher).await.unwrap();
 
@@ -286,7 +287,6 @@ async fn unroutable_rows_among_many_are_each_kept_pending_and_no_other() {
             .collect();
     assert_eq!(delivered, routable.iter().map(Uuid::to_string).collect());
     publisher.close().await;
-    cleanup_amqp(&amqp).await;
     db.cleanup().await;
 }
 
@@ -294,6 +294,7 @@ async fn unroutable_rows_among_many_are_each_kept_pending_and_no_other() {
 async fn two_relays_over_2000_rows_deliver_each_exactly_once() {
     let db = TestDb::new().await;
     let amqp = test_amqp();
+    let _queues = DeleteQueues::orders(&amqp);
     let ids = insert_events(&db.pool, 2000, "order.created").await;
     let config = RelayConfig {
         batch_size: 100,
@@ -305,8 +306,8 @@ async fn two_relays_over_2000_rows_deliver_each_exactly_once() {
     );
     let cancel = CancellationToken::new();
     let (pa, pb) = (
-        Publisher::open(&amqp, &cancel).await.unwrap(),
-        Publisher::open(&amqp, &cancel).await.unwrap(),
+        a.publisher(&cancel).await.unwrap(),
+        b.publisher(&cancel).await.unwrap(),
     );
 
     let (ra, rb) = tokio::join!(a.drain(&pa), b.drain(&pb));
@@ -320,7 +321,6 @@ async fn two_relays_over_2000_rows_deliver_each_exactly_once() {
     assert_eq!(distinct, ids.iter().map(Uuid::to_string).collect());
     pa.close().await;
     pb.close().await;
-    cleanup_amqp(&amqp).await;
     db.cleanup().await;
 }
 
@@ -329,6 +329,7 @@ async fn the_relay_loses_nothing_when_the_broker_goes_away_mid_stream() {
     let db = TestDb::new().await;
     let proxy = Proxy::start(target_of(&crate::helpers::amqp_url())).await;
     let mut amqp = test_amqp();
+    let _queues = DeleteQueues::orders(&amqp);
     amqp.amqp_url =
         order_service::config::SecretUrl::new(via(&crate::helpers::amqp_url(), proxy.addr));
     let relay = relay(
@@ -381,7 +382,6 @@ async fn the_relay_loses_nothing_when_the_broker_goes_away_mid_stream() {
     );
     cancel.cancel();
     running.await.unwrap().unwrap();
-    cleanup_amqp(&amqp).await;
     db.cleanup().await;
 }
 
@@ -396,6 +396,7 @@ async fn the_relay_catches_up_when_postgres_comes_back() {
         .await
         .unwrap();
     let amqp = test_amqp();
+    let _queues = DeleteQueues::orders(&amqp);
     let relay = relay(
         &relay_pool,
         &amqp,
@@ -432,7 +433,6 @@ async fn the_relay_catches_up_when_postgres_comes_back() {
     assert_eq!(distinct, ids.iter().map(Uuid::to_string).collect());
     cancel.cancel();
     running.await.unwrap().unwrap();
-    cleanup_amqp(&amqp).await;
     db.cleanup().await;
 }
 
@@ -440,7 +440,8 @@ async fn the_relay_catches_up_when_postgres_comes_back() {
 async fn a_notify_from_another_process_wakes_the_relay_long_before_its_poll() {
     let db = TestDb::new().await;
     let amqp = test_amqp();
-    let mut relay = relay(
+    let _queues = DeleteQueues::orders(&amqp);
+    let relay = relay(
         &db.pool,
         &amqp,
         RelayConfig {
@@ -448,8 +449,13 @@ async fn a_notify_from_another_process_wakes_the_relay_long_before_its_poll() {
             ..Default::default()
         },
     );
-    relay.listen = true;
     let cancel = CancellationToken::new();
+    // The relay's own process: its LISTEN task turns a NOTIFY into its wake-up.
+    let listening = tokio::spawn(order_service::outbox::wake::listen(
+        db.pool.clone(),
+        relay.wake.clone(),
+        cancel.clone(),
+    ));
     let running = tokio::spawn(relay.run(cancel.clone()));
     // The "API process": its own wake-up, forwarded as a Postgres NOTIFY.
     let api_wake = Wake::default();
@@ -472,14 +478,13 @@ async fn a_notify_from_another_process_wakes_the_relay_long_before_its_poll() {
     .await;
     cancel.cancel();
     running.await.unwrap().unwrap();
-    cleanup_amqp(&amqp).await;
+    listening.await.unwrap();
     db.cleanup().await;
 }
 
 #[tokio::test]
 async fn published_rows_past_retention_are_pruned_and_pending_ones_kept() {
     let db = TestDb::new().await;
-    let amqp = test_amqp();
     insert_events(&db.pool, 25, "order.created").await;
     sqlx::query("UPDATE outbox SET published_at = now() - interval '8 days' WHERE id <= 20")
         .execute(&db.pool)
@@ -489,16 +494,13 @@ async fn published_rows_past_retention_are_pruned_and_pending_ones_kept() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let relay = relay(
-        &db.pool,
-        &amqp,
-        RelayConfig {
-            prune_batch: 7,
-            ..Default::default()
-        },
-    );
+    let config = RelayConfig::default();
 
-    let pruned = relay.prune().await.unwrap();
+    let pruned = order_service::retention::outbox(config.retention())
+        .with_batch(7)
+        .run_once(&db.pool)
+        .await
+        .unwrap();
 
     assert_eq!(pruned, 20, "old published rows go, in batches of 7");
     assert_eq!(db.count("SELECT count(*) FROM outbox").await, 5);
@@ -514,6 +516,7 @@ async fn published_rows_past_retention_are_pruned_and_pending_ones_kept() {
 async fn a_backlog_far_larger_than_the_confirm_window_is_published_once() {
     let db = TestDb::new().await;
     let amqp = test_amqp();
+    let _queues = DeleteQueues::orders(&amqp);
     // Window 7 × 2 = 14 publishes awaiting confirms, 3 batches open.
     let config = RelayConfig {
         batch_size: 7,
@@ -523,9 +526,7 @@ async fn a_backlog_far_larger_than_the_confirm_window_is_published_once() {
     };
     let relay = relay(&db.pool, &amqp, config);
     let mut ids = insert_events(&db.pool, 150, "order.created").await;
-    let publisher = Publisher::open(&amqp, &CancellationToken::new())
-        .await
-        .unwrap();
+    let publisher = publisher(&amqp).await;
 
     let drained = tokio::time::timeout(Duration::from_secs(30), relay.drain(&publisher))
         .await
@@ -552,6 +553,136 @@ async fn a_backlog_far_larger_than_the_confirm_window_is_published_once() {
     let distinct: HashSet<String> = delivered.iter().cloned().collect();
     assert_eq!(delivered.len(), 300, "each row published once");
     assert_eq!(distinct, ids.iter().map(Uuid::to_string).collect());
-    cleanup_amqp(&amqp).await;
+    db.cleanup().await;
+}
+
+/// A tracing layer that panics when the relay opens the PRODUCER span of
+/// one row's publish, the first `times` times: a bug inside a relay batch,
+/// after it claimed its rows and published those before it, and before it
+/// marked anything. Injected through tracing because the relay has no hook
+/// of its own; installed for this test's thread only.
+struct PanicOnPublish {
+    message_id: String,
+    times: Arc<std::sync::atomic::AtomicU32>,
+}
+
+struct MessageId(Option<String>);
+
+impl tracing::field::Visit for MessageId {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "messaging.message.id" {
+            self.0 = Some(format!("{value:?}"));
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PanicOnPublish {
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        _id: &tracing::span::Id,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if attrs.metadata().name() != "outbox publish" {
+            return;
+        }
+        let mut id = MessageId(None);
+        attrs.record(&mut id);
+        if id.0.as_deref() != Some(self.message_id.as_str()) {
+            return;
+        }
+        let armed = self
+            .times
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
+        if armed {
+            panic!("injected: a bug while publishing {}", self.message_id);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_relay_batch_that_panics_leaves_its_rows_due_and_the_relay_carries_on() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    let db = TestDb::new().await;
+    let amqp = test_amqp();
+    let _queues = DeleteQueues::orders(&amqp);
+    let ids = insert_events(&db.pool, 30, "order.created").await;
+    // The tenth row: the last of the batch that claims the first ten, after
+    // nine rows of that batch were published.
+    let poison = ids[9];
+    let times = Arc::new(std::sync::atomic::AtomicU32::new(1));
+    let injected = PanicOnPublish {
+        message_id: poison.to_string(),
+        times: times.clone(),
+    };
+    // `#[tokio::test]` polls every task of this test on this thread.
+    let _tracing = tracing::subscriber::set_default(
+        tracing_subscriber::Registry::default()
+            .with(tracing_subscriber::filter::LevelFilter::INFO)
+            .with(injected),
+    );
+    // Three batches of ten open at once: one panics, two carry on.
+    let relay = relay(
+        &db.pool,
+        &amqp,
+        RelayConfig {
+            batch_size: 10,
+            workers: 2,
+            poll_interval_ms: 50,
+            ..Default::default()
+        },
+    );
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn(relay.clone().run(cancel.clone()));
+
+    all_published(
+        &db.pool,
+        "every row to be published despite the panic",
+        Duration::from_secs(20),
+    )
+    .await;
+
+    assert_eq!(
+        times.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the batch panicked"
+    );
+    assert!(!running.is_finished(), "the relay kept running");
+    let (attempts, errors): (i64, i64) =
+        sqlx::query_as("SELECT sum(attempts)::bigint, count(last_error) FROM outbox")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (attempts, errors),
+        (0, 0),
+        "the panicking batch marked nothing"
+    );
+    let (_conn, channel) = amqp_channel().await;
+    let deliveries = message_ids(&drain_queue(&channel, &billing_queue(&amqp)).await);
+    let copies = |id: &Uuid| deliveries.iter().filter(|m| **m == id.to_string()).count();
+    for (i, id) in ids.iter().enumerate() {
+        // The rows published before the panic were published again with
+        // the same id (at least once); the others once.
+        let expected = if i < 9 { 2 } else { 1 };
+        assert_eq!(copies(id), expected, "row {i} ({id})");
+    }
+    // Rows written after the panic are published as usual.
+    let later = insert_events(&db.pool, 5, "order.created").await;
+    relay.wake.notify();
+    all_published(&db.pool, "the later rows", Duration::from_secs(10)).await;
+    let deliveries = message_ids(&drain_queue(&channel, &billing_queue(&amqp)).await);
+    assert_eq!(
+        deliveries.into_iter().collect::<HashSet<_>>(),
+        later.iter().map(Uuid::to_string).collect()
+    );
+    cancel.cancel();
+    running.await.unwrap().unwrap();
     db.cleanup().await;
 }

@@ -1,0 +1,114 @@
+//! Bounded tables: one task per role deletes what it owns past its
+//! retention (published outbox rows, a consumer's dedup rows, idempotency
+//! keys), in bounded batches, at least once a minute. A failure is logged
+//! and tried again at the next round; nothing waits on it.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::shutdown::sleep_or_cancel;
+
+/// Rows deleted per statement: short transactions, short locks.
+pub const PRUNE_BATCH: i64 = 1_000;
+
+/// One table's pruning: a `DELETE` of at most `$2` rows older than `$1`
+/// seconds (and of key `$3`, when the statement has one).
+#[derive(Debug, Clone)]
+pub struct Prune {
+    /// What is pruned, for the logs.
+    pub what: &'static str,
+    pub statement: &'static str,
+    pub retention: Duration,
+    pub key: Option<&'static str>,
+    /// Rows per statement ([`PRUNE_BATCH`]).
+    pub batch: i64,
+}
+
+/// Published outbox rows.
+pub fn outbox(retention: Duration) -> Prune {
+    Prune {
+        what: "published outbox rows",
+        statement: "DELETE FROM outbox WHERE id IN ( \
+             SELECT id FROM outbox WHERE published_at IS NOT NULL \
+               AND published_at < now() - make_interval(secs => $1) \
+             ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        retention,
+        key: None,
+        batch: PRUNE_BATCH,
+    }
+}
+
+/// The dedup rows of `consumer` (the `processed_messages` index on
+/// `(consumer, processed_at)` keeps this a range scan).
+pub fn dedup(consumer: &'static str, retention: Duration) -> Prune {
+    Prune {
+        what: "dedup rows",
+        statement: "DELETE FROM processed_messages WHERE (consumer, transaction_id) IN ( \
+             SELECT consumer, transaction_id FROM processed_messages \
+             WHERE consumer = $3 AND processed_at < now() - make_interval(secs => $1) \
+             ORDER BY processed_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        retention,
+        key: Some(consumer),
+        batch: PRUNE_BATCH,
+    }
+}
+
+/// Idempotency keys.
+pub fn idempotency_keys(retention: Duration) -> Prune {
+    Prune {
+        what: "idempotency keys",
+        statement: "DELETE FROM idempotency_keys WHERE key IN ( \
+             SELECT key FROM idempotency_keys \
+             WHERE created_at < now() - make_interval(secs => $1) \
+             ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        retention,
+        key: None,
+        batch: PRUNE_BATCH,
+    }
+}
+
+impl Prune {
+    /// This prune, `batch` rows per statement.
+    pub fn with_batch(self, batch: i64) -> Self {
+        Self { batch, ..self }
+    }
+
+    /// Deletes everything past the retention, a batch at a time; returns how
+    /// many rows went.
+    pub async fn run_once(&self, pool: &PgPool) -> sqlx::Result<u64> {
+        let mut total = 0;
+        loop {
+            let mut query = sqlx::query(self.statement)
+                .bind(self.retention.as_secs_f64())
+                .bind(self.batch);
+            if let Some(key) = self.key {
+                query = query.bind(key);
+            }
+            let deleted = query.execute(pool).await?.rows_affected();
+            total += deleted;
+            if (deleted as i64) < self.batch {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// Runs every prune each `interval` until `cancel` fires.
+pub async fn run(pool: PgPool, prunes: Vec<Prune>, interval: Duration, cancel: CancellationToken) {
+    loop {
+        for prune in &prunes {
+            match prune.run_once(&pool).await {
+                Ok(0) => {}
+                Ok(rows) => tracing::info!(rows, what = prune.what, "pruned"),
+                Err(error) => {
+                    tracing::warn!(%error, what = prune.what, "pruning failed; will retry")
+                }
+            }
+        }
+        if !sleep_or_cancel(interval, &cancel).await {
+            return;
+        }
+    }
+}
