@@ -4,6 +4,13 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// The body of every error answer.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -70,7 +77,9 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
-        let body = Json(serde_json::json!({ "error": self.to_string() }));
+        let body = Json(ErrorBody {
+            error: self.to_string(),
+        });
         (self.status_code(), body).into_response()
     }
 }

@@ -4,6 +4,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -11,8 +12,17 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::{JsonBody, idempotency_key};
 use super::idempotency::{self, Claim};
-use crate::orders::{self, NewOrder, ValidationError, writer};
+use crate::orders::{self, NewOrder, Order, ValidationError, writer};
 use crate::telemetry::propagation;
+
+/// The answer to an accepted order.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderAccepted {
+    pub order_id: Uuid,
+    pub status: &'static str,
+    pub message: &'static str,
+}
 
 /// Validates the order, writes it and its `order.created` outbox row in one
 /// transaction, wakes the relay and answers 202.
@@ -85,11 +95,11 @@ async fn create_with_key(
 }
 
 fn accepted(order_id: Uuid) -> Response {
-    let body = serde_json::json!({
-        "orderId": order_id,
-        "status": orders::PENDING,
-        "message": "Order accepted for processing",
-    });
+    let body = OrderAccepted {
+        order_id,
+        status: orders::PENDING,
+        message: "Order accepted for processing",
+    };
     (
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/orders/{order_id}"))],
@@ -103,7 +113,7 @@ fn accepted(order_id: Uuid) -> Response {
 pub async fn get_order(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<orders::Order>, ApiError> {
+) -> Result<Json<Order>, ApiError> {
     let id =
         Uuid::parse_str(&id).map_err(|_| ApiError::BadRequest("order id must be a UUID".into()))?;
     let mut conn = state.pool.acquire().await?;
