@@ -5,9 +5,12 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use utoipa::ToSchema;
 
-/// The body of every error answer.
-#[derive(Debug, Serialize)]
+// The body of every error answer (schema `Error`). Plain comments, not doc
+// comments: those would become the schema's description.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Error)]
 pub struct ErrorBody {
     pub error: String,
 }

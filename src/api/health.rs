@@ -7,35 +7,45 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::AppState;
 use crate::outbox::store;
 
-/// The answer of `/healthz`.
-#[derive(Debug, Serialize)]
+// The answer of `/healthz`. Doc comments on these types and their fields
+// become descriptions in the OpenAPI document; plain comments stay out of it.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
+    #[schema(inline)]
     pub status: Alive,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Alive {
     Ok,
 }
 
-/// The answer of `/readyz`, 200 or 503.
-#[derive(Debug, Serialize)]
+// The answer of `/readyz`, 200 or 503.
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Readiness {
+    #[schema(inline)]
     pub status: Ready,
+    #[schema(inline)]
     pub postgres: PostgresCheck,
+    // Its description is the enum's: a doc comment here would make utoipa wrap
+    // the inlined enum in an `allOf` with an object schema.
+    #[schema(inline)]
     pub rabbitmq: RabbitMqCheck,
     /// Age of the oldest unpublished outbox row (0 when none, or when Postgres did not answer).
+    #[schema(minimum = 0)]
     pub outbox_lag_seconds: f64,
+    #[schema(minimum = 0)]
     pub outbox_lag_limit_seconds: f64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 pub enum Ready {
     #[serde(rename = "ready")]
     Ready,
@@ -43,7 +53,7 @@ pub enum Ready {
     NotReady,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PostgresCheck {
     Ok,
@@ -52,7 +62,7 @@ pub enum PostgresCheck {
 }
 
 /// "not checked" when this role does not check RabbitMQ.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 pub enum RabbitMqCheck {
     #[serde(rename = "ok")]
     Ok,
@@ -65,12 +75,29 @@ pub enum RabbitMqCheck {
 }
 
 /// Alive: the process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "healthz",
+    summary = "Liveness: the process answers",
+    responses((status = OK, description = "Alive.", body = inline(Health))),
+)]
 pub async fn healthz() -> Json<Health> {
     Json(Health { status: Alive::Ok })
 }
 
 /// Ready: Postgres answers, RabbitMQ accepts a connection (when configured),
 /// and the oldest pending outbox row is younger than the configured limit.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    operation_id = "readyz",
+    summary = "Readiness: Postgres answers, RabbitMQ accepts a connection (when the role checks it), and the oldest unpublished outbox row is younger than the limit",
+    responses(
+        (status = OK, description = "Ready.", body = Readiness),
+        (status = SERVICE_UNAVAILABLE, description = "Not ready; the body says which check failed.", body = Readiness),
+    ),
+)]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
     let outbox = tokio::time::timeout(CHECK_TIMEOUT, async {
@@ -123,6 +150,13 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 /// Prometheus text exposition.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    summary = "Prometheus text exposition (version 0.0.4)",
+    responses((status = OK, description = "The metrics.", body = String, content_type = "text/plain")),
+)]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let outbox = match state.pool.acquire().await {
         Ok(mut conn) => store::status(&mut conn).await.ok(),
