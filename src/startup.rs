@@ -76,9 +76,12 @@ impl Roles {
         let mut state = AppState::new(self.pool.clone(), http, self.wake.clone());
         state.metrics = self.metrics.clone();
         state.amqp = amqp;
+        state.status = self.status.clone();
         let app = api::router(state);
         let cancel = self.cancel.clone();
+        let running = self.status.running("api");
         self.tracker.spawn(async move {
+            let _running = running;
             if let Err(error) = api::serve(listener, app, cancel.clone()).await {
                 tracing::error!(%error, "HTTP server failed");
                 cancel.cancel();

@@ -4,6 +4,16 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+// The body of every error answer (schema `Error`). Plain comments, not doc
+// comments: those would become the schema's description.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    pub error: String,
+}
 
 use crate::db::ErrorKind;
 
@@ -71,7 +81,9 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
-        let body = Json(serde_json::json!({ "error": self.to_string() }));
+        let body = Json(ErrorBody {
+            error: self.to_string(),
+        });
         (self.status_code(), body).into_response()
     }
 }

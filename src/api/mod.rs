@@ -7,6 +7,7 @@ pub mod health;
 pub mod idempotency;
 pub mod openapi;
 pub mod orders;
+pub mod schema;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,12 +16,13 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::config::{AmqpConfig, HttpConfig};
 use crate::metrics::Metrics;
@@ -42,6 +44,8 @@ pub struct AppState {
     pub max_outbox_lag: Duration,
     /// Checked by `/readyz` when set.
     pub amqp: Option<AmqpConfig>,
+    /// The process's loops, for `/healthz`.
+    pub status: crate::probe::Status,
 }
 
 impl AppState {
@@ -56,18 +60,27 @@ impl AppState {
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             max_outbox_lag: Duration::from_millis(config.max_outbox_lag_ms),
             amqp: None,
+            status: crate::probe::Status::default(),
         }
     }
 }
 
+/// Every route of the API, each registered with its handler's
+/// `#[utoipa::path]` operation: [`router`] serves exactly these routes and
+/// [`openapi::document`] describes exactly them. Add a route here, with
+/// `routes!`, never on the axum `Router`.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(orders::create_order))
+        .routes(routes!(orders::get_order))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(health::metrics))
+        .routes(routes!(openapi::serve))
+}
+
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/orders", axum::routing::post(orders::create_order))
-        .route("/orders/{id}", get(orders::get_order))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
-        .route("/openapi.json", get(openapi::serve))
+    Router::from(routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(state.body_limit))

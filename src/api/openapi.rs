@@ -1,68 +1,119 @@
-//! The OpenAPI document of the HTTP API, served at `GET /openapi.json`, and
-//! the list of routes it must describe. The integration tests hold the
-//! document, this list and the router to each other, and `.ci/fuzz.sh`
-//! holds the running API to the document.
+//! The OpenAPI document of the HTTP API, served at `GET /openapi.json`. It
+//! is generated: the operations come from the handlers' `#[utoipa::path]`
+//! attributes as [`super::routes`] registers them (the same list the router
+//! serves), the schemas from the bodies' `ToSchema` derives. The integration
+//! tests hold the running API to it, and so does `.ci/fuzz.sh`.
+
+use std::sync::LazyLock;
 
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use utoipa::OpenApi;
 
-/// The OpenAPI 3.0.3 document, kept as JSON beside this file.
-pub const DOCUMENT: &str = include_str!("openapi.json");
+use super::error::ErrorBody;
+use super::schema::{
+    BadRequest, DocumentTop, IdempotencyKey, Internal, NotFound, PayloadTooLarge, Unavailable,
+    Unprocessable, UnsupportedMediaType,
+};
 
-/// Every `(method, path)` that [`super::router`] serves, paths in the
-/// router's (and OpenAPI's) `{param}` syntax. Add a route here, in the
-/// router and in `openapi.json` together; the tests fail until all three agree.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("POST", "/orders"),
-    ("GET", "/orders/{id}"),
-    ("GET", "/healthz"),
-    ("GET", "/readyz"),
-    ("GET", "/metrics"),
-    ("GET", "/openapi.json"),
-];
+const DESCRIPTION: &str = "Orders through a transactional outbox. POST /orders writes the order and its order.created event in one Postgres transaction and answers 202; a relay publishes the event to RabbitMQ and the billing consumer later marks the order CONFIRMED.
+
+Every error body is JSON {\"error\": \"...\"}; a 5xx body never carries internals. An unknown path answers 404 and a known path with another method 405, both with that error body. Any request that outlives the server's request timeout (HTTP_REQUEST_TIMEOUT_MS, default 10 s) answers 503.";
+
+/// What the document has besides its paths: `info` (title and version from
+/// Cargo.toml), the reusable error answers, and the schemas that only
+/// parameters or those answers use (utoipa-axum collects the schemas of
+/// bodies, not of parameters or reusable responses).
+#[derive(OpenApi)]
+#[openapi(
+    info(description = DESCRIPTION),
+    components(
+        schemas(ErrorBody, IdempotencyKey),
+        responses(
+            BadRequest,
+            NotFound,
+            PayloadTooLarge,
+            UnsupportedMediaType,
+            Unprocessable,
+            Internal,
+            Unavailable,
+        ),
+    )
+)]
+struct ApiDoc;
+
+/// The document without paths, for [`super::routes`] to add them to.
+pub fn base() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+static DOCUMENT: LazyLock<String> = LazyLock::new(|| {
+    let mut api = super::routes().into_openapi();
+    require_location_headers(&mut api);
+    api.to_pretty_json()
+        .expect("the OpenAPI document serialises")
+});
+
+/// The document as `GET /openapi.json` serves it (OpenAPI 3.1, JSON).
+pub fn document() -> &'static str {
+    &DOCUMENT
+}
+
+/// Every `Location` a response documents is always sent. utoipa's `Header`
+/// has no `required` field, so it goes in as a (flattened) extension entry.
+fn require_location_headers(api: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::RefOr;
+    let operations = api.paths.paths.values_mut().flat_map(|item| {
+        [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.options,
+            &mut item.head,
+            &mut item.patch,
+            &mut item.trace,
+        ]
+        .into_iter()
+        .flatten()
+    });
+    for operation in operations {
+        for response in operation.responses.responses.values_mut() {
+            let RefOr::T(response) = response else {
+                continue;
+            };
+            if let Some(RefOr::T(location)) = response.headers.get_mut("Location") {
+                location
+                    .extensions
+                    .get_or_insert_with(Default::default)
+                    .insert("required".into(), true.into());
+            }
+        }
+    }
+}
 
 /// `GET /openapi.json`.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "openapi",
+    summary = "This document",
+    responses(
+        (status = OK, description = "The OpenAPI document of this API.", body = inline(DocumentTop)),
+    ),
+)]
 pub async fn serve() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], DOCUMENT).into_response()
+    ([(header::CONTENT_TYPE, "application/json")], document()).into_response()
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
-
     use serde_json::Value;
 
     use super::*;
 
-    fn document() -> Value {
-        serde_json::from_str(DOCUMENT).expect("openapi.json is valid JSON")
-    }
-
-    const METHODS: [&str; 8] = [
-        "get", "put", "post", "delete", "options", "head", "patch", "trace",
-    ];
-
-    #[test]
-    fn the_document_describes_exactly_the_listed_routes() {
-        let doc = document();
-        let described: BTreeSet<(String, String)> = doc["paths"]
-            .as_object()
-            .expect("paths")
-            .iter()
-            .flat_map(|(path, item)| {
-                item.as_object()
-                    .expect("a path item")
-                    .keys()
-                    .filter(|key| METHODS.contains(&key.as_str()))
-                    .map(move |method| (method.to_uppercase(), path.clone()))
-            })
-            .collect();
-        let listed: BTreeSet<(String, String)> = ROUTES
-            .iter()
-            .map(|(method, path)| (method.to_string(), path.to_string()))
-            .collect();
-        assert_eq!(described, listed);
-        assert_eq!(listed.len(), ROUTES.len(), "ROUTES has no duplicates");
+    fn parsed() -> Value {
+        serde_json::from_str(document()).expect("the document is valid JSON")
     }
 
     #[test]
@@ -81,16 +132,38 @@ mod tests {
                 _ => {}
             }
         }
-        let doc = document();
+        let doc = parsed();
         let mut refs = 0;
         walk(&doc, &doc, &mut refs);
         assert!(refs > 0);
-        assert_eq!(doc["openapi"], "3.0.3");
+        assert_eq!(doc["openapi"], "3.1.0");
+    }
+
+    #[test]
+    fn every_operation_has_an_id_and_a_success() {
+        let doc = parsed();
+        let mut ids = Vec::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for (method, operation) in item.as_object().expect("a path item") {
+                let id = operation["operationId"].as_str();
+                let id = id.unwrap_or_else(|| panic!("{method} {path} has no operationId"));
+                ids.push(id.to_owned());
+                let responses = operation["responses"].as_object().expect("responses");
+                assert!(
+                    responses.keys().any(|status| status.starts_with('2')),
+                    "{method} {path} documents no success"
+                );
+            }
+        }
+        let count = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), count, "operationIds are unique");
     }
 
     #[test]
     fn the_limits_match_the_validation_code() {
-        let doc = document();
+        let doc = parsed();
         let schemas = &doc["components"]["schemas"];
         assert_eq!(
             schemas["ExternalId"]["maxLength"],
@@ -98,5 +171,13 @@ mod tests {
         );
         assert_eq!(schemas["Amount"]["maximum"], crate::orders::MAX_AMOUNT);
         assert_eq!(schemas["Amount"]["minimum"], 1);
+    }
+
+    #[test]
+    fn the_location_of_an_accepted_order_is_required() {
+        let doc = parsed();
+        let location = &doc["paths"]["/orders"]["post"]["responses"]["202"]["headers"]["Location"];
+        assert_eq!(location["required"], true, "{location}");
+        assert_eq!(location["schema"]["type"], "string");
     }
 }

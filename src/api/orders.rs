@@ -4,18 +4,79 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 use tracing::Instrument;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{JsonBody, idempotency_key};
 use super::idempotency::{self, Claim};
-use crate::orders::{self, NewOrder, ValidationError, writer};
+use super::schema::{
+    self, BadRequest, IdempotencyKey, Internal, NotFound, OrderLocation, PayloadTooLarge,
+    Unavailable, Unprocessable, UnsupportedMediaType,
+};
+use crate::orders::{self, NewOrder, Order, ValidationError, writer};
 use crate::telemetry::propagation;
+
+// The answer to an accepted order (plain comments: doc comments would become
+// the schema's description).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderAccepted {
+    pub order_id: Uuid,
+    #[schema(schema_with = schema::accepted_status)]
+    pub status: &'static str,
+    pub message: &'static str,
+}
 
 /// Validates the order, writes it and its `order.created` outbox row in one
 /// transaction, wakes the relay and answers 202.
+#[utoipa::path(
+    post,
+    path = "/orders",
+    operation_id = "createOrder",
+    summary = "Accept a new order",
+    description = "Validates the body, stores the order (status PENDING) and its outbox event in one transaction, and answers 202. A missing field or a body that is not a JSON object is a 400; a field of the wrong type or value is a 422. Unknown fields are ignored. With an Idempotency-Key, a retry with the same key and the same order answers the first order's id and creates nothing; the same key with another order is a 422.",
+    params(
+        (
+            "Idempotency-Key" = Option<IdempotencyKey>,
+            Header,
+            // Optional (not required), but never null.
+            nullable = false,
+            description = "1 to 255 visible ASCII characters (0x21 to 0x7E); anything else is a 400.",
+        ),
+    ),
+    request_body(
+        content = NewOrder,
+        description = "application/json or any application/*+json; another content type is a 415. The body is limited to HTTP_BODY_LIMIT bytes (default 65536); over it is a 413.",
+        example = json!({"productId": "123", "userId": "user_99", "amount": 500}),
+    ),
+    responses(
+        (
+            status = ACCEPTED,
+            description = "Accepted: the order is stored and its event will be published.",
+            body = OrderAccepted,
+            headers(
+                ("Location" = inline(OrderLocation), description = "Where to GET the order: /orders/{orderId}."),
+            ),
+            links(
+                ("GetOrder" = (
+                    operation_id = "getOrder",
+                    parameters(("id" = "$response.body#/orderId")),
+                    description = "The order just accepted.",
+                )),
+            ),
+        ),
+        (status = BAD_REQUEST, response = BadRequest),
+        (status = PAYLOAD_TOO_LARGE, response = PayloadTooLarge),
+        (status = UNSUPPORTED_MEDIA_TYPE, response = UnsupportedMediaType),
+        (status = UNPROCESSABLE_ENTITY, response = Unprocessable),
+        (status = INTERNAL_SERVER_ERROR, response = Internal),
+        (status = SERVICE_UNAVAILABLE, response = Unavailable),
+    ),
+)]
 #[tracing::instrument(name = "create_order", skip_all, fields(order.id), err(level = "info"))]
 pub async fn create_order(
     State(state): State<AppState>,
@@ -85,11 +146,11 @@ async fn create_with_key(
 }
 
 fn accepted(order_id: Uuid) -> Response {
-    let body = serde_json::json!({
-        "orderId": order_id,
-        "status": orders::PENDING,
-        "message": "Order accepted for processing",
-    });
+    let body = OrderAccepted {
+        order_id,
+        status: orders::PENDING,
+        message: "Order accepted for processing",
+    };
     (
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/orders/{order_id}"))],
@@ -99,11 +160,31 @@ fn accepted(order_id: Uuid) -> Response {
 }
 
 /// The order and its status; 404 if unknown, 400 if the id is not a UUID.
+#[utoipa::path(
+    get,
+    path = "/orders/{id}",
+    operation_id = "getOrder",
+    summary = "An order and its status",
+    params(
+        (
+            "id" = Uuid,
+            Path,
+            description = "The orderId of a 202 answer; anything but a UUID is a 400.",
+        ),
+    ),
+    responses(
+        (status = OK, description = "The order.", body = Order),
+        (status = BAD_REQUEST, response = BadRequest),
+        (status = NOT_FOUND, response = NotFound),
+        (status = INTERNAL_SERVER_ERROR, response = Internal),
+        (status = SERVICE_UNAVAILABLE, response = Unavailable),
+    ),
+)]
 #[tracing::instrument(name = "get_order", skip_all, fields(order.id = %id), err(level = "info"))]
 pub async fn get_order(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<orders::Order>, ApiError> {
+) -> Result<Json<Order>, ApiError> {
     let id =
         Uuid::parse_str(&id).map_err(|_| ApiError::BadRequest("order id must be a UUID".into()))?;
     let mut conn = state.pool.acquire().await?;

@@ -37,11 +37,14 @@ pub enum ValidationError {
 }
 
 /// A validated order, not yet stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NewOrder {
+    #[schema(value_type = crate::api::schema::ExternalId)]
     pub product_id: String,
+    #[schema(value_type = crate::api::schema::ExternalId)]
     pub user_id: String,
+    #[schema(value_type = crate::api::schema::Amount)]
     pub amount: i64,
 }
 
@@ -103,14 +106,16 @@ pub const PENDING: &str = "PENDING";
 pub const CONFIRMED: &str = "CONFIRMED";
 
 /// An order as `GET /orders/{id}` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Order {
     #[serde(rename = "orderId")]
     pub id: Uuid,
     pub product_id: String,
     pub user_id: String,
+    #[schema(value_type = crate::api::schema::Amount)]
     pub amount: i64,
+    #[schema(schema_with = crate::api::schema::order_status)]
     pub status: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

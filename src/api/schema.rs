@@ -1,0 +1,95 @@
+//! Schemas of the OpenAPI document that no value of the program carries: the
+//! rules that `orders::NewOrder::from_json` and `extract::idempotency_key`
+//! check by hand, the values of the string-typed order status, and the
+//! reusable error answers. The types exist only for their schemas (they are
+//! never built); the unit tests of `openapi` hold the limits to the
+//! validation code and the integration tests hold real answers to all of it.
+
+#![allow(dead_code)]
+
+use utoipa::openapi::schema::{Object, ObjectBuilder, Type};
+use utoipa::{ToResponse, ToSchema};
+
+use super::error::ErrorBody;
+use crate::orders;
+
+/// 1 to 128 characters (Unicode scalar values), not only whitespace, no control characters (U+0000 to U+001F, U+007F to U+009F).
+#[derive(ToSchema)]
+#[schema(
+    min_length = 1,
+    max_length = 128,
+    pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F][^\u0000-\u001F\u007F-\u009F]*$"
+)]
+pub struct ExternalId(String);
+
+/// Minor units (cents); at most 10^12.
+#[derive(ToSchema)]
+#[schema(minimum = 1, maximum = 1_000_000_000_000_i64)]
+pub struct Amount(i64);
+
+// The `Idempotency-Key` header (no description: the parameter has one).
+#[derive(ToSchema)]
+#[schema(min_length = 1, max_length = 255, pattern = "^[!-~]+$")]
+pub struct IdempotencyKey(String);
+
+// The `Location` of a 202: the path of the order (a lowercase hyphenated UUID).
+#[derive(ToSchema)]
+#[schema(pattern = "^/orders/[0-9a-f-]{36}$")]
+pub struct OrderLocation(String);
+
+/// `status` of a 202: a new order is always `PENDING`.
+pub fn accepted_status() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some([orders::PENDING]))
+        .build()
+}
+
+/// `status` of an [`orders::Order`].
+pub fn order_status() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .description(Some(
+            "PENDING until billing confirms the order, then CONFIRMED.",
+        ))
+        .enum_values(Some([orders::PENDING, orders::CONFIRMED]))
+        .build()
+}
+
+/// Malformed JSON, a body that is not a JSON object, a missing field, a bad Idempotency-Key or a path id that is not a UUID.
+#[derive(ToResponse)]
+pub struct BadRequest(ErrorBody);
+
+/// No such order.
+#[derive(ToResponse)]
+pub struct NotFound(ErrorBody);
+
+/// The body is over the configured limit.
+#[derive(ToResponse)]
+pub struct PayloadTooLarge(ErrorBody);
+
+/// The Content-Type is not application/json (nor application/*+json).
+#[derive(ToResponse)]
+pub struct UnsupportedMediaType(ErrorBody);
+
+/// A field has the wrong type or an invalid value, or the Idempotency-Key was used with another order.
+#[derive(ToResponse)]
+pub struct Unprocessable(ErrorBody);
+
+/// Unexpected failure; the cause is logged, never returned.
+#[derive(ToResponse)]
+pub struct Internal(ErrorBody);
+
+/// Postgres is unreachable or saturated, or the request timed out; retry later.
+#[derive(ToResponse)]
+pub struct Unavailable(ErrorBody);
+
+// The top of an OpenAPI document, as `GET /openapi.json` describes its answer.
+#[derive(ToSchema)]
+pub struct DocumentTop {
+    openapi: String,
+    #[schema(value_type = Object)]
+    info: serde_json::Value,
+    #[schema(value_type = Object)]
+    paths: serde_json::Value,
+}
