@@ -1,8 +1,10 @@
--- no-transaction
--- Indexes that keep the pruning of the dedup rows and the idempotency keys a
--- range scan. Built CONCURRENTLY (outside a transaction, hence the line
--- above), so an existing database keeps taking orders and messages meanwhile.
-CREATE INDEX CONCURRENTLY IF NOT EXISTS processed_messages_processed_at_idx
+-- Indexes that keep the pruning of the dedup rows and of the idempotency
+-- keys a range scan. Not CONCURRENTLY: every role applies migrations at start
+-- under sqlx's advisory lock, and a concurrent build waits for the other
+-- roles' sessions waiting on that lock, a deadlock. On a large existing
+-- table, build them by hand first with CREATE INDEX CONCURRENTLY and these
+-- names (docs/operations.md); IF NOT EXISTS then makes this a no-op.
+CREATE INDEX IF NOT EXISTS processed_messages_processed_at_idx
     ON processed_messages (consumer, processed_at);
-CREATE INDEX CONCURRENTLY IF NOT EXISTS idempotency_keys_created_at_idx
+CREATE INDEX IF NOT EXISTS idempotency_keys_created_at_idx
     ON idempotency_keys (created_at);
