@@ -9,7 +9,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::QueueNames;
 use crate::config::{
-    AmqpConfig, ConsumerConfig, DatabaseConfig, HttpConfig, RelayConfig, RetentionConfig,
+    AmqpConfig, ConsumerConfig, DatabaseConfig, HttpConfig, MailConfig, RelayConfig,
+    RetentionConfig,
 };
 use crate::orders;
 use crate::retention;
@@ -48,6 +49,8 @@ pub enum Command {
         consumer: ConsumerConfig,
         #[command(flatten)]
         retention: RetentionConfig,
+        #[command(flatten)]
+        mail: MailConfig,
     },
     /// The HTTP API only (wakes a separate relay with a Postgres NOTIFY).
     Api {
@@ -86,6 +89,8 @@ pub enum Command {
         http: HttpConfig,
         #[command(flatten)]
         retention: RetentionConfig,
+        #[command(flatten)]
+        mail: MailConfig,
     },
     /// Apply the database migrations and exit.
     Migrate {
@@ -177,19 +182,21 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             relay,
             consumer,
             retention,
+            mail,
         } => {
             retention.check(&amqp).map_err(anyhow::Error::msg)?;
             let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
             roles.start_api(&http, Some(amqp.clone())).await?;
             roles.start_relay(&amqp, &relay, false);
-            roles.start_consumer(ConsumerKind::Email, &amqp, &consumer);
-            roles.start_consumer(ConsumerKind::Billing, &amqp, &consumer);
+            roles.start_consumer(ConsumerKind::Email, &amqp, &consumer, &mail)?;
+            roles.start_consumer(ConsumerKind::Billing, &amqp, &consumer, &mail)?;
             let dedup = retention.dedup();
             let prunes = vec![
                 retention::outbox(relay.retention()),
                 retention::idempotency_keys(retention.idempotency_keys()),
                 retention::dedup(ConsumerKind::Email.name(), dedup),
                 retention::dedup(ConsumerKind::Billing.name(), dedup),
+                retention::mails(relay.retention()),
             ];
             roles.start_retention(prunes, &retention);
             roles.wait(SHUTDOWN_DEADLINE).await
@@ -229,10 +236,11 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             consumer,
             http,
             retention,
+            mail,
         } => {
             retention.check(&amqp).map_err(anyhow::Error::msg)?;
             let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
-            roles.start_consumer(which, &amqp, &consumer);
+            roles.start_consumer(which, &amqp, &consumer, &mail)?;
             // Billing writes order.confirmed rows: wake the relay elsewhere.
             roles.start_notify_forwarder();
             roles.start_retention(
@@ -322,22 +330,36 @@ async fn outbox_status(db: DatabaseConfig, cancel: &CancellationToken) -> anyhow
     };
     let pool = crate::db::connect(&db, cancel).await?;
     let mut conn = pool.acquire().await?;
-    let status = crate::outbox::store::status(&mut conn).await?;
-    let failures = crate::outbox::store::recent_failures(&mut conn, 10).await?;
-    println!("pending rows:        {}", status.pending);
-    println!(
-        "oldest pending age:  {}",
-        status
-            .oldest_pending_age_secs
-            .map(|s| format!("{s:.1}s"))
-            .unwrap_or_else(|| "-".into())
-    );
-    println!("rows with errors:    {}", status.with_errors);
-    for f in failures {
+    let tables = [
+        (
+            "events (outbox, to RabbitMQ)",
+            &*crate::outbox::store::EVENTS,
+        ),
+        (
+            "mails (mail_outbox, to SMTP)",
+            &*crate::orders::mailer::MAILS,
+        ),
+    ];
+    for (title, table) in tables {
+        let status = table.status(&mut conn).await?;
+        let failures = table.recent_failures(&mut conn, 10).await?;
+        println!("{title}");
+        println!("  pending rows:        {}", status.pending);
         println!(
-            "  #{} {} {} attempts={} next={} error={}",
-            f.id, f.transaction_id, f.event_type, f.attempts, f.next_attempt_at, f.last_error
+            "  oldest pending age:  {}",
+            status
+                .oldest_pending_age_secs
+                .map(|s| format!("{s:.1}s"))
+                .unwrap_or_else(|| "-".into())
         );
+        println!("  rows with errors:    {}", status.with_errors);
+        println!("  given up (refused):  {}", status.given_up);
+        for f in failures {
+            println!(
+                "    #{} {} {} attempts={} next={} error={}",
+                f.id, f.transaction_id, f.event_type, f.attempts, f.next_attempt_at, f.last_error
+            );
+        }
     }
     Ok(())
 }

@@ -65,6 +65,7 @@ pub struct OutboxGauges {
     pub pending: Gauge,
     pub oldest_pending_age: FloatGauge,
     pub failed: Gauge,
+    pub given_up: Gauge,
 }
 
 impl OutboxGauges {
@@ -73,6 +74,7 @@ impl OutboxGauges {
         self.oldest_pending_age
             .set(status.oldest_pending_age_secs.unwrap_or(0.0));
         self.failed.set(status.with_errors);
+        self.given_up.set(status.given_up);
     }
 }
 
@@ -90,6 +92,11 @@ pub struct Metrics {
     /// One batch, from its claim to its last confirm.
     pub relay_batch_latency: Histogram,
     pub outbox: OutboxGauges,
+    /// Mails the SMTP server accepted.
+    pub mail_sent: Counter,
+    /// Sends that failed (temporary or permanent).
+    pub mail_failed: Counter,
+    pub mail_outbox: OutboxGauges,
     consumer_processed: Family<QueueLabel, Counter>,
     consumer_duplicates: Family<QueueLabel, Counter>,
     consumer_retried: Family<QueueLabel, Counter>,
@@ -113,6 +120,9 @@ impl Default for Metrics {
             relay_confirm_latency: latency_buckets(),
             relay_batch_latency: latency_buckets(),
             outbox: OutboxGauges::default(),
+            mail_sent: Counter::default(),
+            mail_failed: Counter::default(),
+            mail_outbox: OutboxGauges::default(),
             consumer_processed: Family::default(),
             consumer_duplicates: Family::default(),
             consumer_retried: Family::default(),

@@ -40,6 +40,20 @@ pub fn outbox(retention: Duration) -> Prune {
     }
 }
 
+/// Sent mails.
+pub fn mails(retention: Duration) -> Prune {
+    Prune {
+        what: "sent mails",
+        statement: "DELETE FROM mail_outbox WHERE id IN ( \
+             SELECT id FROM mail_outbox WHERE published_at IS NOT NULL \
+               AND published_at < now() - make_interval(secs => $1) \
+             ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        retention,
+        key: None,
+        batch: PRUNE_BATCH,
+    }
+}
+
 /// The dedup rows of `consumer` (the `processed_messages` index on
 /// `(consumer, processed_at)` keeps this a range scan).
 pub fn dedup(consumer: &'static str, retention: Duration) -> Prune {

@@ -12,11 +12,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
-use crate::config::{AmqpConfig, ConsumerConfig, HttpConfig, RelayConfig, RetentionConfig};
+use crate::config::{
+    AmqpConfig, ConsumerConfig, HttpConfig, MailConfig, RelayConfig, RetentionConfig,
+};
 use crate::inbox::{Consumer, Handler};
 use crate::metrics::Metrics;
 use crate::orders::billing::Billing;
 use crate::orders::email::Email;
+use crate::orders::mailer::{MAILS, MailConfigError, Smtp};
+use crate::outbox::dispatch::Dispatcher;
 use crate::outbox::{Relay, Wake};
 pub use crate::probe::Probes;
 use crate::probe::{ProbeState, Status};
@@ -44,6 +48,8 @@ pub struct Roles {
     pub pool: PgPool,
     pub metrics: Arc<Metrics>,
     pub wake: Wake,
+    /// Wakes the mailer after a commit that wrote mails.
+    pub mail_wake: Wake,
     pub tracker: TaskTracker,
     pub cancel: CancellationToken,
     /// The loops and subscriptions `/healthz` and `/readyz` report.
@@ -56,6 +62,7 @@ impl Roles {
             pool,
             metrics: Arc::default(),
             wake: Wake::default(),
+            mail_wake: Wake::default(),
             tracker: TaskTracker::new(),
             cancel,
             status: Status::default(),
@@ -142,16 +149,52 @@ impl Roles {
         ));
     }
 
-    pub fn start_consumer(&self, kind: ConsumerKind, amqp: &AmqpConfig, config: &ConsumerConfig) {
+    /// Starts a consumer of `kind`. The e-mail consumer, with `SMTP_URL` set,
+    /// also writes each mail to the mails' outbox and starts the mailer.
+    pub fn start_consumer(
+        &self,
+        kind: ConsumerKind,
+        amqp: &AmqpConfig,
+        config: &ConsumerConfig,
+        mail: &MailConfig,
+    ) -> Result<(), MailConfigError> {
         match kind {
             ConsumerKind::Email => {
+                let mailer = match mail.smtp_url.as_ref() {
+                    Some(url) => Some(Smtp::new(mail, url.expose(), self.metrics.clone())?),
+                    None => None,
+                };
                 let handler = Email {
                     failure_rate: config.email_failure_rate,
+                    recipient_domain: mailer.as_ref().map(|_| mail.email_recipient_domain.clone()),
                 };
                 self.start_handler(handler, amqp, config);
+                if let Some(smtp) = mailer {
+                    self.start_mailer(smtp, mail);
+                }
             }
             ConsumerKind::Billing => self.start_handler(Billing, amqp, config),
         }
+        Ok(())
+    }
+
+    /// Starts the mailer: the mails' outbox, delivered by `smtp`.
+    pub fn start_mailer(&self, smtp: Smtp, mail: &MailConfig) {
+        let dispatcher = Dispatcher {
+            pool: self.pool.clone(),
+            table: MAILS.clone(),
+            sink: Arc::new(smtp),
+            batch_size: 64,
+            concurrency: mail.mailer_concurrency,
+            poll: Duration::from_secs(1),
+            wake: self.mail_wake.clone(),
+        };
+        let (running, cancel) = (self.status.running("mailer"), self.cancel.clone());
+        self.tracker.spawn(async move {
+            let _running = running;
+            dispatcher.run(cancel).await;
+        });
+        tracing::info!("mailer started");
     }
 
     /// Starts a consumer running `handler`; its commits wake this process's
@@ -171,6 +214,7 @@ impl Roles {
             &self.metrics,
         )
         .with_wake(self.wake.clone())
+        .with_wake(self.mail_wake.clone())
         .with_subscribed(self.status.subscription(handler_name));
         let running = self.status.running(handler_name);
         let cancel = self.cancel.clone();

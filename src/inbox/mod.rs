@@ -63,9 +63,9 @@ pub struct Consumer<H> {
     pub config: ConsumerConfig,
     pub queues: QueueNames,
     pub metrics: Arc<ConsumerMetrics>,
-    /// Signalled after a commit that handled new events, so a relay in this
-    /// process publishes the outbox rows a handler wrote at once.
-    pub wake: Option<Wake>,
+    /// Signalled after a commit that handled new events, so a relay (or a
+    /// mailer) in this process sends the outbox rows a handler wrote at once.
+    pub wakes: Vec<Wake>,
     /// True while a session is subscribed to the queue (for `/readyz`).
     pub subscribed: Flag,
 }
@@ -86,14 +86,14 @@ impl<H: Handler> Consumer<H> {
             amqp,
             config,
             queues,
-            wake: None,
+            wakes: Vec::new(),
             subscribed: Flag::default(),
         }
     }
 
-    /// Wakes `wake` after each commit that handled new events.
+    /// Wakes `wake` (too) after each commit that handled new events.
     pub fn with_wake(mut self, wake: Wake) -> Self {
-        self.wake = Some(wake);
+        self.wakes.push(wake);
         self
     }
 

@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::handler::{Event, Handler, HandlerError};
 use super::{Consumer, InboxError};
 use crate::db::ErrorKind;
+use crate::outbox::Wake;
 use crate::outbox::scheduler::panic_text;
 
 /// What the dedup transaction did with one event id.
@@ -120,10 +121,8 @@ impl<H: Handler> Consumer<H> {
             return refused_or_outage(error);
         }
         self.metrics.transactions.inc();
-        if !new_events.is_empty()
-            && let Some(wake) = &self.wake
-        {
-            wake.notify();
+        if !new_events.is_empty() {
+            self.wakes.iter().for_each(Wake::notify);
         }
         Ok(Ok(fresh))
     }

@@ -4,15 +4,20 @@
 
 use sqlx::PgConnection;
 
-use super::events::{EMAIL_SUBSCRIPTION, ORDER_CONFIRMED, ORDER_CREATED, OrderEvent};
+use super::events::{AGGREGATE, EMAIL_SUBSCRIPTION, ORDER_CONFIRMED, ORDER_CREATED, OrderEvent};
+use super::mailer::{MAILS, MailRow};
 use crate::amqp::Subscription;
 use crate::inbox::{Event, Handler, HandlerError};
+use crate::outbox::store::NewOutboxEvent;
 
-/// Records the e-mail of each order event. `failure_rate` makes a share of
-/// events fail, to watch retries and dead letters in a demo.
+/// Records the e-mail of each order event and, when the mailer is on,
+/// writes it to the mails' outbox in the same transaction. `failure_rate`
+/// makes a share of events fail, to watch retries and dead letters in a demo.
 #[derive(Debug, Default, Clone)]
 pub struct Email {
     pub failure_rate: f64,
+    /// With the mailer on: mails go to `<userId>@<this domain>`.
+    pub recipient_domain: Option<String>,
 }
 
 /// One e-mail: its subject and body.
@@ -81,9 +86,39 @@ impl Handler for Email {
         .bind(mails.iter().map(|m| m.subject.as_str()).collect::<Vec<_>>())
         .bind(mails.iter().map(|m| m.body.as_str()).collect::<Vec<_>>())
         .bind(events.iter().map(|e| e.id).collect::<Vec<_>>())
-        .execute(tx)
+        .execute(&mut *tx)
         .await?;
+        if let Some(domain) = &self.recipient_domain {
+            let rows: Vec<NewOutboxEvent> = events
+                .iter()
+                .zip(mails)
+                .map(|(event, mail)| mail_row(event, mail, domain))
+                .collect();
+            MAILS.insert_many(tx, &rows).await?;
+        }
         Ok(())
+    }
+}
+
+/// The mails' outbox row of `event`: its id becomes the `Message-ID`, and
+/// the consumer span's context makes the SMTP send part of the event's trace.
+fn mail_row(event: &Event<OrderEvent>, mail: Mail, domain: &str) -> NewOutboxEvent {
+    let row = MailRow {
+        to: format!("{}@{domain}", event.body.user_id),
+        subject: mail.subject,
+        body: mail.body,
+    };
+    NewOutboxEvent {
+        transaction_id: event.id,
+        aggregate_type: AGGREGATE,
+        aggregate_id: event.body.order_id.to_string(),
+        event_type: if event.event_type == ORDER_CONFIRMED {
+            ORDER_CONFIRMED
+        } else {
+            ORDER_CREATED
+        },
+        payload: serde_json::to_value(row).expect("a mail serialises"),
+        headers: event.trace_headers.clone(),
     }
 }
 

@@ -11,6 +11,7 @@ use uuid::Uuid;
 pub mod billing;
 pub mod email;
 pub mod events;
+pub mod mailer;
 pub mod writer;
 
 pub use events::{

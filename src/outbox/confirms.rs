@@ -30,6 +30,9 @@ pub enum PublishFailure {
     Returned { code: u16, text: String },
     #[error("the batch panicked: {0}")]
     Panicked(String),
+    /// A sink other than RabbitMQ refused the row ([`super::dispatch`]).
+    #[error("{0}")]
+    Sink(String),
 }
 
 /// A row that must be tried again, found by its `transaction_id`.

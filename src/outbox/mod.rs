@@ -2,10 +2,12 @@
 //! same transaction as the change they describe ([`store`]), the [`relay`]
 //! that publishes them with confirms, and the [`wake`]-up; pruning is
 //! [`crate::retention::outbox`].
+//! An outbox can also have another sink ([`dispatch`]: SMTP for the mails).
 //! It knows event types and JSON payloads, never a domain.
 
 pub mod batch;
 pub mod confirms;
+pub mod dispatch;
 pub mod publisher;
 pub mod relay;
 pub mod scheduler;

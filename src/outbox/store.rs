@@ -1,8 +1,13 @@
-//! Writing and reading outbox rows. Writers take `&mut PgConnection` so the
-//! caller's transaction covers the business row and its outbox row together.
+//! Writing and reading outbox rows. An outbox is a [`Table`] of rows with the
+//! same columns (the events' `outbox`, the e-mails' `mail_outbox`): written
+//! in the caller's transaction (writers take `&mut PgConnection`), claimed
+//! with `FOR UPDATE SKIP LOCKED`, marked published or failed with a growing
+//! backoff. The free functions act on the events' outbox.
+
+use std::sync::{Arc, LazyLock};
 
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
+use sqlx::{AssertSqlSafe, PgConnection, SqlSafeStr, SqlStr};
 use uuid::Uuid;
 
 use super::confirms::Failed;
@@ -11,7 +16,7 @@ use super::confirms::Failed;
 #[derive(Debug, Clone)]
 pub struct NewOutboxEvent {
     /// Unique id of this event; becomes the AMQP `message_id` and the
-    /// consumers' dedup key.
+    /// consumers' dedup key (or a mail's `Message-ID`).
     pub transaction_id: Uuid,
     pub aggregate_type: &'static str,
     pub aggregate_id: String,
@@ -22,118 +27,29 @@ pub struct NewOutboxEvent {
     pub headers: serde_json::Value,
 }
 
-/// Writes one outbox row on `conn` (the caller's transaction).
-pub async fn insert(conn: &mut PgConnection, event: &NewOutboxEvent) -> sqlx::Result<()> {
-    insert_many(conn, std::slice::from_ref(event)).await
-}
-
-/// Writes outbox rows on `conn`, in one statement: the caller's transaction
-/// (a request's, or a consumer's dedup transaction) covers them together
-/// with the change they describe.
-pub async fn insert_many(conn: &mut PgConnection, events: &[NewOutboxEvent]) -> sqlx::Result<()> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO outbox (transaction_id, aggregate_type, aggregate_id, event_type, payload, headers) \
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[])",
-    )
-    .bind(events.iter().map(|e| e.transaction_id).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.aggregate_type).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.aggregate_id.as_str()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.event_type).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| &e.payload).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| &e.headers).collect::<Vec<_>>())
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// A row claimed by the relay.
+/// A claimed row.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OutboxRow {
     pub id: i64,
     pub transaction_id: Uuid,
     pub event_type: String,
-    /// The message body, as JSON text: published as it is, never re-parsed.
+    /// The body, as JSON text: published as it is, never re-parsed.
     pub payload: String,
     pub headers: serde_json::Value,
     pub created_at: DateTime<Utc>,
     pub attempts: i32,
 }
 
-/// Locks up to `limit` due rows, oldest first, skipping rows another relay
-/// holds. The locks last until the caller's transaction ends.
-pub async fn claim_due(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<OutboxRow>> {
-    sqlx::query_as(
-        "SELECT id, transaction_id, event_type, payload::text AS payload, headers, created_at, attempts \
-         FROM outbox \
-         WHERE published_at IS NULL AND next_attempt_at <= now() \
-         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(limit)
-    .fetch_all(conn)
-    .await
-}
-
-pub async fn mark_published(conn: &mut PgConnection, ids: &[i64]) -> sqlx::Result<u64> {
-    if ids.is_empty() {
-        return Ok(0);
-    }
-    let result = sqlx::query(
-        "UPDATE outbox SET published_at = clock_timestamp(), last_error = NULL WHERE id = ANY($1)",
-    )
-    .bind(ids)
-    .execute(conn)
-    .await?;
-    Ok(result.rows_affected())
-}
-
-/// Records a failed attempt for each row, found by its `transaction_id`: its
-/// message did not reach a queue. The row becomes due again (`published_at`
-/// back to NULL, for a row its own batch had marked published before the
-/// broker's return was matched to it), with `attempts + 1`, `last_error`, and
-/// a retry time that grows with the attempts (1 s, 2 s, 4 s … capped at 5
-/// minutes).
-pub async fn mark_failed(conn: &mut PgConnection, failures: &[Failed]) -> sqlx::Result<u64> {
-    if failures.is_empty() {
-        return Ok(0);
-    }
-    let (transaction_ids, errors): (Vec<Uuid>, Vec<String>) = failures
-        .iter()
-        .map(|f| (f.transaction_id, f.error.to_string()))
-        .unzip();
-    let result = sqlx::query(
-        "UPDATE outbox AS o SET published_at = NULL, attempts = o.attempts + 1, last_error = f.error, \
-             next_attempt_at = now() + least(interval '1 second' * power(2, o.attempts), interval '5 minutes') \
-         FROM unnest($1::uuid[], $2::text[]) AS f(transaction_id, error) \
-         WHERE o.transaction_id = ANY($1) AND o.transaction_id = f.transaction_id",
-    )
-    .bind(&transaction_ids)
-    .bind(&errors)
-    .execute(conn)
-    .await?;
-    Ok(result.rows_affected())
-}
-
 /// What `order-service outbox status` and the metrics report. Reads only
 /// unpublished rows (the partial index), so it stays cheap as the table grows.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
 pub struct OutboxStatus {
+    /// Rows still to publish (not given up on).
     pub pending: i64,
     pub oldest_pending_age_secs: Option<f64>,
     pub with_errors: i64,
-}
-
-pub async fn status(conn: &mut PgConnection) -> sqlx::Result<OutboxStatus> {
-    sqlx::query_as(
-        "SELECT count(*) AS pending, \
-           extract(epoch FROM now() - min(created_at))::float8 AS oldest_pending_age_secs, \
-           count(*) FILTER (WHERE last_error IS NOT NULL) AS with_errors \
-         FROM outbox WHERE published_at IS NULL",
-    )
-    .fetch_one(conn)
-    .await
+    /// Rows given up on after a permanent refusal: an operator's to look at.
+    pub given_up: i64,
 }
 
 /// Recent failures, newest first.
@@ -147,12 +63,223 @@ pub struct FailedRow {
     pub next_attempt_at: DateTime<Utc>,
 }
 
+/// One outbox table and its statements, built once from its name.
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub name: &'static str,
+    sql: Arc<Statements>,
+}
+
+#[derive(Debug)]
+struct Statements {
+    insert: SqlStr,
+    claim: SqlStr,
+    published: SqlStr,
+    failed: SqlStr,
+    given_up: SqlStr,
+    status: SqlStr,
+    failures: SqlStr,
+}
+
+/// The events' outbox, published to RabbitMQ by the relay.
+pub static EVENTS: LazyLock<Table> = LazyLock::new(|| Table::named("outbox"));
+
+impl Table {
+    /// The statements of the outbox table `name` (a constant of the code,
+    /// never input).
+    pub fn named(name: &'static str) -> Self {
+        let sql = |s: String| AssertSqlSafe(Arc::<str>::from(s)).into_sql_str();
+        let sql = Statements {
+            insert: sql(format!(
+                "INSERT INTO {name} (transaction_id, aggregate_type, aggregate_id, event_type, payload, headers) \
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[])"
+            )),
+            claim: sql(format!(
+                "SELECT id, transaction_id, event_type, payload::text AS payload, headers, created_at, attempts \
+                 FROM {name} WHERE published_at IS NULL AND next_attempt_at <= now() \
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+            )),
+            published: sql(format!(
+                "UPDATE {name} SET published_at = clock_timestamp(), last_error = NULL WHERE id = ANY($1)"
+            )),
+            // Found by transaction_id: a return may name a row of another
+            // batch, which that batch may have marked published already.
+            failed: sql(format!(
+                "UPDATE {name} AS o SET published_at = NULL, attempts = o.attempts + 1, last_error = f.error, \
+                     next_attempt_at = now() + least(interval '1 second' * power(2, o.attempts), interval '5 minutes') \
+                 FROM unnest($1::uuid[], $2::text[]) AS f(transaction_id, error) \
+                 WHERE o.transaction_id = ANY($1) AND o.transaction_id = f.transaction_id"
+            )),
+            given_up: sql(format!(
+                "UPDATE {name} AS o SET attempts = o.attempts + 1, last_error = f.error, \
+                     next_attempt_at = 'infinity' \
+                 FROM unnest($1::uuid[], $2::text[]) AS f(transaction_id, error) \
+                 WHERE o.transaction_id = ANY($1) AND o.transaction_id = f.transaction_id"
+            )),
+            status: sql(format!(
+                "SELECT count(*) FILTER (WHERE next_attempt_at < 'infinity') AS pending, \
+                   extract(epoch FROM now() - min(created_at) FILTER (WHERE next_attempt_at < 'infinity'))::float8 \
+                     AS oldest_pending_age_secs, \
+                   count(*) FILTER (WHERE last_error IS NOT NULL) AS with_errors, \
+                   count(*) FILTER (WHERE next_attempt_at = 'infinity') AS given_up \
+                 FROM {name} WHERE published_at IS NULL"
+            )),
+            failures: sql(format!(
+                "SELECT id, transaction_id, event_type, attempts, last_error, next_attempt_at FROM {name} \
+                 WHERE published_at IS NULL AND last_error IS NOT NULL ORDER BY id DESC LIMIT $1"
+            )),
+        };
+        Self {
+            name,
+            sql: Arc::new(sql),
+        }
+    }
+
+    /// Writes rows on `conn`, in one statement: the caller's transaction (a
+    /// request's, or a consumer's dedup transaction) covers them together
+    /// with the change they describe.
+    pub async fn insert_many(
+        &self,
+        conn: &mut PgConnection,
+        events: &[NewOutboxEvent],
+    ) -> sqlx::Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(self.sql.insert.clone())
+            .bind(events.iter().map(|e| e.transaction_id).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.aggregate_type).collect::<Vec<_>>())
+            .bind(
+                events
+                    .iter()
+                    .map(|e| e.aggregate_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(events.iter().map(|e| e.event_type).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| &e.payload).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| &e.headers).collect::<Vec<_>>())
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Locks up to `limit` due rows, oldest first, skipping rows another
+    /// claimer holds. The locks last until the caller's transaction ends.
+    pub async fn claim_due(
+        &self,
+        conn: &mut PgConnection,
+        limit: i64,
+    ) -> sqlx::Result<Vec<OutboxRow>> {
+        sqlx::query_as(self.sql.claim.clone())
+            .bind(limit)
+            .fetch_all(conn)
+            .await
+    }
+
+    pub async fn mark_published(&self, conn: &mut PgConnection, ids: &[i64]) -> sqlx::Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let result = sqlx::query(self.sql.published.clone())
+            .bind(ids)
+            .execute(conn)
+            .await?;
+        Ok(result.rows_affected())
+    }
+
+    /// Records a failed attempt for each row, found by its `transaction_id`.
+    /// The row becomes due again (`published_at` back to NULL, for a row its
+    /// own batch had marked published before the broker's return was
+    /// matched to it), with `attempts + 1`, `last_error`, and a retry time
+    /// that grows with the attempts (1 s, 2 s, 4 s … capped at 5 minutes).
+    pub async fn mark_failed(
+        &self,
+        conn: &mut PgConnection,
+        failures: &[Failed],
+    ) -> sqlx::Result<u64> {
+        self.record(conn, &self.sql.failed, failures).await
+    }
+
+    /// Gives up on rows refused for good (a permanent SMTP refusal, say):
+    /// `last_error` says why, and they are never due again.
+    pub async fn mark_given_up(
+        &self,
+        conn: &mut PgConnection,
+        failures: &[Failed],
+    ) -> sqlx::Result<u64> {
+        self.record(conn, &self.sql.given_up, failures).await
+    }
+
+    async fn record(
+        &self,
+        conn: &mut PgConnection,
+        statement: &SqlStr,
+        failures: &[Failed],
+    ) -> sqlx::Result<u64> {
+        if failures.is_empty() {
+            return Ok(0);
+        }
+        let (transaction_ids, errors): (Vec<Uuid>, Vec<String>) = failures
+            .iter()
+            .map(|f| (f.transaction_id, f.error.to_string()))
+            .unzip();
+        let result = sqlx::query(statement.clone())
+            .bind(&transaction_ids)
+            .bind(&errors)
+            .execute(conn)
+            .await?;
+        Ok(result.rows_affected())
+    }
+
+    pub async fn status(&self, conn: &mut PgConnection) -> sqlx::Result<OutboxStatus> {
+        sqlx::query_as(self.sql.status.clone())
+            .fetch_one(conn)
+            .await
+    }
+
+    pub async fn recent_failures(
+        &self,
+        conn: &mut PgConnection,
+        limit: i64,
+    ) -> sqlx::Result<Vec<FailedRow>> {
+        sqlx::query_as(self.sql.failures.clone())
+            .bind(limit)
+            .fetch_all(conn)
+            .await
+    }
+}
+
+/// Writes one row to the events' outbox on `conn` (the caller's transaction).
+pub async fn insert(conn: &mut PgConnection, event: &NewOutboxEvent) -> sqlx::Result<()> {
+    EVENTS.insert_many(conn, std::slice::from_ref(event)).await
+}
+
+/// [`Table::insert_many`] on the events' outbox.
+pub async fn insert_many(conn: &mut PgConnection, events: &[NewOutboxEvent]) -> sqlx::Result<()> {
+    EVENTS.insert_many(conn, events).await
+}
+
+/// [`Table::claim_due`] on the events' outbox.
+pub async fn claim_due(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<OutboxRow>> {
+    EVENTS.claim_due(conn, limit).await
+}
+
+/// [`Table::mark_published`] on the events' outbox.
+pub async fn mark_published(conn: &mut PgConnection, ids: &[i64]) -> sqlx::Result<u64> {
+    EVENTS.mark_published(conn, ids).await
+}
+
+/// [`Table::mark_failed`] on the events' outbox.
+pub async fn mark_failed(conn: &mut PgConnection, failures: &[Failed]) -> sqlx::Result<u64> {
+    EVENTS.mark_failed(conn, failures).await
+}
+
+/// [`Table::status`] of the events' outbox.
+pub async fn status(conn: &mut PgConnection) -> sqlx::Result<OutboxStatus> {
+    EVENTS.status(conn).await
+}
+
+/// [`Table::recent_failures`] of the events' outbox.
 pub async fn recent_failures(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<FailedRow>> {
-    sqlx::query_as(
-        "SELECT id, transaction_id, event_type, attempts, last_error, next_attempt_at FROM outbox \
-         WHERE published_at IS NULL AND last_error IS NOT NULL ORDER BY id DESC LIMIT $1",
-    )
-    .bind(limit)
-    .fetch_all(conn)
-    .await
+    EVENTS.recent_failures(conn, limit).await
 }

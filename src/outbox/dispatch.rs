@@ -1,0 +1,131 @@
+//! An outbox whose sink is not RabbitMQ (SMTP, say): the same rows, claims,
+//! attempts, backoff and `last_error` as the relay's, with a [`Sink`] that
+//! delivers one row at a time, several at once. A row is marked published
+//! only after the sink has accepted it; a crash before the commit delivers
+//! it again, under the same `transaction_id`, so the sink can recognise it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::Wake;
+use super::confirms::{Failed, PublishFailure};
+use super::store::{OutboxRow, Table};
+use crate::shutdown::{Backoff, sleep_or_cancel};
+
+/// Why a sink did not take a row.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SinkError {
+    /// Try again later (a 4xx, a refused connection, a timeout).
+    #[error("temporary: {0}")]
+    Temporary(String),
+    /// Never (a 5xx, a malformed row): the row is given up on, the others go on.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+/// Where the rows of an outbox go.
+pub trait Sink: Send + Sync + 'static {
+    /// Delivers one row; `Ok` only once the other side has accepted it.
+    fn deliver(&self, row: &OutboxRow) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+/// What one round did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    pub claimed: usize,
+    pub delivered: usize,
+    pub temporary: usize,
+    pub permanent: usize,
+}
+
+/// Claims due rows of `table` and hands them to `sink`.
+pub struct Dispatcher<S> {
+    pub pool: PgPool,
+    pub table: Table,
+    pub sink: Arc<S>,
+    /// Rows claimed per round.
+    pub batch_size: i64,
+    /// Deliveries in flight at once.
+    pub concurrency: usize,
+    pub poll: Duration,
+    pub wake: Wake,
+}
+
+impl<S: Sink> Dispatcher<S> {
+    /// One round: claim, deliver each (at most `concurrency` at once), mark
+    /// each by its own result, commit.
+    pub async fn run_once(&self) -> sqlx::Result<Delivered> {
+        let mut tx = self.pool.begin().await?;
+        let rows = self.table.claim_due(&mut tx, self.batch_size).await?;
+        let deliveries = rows.iter().cloned().map(|row| {
+            let sink = self.sink.clone();
+            async move {
+                let result = sink.deliver(&row).await;
+                (row, result)
+            }
+        });
+        let results: Vec<(OutboxRow, Result<(), SinkError>)> = stream::iter(deliveries)
+            .buffer_unordered(self.concurrency.max(1))
+            .collect()
+            .await;
+        let mut done = Vec::new();
+        let (mut temporary, mut permanent) = (Vec::new(), Vec::new());
+        for (row, result) in results {
+            match result {
+                Ok(()) => done.push(row.id),
+                Err(SinkError::Temporary(e)) => temporary.push(failed(&row, e)),
+                Err(SinkError::Permanent(e)) => permanent.push(failed(&row, e)),
+            }
+        }
+        self.table.mark_published(&mut tx, &done).await?;
+        self.table.mark_failed(&mut tx, &temporary).await?;
+        self.table.mark_given_up(&mut tx, &permanent).await?;
+        tx.commit().await?;
+        Ok(Delivered {
+            claimed: rows.len(),
+            delivered: done.len(),
+            temporary: temporary.len(),
+            permanent: permanent.len(),
+        })
+    }
+
+    /// Runs rounds until `cancel`: at once while they come back full, else
+    /// on a wake-up or the poll. A round in hand finishes before it stops
+    /// (each delivery is bounded by the sink's own timeout).
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut backoff = Backoff::default();
+        tracing::info!(table = self.table.name, "dispatcher started");
+        while !cancel.is_cancelled() {
+            match self.run_once().await {
+                Ok(round) => {
+                    backoff.reset();
+                    if round.claimed as i64 >= self.batch_size {
+                        continue;
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(self.poll) => {}
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, table = self.table.name, "dispatch round failed; will retry");
+                    sleep_or_cancel(backoff.next_delay(), &cancel).await;
+                }
+            }
+        }
+        tracing::info!(table = self.table.name, "dispatcher stopped");
+    }
+}
+
+fn failed(row: &OutboxRow, error: String) -> Failed {
+    Failed {
+        transaction_id: row.transaction_id,
+        error: PublishFailure::Sink(error),
+    }
+}
