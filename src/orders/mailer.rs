@@ -176,8 +176,9 @@ mod tests {
         Smtp::new(&MailConfig::default(), url, Default::default())
     }
 
-    #[test]
-    fn only_plain_smtp_urls_are_accepted_and_a_password_is_never_echoed() {
+    // lettre's connection pool needs a runtime to start in.
+    #[tokio::test]
+    async fn only_plain_smtp_urls_are_accepted_and_a_password_is_never_echoed() {
         assert!(smtp("smtp://127.0.0.1:1025").is_ok());
         assert!(smtp("smtp://mailpit").is_ok());
         assert!(smtp("smtp://user:pw@mailpit:1025").is_ok());

@@ -13,7 +13,7 @@ use futures_util::{FutureExt, StreamExt};
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Semaphore;
 
-use super::confirms::{self, Failed, Settlement};
+use super::confirms::{self, Failed, PublishFailure, Settlement};
 use super::publisher::Publisher;
 use super::store::{self, OutboxRow};
 use super::{Relay, RelayError};
@@ -24,6 +24,8 @@ pub struct BatchOutcome {
     pub claimed: usize,
     pub published: usize,
     pub failed: usize,
+    /// Rows the broker did not confirm, left due without using an attempt.
+    pub unconfirmed: usize,
     /// Rows of other batches, already counted as published there, that this
     /// batch made due again: their returns rode on its confirms.
     pub reopened: usize,
@@ -97,6 +99,7 @@ impl Relay {
             claimed: batch.claimed,
             published: settlement.published.len(),
             failed: settlement.failed.len(),
+            unconfirmed: settlement.unconfirmed.len(),
             reopened,
             full: batch.claimed as i64 >= self.config.batch_size,
         };
@@ -147,7 +150,14 @@ impl Relay {
         let started = Instant::now();
         let mut confirms = Vec::with_capacity(rows.len());
         let mut pending = FuturesUnordered::new();
+        // Once one publish could not be written in time, the broker is not
+        // taking any: the rest of the batch is left due, not tried one by one.
+        let mut broker_down = false;
         for row in rows {
+            if broker_down {
+                confirms.push(Publisher::not_tried(row));
+                continue;
+            }
             let permit = match window {
                 // Collect the confirms already in while waiting for room.
                 Some(window) => Some(loop {
@@ -168,7 +178,13 @@ impl Relay {
                         latency.observe(crate::metrics::seconds(sent.elapsed()));
                     }));
                 }
-                Err(failed) => confirms.push(failed),
+                Err(failed) => {
+                    broker_down = failed
+                        .outcome
+                        .as_ref()
+                        .is_err_and(PublishFailure::is_outage);
+                    confirms.push(failed);
+                }
             }
         }
         while let Some(done) = pending.next().await {

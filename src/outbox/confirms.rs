@@ -35,6 +35,19 @@ pub enum PublishFailure {
     Sink(String),
 }
 
+impl PublishFailure {
+    /// Whether the broker, not the row, failed: no publish written in time,
+    /// no confirm, a channel gone (a blocked connection under a memory
+    /// alarm, a lost node). Such a row is left due as it was, without using
+    /// up an attempt; a nack or a return is the row's own failure.
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            Self::Publish(_) | Self::ConfirmTimeout | Self::Confirm(_) | Self::NotConfirmMode
+        )
+    }
+}
+
 /// A row that must be tried again, found by its `transaction_id`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failed {
@@ -68,8 +81,11 @@ pub struct Confirmed {
 pub struct Settlement {
     /// Ids of the rows confirmed as routed and stored.
     pub published: Vec<i64>,
-    /// Rows of this batch to try again.
+    /// Rows of this batch to try again: nacked or returned.
     pub failed: Vec<Failed>,
+    /// Rows of this batch the broker did not confirm (see
+    /// [`PublishFailure::is_outage`]): left due as they are.
+    pub unconfirmed: Vec<Uuid>,
     /// Rows of OTHER batches whose returns rode on this batch's confirms:
     /// their own batch may already have marked them published, so they
     /// must be made due again.
@@ -120,13 +136,17 @@ pub fn settle(batch: &HashMap<Uuid, i64>, confirms: Vec<Confirmed>) -> Settlemen
         })
         .map(|(_, row_id)| row_id)
         .collect();
-    settlement.failed = failed
-        .into_iter()
-        .map(|(transaction_id, error)| Failed {
-            transaction_id,
-            error,
-        })
-        .collect();
+    for (transaction_id, error) in failed {
+        if error.is_outage() {
+            settlement.unconfirmed.push(transaction_id);
+        } else {
+            settlement.failed.push(Failed {
+                transaction_id,
+                error,
+            });
+        }
+    }
+    settlement.unconfirmed.sort();
     settlement.failed.sort_by_key(|f| f.transaction_id);
     settlement
 }
@@ -218,6 +238,17 @@ mod tests {
         let s = settle(&batch(&rows), vec![ack(rows[0]), carrier]);
         assert_eq!(s.published, vec![1]);
         assert_eq!(s.failed[0].transaction_id, rows[1].0);
+    }
+
+    #[test]
+    fn an_unconfirmed_row_is_left_as_it_was_not_failed() {
+        let rows = [ids(1), ids(2)];
+        let mut lost = ack(rows[1]);
+        lost.outcome = Err(PublishFailure::ConfirmTimeout);
+        let s = settle(&batch(&rows), vec![ack(rows[0]), lost]);
+        assert_eq!(s.published, vec![1]);
+        assert!(s.failed.is_empty(), "no attempt is used up");
+        assert_eq!(s.unconfirmed, vec![rows[1].0]);
     }
 
     #[test]

@@ -109,6 +109,15 @@ impl Publisher {
         }
     }
 
+    /// The result of a row not tried because the broker stopped taking
+    /// publishes: left due, like an unconfirmed one.
+    pub fn not_tried(row: &OutboxRow) -> Confirmed {
+        failed(
+            row,
+            PublishFailure::Publish("not tried: the broker took no publish in time".into()),
+        )
+    }
+
     async fn send(
         &self,
         exchange: &str,

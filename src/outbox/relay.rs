@@ -167,6 +167,14 @@ impl Relay {
     ) -> State {
         let now = tokio::time::Instant::now();
         match result {
+            // Rows the broker did not confirm: hold like a failed batch.
+            Ok(outcome) if outcome.unconfirmed > 0 => {
+                tracing::warn!(
+                    rows = outcome.unconfirmed,
+                    "the broker confirmed no publish in time; holding"
+                );
+                state.ended(Err(()), backoff.next_delay(), now)
+            }
             Ok(outcome) => {
                 backoff.reset();
                 state.ended(Ok(outcome), Duration::ZERO, now)
