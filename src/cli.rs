@@ -247,7 +247,10 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
                 vec![retention::dedup(which.name(), retention.dedup())],
                 &retention,
             );
-            roles.start_probes(&http, Probes::consumer(&amqp)).await?;
+            let mailer = which == ConsumerKind::Email && mail.smtp_url.is_some();
+            roles
+                .start_probes(&http, Probes::consumer(&amqp, mailer))
+                .await?;
             roles.wait(SHUTDOWN_DEADLINE).await
         }
         Command::Migrate { db } => {

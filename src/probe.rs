@@ -20,7 +20,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AmqpConfig, HttpConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, OutboxGauges};
+use crate::outbox::store::Table;
 
 /// How long one dependency check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -105,6 +106,8 @@ pub struct Probes {
     /// The oldest pending outbox row is younger than this (and `/metrics`
     /// reports the outbox gauges).
     pub max_outbox_lag: Option<Duration>,
+    /// The role runs the mailer: `/metrics` reports the mails' outbox.
+    pub mailer: bool,
 }
 
 impl Probes {
@@ -113,14 +116,17 @@ impl Probes {
         Self {
             amqp: Some(amqp.clone()),
             max_outbox_lag: Some(Duration::from_millis(http.max_outbox_lag_ms)),
+            mailer: false,
         }
     }
 
-    /// A consumer: Postgres, RabbitMQ, and that it is subscribed.
-    pub fn consumer(amqp: &AmqpConfig) -> Self {
+    /// A consumer: Postgres, RabbitMQ, and that it is subscribed; `mailer`
+    /// when it also runs the mailer.
+    pub fn consumer(amqp: &AmqpConfig, mailer: bool) -> Self {
         Self {
             amqp: Some(amqp.clone()),
             max_outbox_lag: None,
+            mailer,
         }
     }
 }
@@ -264,18 +270,35 @@ pub async fn metrics(State(state): State<ProbeState>) -> Response {
     if state.probes.max_outbox_lag.is_some() {
         refresh_outbox_gauges(&state.pool, &state.metrics).await;
     }
+    if state.probes.mailer {
+        let mails = &crate::orders::mailer::MAILS;
+        refresh_gauges(&state.pool, mails, &state.metrics.mail_outbox).await;
+    }
     openmetrics(&state.metrics)
 }
 
-/// Reads the outbox's pending rows and lag into the gauges (bounded).
+/// Reads the events' outbox's pending rows and lag into the gauges.
 pub async fn refresh_outbox_gauges(pool: &PgPool, metrics: &Metrics) {
+    refresh_gauges(pool, &crate::outbox::store::EVENTS, &metrics.outbox).await;
+}
+
+/// Both outboxes' gauges: for the api, which in `run` serves the metrics of
+/// every role of the process.
+pub async fn refresh_all_gauges(pool: &PgPool, metrics: &Metrics) {
+    refresh_outbox_gauges(pool, metrics).await;
+    let mails = &crate::orders::mailer::MAILS;
+    refresh_gauges(pool, mails, &metrics.mail_outbox).await;
+}
+
+/// Reads `table`'s pending rows and lag into `gauges` (bounded in time).
+async fn refresh_gauges(pool: &PgPool, table: &Table, gauges: &OutboxGauges) {
     let status = tokio::time::timeout(CHECK_TIMEOUT, async {
         let mut conn = pool.acquire().await?;
-        crate::outbox::store::status(&mut conn).await
+        table.status(&mut conn).await
     })
     .await;
     if let Ok(Ok(status)) = status {
-        metrics.outbox.set(&status);
+        gauges.set(&status);
     }
 }
 

@@ -181,6 +181,6 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     responses((status = OK, description = "The metrics.", body = String, content_type = "application/openmetrics-text")),
 )]
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    crate::probe::refresh_outbox_gauges(&state.pool, &state.metrics).await;
+    crate::probe::refresh_all_gauges(&state.pool, &state.metrics).await;
     crate::probe::openmetrics(&state.metrics)
 }
