@@ -196,7 +196,7 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
                 retention::idempotency_keys(retention.idempotency_keys()),
                 retention::dedup(ConsumerKind::Email.name(), dedup),
                 retention::dedup(ConsumerKind::Billing.name(), dedup),
-                retention::mails(relay.retention()),
+                retention::mails(mail.retention()),
             ];
             roles.start_retention(prunes, &retention);
             roles.wait(SHUTDOWN_DEADLINE).await
@@ -243,11 +243,12 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             roles.start_consumer(which, &amqp, &consumer, &mail)?;
             // Billing writes order.confirmed rows: wake the relay elsewhere.
             roles.start_notify_forwarder();
-            roles.start_retention(
-                vec![retention::dedup(which.name(), retention.dedup())],
-                &retention,
-            );
             let mailer = which == ConsumerKind::Email && mail.smtp_url.is_some();
+            let mut prunes = vec![retention::dedup(which.name(), retention.dedup())];
+            if mailer {
+                prunes.push(retention::mails(mail.retention()));
+            }
+            roles.start_retention(prunes, &retention);
             roles
                 .start_probes(&http, Probes::consumer(&amqp, mailer))
                 .await?;

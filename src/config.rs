@@ -336,6 +336,16 @@ pub struct MailConfig {
     /// Longest one SMTP exchange may take (ms).
     #[arg(long, env = "SMTP_TIMEOUT_MS", default_value_t = 10_000)]
     pub smtp_timeout_ms: u64,
+    /// Sent mails are deleted from the mails' outbox after this (seconds);
+    /// mails given up on (a 5xx) stay for an operator to look at.
+    #[arg(long, env = "MAIL_RETENTION_SECS", default_value_t = WEEK_SECS)]
+    pub mail_retention_secs: u64,
+}
+
+impl MailConfig {
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.mail_retention_secs)
+    }
 }
 
 impl Default for MailConfig {
@@ -346,6 +356,7 @@ impl Default for MailConfig {
             email_recipient_domain: "example.com".into(),
             mailer_concurrency: 8,
             smtp_timeout_ms: 10_000,
+            mail_retention_secs: WEEK_SECS,
         }
     }
 }
@@ -372,7 +383,8 @@ pub struct ConsumerConfig {
         default_value_t = 64
     )]
     pub batch_size: usize,
-    /// Share of simulated SMTP sends that fail, 0.0 to 1.0 (demos only).
+    /// Share of e-mail events the handler refuses, 0.0 to 1.0, to watch
+    /// retries and dead letters in a demo (before any mail is written).
     #[arg(long, env = "EMAIL_FAILURE_RATE", default_value_t = 0.0)]
     pub email_failure_rate: f64,
 }

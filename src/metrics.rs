@@ -157,7 +157,7 @@ impl Default for Metrics {
         );
         r.register(
             "relay_failed",
-            "Publishes not confirmed (retried later)",
+            "Publishes nacked or returned (the row is retried later with backoff)",
             this.relay_failed.clone(),
         );
         r.register(
@@ -167,7 +167,7 @@ impl Default for Metrics {
         );
         r.register(
             "relay_batch_duration_seconds",
-            "A relay batch, claim to last confirm",
+            "A relay batch, from its first publish to its last confirm",
             this.relay_batch_latency.clone(),
         );
         r.register(
@@ -184,6 +184,36 @@ impl Default for Metrics {
             "outbox_failed_rows",
             "Unpublished outbox rows with an error",
             this.outbox.failed.clone(),
+        );
+        r.register(
+            "mailer_sent",
+            "Mails accepted by the SMTP server",
+            this.mail_sent.clone(),
+        );
+        r.register(
+            "mailer_failed",
+            "Mail sends that failed (retried, or given up on a 5xx)",
+            this.mail_failed.clone(),
+        );
+        r.register(
+            "mail_outbox_pending_rows",
+            "Mails not yet sent (given-up ones excluded)",
+            this.mail_outbox.pending.clone(),
+        );
+        r.register(
+            "mail_outbox_oldest_pending_age_seconds",
+            "Age of the oldest unsent mail",
+            this.mail_outbox.oldest_pending_age.clone(),
+        );
+        r.register(
+            "mail_outbox_given_up_rows",
+            "Mails refused for good (a 5xx)",
+            this.mail_outbox.given_up.clone(),
+        );
+        r.register(
+            "outbox_given_up_rows",
+            "Outbox rows given up on",
+            this.outbox.given_up.clone(),
         );
         r.register(
             "consumer_processed",
@@ -294,6 +324,8 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("consumer_event_age_seconds_bucket"), "{text}");
+        assert!(text.contains("mailer_sent_total 0"), "{text}");
+        assert!(text.contains("mail_outbox_pending_rows 0"), "{text}");
         assert!(text.ends_with("# EOF\n"));
     }
 }

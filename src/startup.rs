@@ -184,7 +184,9 @@ impl Roles {
             pool: self.pool.clone(),
             table: MAILS.clone(),
             sink: Arc::new(smtp),
-            batch_size: 64,
+            // Two waves of sends a round: a round in hand at shutdown ends
+            // within two SMTP timeouts, inside the shutdown deadline.
+            batch_size: 2 * mail.mailer_concurrency.max(1) as i64,
             concurrency: mail.mailer_concurrency,
             poll: Duration::from_secs(1),
             wake: self.mail_wake.clone(),
