@@ -44,11 +44,7 @@ impl<H: Handler> Consumer<H> {
         publish: &Channel,
     ) -> HashMap<u64, Settled> {
         let started = Instant::now();
-        let parsed: Vec<(
-            &Delivery,
-            Result<Event<H::Event>, ParseError>,
-            tracing::Span,
-        )> = deliveries
+        let parsed: Vec<_> = deliveries
             .iter()
             .map(|delivery| {
                 let (parsed, span) = self.parse(delivery);

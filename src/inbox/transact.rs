@@ -2,6 +2,7 @@
 //! holding their rows in `processed_messages` and, for the events not seen
 //! before, the handler's side effect. Nothing is acked here.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 
@@ -50,9 +51,8 @@ impl<H: Handler> Consumer<H> {
                 tracing::debug!(%reason, events = events.len(), "batch refused; applying one at a time");
                 let mut results = Results::new();
                 for event in events {
-                    if !results.contains_key(&event.id) {
-                        let result = self.apply_one(event).await;
-                        results.insert(event.id, result);
+                    if let Entry::Vacant(slot) = results.entry(event.id) {
+                        slot.insert(self.apply_one(event).await);
                     }
                 }
                 results

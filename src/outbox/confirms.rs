@@ -28,8 +28,6 @@ pub enum PublishFailure {
     Confirm(String),
     #[error("returned by the broker: {code} {text}")]
     Returned { code: u16, text: String },
-    #[error("the batch panicked: {0}")]
-    Panicked(String),
     /// A sink other than RabbitMQ refused the row ([`super::dispatch`]).
     #[error("{0}")]
     Sink(String),

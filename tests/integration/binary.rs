@@ -1,14 +1,14 @@
 //! The real binary: started as a user would, stopped with SIGTERM.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::{TestDb, cleanup_amqp, eventually, order_body, test_amqp};
+use crate::helpers::{DeleteQueues, TestDb, eventually, order_body, test_amqp};
 
 const PASSWORD: &str = "s3cr3t-never-logged";
 
@@ -16,6 +16,7 @@ const PASSWORD: &str = "s3cr3t-never-logged";
 async fn the_binary_serves_orders_exits_zero_on_sigterm_and_never_logs_the_password() {
     let db = TestDb::new().await;
     let amqp = test_amqp();
+    let _queues = DeleteQueues::orders(&amqp);
     // Trust auth accepts any password, so the URL can carry one to look for.
     let url_with_password = db
         .url
@@ -24,13 +25,13 @@ async fn the_binary_serves_orders_exits_zero_on_sigterm_and_never_logs_the_passw
         url_with_password.contains(PASSWORD),
         "the test URL carries a password"
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_order-service"))
+    let child = Command::new(env!("CARGO_BIN_EXE_order-service"))
         .arg("run")
         .env("DATABASE_URL", &url_with_password)
         .env("AMQP_URL", amqp.amqp_url.expose())
         .env("AMQP_EXCHANGE", &amqp.exchange)
         .env("AMQP_QUEUE_PREFIX", &amqp.queue_prefix)
-        // The test's delays, so that cleanup_amqp finds the retry queues.
+        // The test's delays, so that the queue guard finds the retry queues.
         .env("RETRY_DELAYS_MS", retry_delays(&amqp))
         .env("HTTP_ADDR", "127.0.0.1:0")
         .env("LOG_FORMAT", "json")
@@ -40,10 +41,12 @@ async fn the_binary_serves_orders_exits_zero_on_sigterm_and_never_logs_the_passw
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting order-service");
+    let mut child = KillOnDrop(Mutex::new(child));
+    let child_mut = child.0.get_mut().unwrap();
     let logs = Arc::new(Mutex::new(String::new()));
     for stream in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
+        Box::new(child_mut.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child_mut.stderr.take().unwrap()),
     ] {
         let logs = logs.clone();
         std::thread::spawn(move || {
@@ -90,13 +93,12 @@ async fn the_binary_serves_orders_exits_zero_on_sigterm_and_never_logs_the_passw
     .await;
 
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.lock().unwrap().id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    let child = Mutex::new(child);
     let exit = eventually("the process to exit", Duration::from_secs(30), || async {
-        child.lock().unwrap().try_wait().unwrap()
+        child.0.lock().unwrap().try_wait().unwrap()
     })
     .await;
 
@@ -110,8 +112,20 @@ async fn the_binary_serves_orders_exits_zero_on_sigterm_and_never_logs_the_passw
         !logs.contains(PASSWORD),
         "the database password reached the logs"
     );
-    cleanup_amqp(&amqp).await;
     db.cleanup().await;
+}
+
+/// Kills the service if the test ends (or fails) while it still runs.
+struct KillOnDrop(Mutex<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let child = self.0.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Ok(None) = child.try_wait() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 fn retry_delays(amqp: &order_service::config::AmqpConfig) -> String {

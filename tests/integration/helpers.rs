@@ -13,7 +13,7 @@ use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::common;
-pub use crate::common::{amqp_url, cleanup_amqp, eventually, test_amqp};
+pub use crate::common::{DeleteQueues, amqp_url, eventually, test_amqp};
 
 /// A fresh database with the migrations applied, dropped by `cleanup` or,
 /// if the test fails first, when it is dropped.
@@ -136,4 +136,22 @@ impl TestApp {
 
 pub fn order_body() -> serde_json::Value {
     serde_json::json!({"productId": "123", "userId": "user_99", "amount": 500})
+}
+
+/// Makes `subscriber` the default of this thread only, for a test that
+/// needs spans: `#[tokio::test]` polls every task of the test on its own
+/// thread, and the other tests, on theirs, keep the no-op subscriber.
+///
+/// tracing caches each callsite's interest globally. While ONE dispatcher
+/// exists it computes that interest from the default of whichever thread
+/// hits the callsite first, so a span first opened by another test would be
+/// cached as disabled for this one too; a second dispatcher, kept for the
+/// whole run, makes tracing ask every dispatcher instead.
+pub fn trace_this_thread<S>(subscriber: S) -> tracing::subscriber::DefaultGuard
+where
+    S: tracing::Subscriber + Send + Sync + 'static,
+{
+    static SECOND: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+    SECOND.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
+    tracing::subscriber::set_default(subscriber)
 }

@@ -6,6 +6,7 @@ mod binary;
 #[path = "../common/mod.rs"]
 mod common;
 mod consumers;
+mod custom_event;
 mod e2e;
 mod helpers;
 mod openapi;

@@ -622,7 +622,7 @@ async fn a_relay_batch_that_panics_leaves_its_rows_due_and_the_relay_carries_on(
         times: times.clone(),
     };
     // `#[tokio::test]` polls every task of this test on this thread.
-    let _tracing = tracing::subscriber::set_default(
+    let _tracing = crate::helpers::trace_this_thread(
         tracing_subscriber::Registry::default()
             .with(tracing_subscriber::filter::LevelFilter::INFO)
             .with(injected),
