@@ -12,3 +12,5 @@ mod helpers;
 mod openapi;
 mod proxy;
 mod relay;
+mod retention;
+mod topology;
