@@ -50,8 +50,10 @@ pub struct Backoff {
 }
 
 impl Default for Backoff {
+    /// 100 ms doubling to 5 s; with the jitter (up to the delay again) a
+    /// reconnect is at most 10 s after the outage ends.
     fn default() -> Self {
-        Self::new(Duration::from_millis(100), Duration::from_secs(10))
+        Self::new(Duration::from_millis(100), Duration::from_secs(5))
     }
 }
 
@@ -96,7 +98,7 @@ where
     Fut: std::future::Future<Output = Result<T, E>>,
     E: std::fmt::Display,
 {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         match attempt().await {
             Ok(value) => return Ok(value),

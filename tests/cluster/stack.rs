@@ -1,0 +1,263 @@
+//! The service against the cluster: a fresh database, AMQP names of its own,
+//! and the four roles (`api`, `relay`, `consume billing`, `consume email`)
+//! as separate processes of the real binary, each given the three nodes'
+//! URLs (`AMQP_URL`, comma separated) and `QUEUE_TYPE=quorum`.
+//!
+//! It offers what the fault suite's checks (`tests/faults/checks.rs`, reused
+//! as is) need from their `crate::stack`: [`AMQP_URL`] and a [`Stack`] with
+//! `pool`, `amqp`, `exited()` and `diagnostics()`. Dropping it kills the
+//! roles and drops the database; the queues and the exchange go with the
+//! cluster.
+
+use std::fs::OpenOptions;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use order_service::config::AmqpConfig;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use uuid::Uuid;
+
+use crate::common;
+
+/// Where the checks look at the queues: node A. They run after the stopped
+/// node is back, so any node would do.
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5681/%2f";
+
+/// A role of the binary, run as its own process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Api,
+    Relay,
+    Billing,
+    Email,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Api, Role::Relay, Role::Billing, Role::Email];
+
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Role::Api => &["api"],
+            Role::Relay => &["relay"],
+            Role::Billing => &["consume", "billing"],
+            Role::Email => &["consume", "email"],
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Api => "api",
+            Role::Relay => "relay",
+            Role::Billing => "consume billing",
+            Role::Email => "consume email",
+        }
+    }
+
+    /// The line a role logs once it runs.
+    fn started(self) -> &'static str {
+        match self {
+            Role::Api => "HTTP API listening",
+            Role::Relay => "relay started",
+            Role::Billing | Role::Email => "consumer started",
+        }
+    }
+
+    fn log_file(self) -> &'static str {
+        match self {
+            Role::Api => "api.log",
+            Role::Relay => "relay.log",
+            Role::Billing => "billing.log",
+            Role::Email => "email.log",
+        }
+    }
+}
+
+pub struct Stack {
+    pub db_name: String,
+    db_url: String,
+    /// This run's exchange, queue prefix and retry delays (the URL is the
+    /// list of the three nodes).
+    pub amqp: AmqpConfig,
+    /// The API's address.
+    pub http_addr: SocketAddr,
+    /// The checks' own small pool on the database.
+    pub pool: PgPool,
+    log_dir: PathBuf,
+    children: Vec<(Role, Child)>,
+}
+
+impl Stack {
+    /// Creates the database, applies the migrations (`order-service
+    /// migrate`), starts every role against `amqp_urls` and waits until
+    /// each one runs.
+    pub async fn start(amqp_urls: &str) -> Self {
+        let (db_name, db_url) = common::create_database().await;
+        let id = Uuid::new_v4().simple().to_string();
+        let mut amqp = AmqpConfig::new(amqp_urls);
+        amqp.exchange = format!("osc{}_order_events", &id[..12]);
+        amqp.queue_prefix = format!("osc{}_", &id[..12]);
+        amqp.retry_delays_ms = vec![200, 500];
+        let log_dir = std::env::temp_dir().join(format!("ostest-cluster-roles-{db_name}"));
+        let mut stack = Self {
+            pool: PgPoolOptions::new()
+                .max_connections(3)
+                .connect_lazy(&db_url)
+                .expect("a valid database URL"),
+            db_name,
+            db_url,
+            amqp,
+            http_addr: free_port(),
+            log_dir,
+            children: Vec::new(),
+        };
+        std::fs::create_dir_all(&stack.log_dir).expect("creating the log directory");
+        let migrate = stack
+            .command(&["migrate"], "migrate.log", free_port())
+            .status()
+            .expect("running order-service migrate");
+        assert!(migrate.success(), "order-service migrate failed");
+        for role in Role::ALL {
+            let addr = match role {
+                Role::Api => stack.http_addr,
+                _ => SocketAddr::from(([127, 0, 0, 1], 0)),
+            };
+            let child = stack
+                .command(role.args(), role.log_file(), addr)
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {}: {e}", role.name()));
+            stack.children.push((role, child));
+        }
+        for role in Role::ALL {
+            stack.wait_started(role).await;
+        }
+        stack
+    }
+
+    pub fn orders_url(&self) -> String {
+        format!("http://{}/orders", self.http_addr)
+    }
+
+    fn command(&self, args: &[&str], log: &str, http_addr: SocketAddr) -> Command {
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_dir.join(log))
+            .expect("opening a role log");
+        let err = out.try_clone().expect("cloning a file handle");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_order-service"));
+        command
+            .args(args)
+            .env("DATABASE_URL", &self.db_url)
+            .env("AMQP_URL", self.amqp.amqp_url.expose())
+            .env("QUEUE_TYPE", "quorum")
+            .env("AMQP_EXCHANGE", &self.amqp.exchange)
+            .env("AMQP_QUEUE_PREFIX", &self.amqp.queue_prefix)
+            .env("RETRY_DELAYS_MS", "200,500")
+            .env("RELAY_POLL_INTERVAL_MS", "200")
+            .env("HTTP_ADDR", http_addr.to_string())
+            .env("LOG_FORMAT", "json")
+            .env(
+                "RUST_LOG",
+                std::env::var("CLUSTER_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        command
+    }
+
+    async fn wait_started(&mut self, role: Role) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.log(role).contains(role.started()) {
+                return;
+            }
+            let (_, child) = self
+                .children
+                .iter_mut()
+                .find(|(r, _)| *r == role)
+                .expect("the role was spawned");
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "{} exited with {status} while starting:\n{}",
+                    role.name(),
+                    self.log(role)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not start within a minute:\n{}",
+                role.name(),
+                self.log(role)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Each running role's pid.
+    pub fn pids(&self) -> Vec<(Role, u32)> {
+        self.children.iter().map(|(r, c)| (*r, c.id())).collect()
+    }
+
+    /// What `role` logged.
+    pub fn log(&self, role: Role) -> String {
+        let text = std::fs::read(self.log_dir.join(role.log_file())).unwrap_or_default();
+        String::from_utf8_lossy(&text).into_owned()
+    }
+
+    /// Roles that exited on their own (a crash).
+    pub fn exited(&mut self) -> Vec<String> {
+        let mut dead = Vec::new();
+        for (role, child) in &mut self.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                dead.push(format!("{} exited with {status}", role.name()));
+            }
+        }
+        dead
+    }
+
+    /// The last warnings and errors of every role, for a failure message.
+    pub fn diagnostics(&self) -> String {
+        let mut out = format!("role logs in {}\n", self.log_dir.display());
+        for role in Role::ALL {
+            let log = self.log(role);
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains(r#""level":"INFO""#))
+                .collect();
+            out.push_str(&format!("--- {} (last warnings/errors)\n", role.name()));
+            for line in &lines[lines.len().saturating_sub(15)..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let name = std::mem::take(&mut self.db_name);
+        common::run_to_end(async move { common::drop_database(&name).await });
+        if std::thread::panicking() || std::env::var_os("CLUSTER_KEEP_LOGS").is_some() {
+            eprintln!("cluster: role logs kept in {}", self.log_dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.log_dir);
+        }
+    }
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
