@@ -3,11 +3,18 @@
 //! the local Postgres and RabbitMQ, and orders posted at a steady rate while
 //! roles are killed (SIGKILL) or stopped (SIGTERM), RabbitMQ is stopped and
 //! started, and Postgres is restarted. After each scenario the system must
-//! settle with nothing lost and nothing applied twice: every order answered
-//! 202 exists, every outbox row is published, each consumer processed every
-//! event exactly once, there is one ledger row and one notification per
-//! order, the ledger total equals the order total, every order is
-//! CONFIRMED, and the dead-letter queues are empty or accounted for.
+//! settle with nothing lost and nothing applied twice, along the whole chain
+//! (the API's `order.created` to billing and e-mail, billing's
+//! `order.confirmed`, written in its dedup transaction, to e-mail): every
+//! order answered 202 exists and is CONFIRMED, it has exactly one
+//! `order.created` and one `order.confirmed` outbox row (the latter's id
+//! derived from the former's, its charge the order's ledger row) and every
+//! row is published, billing processed each `order.created` exactly once and
+//! e-mail each event of both types exactly once (dedup rows: billing =
+//! orders, e-mail = 2 × orders), there is one ledger row and two
+//! notifications per order (one per event type, each with its subject), the
+//! ledger total equals the order total, and the dead-letter queues are
+//! empty or accounted for.
 //!
 //! These tests stop and restart the SHARED Postgres and RabbitMQ, so they are
 //! `#[ignore]`d: plain `cargo test` skips them. Run them alone with
@@ -43,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use common::eventually;
 use load::Load;
-use order_service::amqp::BILLING;
+use order_service::orders::BILLING;
 use stack::{Role, Stack};
 
 /// Orders posted per second.
@@ -87,8 +94,9 @@ async fn accepted_orders_survive_every_fault_and_are_applied_exactly_once() {
         n => format!(" ({n} scenario(s) FAILED, not counted)"),
     };
     say(&format!(
-        "faults: {} injected, {} orders accepted, lost {}, applied twice {}{failures}",
-        totals.faults, totals.accepted, totals.lost, totals.applied_twice
+        "faults: {} injected, {} orders accepted, {} confirmed and both mails sent, \
+         lost {}, applied twice {}{failures}",
+        totals.faults, totals.accepted, totals.confirmed, totals.lost, totals.applied_twice
     ));
     assert!(
         failed.is_empty(),
@@ -336,7 +344,8 @@ struct Soaked {
 struct Faults {
     injected: usize,
     /// At each fault: requests awaiting their answer plus orders written
-    /// but not yet processed by both consumers.
+    /// but not yet through the whole chain (`order.created` processed by
+    /// both consumers, `order.confirmed` written and processed by e-mail).
     in_flight: i64,
 }
 
@@ -374,41 +383,43 @@ struct Report {
 impl Report {
     fn line(&self) -> String {
         let v = &self.verdict;
+        let outcome = format!(
+            "{} orders written, {} order.confirmed published, processed billing {} / e-mail {} \
+             (2 x orders), notifications {} received + {} payment confirmed, {} ledger rows, \
+             lost {}, applied twice {}, {} dead letters, settled in {:.1}s, took {:.1}s",
+            v.orders,
+            v.confirmed,
+            v.billing_processed,
+            v.email_processed,
+            v.received_mails,
+            v.confirmed_mails,
+            v.ledger_rows,
+            v.lost,
+            v.applied_twice,
+            v.dead_letters,
+            v.settled_in.as_secs_f64(),
+            self.took.as_secs_f64()
+        );
         if let Some(soak) = self.soaked {
             return format!(
                 "faults[{}]: {} orders accepted (202) in {:.1}s, max billing queue depth {}, \
-                 drained in {:.1}s after resume, {} requests refused or failed, \
-                 {} orders written, lost {}, applied twice {}, {} dead letters, \
-                 settled in {:.1}s, took {:.1}s",
+                 drained in {:.1}s after resume, {} requests refused or failed, {outcome}",
                 self.scenario.title(),
                 self.accepted,
                 soak.ran.as_secs_f64(),
                 soak.max_depth,
                 soak.drained_in.as_secs_f64(),
                 self.refused,
-                v.orders,
-                v.lost,
-                v.applied_twice,
-                v.dead_letters,
-                v.settled_in.as_secs_f64(),
-                self.took.as_secs_f64()
             );
         }
         format!(
             "faults[{}]: {} injected, {} orders accepted (202), {} in flight at the faults, \
-             {} requests refused or failed, {} orders written, lost {}, applied twice {}, \
-             {} dead letters, settled in {:.1}s, took {:.1}s",
+             {} requests refused or failed, {outcome}",
             self.scenario.title(),
             self.faults.injected,
             self.accepted,
             self.faults.in_flight,
             self.refused,
-            v.orders,
-            v.lost,
-            v.applied_twice,
-            v.dead_letters,
-            v.settled_in.as_secs_f64(),
-            self.took.as_secs_f64()
         )
     }
 }
@@ -417,6 +428,8 @@ impl Report {
 struct Totals {
     faults: usize,
     accepted: usize,
+    /// Orders whose `order.confirmed` and both mails went through.
+    confirmed: i64,
     lost: i64,
     applied_twice: i64,
 }
@@ -425,6 +438,7 @@ impl Totals {
     fn add(&mut self, report: &Report) {
         self.faults += report.faults.injected;
         self.accepted += report.accepted;
+        self.confirmed += report.verdict.confirmed;
         self.lost += report.verdict.lost;
         self.applied_twice += report.verdict.applied_twice;
     }

@@ -1,5 +1,7 @@
-//! Tracing, end to end: one request's trace through the outbox, the relay and
-//! both consumers (and their retries), and the OTLP exporter on the wire.
+//! Tracing, end to end: one request's trace through the outbox, the relay,
+//! both consumers of `order.created`, billing's `order.confirmed` (written
+//! through the outbox in its dedup transaction) and e-mail's processing of
+//! it, retries included; and the OTLP exporter on the wire.
 //!
 //! Its own test binary, because the span-collecting subscriber is global.
 

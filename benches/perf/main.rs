@@ -8,11 +8,15 @@
 //!
 //! Needs Postgres and RabbitMQ as for the tests (BENCH_DATABASE_URL,
 //! BENCH_AMQP_URL), and `pgbench` and `wrk` on the PATH. Writes a Markdown
-//! table and an SVG plot to `bench-results/`.
+//! table and an SVG plot to `bench-results/` (or to `BENCH_RESULTS_DIR`, so
+//! a smoke run such as
+//! `BENCH_RESULTS_DIR=/tmp/b E2E_SECONDS=3 E2E_RATE=100 E2E_LADDER=0 cargo bench --bench perf -- e2e`
+//! leaves the recorded figures alone).
 
 mod consumer;
 mod e2e;
 mod ingest;
+mod mail;
 mod relay;
 mod report;
 mod service;
@@ -39,6 +43,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run("e2e") {
         e2e::run(&mut report).await?;
+    }
+    if run("mail") {
+        mail::run(&mut report).await?;
     }
     report.write()?;
     Ok(())

@@ -1,18 +1,20 @@
 //! Relay drain rate of a 50,000-row backlog beside a raw lapin publish loop
-//! with the same confirm window and message size, in the same run.
+//! with the same confirm window and message size, in the same run, to the
+//! same exchange and queues (the relay's topology: both order consumers).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use lapin::options::{BasicPublishOptions, QueuePurgeOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Confirmation};
-use order_service::config::RelayConfig;
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use order_service::amqp::QueueNames;
+use order_service::config::{AmqpConfig, RelayConfig};
 use order_service::metrics::Metrics;
-use order_service::outbox::Wake;
-use order_service::outbox::relay::{Publisher, Relay};
+use order_service::orders::SUBSCRIPTIONS;
+use order_service::outbox::{Publisher, Relay, Wake};
 use tokio_util::sync::CancellationToken;
 
 use crate::report::Report;
@@ -41,16 +43,44 @@ async fn fill(db: &BenchDb) -> anyhow::Result<usize> {
     Ok(size as usize)
 }
 
+/// The raw side: a confirm-mode channel on a connection of its own, like
+/// the relay's publisher.
+struct Raw {
+    connection: Connection,
+    channel: Channel,
+}
+
+impl Raw {
+    async fn open(amqp: &AmqpConfig) -> anyhow::Result<Self> {
+        let connection =
+            order_service::amqp::connect(amqp, "bench raw publish", &CancellationToken::new())
+                .await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self {
+            connection,
+            channel,
+        })
+    }
+
+    async fn close(self) {
+        let _ = self.channel.close(200, "done".into()).await;
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
 /// Publishes `n` messages of `size` bytes with up to `window` confirms in flight.
 async fn raw_publish(
-    publisher: &Publisher,
+    raw: &Raw,
     exchange: &str,
     n: i64,
     size: usize,
     window: usize,
 ) -> anyhow::Result<f64> {
     let body = vec![b'x'; size];
-    let channel = publisher.channel();
+    let channel = &raw.channel;
     let mut in_flight = FuturesUnordered::new();
     let started = Instant::now();
     for i in 0..n {
@@ -96,14 +126,10 @@ async fn raw_publish(
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn purge(
-    publisher: &Publisher,
-    amqp: &order_service::config::AmqpConfig,
-) -> anyhow::Result<()> {
-    for consumer in order_service::amqp::CONSUMERS {
-        let q = order_service::amqp::QueueNames::new(amqp, consumer).main;
-        publisher
-            .channel()
+async fn purge(raw: &Raw, amqp: &AmqpConfig) -> anyhow::Result<()> {
+    for subscription in SUBSCRIPTIONS {
+        let q = QueueNames::new(amqp, subscription.consumer).main;
+        raw.channel
             .queue_purge(q.as_str().into(), QueuePurgeOptions::default())
             .await?;
     }
@@ -127,7 +153,9 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
     }
     let window = config.batch_size as usize * config.workers;
     let amqp = bench_amqp("relay");
-    let publisher = Publisher::open(&amqp, &CancellationToken::new()).await?;
+    // The relay's publisher declares the exchange and every order queue.
+    let publisher = Publisher::open(&amqp, &SUBSCRIPTIONS, &CancellationToken::new()).await?;
+    let raw_side = Raw::open(&amqp).await?;
     let mut rounds: Vec<(f64, f64)> = Vec::new();
     let mut size = 0;
     // Each round pairs a raw run with a relay run, back to back, and the
@@ -141,11 +169,11 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
             .execute(&db.pool)
             .await?;
         let raw_first = round % 2 == 1;
-        purge(&publisher, &amqp).await?;
+        purge(&raw_side, &amqp).await?;
         let mut raw = 0.0;
         if raw_first {
-            raw = raw_publish(&publisher, &amqp.exchange, ROWS, size, window).await?;
-            purge(&publisher, &amqp).await?;
+            raw = raw_publish(&raw_side, &amqp.exchange, ROWS, size, window).await?;
+            purge(&raw_side, &amqp).await?;
         }
         let relay = Relay {
             pool: db.pool.clone(),
@@ -153,7 +181,7 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
             config: config.clone(),
             metrics: Arc::new(Metrics::default()),
             wake: Wake::default(),
-            listen: false,
+            subscriptions: SUBSCRIPTIONS.to_vec(),
         };
         let started = Instant::now();
         let published = relay.drain(&publisher).await?;
@@ -168,8 +196,8 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
                 == 0
         );
         if !raw_first {
-            purge(&publisher, &amqp).await?;
-            raw = raw_publish(&publisher, &amqp.exchange, ROWS, size, window).await?;
+            purge(&raw_side, &amqp).await?;
+            raw = raw_publish(&raw_side, &amqp.exchange, ROWS, size, window).await?;
         }
         println!(
             "relay round {round} ({}): raw confirmed publish {raw:.0} msg/s, relay drain {rate:.0} msg/s, ratio {:.2}",
@@ -183,7 +211,8 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
         rounds.push((raw, rate));
         db.drop_db().await?;
     }
-    purge(&publisher, &amqp).await?;
+    purge(&raw_side, &amqp).await?;
+    raw_side.close().await;
     publisher.close().await;
     cleanup_amqp(&amqp).await?;
     // The median round's ratio: pairs adjacent in time, robust to one

@@ -78,8 +78,14 @@ impl Report {
         out
     }
 
+    /// Writes `bench-results/` (or `BENCH_RESULTS_DIR`, for smoke runs that
+    /// must not replace the recorded figures).
     pub fn write(&self) -> anyhow::Result<()> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-results");
+        let dir = std::env::var_os("BENCH_RESULTS_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-results")
+            });
         std::fs::create_dir_all(&dir)?;
         let md = self.markdown();
         println!("\n{md}");
@@ -92,8 +98,9 @@ impl Report {
     }
 }
 
-/// An SVG with two panels: the latency distribution (CDF) and orders
-/// accepted/confirmed per second.
+/// An SVG with two panels: the latency distributions (CDF) from the order's
+/// commit to billing and to the payment-confirmed mail, and orders
+/// accepted, charged and mailed per second.
 pub fn plot(r: &crate::e2e::StepResult) -> String {
     let (w, h, pad) = (900.0, 320.0, 50.0);
     let mut svg = format!(
@@ -102,43 +109,56 @@ pub fn plot(r: &crate::e2e::StepResult) -> String {
         w * 2.0,
         h
     );
-    // Panel 1: CDF of latency, log-free, x up to p99.9.
-    let lat = &r.latencies;
-    let xmax = crate::setup::percentile(lat, 99.9).max(1.0);
+    // Panel 1: CDFs of latency, log-free, x up to the larger p99.9.
+    let curves = [(&r.billing, "steelblue"), (&r.mail, "seagreen")];
+    let xmax = curves
+        .iter()
+        .map(|(l, _)| crate::setup::percentile(&l.values, 99.9))
+        .filter(|v| v.is_finite())
+        .fold(1.0, f64::max);
     let _ = write!(
         svg,
-        "<text x='{}' y='20'>commit-to-billing latency at {}/s: CDF (p50 {:.1} ms, p99 {:.1} ms)</text>",
-        pad, r.offered, r.p50_ms, r.p99_ms
+        "<text x='{}' y='20'>latency at {}/s, CDF: commit to billing (blue, p50 {:.1} ms, p99 {:.1} ms), \
+         to payment-confirmed mail (green, p50 {:.1} ms, p99 {:.1} ms)</text>",
+        pad, r.offered, r.billing.p50_ms, r.billing.p99_ms, r.mail.p50_ms, r.mail.p99_ms
     );
-    let mut points = String::new();
-    for (i, v) in lat.iter().enumerate().step_by((lat.len() / 400).max(1)) {
-        let x = pad + (v / xmax).min(1.0) * (w - 2.0 * pad);
-        let y = h - pad - (i as f64 / lat.len() as f64) * (h - 2.0 * pad);
-        let _ = write!(points, "{x:.1},{y:.1} ");
+    for (latencies, color) in curves {
+        let lat = &latencies.values;
+        let mut points = String::new();
+        for (i, v) in lat.iter().enumerate().step_by((lat.len() / 400).max(1)) {
+            let x = pad + (v / xmax).min(1.0) * (w - 2.0 * pad);
+            let y = h - pad - (i as f64 / lat.len() as f64) * (h - 2.0 * pad);
+            let _ = write!(points, "{x:.1},{y:.1} ");
+        }
+        let _ = write!(
+            svg,
+            "<polyline fill='none' stroke='{color}' stroke-width='2' points='{points}'/>"
+        );
     }
-    let _ = write!(
-        svg,
-        "<polyline fill='none' stroke='steelblue' stroke-width='2' points='{points}'/>"
-    );
     axes(&mut svg, pad, w, h, &format!("{xmax:.0} ms"), "100%", 0.0);
     // Panel 2: throughput over time.
     let ymax = r
         .timeline
         .iter()
-        .map(|t| t.1.max(t.2))
+        .map(|t| t.1.max(t.2).max(t.3))
         .max()
         .unwrap_or(1)
         .max(1) as f64;
     let n = r.timeline.len().max(2) as f64 - 1.0;
     let _ = write!(
         svg,
-        "<text x='{}' y='20'>orders per second: accepted (blue), charged by billing (orange)</text>",
+        "<text x='{}' y='20'>orders per second: accepted (blue), charged by billing (orange), \
+         payment-confirmed mails (green)</text>",
         w + pad
     );
-    for (idx, color) in [(1usize, "steelblue"), (2, "darkorange")] {
+    for (idx, color) in [(1usize, "steelblue"), (2, "darkorange"), (3, "seagreen")] {
         let mut points = String::new();
         for (i, t) in r.timeline.iter().enumerate() {
-            let v = if idx == 1 { t.1 } else { t.2 } as f64;
+            let v = match idx {
+                1 => t.1,
+                2 => t.2,
+                _ => t.3,
+            } as f64;
             let x = w + pad + (i as f64 / n) * (w - 2.0 * pad);
             let y = h - pad - (v / ymax) * (h - 2.0 * pad);
             let _ = write!(points, "{x:.1},{y:.1} ");

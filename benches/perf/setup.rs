@@ -68,14 +68,14 @@ pub fn bench_amqp(tag: &str) -> AmqpConfig {
     config
 }
 
-/// Deletes the benchmark's queues and exchange.
+/// Deletes the benchmark's queues (every order consumer's) and exchange.
 pub async fn cleanup_amqp(config: &AmqpConfig) -> anyhow::Result<()> {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
     let connection =
         order_service::amqp::connect(config, "bench cleanup", &CancellationToken::new()).await?;
     let channel = connection.create_channel().await?;
-    for consumer in order_service::amqp::CONSUMERS {
-        let names = order_service::amqp::QueueNames::new(config, consumer);
+    for subscription in order_service::orders::SUBSCRIPTIONS {
+        let names = order_service::amqp::QueueNames::new(config, subscription.consumer);
         let queues = [names.main, names.dlq]
             .into_iter()
             .chain(names.retries.into_iter().map(|(q, _)| q));

@@ -9,8 +9,8 @@ use std::time::Duration;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
 use order_service::amqp::QueueNames;
-use order_service::orders::SUBSCRIPTIONS;
 use order_service::config::AmqpConfig;
+use order_service::orders::SUBSCRIPTIONS;
 use sqlx::{Connection as _, Executor as _, PgConnection};
 use uuid::Uuid;
 

@@ -1,5 +1,7 @@
 //! After the faults: wait until the system has settled, then check that no
-//! accepted order was lost and no event was applied twice.
+//! accepted order was lost and no event was applied twice, along the whole
+//! chain: `order.created` (API) to billing and e-mail, billing's
+//! `order.confirmed` (written in its dedup transaction) to e-mail.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -7,7 +9,8 @@ use std::time::{Duration, Instant};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
-use order_service::amqp::{BILLING, CONSUMERS, EMAIL, QueueNames};
+use order_service::amqp::QueueNames;
+use order_service::orders::{BILLING, EMAIL, ORDER_CONFIRMED, SUBSCRIPTIONS};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -26,13 +29,36 @@ pub struct Counts {
     pub orders: i64,
     pub not_confirmed: i64,
     pub order_total: i64,
+    /// Outbox rows of both event types.
     pub outbox: i64,
     pub unpublished: i64,
+    /// `order.created` rows, and the orders they name.
+    pub created: i64,
+    pub created_orders: i64,
+    /// `order.confirmed` rows, and the orders they name.
+    pub confirmed: i64,
+    pub confirmed_orders: i64,
+    /// `order.confirmed` rows whose charge is the order's ledger row and
+    /// amount.
+    pub charges_matching: i64,
     pub ledger_rows: i64,
     pub ledger_orders: i64,
     pub ledger_total: i64,
     pub notifications: i64,
-    pub notified_orders: i64,
+    /// "Order received" mails (`order.created`), and the orders they name.
+    pub received_mails: i64,
+    pub received_orders: i64,
+    /// "Payment confirmed" mails (`order.confirmed`), and the orders they name.
+    pub confirmed_mails: i64,
+    pub confirmed_mail_orders: i64,
+    /// Mails whose event is the outbox row of their order and type, with
+    /// that type's subject.
+    pub mails_matching: i64,
+    /// Billing's dedup rows of `order.created` events, and e-mail's of each
+    /// event type.
+    pub billing_created: i64,
+    pub email_created: i64,
+    pub email_confirmed: i64,
     /// Dedup rows whose event is not in the outbox.
     pub orphans: i64,
 }
@@ -51,13 +77,16 @@ impl Snapshot {
         self.processed.get(consumer).copied().unwrap_or(0)
     }
 
-    /// Everything published, every event processed by both consumers,
-    /// nothing waiting in a queue.
+    /// Everything published, every order confirmed, billing through every
+    /// `order.created`, e-mail through every event of both types, nothing
+    /// waiting in a queue.
     fn settled(&self) -> bool {
         let c = &self.counts;
         c.unpublished == 0
             && c.not_confirmed == 0
-            && CONSUMERS.iter().all(|q| self.processed(q) == c.outbox)
+            && c.confirmed == c.created
+            && self.processed(BILLING) == c.created
+            && self.processed(EMAIL) == c.outbox
             && self.queued.values().all(|&n| n == 0)
     }
 }
@@ -66,6 +95,15 @@ impl Snapshot {
 #[derive(Debug, Clone, Copy)]
 pub struct Verdict {
     pub orders: i64,
+    /// `order.confirmed` rows (all published).
+    pub confirmed: i64,
+    /// Dedup rows of each consumer.
+    pub billing_processed: i64,
+    pub email_processed: i64,
+    /// Notifications of each event type.
+    pub received_mails: i64,
+    pub confirmed_mails: i64,
+    pub ledger_rows: i64,
     pub lost: i64,
     pub applied_twice: i64,
     pub dead_letters: usize,
@@ -80,28 +118,88 @@ pub async fn counts(pool: &PgPool) -> sqlx::Result<Counts> {
            (SELECT coalesce(sum(amount), 0)::bigint FROM orders) AS order_total, \
            (SELECT count(*) FROM outbox) AS outbox, \
            (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS unpublished, \
+           (SELECT count(*) FROM outbox WHERE event_type = 'order.created') AS created, \
+           (SELECT count(DISTINCT aggregate_id) FROM outbox WHERE event_type = 'order.created') \
+              AS created_orders, \
+           (SELECT count(*) FROM outbox WHERE event_type = 'order.confirmed') AS confirmed, \
+           (SELECT count(DISTINCT aggregate_id) FROM outbox WHERE event_type = 'order.confirmed') \
+              AS confirmed_orders, \
+           (SELECT count(*) FROM outbox x JOIN ledger l \
+              ON l.id = (x.payload->'charge'->>'ledgerId')::bigint \
+             AND l.order_id::text = x.aggregate_id \
+             AND l.amount = (x.payload->'charge'->>'amount')::bigint \
+            WHERE x.event_type = 'order.confirmed') AS charges_matching, \
            (SELECT count(*) FROM ledger) AS ledger_rows, \
            (SELECT count(DISTINCT order_id) FROM ledger) AS ledger_orders, \
            (SELECT coalesce(sum(amount), 0)::bigint FROM ledger) AS ledger_total, \
            (SELECT count(*) FROM notifications) AS notifications, \
-           (SELECT count(DISTINCT order_id) FROM notifications) AS notified_orders, \
+           (SELECT count(*) FROM notifications WHERE event_type = 'order.created') AS received_mails, \
+           (SELECT count(DISTINCT order_id) FROM notifications WHERE event_type = 'order.created') \
+              AS received_orders, \
+           (SELECT count(*) FROM notifications WHERE event_type = 'order.confirmed') \
+              AS confirmed_mails, \
+           (SELECT count(DISTINCT order_id) FROM notifications WHERE event_type = 'order.confirmed') \
+              AS confirmed_mail_orders, \
+           (SELECT count(*) FROM notifications n JOIN outbox x \
+              ON x.transaction_id = n.transaction_id \
+             AND x.event_type = n.event_type \
+             AND x.aggregate_id = n.order_id::text \
+            WHERE n.subject = CASE n.event_type \
+              WHEN 'order.created' THEN 'Order ' || n.order_id || ' received' \
+              WHEN 'order.confirmed' THEN 'Payment confirmed for order ' || n.order_id END) \
+              AS mails_matching, \
+           (SELECT count(*) FROM processed_messages p JOIN outbox x USING (transaction_id) \
+            WHERE p.consumer = $1 AND x.event_type = 'order.created') AS billing_created, \
+           (SELECT count(*) FROM processed_messages p JOIN outbox x USING (transaction_id) \
+            WHERE p.consumer = $2 AND x.event_type = 'order.created') AS email_created, \
+           (SELECT count(*) FROM processed_messages p JOIN outbox x USING (transaction_id) \
+            WHERE p.consumer = $2 AND x.event_type = 'order.confirmed') AS email_confirmed, \
            (SELECT count(*) FROM processed_messages p WHERE NOT EXISTS \
               (SELECT 1 FROM outbox o WHERE o.transaction_id = p.transaction_id)) AS orphans",
     )
+    .bind(BILLING)
+    .bind(EMAIL)
     .fetch_one(pool)
     .await
 }
 
-/// Orders written but not yet processed by both consumers: what a fault
-/// right now would catch in flight.
+/// Orders written but not yet through the whole chain (their
+/// `order.created` processed by both consumers, their `order.confirmed`
+/// written and processed by e-mail): what a fault right now would catch in
+/// flight.
 pub async fn unfinished(pool: &PgPool) -> i64 {
     sqlx::query_scalar(
-        "SELECT count(*) FROM outbox o WHERE \
-           (SELECT count(*) FROM processed_messages p WHERE p.transaction_id = o.transaction_id) < 2",
+        "SELECT count(*) FROM ( \
+           SELECT x.aggregate_id FROM outbox x \
+           LEFT JOIN processed_messages p ON p.transaction_id = x.transaction_id \
+           GROUP BY x.aggregate_id \
+           HAVING count(p.consumer) FILTER (WHERE x.event_type = 'order.created') < 2 \
+               OR count(p.consumer) FILTER (WHERE x.event_type = 'order.confirmed') < 1) u",
     )
     .fetch_one(pool)
     .await
     .unwrap_or(0)
+}
+
+/// `order.confirmed` rows whose id is not the one derived from their
+/// order's `order.created` id (UUIDv5 of it and "order.confirmed"), as
+/// `(created id, confirmed id)`; an order confirmed without its
+/// `order.created` row shows with a nil created id.
+async fn misderived_confirmations(pool: &PgPool) -> sqlx::Result<Vec<(Uuid, Uuid)>> {
+    let pairs: Vec<(Option<Uuid>, Uuid)> = sqlx::query_as(
+        "SELECT o.transaction_id, c.transaction_id FROM outbox c \
+         LEFT JOIN outbox o ON o.aggregate_id = c.aggregate_id AND o.event_type = 'order.created' \
+         WHERE c.event_type = 'order.confirmed'",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(pairs
+        .into_iter()
+        .map(|(created, confirmed)| (created.unwrap_or_default(), confirmed))
+        .filter(|(created, confirmed)| {
+            Uuid::new_v5(created, ORDER_CONFIRMED.as_bytes()) != *confirmed
+        })
+        .collect())
 }
 
 async fn snapshot(stack: &Stack) -> Result<Snapshot, String> {
@@ -132,7 +230,7 @@ async fn queue_depths(stack: &Stack, dlq: bool) -> Result<Vec<(String, u32)>, la
     let connection = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     let mut depths = Vec::new();
-    for consumer in CONSUMERS {
+    for consumer in SUBSCRIPTIONS.iter().map(|s| s.consumer) {
         let names = QueueNames::new(&stack.amqp, consumer);
         let queues: Vec<String> = if dlq {
             vec![names.dlq]
@@ -250,34 +348,79 @@ pub async fn settle_and_verify(stack: &mut Stack, load: &LoadReport) -> Verdict 
         "valid orders got unexpected answers: {:?}",
         load.unexpected
     );
-    assert_eq!(c.outbox, c.orders, "one outbox row per order\n{context}");
+    let o = c.orders;
+    assert_eq!(
+        (c.created, c.created_orders),
+        (o, o),
+        "one order.created outbox row per order\n{context}"
+    );
+    assert_eq!(
+        (c.confirmed, c.confirmed_orders),
+        (o, o),
+        "exactly one order.confirmed outbox row per order\n{context}"
+    );
+    assert_eq!(c.outbox, 2 * o, "no other outbox rows\n{context}");
     assert_eq!(c.unpublished, 0, "every outbox row published\n{context}");
-    for consumer in [EMAIL, BILLING] {
-        assert_eq!(
-            last.processed(consumer),
-            c.outbox,
-            "{consumer} processed every event exactly once\n{context}"
-        );
-    }
+    let misderived = misderived_confirmations(&stack.pool)
+        .await
+        .expect("reading the confirmation ids");
+    assert!(
+        misderived.is_empty(),
+        "order.confirmed ids are UUIDv5(order.created id, \"order.confirmed\"); \
+         (created, confirmed) pairs that are not: {misderived:?}\n{context}"
+    );
+    assert_eq!(
+        c.charges_matching, o,
+        "each order.confirmed carries its order's ledger row and amount\n{context}"
+    );
+    assert_eq!(
+        (last.processed(BILLING), c.billing_created),
+        (o, o),
+        "billing processed every order.created exactly once, and nothing else\n{context}"
+    );
+    assert_eq!(
+        (last.processed(EMAIL), c.email_created, c.email_confirmed),
+        (2 * o, o, o),
+        "e-mail processed every order.created and every order.confirmed exactly once\n{context}"
+    );
     assert_eq!(last.processed.len(), 2, "only our two consumers\n{context}");
     assert_eq!(c.orphans, 0, "dedup rows match outbox events\n{context}");
     assert_eq!(
         (c.ledger_rows, c.ledger_orders),
-        (c.orders, c.orders),
+        (o, o),
         "one ledger row per order\n{context}"
     );
     assert_eq!(c.ledger_total, c.order_total, "ledger total\n{context}");
     assert_eq!(c.not_confirmed, 0, "every order CONFIRMED\n{context}");
     assert_eq!(
-        (c.notifications, c.notified_orders),
-        (c.orders, c.orders),
-        "one notification per order\n{context}"
+        (c.received_mails, c.received_orders),
+        (o, o),
+        "one \"order received\" notification per order\n{context}"
+    );
+    assert_eq!(
+        (c.confirmed_mails, c.confirmed_mail_orders),
+        (o, o),
+        "one \"payment confirmed\" notification per order\n{context}"
+    );
+    assert_eq!(
+        (c.notifications, c.mails_matching),
+        (2 * o, 2 * o),
+        "two notifications per order, each for its own event with its subject\n{context}"
     );
     let dead_letters = check_dead_letters(stack, &context).await;
     Verdict {
-        orders: c.orders,
+        orders: o,
+        confirmed: c.confirmed,
+        billing_processed: last.processed(BILLING),
+        email_processed: last.processed(EMAIL),
+        received_mails: c.received_mails,
+        confirmed_mails: c.confirmed_mails,
+        ledger_rows: c.ledger_rows,
         lost,
-        applied_twice: (c.ledger_rows - c.ledger_orders) + (c.notifications - c.notified_orders),
+        applied_twice: (c.ledger_rows - c.ledger_orders)
+            + (c.confirmed - c.confirmed_orders)
+            + (c.received_mails - c.received_orders)
+            + (c.confirmed_mails - c.confirmed_mail_orders),
         dead_letters,
         settled_in,
     }
@@ -299,7 +442,7 @@ async fn check_dead_letters(stack: &Stack, context: &str) -> usize {
         .expect("connecting to RabbitMQ");
     let channel = connection.create_channel().await.expect("a channel");
     let mut unaccounted = Vec::new();
-    for consumer in CONSUMERS {
+    for consumer in SUBSCRIPTIONS.iter().map(|s| s.consumer) {
         let dlq = QueueNames::new(&stack.amqp, consumer).dlq;
         while let Some(got) = channel
             .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
-use order_service::amqp::{CONSUMERS, QueueNames};
+use order_service::amqp::QueueNames;
 use order_service::config::AmqpConfig;
+use order_service::orders::SUBSCRIPTIONS;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Executor, PgPool};
 use uuid::Uuid;
@@ -79,7 +80,9 @@ pub struct Stack {
     pub db_url: String,
     /// This scenario's exchange, queue prefix and retry delays.
     pub amqp: AmqpConfig,
-    pub http_addr: SocketAddr,
+    /// Each role's own HTTP address (the API's orders; the others' health,
+    /// readiness and metrics probes), the same across its restarts.
+    pub http_addrs: HashMap<Role, SocketAddr>,
     /// The assertions' own small pool on the scenario's database.
     pub pool: PgPool,
     /// Each role's stdout and stderr, appended across restarts.
@@ -110,13 +113,13 @@ impl Stack {
             db_name,
             db_url,
             amqp,
-            http_addr: free_port(),
+            http_addrs: free_ports(),
             log_dir,
             children: HashMap::new(),
         };
         std::fs::create_dir_all(&stack.log_dir).expect("creating the log directory");
         let migrate = stack
-            .command(&["migrate"], "migrate.log")
+            .command(&["migrate"], "migrate.log", Role::Api)
             .status()
             .expect("running order-service migrate");
         assert!(migrate.success(), "order-service migrate failed");
@@ -130,10 +133,12 @@ impl Stack {
     }
 
     pub fn orders_url(&self) -> String {
-        format!("http://{}/orders", self.http_addr)
+        format!("http://{}/orders", self.http_addrs[&Role::Api])
     }
 
-    fn command(&self, args: &[&str], log: &str) -> Command {
+    /// `order-service <args>` for this scenario, logging to `log`, serving
+    /// HTTP (if it does) on `role`'s address.
+    fn command(&self, args: &[&str], log: &str, role: Role) -> Command {
         let out = OpenOptions::new()
             .create(true)
             .append(true)
@@ -149,13 +154,16 @@ impl Stack {
             .env("AMQP_QUEUE_PREFIX", &self.amqp.queue_prefix)
             .env("RETRY_DELAYS_MS", "200,500")
             .env("RELAY_POLL_INTERVAL_MS", "200")
-            .env("HTTP_ADDR", self.http_addr.to_string())
+            .env("HTTP_ADDR", self.http_addrs[&role].to_string())
             .env("LOG_FORMAT", "json")
             .env(
                 "RUST_LOG",
                 std::env::var("FAULT_RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            // The mailer stays off: no SMTP server here, and the checks
+            // count the consumers' own rows.
+            .env_remove("SMTP_URL")
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err));
@@ -166,7 +174,7 @@ impl Stack {
     fn spawn(&mut self, role: Role) -> u64 {
         let offset = self.log(role, 0).len() as u64;
         let child = self
-            .command(role.args(), role.log_file())
+            .command(role.args(), role.log_file(), role)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", role.name()));
         let previous = self.children.insert(role, child);
@@ -381,7 +389,8 @@ async fn cleanup(db_name: &str, amqp: &AmqpConfig) -> Result<(), String> {
 async fn delete_amqp(amqp: &AmqpConfig) -> Result<(), lapin::Error> {
     let connection = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
-    for consumer in CONSUMERS {
+    // Every queue the relay declares: both consumers', bound to both events.
+    for consumer in SUBSCRIPTIONS.iter().map(|s| s.consumer) {
         let names = QueueNames::new(amqp, consumer);
         let retries = names.retries.iter().map(|(q, _)| q.clone());
         for queue in [names.main.clone(), names.dlq.clone()]
@@ -411,9 +420,19 @@ async fn admin_execute(sql: String) -> Result<(), sqlx::Error> {
     conn.close().await
 }
 
-/// A port that was free a moment ago; the API binds it, and binds it again
-/// after a restart.
-fn free_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("binding port 0");
-    listener.local_addr().expect("a local address")
+/// One port per role, each free a moment ago and all different (held
+/// together while they are picked); a role binds its own, and binds it
+/// again after a restart.
+fn free_ports() -> HashMap<Role, SocketAddr> {
+    let listeners: Vec<(Role, TcpListener)> = Role::ALL
+        .into_iter()
+        .map(|role| {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("binding port 0");
+            (role, listener)
+        })
+        .collect();
+    listeners
+        .iter()
+        .map(|(role, l)| (*role, l.local_addr().expect("a local address")))
+        .collect()
 }

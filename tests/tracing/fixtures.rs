@@ -10,7 +10,9 @@ use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use order_service::amqp::QueueNames;
-use order_service::config::{AmqpConfig, ConsumerConfig, DatabaseConfig, HttpConfig, RelayConfig};
+use order_service::config::{
+    AmqpConfig, ConsumerConfig, DatabaseConfig, HttpConfig, MailConfig, RelayConfig,
+};
 use order_service::startup::{ConsumerKind, Roles};
 use order_service::telemetry;
 use sqlx::PgPool;
@@ -80,40 +82,52 @@ impl Caller {
 }
 
 /// The API, the relay and the chosen consumers in this process, over a fresh
-/// database and this test's own exchange and queues.
+/// database and this test's own exchange and queues. The database, queues
+/// and exchange are deleted when it is dropped, also when a test fails
+/// before [`System::stop`].
 pub struct System {
     pub addr: SocketAddr,
     pub pool: PgPool,
     pub amqp: AmqpConfig,
     roles: Roles,
-    db_name: String,
+    // Dropped after `roles` and `pool`, in this order: the queues, then the
+    // database (FORCE cuts any connection a failed test left open).
+    _queues: common::DeleteQueues,
+    _database: common::DropDatabase,
 }
 
 impl System {
     pub async fn start(consumers: &[ConsumerKind], config: &ConsumerConfig) -> Self {
         finished_spans(); // the subscriber must be in place before any span opens
         let (db_name, url) = common::create_database().await;
+        let database = common::DropDatabase(db_name);
         let db = DatabaseConfig::new(url);
         let pool = order_service::db::connect(&db, &CancellationToken::new())
             .await
             .expect("connecting to the test database");
 
         let amqp = test_amqp();
+        // The relay declares every order consumer's queues, whichever run.
+        let queues = common::DeleteQueues::orders(&amqp);
         let roles = Roles::new(pool.clone(), CancellationToken::new());
         let addr = roles
             .start_api(&HttpConfig::default(), None)
             .await
             .expect("starting the API");
         roles.start_relay(&amqp, &RelayConfig::default(), false);
+        // The mailer stays off: the spans end at the consumers.
         for kind in consumers {
-            roles.start_consumer(*kind, &amqp, config);
+            roles
+                .start_consumer(*kind, &amqp, config, &MailConfig::default())
+                .expect("starting a consumer");
         }
         Self {
             addr,
             pool,
             amqp,
             roles,
-            db_name,
+            _queues: queues,
+            _database: database,
         }
     }
 
@@ -128,13 +142,20 @@ impl System {
 
     /// Stops every role, then deletes the database, queues and exchange.
     pub async fn stop(self) {
-        self.roles.cancel.cancel();
-        self.roles
+        let Self {
+            pool,
+            roles,
+            _queues: queues,
+            _database: database,
+            ..
+        } = self;
+        roles.cancel.cancel();
+        roles
             .wait(Duration::from_secs(15))
             .await
             .expect("roles stop in time");
-        self.pool.close().await;
-        common::drop_database(&self.db_name).await;
-        common::cleanup_amqp(&self.amqp).await;
+        pool.close().await;
+        drop(queues);
+        drop(database);
     }
 }

@@ -1,18 +1,24 @@
-//! One request, one trace: the HTTP server span, `create_order`, the relay's
-//! PRODUCER span and each consumer's CONSUMER span share the caller's trace,
-//! each a child of the step before; a retried message stays in it.
+//! One request, one trace, through both events: the HTTP server span,
+//! `create_order`, the relay's PRODUCER span of `order.created`, each
+//! consumer's CONSUMER span of it; then, from the billing CONSUMER span
+//! (whose dedup transaction wrote `order.confirmed`), the PRODUCER span of
+//! `order.confirmed` and e-mail's CONSUMER span of it. Each is a child of
+//! the step before; a retried message stays in the trace.
 
 use std::time::Duration;
 
 use opentelemetry::trace::{SpanId, SpanKind};
 use opentelemetry_sdk::trace::SpanData;
-use order_service::amqp::{BILLING, BINDING_KEY, EMAIL};
 use order_service::config::ConsumerConfig;
+use order_service::orders::{BILLING, EMAIL, ORDER_CONFIRMED, ORDER_CREATED};
 use order_service::startup::ConsumerKind;
 use reqwest::StatusCode;
 use uuid::Uuid;
 
 use crate::fixtures::{Caller, System, eventually, finished_spans};
+
+/// The CONSUMER span attribute naming the order.
+const CONVERSATION_ID: &str = "messaging.message.conversation_id";
 
 /// An attribute's value as text.
 fn attr(span: &SpanData, key: &str) -> Option<String> {
@@ -38,8 +44,8 @@ fn ancestors(spans: &[SpanData], span: &SpanData) -> Vec<SpanId> {
     chain
 }
 
-/// POSTs an order on behalf of `caller` and returns its id and its event's
-/// `transaction_id` (the AMQP `message_id`).
+/// POSTs an order on behalf of `caller` and returns its id and its
+/// `order.created` event's `transaction_id` (the AMQP `message_id`).
 async fn post_order(system: &System, caller: &Caller) -> (Uuid, Uuid) {
     let response = reqwest::Client::new()
         .post(system.url("/orders"))
@@ -51,54 +57,41 @@ async fn post_order(system: &System, caller: &Caller) -> (Uuid, Uuid) {
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     let body: serde_json::Value = response.json().await.expect("a JSON body");
     let order_id = Uuid::parse_str(body["orderId"].as_str().expect("orderId")).unwrap();
-    let transaction_id =
-        sqlx::query_scalar("SELECT transaction_id FROM outbox WHERE aggregate_id = $1")
-            .bind(order_id.to_string())
-            .fetch_one(&system.pool)
-            .await
-            .expect("the order's outbox row");
+    let transaction_id = sqlx::query_scalar(
+        "SELECT transaction_id FROM outbox WHERE aggregate_id = $1 AND event_type = $2",
+    )
+    .bind(order_id.to_string())
+    .bind(ORDER_CREATED)
+    .fetch_one(&system.pool)
+    .await
+    .expect("the order's order.created outbox row");
     (order_id, transaction_id)
 }
 
-/// The ended spans of one order's journey, each found by what identifies it
-/// rather than by trace, so a span that lost its trace is still found.
-struct Journey {
-    all: Vec<SpanData>,
-    server: SpanData,
-    handler: SpanData,
+/// One message's hop: its PRODUCER span and its CONSUMER spans (every
+/// consumer, every attempt), oldest first.
+struct Hop {
     publish: SpanData,
-    /// The CONSUMER spans of `message_id`, oldest first.
     processes: Vec<SpanData>,
 }
 
-impl Journey {
-    fn find(caller: &Caller, order_id: Uuid, message_id: Uuid) -> Option<Self> {
-        let all = finished_spans();
-        let (order_id, message_id) = (order_id.to_string(), message_id.to_string());
-        let find = |kind: SpanKind, f: &dyn Fn(&SpanData) -> bool| {
-            all.iter().find(|s| s.span_kind == kind && f(s)).cloned()
-        };
-        let server = find(SpanKind::Server, &|s| s.parent_span_id == caller.span_id)?;
-        let handler = find(SpanKind::Internal, &|s| {
-            s.name == "create_order" && has(s, "order.id", &order_id)
-        })?;
-        let publish = find(SpanKind::Producer, &|s| {
-            has(s, "messaging.message.id", &message_id)
-        })?;
+impl Hop {
+    fn find(all: &[SpanData], message_id: Uuid) -> Option<Self> {
+        let message_id = message_id.to_string();
+        let of_message = |s: &&SpanData| has(s, "messaging.message.id", &message_id);
+        let publish = all
+            .iter()
+            .filter(|s| s.span_kind == SpanKind::Producer)
+            .find(of_message)?
+            .clone();
         let mut processes: Vec<SpanData> = all
             .iter()
             .filter(|s| s.span_kind == SpanKind::Consumer)
-            .filter(|s| has(s, "messaging.message.id", &message_id))
+            .filter(of_message)
             .cloned()
             .collect();
         processes.sort_by_key(|s| s.start_time);
-        Some(Self {
-            all,
-            server,
-            handler,
-            publish,
-            processes,
-        })
+        Some(Self { publish, processes })
     }
 
     fn process_spans_of(&self, queue: &str) -> Vec<&SpanData> {
@@ -110,8 +103,45 @@ impl Journey {
     }
 }
 
+/// The ended spans of one order's journey, each found by what identifies it
+/// rather than by trace, so a span that lost its trace is still found.
+struct Journey {
+    all: Vec<SpanData>,
+    server: SpanData,
+    handler: SpanData,
+    /// `order.created`: published by the relay for the API's row.
+    created: Hop,
+}
+
+impl Journey {
+    fn find(caller: &Caller, order_id: Uuid, created_id: Uuid) -> Option<Self> {
+        let all = finished_spans();
+        let order_id = order_id.to_string();
+        let find = |kind: SpanKind, f: &dyn Fn(&SpanData) -> bool| {
+            all.iter().find(|s| s.span_kind == kind && f(s)).cloned()
+        };
+        let server = find(SpanKind::Server, &|s| s.parent_span_id == caller.span_id)?;
+        let handler = find(SpanKind::Internal, &|s| {
+            s.name == "create_order" && has(s, "order.id", &order_id)
+        })?;
+        let created = Hop::find(&all, created_id)?;
+        Some(Self {
+            all,
+            server,
+            handler,
+            created,
+        })
+    }
+
+    /// `order.confirmed`'s hop: published by the relay for the row billing
+    /// wrote.
+    fn confirmed(&self, confirmed_id: Uuid) -> Option<Hop> {
+        Hop::find(&self.all, confirmed_id)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn one_post_makes_one_trace_through_relay_and_both_consumers() {
+async fn one_post_makes_one_trace_through_both_events_and_both_consumers() {
     let system = System::start(
         &[ConsumerKind::Email, ConsumerKind::Billing],
         &ConsumerConfig::default(),
@@ -121,30 +151,52 @@ async fn one_post_makes_one_trace_through_relay_and_both_consumers() {
     let (email, billing) = (system.queue(EMAIL), system.queue(BILLING));
     let exchange = system.amqp.exchange.clone();
 
-    let (order_id, message_id) = post_order(&system, &caller).await;
+    let (order_id, created_id) = post_order(&system, &caller).await;
+    // Billing's order.confirmed row: its id is derived from order.created's.
+    let confirmed_id = Uuid::new_v5(&created_id, ORDER_CONFIRMED.as_bytes());
 
     eventually(
-        "the order to be CONFIRMED",
+        "the order CONFIRMED and its payment-confirmed mail recorded",
         Duration::from_secs(30),
         || async {
-            let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
-                .bind(order_id)
-                .fetch_one(&system.pool)
-                .await
-                .ok()?;
-            (status == "CONFIRMED").then_some(())
+            let (status, mails): (String, i64) = sqlx::query_as(
+                "SELECT status, (SELECT count(*) FROM notifications \
+                   WHERE order_id = $1 AND event_type = $2 AND transaction_id = $3) \
+                 FROM orders WHERE id = $1",
+            )
+            .bind(order_id)
+            .bind(ORDER_CONFIRMED)
+            .bind(confirmed_id)
+            .fetch_one(&system.pool)
+            .await
+            .ok()?;
+            (status == "CONFIRMED" && mails == 1).then_some(())
         },
     )
     .await;
-    let journey = eventually(
-        "the server, create_order, publish and both process spans",
+    let stored: Uuid = sqlx::query_scalar(
+        "SELECT transaction_id FROM outbox WHERE aggregate_id = $1 AND event_type = $2",
+    )
+    .bind(order_id.to_string())
+    .bind(ORDER_CONFIRMED)
+    .fetch_one(&system.pool)
+    .await
+    .expect("the order's order.confirmed outbox row");
+    assert_eq!(
+        stored, confirmed_id,
+        "order.confirmed's id is UUIDv5(order.created's)"
+    );
+    let (journey, confirmed) = eventually(
+        "the server, create_order, both publish spans and the three process spans",
         Duration::from_secs(30),
         || async {
-            let journey = Journey::find(&caller, order_id, message_id)?;
-            let both = [&email, &billing]
+            let journey = Journey::find(&caller, order_id, created_id)?;
+            let confirmed = journey.confirmed(confirmed_id)?;
+            let done = [&email, &billing]
                 .iter()
-                .all(|q| !journey.process_spans_of(q).is_empty());
-            both.then_some(journey)
+                .all(|q| !journey.created.process_spans_of(q).is_empty())
+                && !confirmed.process_spans_of(&email).is_empty();
+            done.then_some((journey, confirmed))
         },
     )
     .await;
@@ -154,72 +206,168 @@ async fn one_post_makes_one_trace_through_relay_and_both_consumers() {
         all,
         server,
         handler,
-        publish,
-        ..
+        created,
     } = &journey;
-    let consumers = [&email, &billing].map(|q| journey.process_spans_of(q));
+    let created_processes = [&email, &billing].map(|q| created.process_spans_of(q));
     assert!(
-        consumers.iter().all(|spans| spans.len() == 1),
-        "one delivery each"
+        created_processes.iter().all(|spans| spans.len() == 1),
+        "one delivery of order.created to each consumer"
     );
-    let consumers = consumers.map(|spans| spans[0]);
-    for span in [server, handler, publish].into_iter().chain(consumers) {
+    let [email_created, billing_created] = created_processes.map(|spans| spans[0]);
+    let confirmed_processes = confirmed.process_spans_of(&email);
+    assert_eq!(
+        confirmed_processes.len(),
+        1,
+        "one delivery of order.confirmed to e-mail"
+    );
+    assert!(
+        confirmed.process_spans_of(&billing).is_empty(),
+        "billing does not take order.confirmed"
+    );
+    let email_confirmed = confirmed_processes[0];
+
+    // One trace, the caller's.
+    let everything = [
+        server,
+        handler,
+        &created.publish,
+        email_created,
+        billing_created,
+        &confirmed.publish,
+        email_confirmed,
+    ];
+    for span in everything {
         assert_eq!(
             span.span_context.trace_id(),
             caller.trace_id,
-            "{} is in the caller's trace",
-            span.name
+            "{} ({:?}) is in the caller's trace",
+            span.name,
+            span.span_kind
         );
     }
 
+    // POST -> create_order -> publish order.created.
     assert_eq!(server.name, "POST /orders");
     assert!(
         server.parent_span_is_remote,
         "the server span continues the caller's"
     );
     assert_eq!(handler.parent_span_id, server.span_context.span_id());
-    assert_eq!(publish.name, format!("{exchange} publish"));
+    assert_eq!(created.publish.name, format!("{exchange} publish"));
     assert!(
-        ancestors(all, publish).contains(&server.span_context.span_id()),
-        "the publish span descends from the server span"
+        ancestors(all, &created.publish).contains(&server.span_context.span_id()),
+        "the order.created publish span descends from the server span"
     );
-    for (queue, consumer) in [&email, &billing].into_iter().zip(consumers) {
+    // publish order.created -> each consumer's process.
+    for (queue, consumer) in [(&email, email_created), (&billing, billing_created)] {
         assert_eq!(consumer.name, format!("{queue} process"));
         assert_eq!(
             consumer.parent_span_id,
-            publish.span_context.span_id(),
-            "{queue} process is a child of the publish span"
+            created.publish.span_context.span_id(),
+            "{queue} process of order.created is a child of its publish span"
         );
         assert!(
             consumer.parent_span_is_remote,
             "its parent came in the AMQP headers"
         );
     }
+    // billing process -> publish order.confirmed -> e-mail process.
+    assert_eq!(confirmed.publish.name, format!("{exchange} publish"));
+    assert_eq!(
+        confirmed.publish.parent_span_id,
+        billing_created.span_context.span_id(),
+        "the order.confirmed publish span is a child of the billing CONSUMER span \
+         whose transaction wrote the row"
+    );
+    assert!(
+        confirmed.publish.parent_span_is_remote,
+        "its parent came through the outbox row's headers"
+    );
+    assert_eq!(email_confirmed.name, format!("{email} process"));
+    assert_eq!(
+        email_confirmed.parent_span_id,
+        confirmed.publish.span_context.span_id(),
+        "e-mail's process of order.confirmed is a child of its publish span"
+    );
+    assert!(email_confirmed.parent_span_is_remote);
+    let chain = ancestors(all, email_confirmed);
+    for (step, span) in [
+        ("billing process", billing_created),
+        ("order.created publish", &created.publish),
+        ("POST /orders", server),
+    ] {
+        assert!(
+            chain.contains(&span.span_context.span_id()),
+            "e-mail's process of order.confirmed descends from {step}"
+        );
+    }
 
-    let message_id = message_id.to_string();
+    let (created_id, confirmed_id) = (created_id.to_string(), confirmed_id.to_string());
     let expected = [
-        (publish, "publish", exchange.as_str()),
-        (consumers[0], "process", email.as_str()),
-        (consumers[1], "process", billing.as_str()),
+        (
+            &created.publish,
+            "publish",
+            exchange.as_str(),
+            ORDER_CREATED,
+            &created_id,
+        ),
+        (
+            email_created,
+            "process",
+            email.as_str(),
+            ORDER_CREATED,
+            &created_id,
+        ),
+        (
+            billing_created,
+            "process",
+            billing.as_str(),
+            ORDER_CREATED,
+            &created_id,
+        ),
+        (
+            &confirmed.publish,
+            "publish",
+            exchange.as_str(),
+            ORDER_CONFIRMED,
+            &confirmed_id,
+        ),
+        (
+            email_confirmed,
+            "process",
+            email.as_str(),
+            ORDER_CONFIRMED,
+            &confirmed_id,
+        ),
     ];
-    for (span, operation, destination) in expected {
+    for (span, operation, destination, routing_key, message_id) in expected {
         for (key, value) in [
             ("messaging.system", "rabbitmq"),
             ("messaging.operation.type", operation),
             ("messaging.destination.name", destination),
-            ("messaging.rabbitmq.destination.routing_key", BINDING_KEY),
+            ("messaging.rabbitmq.destination.routing_key", routing_key),
             ("messaging.message.id", message_id.as_str()),
         ] {
             assert_eq!(
                 attr(span, key).as_deref(),
                 Some(value),
-                "{} {key}",
+                "{} ({routing_key}) {key}",
                 span.name
             );
         }
     }
-    for consumer in consumers {
-        assert_eq!(attr(consumer, "order.id"), Some(order_id.to_string()));
+    for consumer in [email_created, billing_created, email_confirmed] {
+        assert_eq!(
+            attr(consumer, CONVERSATION_ID),
+            Some(order_id.to_string()),
+            "{} names the order as the conversation",
+            consumer.name
+        );
+        assert_eq!(
+            attr(consumer, "order.id"),
+            None,
+            "order.id is replaced by {CONVERSATION_ID}"
+        );
         assert_eq!(attr(consumer, "outcome").as_deref(), Some("Processed"));
     }
 }
@@ -243,6 +391,7 @@ async fn a_retried_message_keeps_its_trace() {
         || async {
             let journey = Journey::find(&caller, order_id, message_id)?;
             let done = journey
+                .created
                 .process_spans_of(&email)
                 .iter()
                 .any(|s| attr(s, "outcome").is_some_and(|o| o.starts_with("DeadLettered")));
@@ -252,7 +401,7 @@ async fn a_retried_message_keeps_its_trace() {
     .await;
     system.stop().await;
 
-    let attempts = journey.process_spans_of(&email);
+    let attempts = journey.created.process_spans_of(&email);
     let outcomes: Vec<String> = attempts
         .iter()
         .map(|s| attr(s, "outcome").unwrap_or_default())
@@ -262,15 +411,16 @@ async fn a_retried_message_keeps_its_trace() {
         assert_eq!(span.span_context.trace_id(), caller.trace_id);
         assert_eq!(
             span.parent_span_id,
-            journey.publish.span_context.span_id(),
+            journey.created.publish.span_context.span_id(),
             "attempt {attempt} is a child of the original publish span"
         );
         assert_eq!(
             attr(span, "messaging.consumer.attempt"),
             Some(attempt.to_string())
         );
+        assert_eq!(attr(span, CONVERSATION_ID), Some(order_id.to_string()));
         // A retry comes back from its delay queue, dead-lettered to the queue's name.
-        let routing_key = if attempt == 0 { BINDING_KEY } else { &email };
+        let routing_key = if attempt == 0 { ORDER_CREATED } else { &email };
         assert!(has(
             span,
             "messaging.rabbitmq.destination.routing_key",
