@@ -11,7 +11,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOption
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use order_service::amqp::QueueNames;
-use order_service::config::{AmqpConfig, RelayConfig};
+use order_service::config::{AmqpConfig, QueueType, RelayConfig};
 use order_service::metrics::Metrics;
 use order_service::orders::SUBSCRIPTIONS;
 use order_service::outbox::{Publisher, Relay, Wake};
@@ -22,6 +22,8 @@ use crate::setup::{BenchDb, bench_amqp, cleanup_amqp, percentile};
 
 const ROWS: i64 = 50_000;
 const ROUNDS: usize = 5;
+/// Rounds on classic queues, for the figure beside the quorum one.
+const CLASSIC_ROUNDS: usize = 3;
 
 /// Fills the outbox with `ROWS` order events shaped like the API's.
 async fn fill(db: &BenchDb) -> anyhow::Result<usize> {
@@ -152,7 +154,62 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
         config.batch_size = b;
     }
     let window = config.batch_size as usize * config.workers;
-    let amqp = bench_amqp("relay");
+    let (rounds, size) = rounds_on(QueueType::Quorum, &config, ROUNDS).await?;
+    let classic = rounds_on(QueueType::Classic, &config, CLASSIC_ROUNDS)
+        .await?
+        .0;
+    // The median round's ratio: pairs adjacent in time, robust to one
+    // round's drift. Every round is listed under the table.
+    let mut ratios: Vec<f64> = rounds.iter().map(|(raw, relay)| relay / raw).collect();
+    ratios.sort_by(f64::total_cmp);
+    let median = percentile(&ratios, 50.0);
+    let (raw, relay) = rounds
+        .iter()
+        .copied()
+        .find(|(raw, relay)| relay / raw == median)
+        .expect("the median is one of the rounds");
+    report.row(
+        &format!("Relay drain, 50,000-row backlog, quorum queues (median of {ROUNDS} rounds)"),
+        format!("{relay:.0} msg/s"),
+        format!("raw lapin publish, window {window}, {size} B, same round: {raw:.0} msg/s"),
+        median,
+        ">= 0.9",
+    );
+    let all: Vec<String> = rounds
+        .iter()
+        .map(|(raw, relay)| format!("{relay:.0}/{raw:.0} = {:.2}", relay / raw))
+        .collect();
+    report.note(format!(
+        "Relay rounds on quorum queues (relay/raw msg/s): {}",
+        all.join(", ")
+    ));
+    let mut ratios: Vec<f64> = classic.iter().map(|(raw, relay)| relay / raw).collect();
+    ratios.sort_by(f64::total_cmp);
+    let median = percentile(&ratios, 50.0);
+    let (raw, relay) = classic
+        .iter()
+        .copied()
+        .find(|(raw, relay)| relay / raw == median)
+        .expect("the median is one of the rounds");
+    report.row(
+        &format!("Relay drain on classic queues (QUEUE_TYPE=classic, median of {CLASSIC_ROUNDS})"),
+        format!("{relay:.0} msg/s"),
+        format!("raw lapin publish to classic queues, same round: {raw:.0} msg/s"),
+        median,
+        "(figure)",
+    );
+    Ok(())
+}
+
+/// `n` paired rounds (raw publish, relay drain) on queues of `queue_type`.
+async fn rounds_on(
+    queue_type: QueueType,
+    config: &RelayConfig,
+    n: usize,
+) -> anyhow::Result<(Vec<(f64, f64)>, usize)> {
+    let window = config.batch_size as usize * config.workers;
+    let mut amqp = bench_amqp("relay");
+    amqp.queue_type = queue_type;
     // The relay's publisher declares the exchange and every order queue.
     let publisher = Publisher::open(&amqp, &SUBSCRIPTIONS, &CancellationToken::new()).await?;
     let raw_side = Raw::open(&amqp).await?;
@@ -162,7 +219,7 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
     // order alternates: the broker is still cleaning up the purged messages
     // of the first run while the second starts, so a fixed order would
     // charge that cost to one side only.
-    for round in 1..=ROUNDS {
+    for round in 1..=n {
         let db = BenchDb::new("relay", 10).await?;
         size = fill(&db).await?;
         sqlx::query("VACUUM ANALYZE outbox")
@@ -200,7 +257,7 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
             raw = raw_publish(&raw_side, &amqp.exchange, ROWS, size, window).await?;
         }
         println!(
-            "relay round {round} ({}): raw confirmed publish {raw:.0} msg/s, relay drain {rate:.0} msg/s, ratio {:.2}",
+            "relay round {round} ({queue_type:?} queues, {}): raw confirmed publish {raw:.0} msg/s, relay drain {rate:.0} msg/s, ratio {:.2}",
             if raw_first {
                 "raw first"
             } else {
@@ -215,30 +272,5 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
     raw_side.close().await;
     publisher.close().await;
     cleanup_amqp(&amqp).await?;
-    // The median round's ratio: pairs adjacent in time, robust to one
-    // round's drift. Every round is listed under the table.
-    let mut ratios: Vec<f64> = rounds.iter().map(|(raw, relay)| relay / raw).collect();
-    ratios.sort_by(f64::total_cmp);
-    let median = percentile(&ratios, 50.0);
-    let (raw, relay) = rounds
-        .iter()
-        .copied()
-        .find(|(raw, relay)| relay / raw == median)
-        .expect("the median is one of the rounds");
-    report.row(
-        &format!("Relay drain, 50,000-row backlog (median of {ROUNDS} rounds)"),
-        format!("{relay:.0} msg/s"),
-        format!("raw lapin publish, window {window}, {size} B, same round: {raw:.0} msg/s"),
-        median,
-        ">= 0.9",
-    );
-    let all: Vec<String> = rounds
-        .iter()
-        .map(|(raw, relay)| format!("{relay:.0}/{raw:.0} = {:.2}", relay / raw))
-        .collect();
-    report.note(format!(
-        "Relay rounds (relay/raw msg/s): {}",
-        all.join(", ")
-    ));
-    Ok(())
+    Ok((rounds, size))
 }
