@@ -361,7 +361,14 @@ async fn outbox_status(db: DatabaseConfig, cancel: &CancellationToken) -> anyhow
         for f in failures {
             println!(
                 "    #{} {} {} attempts={} next={} error={}",
-                f.id, f.transaction_id, f.event_type, f.attempts, f.next_attempt_at, f.last_error
+                f.id,
+                f.transaction_id,
+                f.event_type,
+                f.attempts,
+                f.next_attempt_at
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "never (given up)".into()),
+                f.last_error
             );
         }
     }

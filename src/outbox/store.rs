@@ -60,7 +60,8 @@ pub struct FailedRow {
     pub event_type: String,
     pub attempts: i32,
     pub last_error: String,
-    pub next_attempt_at: DateTime<Utc>,
+    /// `None` once given up on (never due again).
+    pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
 /// One outbox table and its statements, built once from its name.
@@ -125,7 +126,8 @@ impl Table {
                  FROM {name} WHERE published_at IS NULL"
             )),
             failures: sql(format!(
-                "SELECT id, transaction_id, event_type, attempts, last_error, next_attempt_at FROM {name} \
+                "SELECT id, transaction_id, event_type, attempts, last_error, \
+                   NULLIF(next_attempt_at, 'infinity') AS next_attempt_at FROM {name} \
                  WHERE published_at IS NULL AND last_error IS NOT NULL ORDER BY id DESC LIMIT $1"
             )),
         };
