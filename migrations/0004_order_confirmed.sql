@@ -1,10 +1,8 @@
 -- The e-mail consumer now writes one notification per event: "order
 -- received" (order.created) and "payment confirmed" (order.confirmed).
--- Columns with a constant default are added without rewriting the table;
--- the defaults are dropped again so every new row names its own.
+-- Columns with a constant default are added without rewriting the table.
+-- The defaults stay: an e-mail consumer of the release before, still running
+-- during a rolling deploy, inserts without these columns and must not fail.
 ALTER TABLE notifications
     ADD COLUMN event_type text NOT NULL DEFAULT 'order.created',
     ADD COLUMN subject    text NOT NULL DEFAULT '';
-ALTER TABLE notifications
-    ALTER COLUMN event_type DROP DEFAULT,
-    ALTER COLUMN subject DROP DEFAULT;

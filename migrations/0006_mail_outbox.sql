@@ -19,5 +19,7 @@ CREATE TABLE mail_outbox (
     next_attempt_at timestamptz NOT NULL DEFAULT now(),
     last_error      text
 );
-CREATE INDEX mail_outbox_unpublished_idx ON mail_outbox (id) WHERE published_at IS NULL;
+-- Given-up mails ('infinity') stay for an operator but out of the claims' way.
+CREATE INDEX mail_outbox_unpublished_idx ON mail_outbox (id)
+    WHERE published_at IS NULL AND next_attempt_at < 'infinity';
 CREATE INDEX mail_outbox_published_at_idx ON mail_outbox (published_at) WHERE published_at IS NOT NULL;

@@ -57,8 +57,6 @@ pub enum Command {
         #[command(flatten)]
         db: DatabaseConfig,
         #[command(flatten)]
-        amqp: AmqpConfig,
-        #[command(flatten)]
         http: HttpConfig,
         #[command(flatten)]
         retention: RetentionConfig,
@@ -203,12 +201,13 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
         }
         Command::Api {
             db,
-            amqp,
             http,
             retention,
         } => {
             let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
-            roles.start_api(&http, Some(amqp)).await?;
+            // The api never talks to RabbitMQ: a broker outage must not take
+            // it out of rotation, so its /readyz does not check the broker.
+            roles.start_api(&http, None).await?;
             roles.start_notify_forwarder();
             let prunes = vec![retention::idempotency_keys(retention.idempotency_keys())];
             roles.start_retention(prunes, &retention);

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
@@ -41,8 +41,7 @@ pub async fn connect(
                 Ok(true)
             })
         })
-        .connect_lazy(config.database_url.expose())
-        .with_context(|| format!("invalid DATABASE_URL {}", config.database_url))?;
+        .connect_lazy_with(connect_options(config)?);
 
     crate::shutdown::retry_until_cancelled("Postgres", cancel, || async {
         sqlx::query("SELECT 1").execute(&pool).await.map(|_| ())
@@ -90,9 +89,47 @@ pub fn classify(error: &sqlx::Error) -> ErrorKind {
     }
 }
 
+/// Every statement of the service is bounded in time: a silent network
+/// partition or a lock queue (behind an `ALTER`, say) fails the work, which
+/// is then retried as an outage, instead of holding it forever.
+const STATEMENT_TIMEOUT: &str = "30s";
+const LOCK_TIMEOUT: &str = "10s";
+
+/// The connection options of `DATABASE_URL`, with the time limits above. The
+/// error never echoes the URL, which may carry a password.
+fn connect_options(config: &DatabaseConfig) -> anyhow::Result<PgConnectOptions> {
+    let options: PgConnectOptions = config.database_url.expose().parse().map_err(|_| {
+        anyhow::anyhow!("DATABASE_URL {} is not a Postgres URL", config.database_url)
+    })?;
+    Ok(options.options([
+        ("statement_timeout", STATEMENT_TIMEOUT),
+        ("lock_timeout", LOCK_TIMEOUT),
+    ]))
+}
+
 /// Applies pending migrations. Safe to run concurrently from several roles:
-/// sqlx takes an advisory lock.
+/// sqlx takes an advisory lock. Runs on a connection without the time
+/// limits (an index build may take long), which it restores after.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    MIGRATOR.run(pool).await.context("applying migrations")?;
+    let mut conn = pool
+        .acquire()
+        .await
+        .context("a connection for migrations")?;
+    sqlx::query("SET statement_timeout = 0")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("SET lock_timeout = 0")
+        .execute(&mut *conn)
+        .await?;
+    let applied = MIGRATOR
+        .run(&mut *conn)
+        .await
+        .context("applying migrations");
+    // Back to the limits the connection was opened with.
+    let _ = sqlx::query("RESET statement_timeout")
+        .execute(&mut *conn)
+        .await;
+    let _ = sqlx::query("RESET lock_timeout").execute(&mut *conn).await;
+    applied?;
     Ok(())
 }

@@ -184,12 +184,13 @@ impl Roles {
             pool: self.pool.clone(),
             table: MAILS.clone(),
             sink: Arc::new(smtp),
-            // Two waves of sends a round: a round in hand at shutdown ends
-            // within two SMTP timeouts, inside the shutdown deadline.
+            // Two waves of sends a round, each send bounded by the SMTP
+            // timeout: a round in hand at shutdown ends within two of them.
             batch_size: 2 * mail.mailer_concurrency.max(1) as i64,
             concurrency: mail.mailer_concurrency,
             poll: Duration::from_secs(1),
             wake: self.mail_wake.clone(),
+            timeout: Duration::from_millis(mail.smtp_timeout_ms),
         };
         let (running, cancel) = (self.status.running("mailer"), self.cancel.clone());
         self.tracker.spawn(async move {

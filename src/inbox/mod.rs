@@ -68,6 +68,8 @@ pub struct Consumer<H> {
     pub wakes: Vec<Wake>,
     /// True while a session is subscribed to the queue (for `/readyz`).
     pub subscribed: Flag,
+    /// Held while a delivery is forwarded to a delay queue or the DLQ.
+    forwarding: tokio::sync::Mutex<()>,
 }
 
 impl<H: Handler> Consumer<H> {
@@ -88,6 +90,7 @@ impl<H: Handler> Consumer<H> {
             queues,
             wakes: Vec::new(),
             subscribed: Flag::default(),
+            forwarding: tokio::sync::Mutex::new(()),
         }
     }
 

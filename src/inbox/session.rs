@@ -154,6 +154,11 @@ impl<H: Handler> Consumer<H> {
             let Some(items) = next else {
                 break Err(anyhow::anyhow!("consumer was cancelled by the broker"));
             };
+            // Without its publish channel no refused delivery can be
+            // forwarded: start a new session rather than requeue forever.
+            if !channels.publish.status().connected() {
+                break Err(anyhow::anyhow!("the publish channel was closed"));
+            }
             // Unacked deliveries go back to the queue with a failed channel.
             let batch = match items.into_iter().collect::<Result<Vec<Delivery>, _>>() {
                 Ok(batch) => batch,
@@ -241,13 +246,15 @@ impl<H: Handler> Consumer<H> {
             return;
         }
         tokio::time::sleep(REQUEUE_PAUSE).await;
-        for delivery in left {
+        // All at once, each bounded: if the connection is gone the broker
+        // requeues them anyway.
+        let nacks = left.into_iter().map(|delivery| {
             let nack = delivery.nack(BasicNackOptions {
                 requeue: true,
                 ..Default::default()
             });
-            // If the connection is gone the broker requeues it anyway.
-            let _ = tokio::time::timeout(AMQP_TIMEOUT, nack).await;
-        }
+            tokio::time::timeout(AMQP_TIMEOUT, nack)
+        });
+        futures_util::future::join_all(nacks).await;
     }
 }

@@ -201,6 +201,11 @@ impl<H: Handler> Consumer<H> {
         attempt: u32,
         reason: &str,
     ) -> Result<(), InboxError> {
+        // One forward at a time on the shared publish channel: lapin hands a
+        // returned message to whichever confirm completes next, so with two
+        // in flight one's return could ride on the other's ack, and the
+        // original would be acked although its copy went nowhere.
+        let _one_at_a_time = self.forwarding.lock().await;
         message::forward(publish, delivery, queue, attempt + 1, reason)
             .await
             .map_err(InboxError::broker)?;

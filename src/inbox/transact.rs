@@ -117,6 +117,15 @@ impl<H: Handler> Consumer<H> {
                 }
             }
         }
+        // A handler that swallowed an error of its own statement returns Ok
+        // on an aborted transaction, whose COMMIT Postgres answers with a
+        // rollback and no error: this statement fails there (25P02), so the
+        // deliveries wait for a fixed handler instead of being acked unapplied.
+        if !new_events.is_empty()
+            && let Err(error) = sqlx::query("SELECT 1").execute(&mut *tx).await
+        {
+            return Err(InboxError::database(error));
+        }
         if let Err(error) = tx.commit().await {
             return refused_or_outage(error);
         }

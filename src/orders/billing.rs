@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::events::{BILLING_SUBSCRIPTION, Charge, OrderConfirmed, OrderEvent};
+use super::events::{BILLING_SUBSCRIPTION, Charge, ORDER_CREATED, OrderConfirmed, OrderEvent};
 use crate::amqp::Subscription;
 use crate::inbox::{Event, Handler, HandlerError};
 use crate::outbox::store;
@@ -35,6 +35,14 @@ impl Handler for Billing {
         tx: &mut PgConnection,
         events: &[Event<OrderEvent>],
     ) -> Result<(), HandlerError> {
+        // An order.confirmed routed here by a stray binding would read as a
+        // new order (its body has every field of one): refuse it.
+        if let Some(other) = events.iter().find(|e| e.event_type != ORDER_CREATED) {
+            return Err(HandlerError::refused(format!(
+                "billing takes order.created, not {:?}",
+                other.event_type
+            )));
+        }
         let charged_at = Utc::now();
         let ledger_ids: HashMap<Uuid, i64> = charge_and_confirm(tx, events, charged_at)
             .await?

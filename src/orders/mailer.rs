@@ -132,7 +132,9 @@ impl Sink for Smtp {
             let message = self.message(row, &mail)?;
             match self.transport.send(message).await {
                 Ok(_) => Ok(()),
-                Err(error) if error.is_permanent() => Err(SinkError::Permanent(error.to_string())),
+                Err(error) if refuses_the_mail(&error) => {
+                    Err(SinkError::Permanent(error.to_string()))
+                }
                 Err(error) => Err(SinkError::Temporary(error.to_string())),
             }
         }
@@ -150,6 +152,25 @@ impl Sink for Smtp {
         }
         result
     }
+}
+
+/// Whether the server refused this mail for good: a 5xx about the mailbox
+/// (550, 551, 552, 553). A 5xx that says the server takes nothing from us
+/// (530/535 authentication, 521, 554 at the greeting)
+/// would give up every pending mail: it is retried with backoff instead, and
+/// shows in `last_error` and the logs.
+fn refuses_the_mail(error: &lettre::transport::smtp::Error) -> bool {
+    use lettre::transport::smtp::response::{Category, Detail, Severity};
+    let Some(code) = error.status() else {
+        return false;
+    };
+    error.is_permanent()
+        && code.severity == Severity::PermanentNegativeCompletion
+        && code.category == Category::MailSystem
+        && matches!(
+            code.detail,
+            Detail::Zero | Detail::One | Detail::Two | Detail::Three
+        )
 }
 
 /// The CLIENT span of one SMTP send, in the trace of the event it tells of.

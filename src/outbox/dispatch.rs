@@ -54,6 +54,8 @@ pub struct Dispatcher<S> {
     pub concurrency: usize,
     pub poll: Duration,
     pub wake: Wake,
+    /// Longest one delivery may take; past it, it is retried (temporary).
+    pub timeout: Duration,
 }
 
 impl<S: Sink> Dispatcher<S> {
@@ -63,9 +65,14 @@ impl<S: Sink> Dispatcher<S> {
         let mut tx = self.pool.begin().await?;
         let rows = self.table.claim_due(&mut tx, self.batch_size).await?;
         let deliveries = rows.iter().cloned().map(|row| {
-            let sink = self.sink.clone();
+            let (sink, timeout) = (self.sink.clone(), self.timeout);
             async move {
-                let result = sink.deliver(&row).await;
+                let result = match tokio::time::timeout(timeout, sink.deliver(&row)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(SinkError::Temporary(format!(
+                        "no answer within {timeout:?}"
+                    ))),
+                };
                 (row, result)
             }
         });

@@ -23,7 +23,8 @@ use crate::config::AmqpConfig;
 use crate::telemetry::propagation;
 
 /// How long a publish may wait for its confirm before it counts as failed.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Shorter than the shutdown deadline; a row past it is left due (an outage).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a publish may wait to be written (a blocked connection, under a
 /// broker alarm, holds it): past this it counts as failed and stays due.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);

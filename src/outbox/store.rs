@@ -97,7 +97,7 @@ impl Table {
             )),
             claim: sql(format!(
                 "SELECT id, transaction_id, event_type, payload::text AS payload, headers, created_at, attempts \
-                 FROM {name} WHERE published_at IS NULL AND next_attempt_at <= now() \
+                 FROM {name} WHERE published_at IS NULL AND next_attempt_at <= now() AND next_attempt_at < 'infinity' \
                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
             )),
             published: sql(format!(
@@ -107,7 +107,7 @@ impl Table {
             // batch, which that batch may have marked published already.
             failed: sql(format!(
                 "UPDATE {name} AS o SET published_at = NULL, attempts = o.attempts + 1, last_error = f.error, \
-                     next_attempt_at = now() + least(interval '1 second' * power(2, o.attempts), interval '5 minutes') \
+                     next_attempt_at = now() + make_interval(secs => least(power(2, least(o.attempts, 16)), 300)) \
                  FROM unnest($1::uuid[], $2::text[]) AS f(transaction_id, error) \
                  WHERE o.transaction_id = ANY($1) AND o.transaction_id = f.transaction_id"
             )),

@@ -41,7 +41,8 @@ pub async fn forward_wakes_as_notify(pool: PgPool, wake: Wake, cancel: Cancellat
             _ = cancel.cancelled() => return,
             _ = wake.notified() => {}
         }
-        if let Err(error) = sqlx::query("SELECT pg_notify('outbox_wake', '')")
+        if let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
+            .bind(NOTIFY_CHANNEL)
             .execute(&pool)
             .await
         {
@@ -75,8 +76,7 @@ async fn listen_once(
     backoff: &mut Backoff,
 ) -> sqlx::Result<()> {
     let mut listener = PgListener::connect_with(pool).await?;
-    // Without this, sqlx reconnects silently and a NOTIFY sent meanwhile is
-    // lost without a word; an error here is logged and retried by `listen`.
+    // Closing the pool at shutdown ends the wait through `cancel`, not an error.
     listener.ignore_pool_close_event(true);
     listener.listen(NOTIFY_CHANNEL).await?;
     tracing::debug!("listening for outbox wake-ups");
