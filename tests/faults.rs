@@ -2,11 +2,14 @@
 //! relay, `consume email`, `consume billing`, as docker compose runs them),
 //! the local Postgres and RabbitMQ, and orders posted at a steady rate while
 //! roles are killed (SIGKILL) or stopped (SIGTERM), RabbitMQ is stopped and
-//! started, and Postgres is restarted. After each scenario the system must
-//! settle with nothing lost and nothing applied twice, along the whole chain
-//! (the API's `order.created` to billing and e-mail, billing's
-//! `order.confirmed`, written in its dedup transaction, to e-mail): every
-//! order answered 202 exists and is CONFIRMED, it has exactly one
+//! started or put under a memory alarm (its flow control: publishing
+//! connections are blocked), and Postgres is restarted or crashed. After
+//! each scenario the system must settle with nothing lost and nothing
+//! applied twice, along the whole chain (the API's `order.created` to
+//! billing and e-mail, billing's `order.confirmed`, written in its dedup
+//! transaction, to e-mail): every order answered 202 exists and is
+//! CONFIRMED (an order answered 503 or not at all may or may not exist; if
+//! it does, it is held to the same), it has exactly one
 //! `order.created` and one `order.confirmed` outbox row (the latter's id
 //! derived from the former's, its charge the order's ledger row) and every
 //! row is published, billing processed each `order.created` exactly once and
@@ -24,20 +27,29 @@
 //! ```
 //!
 //! as root (for `pg_ctlcluster` and `rabbitmqctl`). `FAULT_SCENARIOS=kill,postgres`
-//! runs only the named scenarios (`kill`, `rabbitmq`, `postgres`, `sigterm`,
-//! `soak`: a 60 s soak with the billing consumer stopped for 25 s, showing
-//! its queue absorbs the backlog and drains afterwards);
+//! runs only the named scenarios (`kill`, `rabbitmq`, `alarm`, `postgres`,
+//! `pg-crash`, `sigterm`, `soak`: a 60 s soak with the billing consumer
+//! stopped for 25 s, showing its queue absorbs the backlog and drains
+//! afterwards). `alarm` holds RabbitMQ's memory alarm for 40 s under load:
+//! every order must still be answered 202 (no request talks to RabbitMQ),
+//! every role must stay alive with its `/healthz` answering 200 (every
+//! broker call is bounded in time), and the backlog must drain once the
+//! alarm clears. `pg-crash` stops Postgres with `-m immediate` (a crash)
+//! for 10 s: the API may answer only 202 or 503 meanwhile;
 //! `FAULT_KEEP_LOGS=1` keeps the roles' logs (they are kept anyway when a
 //! scenario fails, and their warnings are quoted in the failure);
 //! `FAULT_RUST_LOG` sets the roles' `RUST_LOG` (default `info`).
 //! One summary line per scenario and a final total are written straight to
 //! stderr, so they show even when the test output is captured. Whatever
 //! happens, each scenario's guard kills its processes, brings Postgres and
-//! RabbitMQ back, and deletes its database, queues and exchange.
+//! RabbitMQ back (with RabbitMQ's default memory watermark, so no alarm is
+//! left on), and deletes its database, queues and exchange.
 
 #[path = "faults/checks.rs"]
 mod checks;
 mod common;
+#[path = "faults/health.rs"]
+mod health;
 #[path = "faults/load.rs"]
 mod load;
 #[path = "faults/services.rs"]
@@ -46,10 +58,12 @@ mod services;
 mod stack;
 
 use std::io::Write;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use common::eventually;
-use load::Load;
+use health::{Health, HealthWatch};
+use load::{Answer, Answers, Load, LoadReport};
 use order_service::orders::BILLING;
 use stack::{Role, Stack};
 
@@ -67,6 +81,19 @@ const SOAK_PAUSE_AT: Duration = Duration::from_secs(15);
 /// After SIGCONT, the billing queue must be empty again within this long,
 /// while the load goes on.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(60);
+/// How long RabbitMQ's memory alarm lasts, under load.
+const ALARM: Duration = Duration::from_secs(40);
+/// Once the default watermark is back, everything written before must be
+/// through the whole chain within this long, while the load goes on.
+const ALARM_DRAIN_DEADLINE: Duration = Duration::from_secs(90);
+/// How long Postgres stays down after its crash.
+const PG_DOWN: Duration = Duration::from_secs(10);
+/// An answer of 202: an accepted order.
+const ACCEPTED: Answer = Answer::Status(202);
+/// An answer of 503: a dependency is down, retry later.
+const UNAVAILABLE: Answer = Answer::Status(503);
+/// The API's own request timeout (`HTTP_REQUEST_TIMEOUT_MS`' default), answered 503.
+const API_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "stops and restarts the shared Postgres and RabbitMQ; run with --ignored --test-threads=1"]
@@ -114,9 +141,19 @@ enum Scenario {
     /// `rabbitmqctl stop_app` mid-stream; the API keeps accepting orders;
     /// then `start_app`.
     RabbitMq,
+    /// RabbitMQ's memory alarm for [`ALARM`] mid-stream (a watermark far
+    /// below its own use): it blocks every publishing connection. Every
+    /// order is still answered 202, every role stays alive and answers
+    /// `/healthz` with 200, and the backlog drains once the default
+    /// watermark is back.
+    Alarm,
     /// `pg_ctlcluster restart -m fast`, twice: once while orders are being
     /// written, once while the consumers are busy.
     Postgres,
+    /// `pg_ctlcluster stop -m immediate` (a crash) while a burst is being
+    /// written; Postgres stays down [`PG_DOWN`], then starts (recovering
+    /// from its WAL). Meanwhile the API answers only 202 or 503.
+    PgCrash,
     /// SIGTERM the relay and each consumer mid-batch, then all three at
     /// once; each must exit 0 after finishing its work, and is restarted.
     Sigterm,
@@ -127,10 +164,12 @@ enum Scenario {
 }
 
 impl Scenario {
-    const ALL: [Scenario; 5] = [
+    const ALL: [Scenario; 7] = [
         Scenario::Kill,
         Scenario::RabbitMq,
+        Scenario::Alarm,
         Scenario::Postgres,
+        Scenario::PgCrash,
         Scenario::Sigterm,
         Scenario::Soak,
     ];
@@ -139,7 +178,9 @@ impl Scenario {
         match self {
             Scenario::Kill => "kill",
             Scenario::RabbitMq => "rabbitmq",
+            Scenario::Alarm => "alarm",
             Scenario::Postgres => "postgres",
+            Scenario::PgCrash => "pg-crash",
             Scenario::Sigterm => "sigterm",
             Scenario::Soak => "soak",
         }
@@ -149,7 +190,16 @@ impl Scenario {
         match self {
             Scenario::Kill => "SIGKILL each role",
             Scenario::RabbitMq => "RabbitMQ stop/start",
+            Scenario::Alarm => {
+                return format!("RabbitMQ memory alarm {} s", ALARM.as_secs());
+            }
             Scenario::Postgres => "Postgres restart",
+            Scenario::PgCrash => {
+                return format!(
+                    "Postgres crash (stop -m immediate), down {} s",
+                    PG_DOWN.as_secs()
+                );
+            }
             Scenario::Sigterm => "SIGTERM relay and consumers",
             Scenario::Soak => {
                 return format!(
@@ -178,24 +228,59 @@ impl Scenario {
         let mut stack = Stack::start().await;
         let load = Load::start(stack.orders_url(), RATE);
         let mut faults = Faults::default();
-        let mut soaked = None;
+        let mut measured = None;
         match self {
             Scenario::Kill => kill_each_role(&mut stack, &load, &mut faults).await,
             Scenario::RabbitMq => stop_rabbitmq(&stack, &load, &mut faults).await,
+            Scenario::Alarm => {
+                let alarmed = memory_alarm(&mut stack, &load, &mut faults).await;
+                measured = Some(Measured::Alarm(alarmed));
+            }
             Scenario::Postgres => restart_postgres(&stack, &load, &mut faults).await,
+            Scenario::PgCrash => {
+                let crashed = crash_postgres(&mut stack, &load, &mut faults).await;
+                measured = Some(Measured::Crash(crashed));
+            }
             Scenario::Sigterm => terminate_workers(&mut stack, &load, &mut faults).await,
-            Scenario::Soak => soaked = Some(soak(&stack, &load, &mut faults).await),
+            Scenario::Soak => {
+                measured = Some(Measured::Soak(soak(&stack, &load, &mut faults).await));
+            }
         }
         let load = load.stop().await;
+        // What the scenario itself demands (the answers while its fault
+        // lasted, the roles' health): said now, failed after the usual
+        // invariants have been checked too.
+        let problems = measured
+            .as_ref()
+            .map(|m| m.problems(&load))
+            .unwrap_or_default();
+        if !problems.is_empty() {
+            say(&format!(
+                "faults[{}]: {}",
+                self.title(),
+                problems.join("; ")
+            ));
+        }
         let verdict = checks::settle_and_verify(&mut stack, &load).await;
+        if let Some(m) = measured.as_mut() {
+            m.after_settling(&stack, &load).await;
+        }
+        assert!(
+            problems.is_empty(),
+            "{}: {}\n{}",
+            self.title(),
+            problems.join("\n"),
+            stack.diagnostics()
+        );
         drop(stack);
         Report {
             scenario: self,
             faults,
             accepted: load.accepted.len(),
             refused: load.failed + load.server_errors,
+            answers: load.answers(..),
             verdict,
-            soaked,
+            detail: measured.map(|m| m.detail(&load)),
             took: started.elapsed(),
         }
     }
@@ -236,6 +321,120 @@ async fn stop_rabbitmq(stack: &Stack, load: &Load, faults: &mut Faults) {
         .await
         .expect("rabbitmqctl start_app");
     orders_flow(load, 200, "orders to flow after the start").await;
+}
+
+/// Raises RabbitMQ's memory alarm under load and holds it for [`ALARM`],
+/// sampling the outbox backlog and every role's `/healthz`; then restores
+/// the default watermark and times the drain, while the load goes on.
+async fn memory_alarm(stack: &mut Stack, load: &Load, faults: &mut Faults) -> Alarmed {
+    orders_flow(load, 200, "orders to flow before the alarm").await;
+    faults.arm(stack, load, true).await;
+    let health = HealthWatch::start(&stack.http_addrs);
+    blocking(services::raise_memory_alarm)
+        .await
+        .expect("raising RabbitMQ's memory alarm");
+    let raised = Instant::now();
+    faults.injected += 1;
+    let raised_at = checks::db_now(&stack.pool).await.expect("Postgres' clock");
+    let accepted_before = load.accepted();
+    let mut peak_backlog = 0;
+    let until = raised + ALARM;
+    while Instant::now() < until {
+        tokio::time::sleep(
+            Duration::from_secs(1).min(until.saturating_duration_since(Instant::now())),
+        )
+        .await;
+        if let Ok(n) = checks::unpublished(&stack.pool).await {
+            peak_backlog = peak_backlog.max(n);
+        }
+    }
+    // Whatever was in flight when the alarm went off has had its publish
+    // timeout (10 s) by now: anything marked published afterwards got
+    // through the blocked broker.
+    let clearing_at = checks::db_now(&stack.pool).await.expect("Postgres' clock");
+    let published_during = checks::published_between(
+        &stack.pool,
+        raised_at + Duration::from_secs(12),
+        clearing_at,
+    )
+    .await
+    .expect("counting rows published during the alarm");
+    let accepted_during = load.accepted() - accepted_before;
+    let exited_during = stack.exited();
+    let clearing = Instant::now();
+    blocking(services::clear_memory_alarm)
+        .await
+        .expect("restoring RabbitMQ's memory watermark");
+    // Polled by hand, not with `eventually`: two moments are wanted.
+    let mut relay_caught_up_in = None;
+    let drained_in = loop {
+        let backlog = checks::backlog_until(&stack.pool, clearing_at).await;
+        if let Ok((0, unfinished)) = backlog {
+            relay_caught_up_in.get_or_insert_with(|| clearing.elapsed());
+            if unfinished == 0 {
+                break clearing.elapsed();
+            }
+        }
+        assert!(
+            clearing.elapsed() < ALARM_DRAIN_DEADLINE,
+            "what was written before the alarm ended is not through within \
+             {ALARM_DRAIN_DEADLINE:?} after it: (unpublished outbox rows, orders not through \
+             the whole chain) = {backlog:?}\n{}",
+            stack.diagnostics()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let health = health.stop().await;
+    let resumed_in = checks::first_published_after(&stack.pool, clearing_at)
+        .await
+        .expect("the first publish after the alarm")
+        .map(|at| (at - clearing_at).to_std().unwrap_or_default());
+    assert!(
+        peak_backlog as f64 >= 0.5 * accepted_during as f64,
+        "the alarm should have held up the relay: the outbox backlog peaked at {peak_backlog} \
+         unpublished rows while {accepted_during} orders were accepted during the alarm"
+    );
+    orders_flow(load, 200, "orders to flow after the alarm").await;
+    Alarmed {
+        alarm: raised..clearing,
+        accepted_during,
+        peak_backlog,
+        published_during,
+        resumed_in,
+        relay_caught_up_in: relay_caught_up_in.unwrap_or(drained_in),
+        drained_in,
+        health,
+        exited_during,
+    }
+}
+
+/// Crashes Postgres (`stop -m immediate`) while a burst is being written,
+/// keeps it down [`PG_DOWN`] under load, and starts it again.
+async fn crash_postgres(stack: &mut Stack, load: &Load, faults: &mut Faults) -> Crashed {
+    orders_flow(load, 200, "orders to flow before the crash").await;
+    faults.arm(stack, load, false).await;
+    let crashed = Instant::now();
+    let crashed_at = chrono::Utc::now();
+    blocking(services::crash_postgres)
+        .await
+        .expect("stopping Postgres with -m immediate");
+    faults.injected += 1;
+    tokio::time::sleep(PG_DOWN.saturating_sub(crashed.elapsed())).await;
+    let exited_during = stack.exited();
+    let starting = Instant::now();
+    let back = blocking(services::start_postgres)
+        .await
+        .expect("starting Postgres after the crash");
+    let back_at = chrono::Utc::now() - Instant::now().saturating_duration_since(back);
+    orders_flow(load, 200, "the API to accept orders after the crash").await;
+    Crashed {
+        outage: crashed..back,
+        recovery: back.saturating_duration_since(starting),
+        crashed_at,
+        back_at,
+        exited_during,
+        without_202: None,
+    }
 }
 
 async fn restart_postgres(stack: &Stack, load: &Load, faults: &mut Faults) {
@@ -328,6 +527,174 @@ async fn soak(stack: &Stack, load: &Load, faults: &mut Faults) -> Soaked {
     }
 }
 
+/// What a scenario measured besides the usual invariants.
+enum Measured {
+    Soak(Soaked),
+    Alarm(Alarmed),
+    Crash(Crashed),
+}
+
+impl Measured {
+    /// What the scenario itself demands and did not get.
+    fn problems(&self, load: &LoadReport) -> Vec<String> {
+        let mut problems = Vec::new();
+        match self {
+            Measured::Soak(_) => {}
+            Measured::Alarm(a) => {
+                let during = load.answers(a.alarm.clone());
+                let other = load.answers(..).other_than(&[ACCEPTED]);
+                if other.total() > 0 {
+                    problems.push(format!(
+                        "orders not answered 202 ({} during the alarm, answers then: {during}); \
+                         over the whole scenario: {other}",
+                        during.other_than(&[ACCEPTED]).total()
+                    ));
+                }
+                if !a.exited_during.is_empty() {
+                    problems.push(format!(
+                        "roles died during the alarm: {:?}",
+                        a.exited_during
+                    ));
+                }
+                if a.health.failed() > 0 {
+                    problems.push(format!(
+                        "/healthz did not keep answering 200 during the alarm and its drain:\n{}",
+                        a.health.failures()
+                    ));
+                }
+            }
+            Measured::Crash(c) => {
+                let other = load.answers(..).other_than(&[ACCEPTED, UNAVAILABLE]);
+                if other.total() > 0 {
+                    problems.push(format!(
+                        "answers other than 202 or 503: {other} (while Postgres was down: {})",
+                        load.answers(c.outage.clone())
+                    ));
+                }
+                if !c.exited_during.is_empty() {
+                    problems.push(format!(
+                        "roles died while Postgres was down: {:?}",
+                        c.exited_during
+                    ));
+                }
+            }
+        }
+        problems
+    }
+
+    /// What can only be counted once the system has settled.
+    async fn after_settling(&mut self, stack: &Stack, load: &LoadReport) {
+        if let Measured::Crash(c) = self {
+            c.without_202 = checks::written_without_202(&stack.pool, &load.accepted, c.crashed_at)
+                .await
+                .ok();
+        }
+    }
+
+    /// The scenario's own figures, for its summary line.
+    fn detail(&self, load: &LoadReport) -> String {
+        match self {
+            Measured::Soak(soak) => format!(
+                "load ran {:.1}s, max billing queue depth {}, drained in {:.1}s after resume",
+                soak.ran.as_secs_f64(),
+                soak.max_depth,
+                soak.drained_in.as_secs_f64()
+            ),
+            Measured::Alarm(a) => format!(
+                "alarm {:.1}s: {} orders posted during it, answers {}, {} accepted; outbox \
+                 backlog peaked at {} unpublished rows ({} published during the alarm); after \
+                 the default watermark was set, the relay published again in {}, caught up in \
+                 {:.1}s, and everything written before was through the whole chain in {:.1}s; \
+                 /healthz: {} probes of 4 roles, {} failed, slowest {} ms",
+                (a.alarm.end - a.alarm.start).as_secs_f64(),
+                load.answers(a.alarm.clone()).total(),
+                load.answers(a.alarm.clone()),
+                a.accepted_during,
+                a.peak_backlog,
+                a.published_during,
+                a.resumed_in
+                    .map_or("(never)".into(), |d| format!("{:.1}s", d.as_secs_f64())),
+                a.relay_caught_up_in.as_secs_f64(),
+                a.drained_in.as_secs_f64(),
+                a.health.polls(),
+                a.health.failed(),
+                a.health.slowest().as_millis()
+            ),
+            Measured::Crash(c) => {
+                let during = load.answers(c.outage.clone());
+                let timed_out = load
+                    .answers
+                    .iter()
+                    .filter(|r| r.answer == UNAVAILABLE && r.took >= API_REQUEST_TIMEOUT)
+                    .count();
+                let written = match c.without_202 {
+                    Some((n, late, last)) => format!(
+                        "{n} orders written without a 202, {late} of them after the crash \
+                         (once Postgres was back), the last {:.1}s after it was",
+                        last.map_or(0.0, |at| (at - c.back_at).as_seconds_f64())
+                    ),
+                    None => "orders written without a 202 not counted".into(),
+                };
+                format!(
+                    "Postgres down {:.1}s (stopped {} s, then {:.1}s until it accepted \
+                     connections again): answers to the {} orders posted meanwhile: {during}; \
+                     {} x 503 over the scenario, {timed_out} of them after the API's {} s request \
+                     timeout; {written}",
+                    (c.outage.end - c.outage.start).as_secs_f64(),
+                    PG_DOWN.as_secs(),
+                    c.recovery.as_secs_f64(),
+                    during.total(),
+                    load.answers(..).count(UNAVAILABLE),
+                    API_REQUEST_TIMEOUT.as_secs()
+                )
+            }
+        }
+    }
+}
+
+/// What the memory alarm scenario measured.
+struct Alarmed {
+    /// From the alarm in effect to the command restoring the watermark.
+    alarm: Range<Instant>,
+    accepted_during: usize,
+    /// The most unpublished outbox rows seen during the alarm.
+    peak_backlog: i64,
+    /// Rows marked published from 12 s into the alarm (past the relay's
+    /// publish timeout) to its end: the broker should have taken none.
+    published_during: i64,
+    /// From the command restoring the watermark to the first row published
+    /// after it (the relay's hold),
+    resumed_in: Option<Duration>,
+    /// From the command restoring the watermark until every outbox row
+    /// written before it was published,
+    relay_caught_up_in: Duration,
+    /// and until every order written before it was through the whole chain
+    /// (billing's `order.confirmed` included).
+    drained_in: Duration,
+    /// Every role's `/healthz` from the alarm to the end of the drain.
+    health: Health,
+    /// Roles that exited on their own during the alarm.
+    exited_during: Vec<String>,
+}
+
+/// What the Postgres crash scenario measured.
+struct Crashed {
+    /// From `stop -m immediate` until Postgres accepted connections again,
+    outage: Range<Instant>,
+    /// of which this long from `pg_ctlcluster start` (its crash recovery);
+    recovery: Duration,
+    /// its start and end on the wall clock, to compare with the orders'
+    /// `created_at` (the API's clock, taken as it sends the write).
+    crashed_at: chrono::DateTime<chrono::Utc>,
+    back_at: chrono::DateTime<chrono::Utc>,
+    /// Orders never answered 202 that exist nevertheless: how many, how many
+    /// of them were sent to Postgres after the crash (so written once it was
+    /// back), and when the last was.
+    without_202: Option<(i64, i64, Option<chrono::DateTime<chrono::Utc>>)>,
+    /// Roles that exited on their own while Postgres was down.
+    exited_during: Vec<String>,
+}
+
 /// What the soak measured.
 #[derive(Debug, Clone, Copy)]
 struct Soaked {
@@ -374,9 +741,11 @@ struct Report {
     accepted: usize,
     /// Requests refused, unanswered or answered 5xx during the outages.
     refused: u64,
+    /// How every request ended.
+    answers: Answers,
     verdict: checks::Verdict,
-    /// The soak's own measurements, for [`Scenario::Soak`].
-    soaked: Option<Soaked>,
+    /// The scenario's own figures ([`Measured::detail`]).
+    detail: Option<String>,
     took: Duration,
 }
 
@@ -400,21 +769,23 @@ impl Report {
             v.settled_in.as_secs_f64(),
             self.took.as_secs_f64()
         );
-        if let Some(soak) = self.soaked {
-            return format!(
-                "faults[{}]: {} orders accepted (202) in {:.1}s, max billing queue depth {}, \
-                 drained in {:.1}s after resume, {} requests refused or failed, {outcome}",
-                self.scenario.title(),
-                self.accepted,
-                soak.ran.as_secs_f64(),
-                soak.max_depth,
-                soak.drained_in.as_secs_f64(),
-                self.refused,
-            );
-        }
+        let detail = self
+            .detail
+            .as_ref()
+            .map(|d| format!("{d}, "))
+            .unwrap_or_default();
+        let written_without_202 = v.orders - self.accepted as i64;
+        let refused = if self.refused == 0 {
+            String::new()
+        } else {
+            format!(
+                " ({}; {written_without_202} of them written anyway)",
+                self.answers.other_than(&[ACCEPTED])
+            )
+        };
         format!(
             "faults[{}]: {} injected, {} orders accepted (202), {} in flight at the faults, \
-             {} requests refused or failed, {outcome}",
+             {} requests refused or failed{refused}, {detail}{outcome}",
             self.scenario.title(),
             self.faults.injected,
             self.accepted,

@@ -135,6 +135,7 @@ async fn mailer_drain(
         concurrency,
         poll: Duration::from_secs(1),
         wake: Wake::default(),
+        timeout: Duration::from_millis(config.smtp_timeout_ms),
     };
     let started = Instant::now();
     let mut total = Delivered::default();

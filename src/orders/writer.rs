@@ -98,6 +98,12 @@ async fn write_batches(pool: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Job>>>, 
                 }
             }
         }
+        // A request that has already been answered (its timeout's 503) is
+        // not written: its client was told the order failed and may retry.
+        batch.retain(|job| !job.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         match write_retrying(&pool, &batch).await {
             Ok(()) => {
                 wake.notify();
@@ -105,19 +111,27 @@ async fn write_batches(pool: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Job>>>, 
                     let _ = job.reply.send(Ok(()));
                 }
             }
-            Err(error) if batch.len() == 1 => {
-                let job = batch.pop().expect("one job");
-                let _ = job.reply.send(Err(error));
-            }
-            // One bad order must not fail the others: write each alone.
-            Err(_) => {
+            // One bad order must not fail the others: write each alone. Any
+            // other failure (Postgres unreachable) would fail each alone too.
+            Err(error) if batch.len() > 1 && crate::db::classify(&error) == ErrorKind::Refused => {
                 for job in batch {
+                    if job.reply.is_closed() {
+                        continue;
+                    }
                     let result = write_retrying(&pool, std::slice::from_ref(&job)).await;
                     if result.is_ok() {
                         wake.notify();
                     }
                     let _ = job.reply.send(result);
                 }
+            }
+            Err(error) => {
+                let mut jobs = batch.into_iter();
+                let first = jobs.next().expect("a batch is never empty");
+                for job in jobs {
+                    let _ = job.reply.send(Err(same_kind(&error)));
+                }
+                let _ = first.reply.send(Err(error));
             }
         }
     }
@@ -166,6 +180,19 @@ async fn write_retrying(pool: &PgPool, batch: &[Job]) -> Result<(), sqlx::Error>
             }
             result => return result,
         }
+    }
+}
+
+/// An error of the same kind as `error` (sqlx's errors cannot be cloned),
+/// so that each request of a failed batch gets the answer its cause calls for.
+fn same_kind(error: &sqlx::Error) -> sqlx::Error {
+    match crate::db::classify(error) {
+        ErrorKind::Unavailable => sqlx::Error::PoolTimedOut,
+        ErrorKind::ConnectionLost => sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            error.to_string(),
+        )),
+        ErrorKind::Refused | ErrorKind::Other => sqlx::Error::Protocol(error.to_string()),
     }
 }
 

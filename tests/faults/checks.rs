@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
@@ -179,6 +180,85 @@ pub async fn unfinished(pool: &PgPool) -> i64 {
     .fetch_one(pool)
     .await
     .unwrap_or(0)
+}
+
+/// Postgres' clock now, to compare with the rows' timestamps.
+pub async fn db_now(pool: &PgPool) -> sqlx::Result<DateTime<Utc>> {
+    sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(pool)
+        .await
+}
+
+/// Outbox rows not yet published.
+pub async fn unpublished(pool: &PgPool) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        .fetch_one(pool)
+        .await
+}
+
+/// Outbox rows marked published in `from..=to` (Postgres' clock).
+pub async fn published_between(
+    pool: &PgPool,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at BETWEEN $1 AND $2")
+        .bind(from)
+        .bind(to)
+        .fetch_one(pool)
+        .await
+}
+
+/// The first moment a row was marked published after `after` (Postgres'
+/// clock), if one was.
+pub async fn first_published_after(
+    pool: &PgPool,
+    after: DateTime<Utc>,
+) -> sqlx::Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar("SELECT min(published_at) FROM outbox WHERE published_at > $1")
+        .bind(after)
+        .fetch_one(pool)
+        .await
+}
+
+/// Orders never answered 202 (their ids are not in `accepted`): how many
+/// were written, how many of them after `after`, and the last one's time.
+pub async fn written_without_202(
+    pool: &PgPool,
+    accepted: &[Uuid],
+    after: DateTime<Utc>,
+) -> sqlx::Result<(i64, i64, Option<DateTime<Utc>>)> {
+    sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE created_at > $2), max(created_at) \
+         FROM orders WHERE id <> ALL($1::uuid[])",
+    )
+    .bind(accepted)
+    .bind(after)
+    .fetch_one(pool)
+    .await
+}
+
+/// The backlog left of what was written up to `until` (Postgres' clock):
+/// outbox rows written by then and not yet published (the relay's part), and
+/// orders written by then and not yet through the whole chain (their
+/// `order.created` processed by both consumers, their `order.confirmed`
+/// written, published and processed by e-mail).
+pub async fn backlog_until(pool: &PgPool, until: DateTime<Utc>) -> sqlx::Result<(i64, i64)> {
+    sqlx::query_as(
+        "SELECT \
+           (SELECT count(*) FROM outbox WHERE created_at <= $1 AND published_at IS NULL), \
+           (SELECT count(*) FROM ( \
+              SELECT o.id FROM orders o \
+              JOIN outbox x ON x.aggregate_id = o.id::text \
+              LEFT JOIN processed_messages p ON p.transaction_id = x.transaction_id \
+              WHERE o.created_at <= $1 \
+              GROUP BY o.id \
+              HAVING count(p.consumer) FILTER (WHERE x.event_type = 'order.created') < 2 \
+                  OR count(p.consumer) FILTER (WHERE x.event_type = 'order.confirmed') < 1) u)",
+    )
+    .bind(until)
+    .fetch_one(pool)
+    .await
 }
 
 /// `order.confirmed` rows whose id is not the one derived from their
