@@ -66,3 +66,44 @@ async fn queue_type_classic_declares_classic_queues() {
         "{queues:?}"
     );
 }
+
+/// A role whose loop has ended (returned, gave up or panicked) answers 503
+/// on `/healthz`, naming the loop, so that an orchestrator restarts it; its
+/// other loops running do not hide it.
+#[tokio::test]
+async fn healthz_fails_once_a_loop_of_the_role_has_ended() {
+    use order_service::config::HttpConfig;
+    use order_service::startup::{Probes, Roles};
+    use tokio_util::sync::CancellationToken;
+
+    let db = crate::helpers::TestDb::new().await;
+    let roles = Roles::new(db.pool.clone(), CancellationToken::new());
+    let _still_running = roles.status.running("relay");
+    let consumer = roles.status.running("billing_service");
+    let addr = roles
+        .start_probes(&HttpConfig::default(), Probes::default())
+        .await
+        .expect("serving the probes");
+    let healthz = || async {
+        let response = reqwest::get(format!("http://{addr}/healthz"))
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json::<serde_json::Value>().await.unwrap())
+    };
+    assert_eq!(healthz().await.0, reqwest::StatusCode::OK);
+
+    // The consumer's task ends by a panic: its guard goes with it.
+    let ended = tokio::spawn(async move {
+        let _guard = consumer;
+        panic!("a bug in the consumer loop");
+    });
+    assert!(ended.await.is_err(), "the task panicked");
+
+    let (status, body) = healthz().await;
+    assert_eq!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["endedLoops"], serde_json::json!(["billing_service"]));
+    roles.cancel.cancel();
+    roles.wait(std::time::Duration::from_secs(5)).await.unwrap();
+    db.cleanup().await;
+}
