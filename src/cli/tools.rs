@@ -1,0 +1,115 @@
+//! The operator's commands: `dlq list`, `dlq replay`, `outbox status`.
+
+use tokio_util::sync::CancellationToken;
+
+use super::DlqCommand;
+use crate::amqp::QueueNames;
+use crate::config::{AmqpConfig, DatabaseConfig};
+use crate::orders;
+
+pub(super) async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
+    use crate::inbox::dlq;
+    match command {
+        DlqCommand::List { queue, limit, amqp } => {
+            let queues = consumer_queues(&amqp, &queue)?;
+            let letters = dlq::list(&amqp, &queues, limit).await?;
+            println!("{} dead letter(s) in {}", letters.len(), queues.dlq);
+            for l in letters {
+                let age = l
+                    .published_at
+                    .map(|t| format!("{}s", (chrono::Utc::now() - t).num_seconds()))
+                    .unwrap_or_else(|| "?".into());
+                println!(
+                    "{}  {}  attempts={}  age={}  error={}",
+                    l.message_id, l.event_type, l.attempts, age, l.error
+                );
+            }
+            Ok(())
+        }
+        DlqCommand::Replay {
+            queue,
+            limit,
+            force,
+            amqp,
+            retention,
+        } => {
+            let queues = consumer_queues(&amqp, &queue)?;
+            let window = (!force).then(|| retention.dedup());
+            let replay = dlq::replay(&amqp, &queues, limit, window).await?;
+            println!(
+                "replayed {} message(s) from {} to {}",
+                replay.moved, queues.dlq, queues.main
+            );
+            if replay.too_old > 0 {
+                eprintln!(
+                    "warning: left {} message(s) older than the dedup window ({}s) in {}: their \
+                     dedup rows may be pruned, so a replay could apply them twice; \
+                     `--force` replays them anyway",
+                    replay.too_old, retention.dedup_retention_secs, queues.dlq
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The queues of a consumer, named `email`/`billing` or in full.
+fn consumer_queues(amqp: &AmqpConfig, consumer: &str) -> anyhow::Result<QueueNames> {
+    let name = match consumer {
+        "email" | orders::EMAIL => orders::EMAIL,
+        "billing" | orders::BILLING => orders::BILLING,
+        other => anyhow::bail!("unknown consumer {other:?}: use email or billing"),
+    };
+    Ok(QueueNames::new(amqp, name))
+}
+
+pub(super) async fn outbox_status(
+    db: DatabaseConfig,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let db = DatabaseConfig {
+        skip_migrations: true,
+        ..db
+    };
+    let pool = crate::db::connect(&db, cancel).await?;
+    let mut conn = pool.acquire().await?;
+    let tables = [
+        (
+            "events (outbox, to RabbitMQ)",
+            &*crate::outbox::store::EVENTS,
+        ),
+        (
+            "mails (mail_outbox, to SMTP)",
+            &*crate::orders::mailer::MAILS,
+        ),
+    ];
+    for (title, table) in tables {
+        let status = table.status(&mut conn).await?;
+        let failures = table.recent_failures(&mut conn, 10).await?;
+        println!("{title}");
+        println!("  pending rows:        {}", status.pending);
+        println!(
+            "  oldest pending age:  {}",
+            status
+                .oldest_pending_age_secs
+                .map(|s| format!("{s:.1}s"))
+                .unwrap_or_else(|| "-".into())
+        );
+        println!("  rows with errors:    {}", status.with_errors);
+        println!("  given up (refused):  {}", status.given_up);
+        for f in failures {
+            println!(
+                "    #{} {} {} attempts={} next={} error={}",
+                f.id,
+                f.transaction_id,
+                f.event_type,
+                f.attempts,
+                f.next_attempt_at
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "never (given up)".into()),
+                f.last_error
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! Typed configuration, read once from flags and environment variables and
+//! passed down. No globals: tests build these structs directly. Secrets are
+//! [`SecretUrl`]s ([`secret`]); the retention and mail settings have files of
+//! their own.
+
+mod mail;
+mod retention;
+mod secret;
+
+pub use mail::MailConfig;
+pub use retention::{RetentionConfig, WEEK_SECS};
+pub use secret::{SecretUrl, redact_url};
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Postgres settings shared by every role.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DatabaseConfig {
+    /// Postgres URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres:postgres@localhost:5432/orders",
+        hide_env_values = true
+    )]
+    pub database_url: SecretUrl,
+    /// Maximum connections in the pool.
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 40)]
+    pub pool_size: u32,
+    /// How long to wait for a pooled connection before failing a request (ms).
+    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT_MS", default_value_t = 5_000)]
+    pub acquire_timeout_ms: u64,
+    /// Do not apply migrations at start.
+    #[arg(long, env = "SKIP_MIGRATIONS", default_value_t = false)]
+    pub skip_migrations: bool,
+}
+
+impl DatabaseConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            database_url: SecretUrl::new(url),
+            pool_size: 40,
+            acquire_timeout_ms: 5_000,
+            skip_migrations: false,
+        }
+    }
+}
+
+/// The type of every queue the service declares.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueType {
+    /// Replicated across a cluster (Raft); at-least-once dead-lettering.
+    #[default]
+    Quorum,
+    /// One node's queue, not replicated (RabbitMQ 4.x: no mirroring).
+    Classic,
+}
+
+/// RabbitMQ settings shared by the relay and the consumers.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AmqpConfig {
+    /// RabbitMQ URL, or the URLs of a cluster's nodes, comma separated: each
+    /// connection tries them in turn, starting at a random one.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@localhost:5672/%2f",
+        hide_env_values = true
+    )]
+    pub amqp_url: SecretUrl,
+    /// Type of the main, retry and dead-letter queues. A queue cannot change
+    /// its type in place: see docs/operations.md before switching.
+    #[arg(long, env = "QUEUE_TYPE", value_enum, default_value_t = QueueType::Quorum)]
+    pub queue_type: QueueType,
+    /// Exchange the relay publishes to.
+    #[arg(long, env = "AMQP_EXCHANGE", default_value = "order_events")]
+    pub exchange: String,
+    /// Prefix for every queue name (lets tests and tenants share one vhost).
+    #[arg(long, env = "AMQP_QUEUE_PREFIX", default_value = "")]
+    pub queue_prefix: String,
+    /// Delays of the retry queues, in ms, comma separated; one retry per entry.
+    #[arg(
+        long,
+        env = "RETRY_DELAYS_MS",
+        default_value = "1000,10000,60000",
+        value_delimiter = ','
+    )]
+    pub retry_delays_ms: Vec<u64>,
+}
+
+impl AmqpConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            amqp_url: SecretUrl::new(url),
+            queue_type: QueueType::Quorum,
+            exchange: "order_events".into(),
+            queue_prefix: String::new(),
+            retry_delays_ms: vec![1_000, 10_000, 60_000],
+        }
+    }
+
+    /// The broker URLs, in the order given.
+    pub fn urls(&self) -> Vec<&str> {
+        self.amqp_url
+            .expose()
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+
+    pub fn retry_delays(&self) -> Vec<Duration> {
+        self.retry_delays_ms
+            .iter()
+            .copied()
+            .map(Duration::from_millis)
+            .collect()
+    }
+}
+
+/// HTTP API settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HttpConfig {
+    /// Address to listen on.
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:3000")]
+    pub http_addr: SocketAddr,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "HTTP_BODY_LIMIT", default_value_t = 64 * 1024)]
+    pub body_limit: usize,
+    /// Requests taking longer than this are answered 503 (ms).
+    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+    /// `/readyz` fails when the oldest pending outbox row is older (ms).
+    #[arg(long, env = "READY_MAX_OUTBOX_LAG_MS", default_value_t = 60_000)]
+    pub max_outbox_lag_ms: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            body_limit: 64 * 1024,
+            request_timeout_ms: 10_000,
+            max_outbox_lag_ms: 60_000,
+        }
+    }
+}
+
+/// Relay settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RelayConfig {
+    /// Rows claimed per batch.
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 750)]
+    pub batch_size: i64,
+    /// The confirm window is `batch_size × workers` publishes awaiting
+    /// confirms, shared by the batches; `workers + 1` claims may be open.
+    #[arg(long, env = "RELAY_WORKERS", default_value_t = 2)]
+    pub workers: usize,
+    /// Fallback poll interval when nothing wakes the relay (ms).
+    #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 1_000)]
+    pub poll_interval_ms: u64,
+    /// Published rows older than this are deleted (seconds).
+    #[arg(long, env = "OUTBOX_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
+    pub retention_secs: u64,
+}
+
+impl RelayConfig {
+    /// How long published rows are kept.
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.retention_secs)
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 750,
+            workers: 2,
+            poll_interval_ms: 1_000,
+            retention_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+/// Consumer settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConsumerConfig {
+    /// Unacked deliveries the broker may send at once (basic.qos prefetch).
+    #[arg(long, env = "CONSUMER_PREFETCH", default_value_t = 128)]
+    pub prefetch: u16,
+    /// Transactions (batches of deliveries) handled at once; each holds a
+    /// pooled connection while it runs, so keep it under
+    /// `DATABASE_POOL_SIZE` (with the other roles' needs when they share the
+    /// process).
+    #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 4)]
+    pub concurrency: usize,
+    /// Most deliveries in one transaction: those already received when a
+    /// transaction starts share it (1 = one transaction per delivery).
+    #[arg(
+        long = "consumer-batch-size",
+        id = "consumer_batch_size",
+        value_name = "CONSUMER_BATCH_SIZE",
+        env = "CONSUMER_BATCH_SIZE",
+        default_value_t = 64
+    )]
+    pub batch_size: usize,
+    /// Share of e-mail events the handler refuses, 0.0 to 1.0, to watch
+    /// retries and dead letters in a demo (before any mail is written).
+    #[arg(long, env = "EMAIL_FAILURE_RATE", default_value_t = 0.0)]
+    pub email_failure_rate: f64,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self {
+            prefetch: 128,
+            concurrency: 4,
+            batch_size: 64,
+            email_failure_rate: 0.0,
+        }
+    }
+}
