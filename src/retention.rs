@@ -5,9 +5,10 @@
 
 use std::time::Duration;
 
-use sqlx::PgPool;
+use sqlx::{PgPool, SqlStr};
 use tokio_util::sync::CancellationToken;
 
+use crate::outbox::store::Table;
 use crate::shutdown::sleep_or_cancel;
 
 /// Rows deleted per statement: short transactions, short locks.
@@ -19,35 +20,18 @@ pub const PRUNE_BATCH: i64 = 1_000;
 pub struct Prune {
     /// What is pruned, for the logs.
     pub what: &'static str,
-    pub statement: &'static str,
+    pub statement: SqlStr,
     pub retention: Duration,
     pub key: Option<&'static str>,
     /// Rows per statement ([`PRUNE_BATCH`]).
     pub batch: i64,
 }
 
-/// Published outbox rows.
-pub fn outbox(retention: Duration) -> Prune {
+/// The published rows of the outbox `table` (the events', or the mails').
+pub fn published(table: &Table, retention: Duration) -> Prune {
     Prune {
-        what: "published outbox rows",
-        statement: "DELETE FROM outbox WHERE id IN ( \
-             SELECT id FROM outbox WHERE published_at IS NOT NULL \
-               AND published_at < now() - make_interval(secs => $1) \
-             ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
-        retention,
-        key: None,
-        batch: PRUNE_BATCH,
-    }
-}
-
-/// Sent mails.
-pub fn mails(retention: Duration) -> Prune {
-    Prune {
-        what: "sent mails",
-        statement: "DELETE FROM mail_outbox WHERE id IN ( \
-             SELECT id FROM mail_outbox WHERE published_at IS NOT NULL \
-               AND published_at < now() - make_interval(secs => $1) \
-             ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        what: table.name,
+        statement: table.prune_statement(),
         retention,
         key: None,
         batch: PRUNE_BATCH,
@@ -59,10 +43,12 @@ pub fn mails(retention: Duration) -> Prune {
 pub fn dedup(consumer: &'static str, retention: Duration) -> Prune {
     Prune {
         what: "dedup rows",
-        statement: "DELETE FROM processed_messages WHERE (consumer, transaction_id) IN ( \
+        statement: SqlStr::from_static(
+            "DELETE FROM processed_messages WHERE (consumer, transaction_id) IN ( \
              SELECT consumer, transaction_id FROM processed_messages \
              WHERE consumer = $3 AND processed_at < now() - make_interval(secs => $1) \
              ORDER BY processed_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        ),
         retention,
         key: Some(consumer),
         batch: PRUNE_BATCH,
@@ -73,10 +59,12 @@ pub fn dedup(consumer: &'static str, retention: Duration) -> Prune {
 pub fn idempotency_keys(retention: Duration) -> Prune {
     Prune {
         what: "idempotency keys",
-        statement: "DELETE FROM idempotency_keys WHERE key IN ( \
+        statement: SqlStr::from_static(
+            "DELETE FROM idempotency_keys WHERE key IN ( \
              SELECT key FROM idempotency_keys \
              WHERE created_at < now() - make_interval(secs => $1) \
              ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        ),
         retention,
         key: None,
         batch: PRUNE_BATCH,
@@ -94,7 +82,7 @@ impl Prune {
     pub async fn run_once(&self, pool: &PgPool) -> sqlx::Result<u64> {
         let mut total = 0;
         loop {
-            let mut query = sqlx::query(self.statement)
+            let mut query = sqlx::query(self.statement.clone())
                 .bind(self.retention.as_secs_f64())
                 .bind(self.batch);
             if let Some(key) = self.key {

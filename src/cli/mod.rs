@@ -13,6 +13,8 @@ use crate::config::{
     AmqpConfig, ConsumerConfig, DatabaseConfig, HttpConfig, MailConfig, RelayConfig,
     RetentionConfig,
 };
+use crate::orders::mailer::MAILS;
+use crate::outbox::store::EVENTS;
 use crate::retention;
 use crate::startup::{ConsumerKind, Probes, Roles};
 use crate::telemetry::{self, TelemetryConfig};
@@ -190,11 +192,11 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             roles.start_consumer(ConsumerKind::Billing, &amqp, &consumer, &mail)?;
             let dedup = retention.dedup();
             let prunes = vec![
-                retention::outbox(relay.retention()),
+                retention::published(&EVENTS, relay.retention()),
                 retention::idempotency_keys(retention.idempotency_keys()),
                 retention::dedup(ConsumerKind::Email.name(), dedup),
                 retention::dedup(ConsumerKind::Billing.name(), dedup),
-                retention::mails(mail.retention()),
+                retention::published(&MAILS, mail.retention()),
             ];
             roles.start_retention(prunes, &retention);
             roles.wait(SHUTDOWN_DEADLINE).await
@@ -222,7 +224,10 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
         } => {
             let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
             roles.start_relay(&amqp, &relay, true);
-            roles.start_retention(vec![retention::outbox(relay.retention())], &retention);
+            roles.start_retention(
+                vec![retention::published(&EVENTS, relay.retention())],
+                &retention,
+            );
             roles
                 .start_probes(&http, Probes::relay(&amqp, &http))
                 .await?;
@@ -245,7 +250,7 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             let mailer = which == ConsumerKind::Email && mail.smtp_url.is_some();
             let mut prunes = vec![retention::dedup(which.name(), retention.dedup())];
             if mailer {
-                prunes.push(retention::mails(mail.retention()));
+                prunes.push(retention::published(&MAILS, mail.retention()));
             }
             roles.start_retention(prunes, &retention);
             roles

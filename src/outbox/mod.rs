@@ -1,7 +1,7 @@
 //! The transactional outbox, generic over event types: rows written in the
 //! same transaction as the change they describe ([`store`]), the [`relay`]
 //! that publishes them with confirms, and the [`wake`]-up; pruning is
-//! [`crate::retention::outbox`].
+//! [`crate::retention::published`].
 //! An outbox can also have another sink ([`dispatch`]: SMTP for the mails).
 //! It knows event types and JSON payloads, never a domain.
 

@@ -80,6 +80,7 @@ struct Statements {
     given_up: SqlStr,
     status: SqlStr,
     failures: SqlStr,
+    prune: SqlStr,
 }
 
 /// The events' outbox, published to RabbitMQ by the relay.
@@ -124,6 +125,12 @@ impl Table {
                    count(*) FILTER (WHERE last_error IS NOT NULL) AS with_errors, \
                    count(*) FILTER (WHERE next_attempt_at = 'infinity') AS given_up \
                  FROM {name} WHERE published_at IS NULL"
+            )),
+            prune: sql(format!(
+                "DELETE FROM {name} WHERE id IN ( \
+                     SELECT id FROM {name} WHERE published_at IS NOT NULL \
+                       AND published_at < now() - make_interval(secs => $1) \
+                     ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
             )),
             failures: sql(format!(
                 "SELECT id, transaction_id, event_type, attempts, last_error, \
@@ -231,6 +238,12 @@ impl Table {
             .execute(conn)
             .await?;
         Ok(result.rows_affected())
+    }
+
+    /// Deletes at most `$2` rows published more than `$1` seconds ago
+    /// (for [`crate::retention::published`]).
+    pub fn prune_statement(&self) -> SqlStr {
+        self.sql.prune.clone()
     }
 
     pub async fn status(&self, conn: &mut PgConnection) -> sqlx::Result<OutboxStatus> {

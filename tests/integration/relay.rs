@@ -496,11 +496,14 @@ async fn published_rows_past_retention_are_pruned_and_pending_ones_kept() {
         .unwrap();
     let config = RelayConfig::default();
 
-    let pruned = order_service::retention::outbox(config.retention())
-        .with_batch(7)
-        .run_once(&db.pool)
-        .await
-        .unwrap();
+    let pruned = order_service::retention::published(
+        &order_service::outbox::store::EVENTS,
+        config.retention(),
+    )
+    .with_batch(7)
+    .run_once(&db.pool)
+    .await
+    .unwrap();
 
     assert_eq!(pruned, 20, "old published rows go, in batches of 7");
     assert_eq!(db.count("SELECT count(*) FROM outbox").await, 5);
