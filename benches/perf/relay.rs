@@ -14,7 +14,8 @@ use order_service::amqp::QueueNames;
 use order_service::config::{AmqpConfig, QueueType, RelayConfig};
 use order_service::metrics::Metrics;
 use order_service::orders::SUBSCRIPTIONS;
-use order_service::outbox::{Publisher, Relay, Wake};
+use order_service::outbox::publisher::{PUBLISHED_AT_HEADER, WRITTEN_AT_HEADER};
+use order_service::outbox::{Publisher, Relay, Wake, store};
 use tokio_util::sync::CancellationToken;
 
 use crate::report::Report;
@@ -86,10 +87,20 @@ async fn raw_publish(
     let mut in_flight = FuturesUnordered::new();
     let started = Instant::now();
     for i in 0..n {
+        // The relay's properties and headers, so both sides send the same bytes.
+        let now_ms = chrono::Utc::now().timestamp_millis().to_string();
         let mut headers = FieldTable::default();
         headers.insert(
             "traceparent".into(),
             AMQPValue::LongString("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+        );
+        headers.insert(
+            PUBLISHED_AT_HEADER.into(),
+            AMQPValue::LongString(now_ms.clone().into()),
+        );
+        headers.insert(
+            WRITTEN_AT_HEADER.into(),
+            AMQPValue::LongString(now_ms.into()),
         );
         let properties = BasicProperties::default()
             .with_message_id(uuid::Uuid::new_v4().to_string().into())
@@ -97,6 +108,7 @@ async fn raw_publish(
             .with_delivery_mode(2)
             .with_type("order.created".into())
             .with_timestamp(i as u64)
+            .with_app_id("order-service".into())
             .with_headers(headers);
         let confirm = channel
             .basic_publish(
@@ -128,6 +140,68 @@ async fn raw_publish(
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
+/// The relay's Postgres work without its publishes: claim a batch of due
+/// rows, mark them published, roll back (so the rows stay due), at most
+/// `rate` rows a second, until `stop`. Run beside a raw publish loop, it
+/// shows how much of the gap between relay and raw loop is the machine's
+/// CPU going to Postgres rather than to the broker. Returns the rows a
+/// second it did.
+async fn relay_db_work(
+    pool: sqlx::PgPool,
+    batch_size: i64,
+    rate: f64,
+    stop: CancellationToken,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut rows = 0usize;
+    while !stop.is_cancelled() {
+        let mut tx = pool.begin().await?;
+        let claimed = store::claim_due(&mut tx, batch_size).await?;
+        let ids: Vec<i64> = claimed.iter().map(|r| r.id).collect();
+        store::mark_published(&mut tx, &ids).await?;
+        tx.rollback().await?;
+        rows += ids.len();
+        // Paced to `rate`: sleep until this many rows are due by the clock.
+        let due = std::time::Duration::from_secs_f64(rows as f64 / rate);
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(due.saturating_sub(started.elapsed())) => {}
+        }
+    }
+    Ok(rows as f64 / started.elapsed().as_secs_f64())
+}
+
+/// A raw publish run with the relay's Postgres work beside it, at the
+/// relay's `rate`, on the round's outbox (made due again first).
+async fn raw_beside_db_work(
+    raw: &Raw,
+    amqp: &AmqpConfig,
+    db: &BenchDb,
+    config: &RelayConfig,
+    size: usize,
+    rate: f64,
+) -> anyhow::Result<(f64, f64)> {
+    sqlx::query("UPDATE outbox SET published_at = NULL")
+        .execute(&db.pool)
+        .await?;
+    sqlx::query("VACUUM ANALYZE outbox")
+        .execute(&db.pool)
+        .await?;
+    purge(raw, amqp).await?;
+    let window = config.batch_size as usize * config.workers;
+    let stop = CancellationToken::new();
+    let work = tokio::spawn(relay_db_work(
+        db.pool.clone(),
+        config.batch_size,
+        rate,
+        stop.clone(),
+    ));
+    let published = raw_publish(raw, &amqp.exchange, ROWS, size, window).await;
+    stop.cancel();
+    let db_rate = work.await??;
+    Ok((published?, db_rate))
+}
+
 async fn purge(raw: &Raw, amqp: &AmqpConfig) -> anyhow::Result<()> {
     for subscription in SUBSCRIPTIONS {
         let q = QueueNames::new(amqp, subscription.consumer).main;
@@ -136,6 +210,34 @@ async fn purge(raw: &Raw, amqp: &AmqpConfig) -> anyhow::Result<()> {
             .await?;
     }
     Ok(())
+}
+
+/// One round's rates, msg/s.
+#[derive(Debug, Clone, Copy)]
+struct Round {
+    raw: f64,
+    relay: f64,
+    /// The raw loop again, with the relay's Postgres work beside it at the
+    /// relay's rate (quorum rounds only).
+    raw_beside_db: Option<f64>,
+}
+
+impl Round {
+    fn ratio(&self) -> f64 {
+        self.relay / self.raw
+    }
+}
+
+/// The round whose ratio is the median: pairs adjacent in time, robust to
+/// one round's drift.
+fn median_round(rounds: &[Round]) -> Round {
+    let mut ratios: Vec<f64> = rounds.iter().map(Round::ratio).collect();
+    ratios.sort_by(f64::total_cmp);
+    let median = percentile(&ratios, 50.0);
+    *rounds
+        .iter()
+        .find(|r| r.ratio() == median)
+        .expect("the median is one of the rounds")
 }
 
 pub async fn run(report: &mut Report) -> anyhow::Result<()> {
@@ -158,62 +260,90 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
     let classic = rounds_on(QueueType::Classic, &config, CLASSIC_ROUNDS)
         .await?
         .0;
-    // The median round's ratio: pairs adjacent in time, robust to one
-    // round's drift. Every round is listed under the table.
-    let mut ratios: Vec<f64> = rounds.iter().map(|(raw, relay)| relay / raw).collect();
-    ratios.sort_by(f64::total_cmp);
-    let median = percentile(&ratios, 50.0);
-    let (raw, relay) = rounds
-        .iter()
-        .copied()
-        .find(|(raw, relay)| relay / raw == median)
-        .expect("the median is one of the rounds");
+    // Every round is listed under the table.
+    let median = median_round(&rounds);
     report.row(
         &format!("Relay drain, 50,000-row backlog, quorum queues (median of {ROUNDS} rounds)"),
-        format!("{relay:.0} msg/s"),
-        format!("raw lapin publish, window {window}, {size} B, same round: {raw:.0} msg/s"),
-        median,
+        format!("{:.0} msg/s", median.relay),
+        format!(
+            "raw lapin publish, window {window}, {size} B, same properties, same round: {:.0} msg/s",
+            median.raw
+        ),
+        median.ratio(),
         ">= 0.9",
     );
     let all: Vec<String> = rounds
         .iter()
-        .map(|(raw, relay)| format!("{relay:.0}/{raw:.0} = {:.2}", relay / raw))
+        .map(|r| format!("{:.0}/{:.0} = {:.2}", r.relay, r.raw, r.ratio()))
         .collect();
     report.note(format!(
         "Relay rounds on quorum queues (relay/raw msg/s): {}",
         all.join(", ")
     ));
-    let mut ratios: Vec<f64> = classic.iter().map(|(raw, relay)| relay / raw).collect();
-    ratios.sort_by(f64::total_cmp);
-    let median = percentile(&ratios, 50.0);
-    let (raw, relay) = classic
+    // Where the gap goes: the raw loop with the relay's Postgres work beside it.
+    let beside: Vec<Round> = rounds
         .iter()
-        .copied()
-        .find(|(raw, relay)| relay / raw == median)
-        .expect("the median is one of the rounds");
+        .filter_map(|r| {
+            r.raw_beside_db.map(|raw| Round {
+                raw,
+                relay: r.relay,
+                raw_beside_db: None,
+            })
+        })
+        .collect();
+    if !beside.is_empty() {
+        let median = median_round(&beside);
+        report.row(
+            &format!(
+                "Relay drain, quorum queues, beside a raw loop that shares the machine with the relay's Postgres work (median of {})",
+                beside.len()
+            ),
+            format!("{:.0} msg/s", median.relay),
+            format!(
+                "raw lapin publish while the relay's claims and marks run at the relay's rate (rolled back), same round: {:.0} msg/s",
+                median.raw
+            ),
+            median.ratio(),
+            "(figure)",
+        );
+        let all: Vec<String> = rounds
+            .iter()
+            .filter_map(|r| r.raw_beside_db.map(|b| format!("{:.0} → {b:.0}", r.raw)))
+            .collect();
+        report.note(format!(
+            "Raw loop alone → beside the relay's Postgres work, per quorum round (msg/s): {}",
+            all.join(", ")
+        ));
+    }
+    let median = median_round(&classic);
     report.row(
         &format!("Relay drain on classic queues (QUEUE_TYPE=classic, median of {CLASSIC_ROUNDS})"),
-        format!("{relay:.0} msg/s"),
-        format!("raw lapin publish to classic queues, same round: {raw:.0} msg/s"),
-        median,
+        format!("{:.0} msg/s", median.relay),
+        format!(
+            "raw lapin publish to classic queues, same round: {:.0} msg/s",
+            median.raw
+        ),
+        median.ratio(),
         "(figure)",
     );
     Ok(())
 }
 
-/// `n` paired rounds (raw publish, relay drain) on queues of `queue_type`.
+/// `n` paired rounds (raw publish, relay drain) on queues of `queue_type`;
+/// on quorum queues each round also runs the raw loop beside the relay's
+/// Postgres work.
 async fn rounds_on(
     queue_type: QueueType,
     config: &RelayConfig,
     n: usize,
-) -> anyhow::Result<(Vec<(f64, f64)>, usize)> {
+) -> anyhow::Result<(Vec<Round>, usize)> {
     let window = config.batch_size as usize * config.workers;
     let mut amqp = bench_amqp("relay");
     amqp.queue_type = queue_type;
     // The relay's publisher declares the exchange and every order queue.
     let publisher = Publisher::open(&amqp, &SUBSCRIPTIONS, &CancellationToken::new()).await?;
     let raw_side = Raw::open(&amqp).await?;
-    let mut rounds: Vec<(f64, f64)> = Vec::new();
+    let mut rounds = Vec::new();
     let mut size = 0;
     // Each round pairs a raw run with a relay run, back to back, and the
     // order alternates: the broker is still cleaning up the purged messages
@@ -256,8 +386,20 @@ async fn rounds_on(
             purge(&raw_side, &amqp).await?;
             raw = raw_publish(&raw_side, &amqp.exchange, ROWS, size, window).await?;
         }
+        let mut beside = String::new();
+        let raw_beside_db = if queue_type == QueueType::Quorum {
+            let (raw_beside, db_rate) =
+                raw_beside_db_work(&raw_side, &amqp, &db, config, size, rate).await?;
+            beside = format!(
+                "; raw beside the relay's Postgres work ({db_rate:.0} rows/s) {raw_beside:.0} msg/s, ratio {:.2}",
+                rate / raw_beside
+            );
+            Some(raw_beside)
+        } else {
+            None
+        };
         println!(
-            "relay round {round} ({queue_type:?} queues, {}): raw confirmed publish {raw:.0} msg/s, relay drain {rate:.0} msg/s, ratio {:.2}",
+            "relay round {round} ({queue_type:?} queues, {}): raw confirmed publish {raw:.0} msg/s, relay drain {rate:.0} msg/s, ratio {:.2}{beside}",
             if raw_first {
                 "raw first"
             } else {
@@ -265,7 +407,11 @@ async fn rounds_on(
             },
             rate / raw
         );
-        rounds.push((raw, rate));
+        rounds.push(Round {
+            raw,
+            relay: rate,
+            raw_beside_db,
+        });
         db.drop_db().await?;
     }
     purge(&raw_side, &amqp).await?;

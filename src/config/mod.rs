@@ -154,7 +154,7 @@ pub struct RelayConfig {
     #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 750)]
     pub batch_size: i64,
     /// The confirm window is `batch_size × workers` publishes awaiting
-    /// confirms, shared by the batches; `workers + 1` claims may be open.
+    /// confirms, shared by the batches; `workers + 2` claims may be open.
     #[arg(long, env = "RELAY_WORKERS", default_value_t = 2)]
     pub workers: usize,
     /// Fallback poll interval when nothing wakes the relay (ms).

@@ -66,7 +66,7 @@ impl Relay {
     }
 
     /// Runs until `cancel` fires. A wake-up (in-process, a NOTIFY or the poll
-    /// interval) starts a batch at once unless `workers + 1` are open, even
+    /// interval) starts a batch at once unless `workers + 2` are open, even
     /// while other batches wait for their confirms; a batch that comes back
     /// full keeps every batch open until the backlog is gone. Reconnects to
     /// RabbitMQ and Postgres with backoff and never returns an error for
