@@ -202,6 +202,15 @@ async fn raw_beside_db_work(
     Ok((published?, db_rate))
 }
 
+/// The server's current WAL position, in bytes.
+async fn wal_lsn(db: &BenchDb) -> anyhow::Result<f64> {
+    Ok(
+        sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8")
+            .fetch_one(&db.pool)
+            .await?,
+    )
+}
+
 async fn purge(raw: &Raw, amqp: &AmqpConfig) -> anyhow::Result<()> {
     for subscription in SUBSCRIPTIONS {
         let q = QueueNames::new(amqp, subscription.consumer).main;
@@ -220,6 +229,9 @@ struct Round {
     /// The raw loop again, with the relay's Postgres work beside it at the
     /// relay's rate (quorum rounds only).
     raw_beside_db: Option<f64>,
+    /// Bytes of WAL the drain wrote per row (the whole server's, so
+    /// autovacuum's too).
+    wal_per_row: f64,
 }
 
 impl Round {
@@ -276,9 +288,12 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
         .iter()
         .map(|r| format!("{:.0}/{:.0} = {:.2}", r.relay, r.raw, r.ratio()))
         .collect();
+    let mut wal: Vec<f64> = rounds.iter().map(|r| r.wal_per_row).collect();
+    wal.sort_by(f64::total_cmp);
     report.note(format!(
-        "Relay rounds on quorum queues (relay/raw msg/s): {}",
-        all.join(", ")
+        "Relay rounds on quorum queues (relay/raw msg/s): {}; WAL a published row: median {:.0} B",
+        all.join(", "),
+        percentile(&wal, 50.0)
     ));
     // Where the gap goes: the raw loop with the relay's Postgres work beside it.
     let beside: Vec<Round> = rounds
@@ -288,6 +303,7 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
                 raw,
                 relay: r.relay,
                 raw_beside_db: None,
+                wal_per_row: r.wal_per_row,
             })
         })
         .collect();
@@ -370,9 +386,11 @@ async fn rounds_on(
             wake: Wake::default(),
             subscriptions: SUBSCRIPTIONS.to_vec(),
         };
+        let wal_before = wal_lsn(&db).await?;
         let started = Instant::now();
         let published = relay.drain(&publisher).await?;
         let rate = published as f64 / started.elapsed().as_secs_f64();
+        let wal_per_row = (wal_lsn(&db).await? - wal_before) / published.max(1) as f64;
         anyhow::ensure!(
             published as i64 == ROWS,
             "relay published {published} of {ROWS}"
@@ -399,7 +417,7 @@ async fn rounds_on(
             None
         };
         println!(
-            "relay round {round} ({queue_type:?} queues, {}): raw confirmed publish {raw:.0} msg/s, relay drain {rate:.0} msg/s, ratio {:.2}{beside}",
+            "relay round {round} ({queue_type:?} queues, {}): raw confirmed publish {raw:.0} msg/s, relay drain {rate:.0} msg/s ({wal_per_row:.0} B of WAL a row), ratio {:.2}{beside}",
             if raw_first {
                 "raw first"
             } else {
@@ -411,6 +429,7 @@ async fn rounds_on(
             raw,
             relay: rate,
             raw_beside_db,
+            wal_per_row,
         });
         db.drop_db().await?;
     }
