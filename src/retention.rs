@@ -80,8 +80,14 @@ impl Prune {
     /// Deletes everything past the retention, a batch at a time; returns how
     /// many rows went.
     pub async fn run_once(&self, pool: &PgPool) -> sqlx::Result<u64> {
+        self.run_until(pool, &CancellationToken::new()).await
+    }
+
+    /// [`Prune::run_once`], stopping between batches once `cancel` fires, so
+    /// a large first prune does not hold up a shutdown.
+    async fn run_until(&self, pool: &PgPool, cancel: &CancellationToken) -> sqlx::Result<u64> {
         let mut total = 0;
-        loop {
+        while !cancel.is_cancelled() {
             let mut query = sqlx::query(self.statement.clone())
                 .bind(self.retention.as_secs_f64())
                 .bind(self.batch);
@@ -91,9 +97,10 @@ impl Prune {
             let deleted = query.execute(pool).await?.rows_affected();
             total += deleted;
             if (deleted as i64) < self.batch {
-                return Ok(total);
+                break;
             }
         }
+        Ok(total)
     }
 }
 
@@ -101,7 +108,7 @@ impl Prune {
 pub async fn run(pool: PgPool, prunes: Vec<Prune>, interval: Duration, cancel: CancellationToken) {
     loop {
         for prune in &prunes {
-            match prune.run_once(&pool).await {
+            match prune.run_until(&pool, &cancel).await {
                 Ok(0) => {}
                 Ok(rows) => tracing::info!(rows, what = prune.what, "pruned"),
                 Err(error) => {

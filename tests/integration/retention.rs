@@ -80,6 +80,29 @@ async fn with_a_retention_of_seconds_dedup_rows_and_idempotency_keys_disappear()
 }
 
 #[tokio::test]
+async fn a_stopping_role_prunes_no_further_batch() {
+    let db = TestDb::new().await;
+    rows_aged(&db.pool, "billing_service", 30, Duration::from_secs(3600)).await;
+    let prunes = vec![retention::dedup("billing_service", Duration::from_secs(1)).with_batch(7)];
+    // Cancelled before it starts, as in a shutdown that arrives mid-prune:
+    // the task returns without deleting a batch.
+    let cancel = CancellationToken::new();
+    cancel.cancel();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        retention::run(db.pool.clone(), prunes, Duration::from_secs(60), cancel),
+    )
+    .await
+    .expect("a cancelled retention task returns at once");
+    assert_eq!(
+        dedup_rows(&db).await,
+        30,
+        "no batch deleted after the cancel"
+    );
+    db.cleanup().await;
+}
+
+#[tokio::test]
 async fn with_the_default_retention_nothing_young_is_pruned_and_the_old_goes() {
     let db = TestDb::new().await;
     let defaults = RetentionConfig::default();
