@@ -90,6 +90,19 @@ pub async fn ping(config: &AmqpConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens a channel with publisher confirms enabled.
+pub async fn confirm_channel(connection: &Connection) -> anyhow::Result<Channel> {
+    let channel = connection
+        .create_channel()
+        .await
+        .context("opening a publish channel")?;
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .context("enabling publisher confirms")?;
+    Ok(channel)
+}
+
 /// Declares the exchange and every subscription's queues; idempotent.
 pub async fn declare_topology(
     channel: &Channel,

@@ -188,7 +188,7 @@ async fn raw_beside_db_work(
         .execute(&db.pool)
         .await?;
     purge(raw, amqp).await?;
-    let window = config.batch_size as usize * config.workers;
+    let window = config.confirm_window();
     let stop = CancellationToken::new();
     let work = tokio::spawn(relay_db_work(
         db.pool.clone(),
@@ -267,7 +267,7 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
     {
         config.batch_size = b;
     }
-    let window = config.batch_size as usize * config.workers;
+    let window = config.confirm_window();
     let (rounds, size) = rounds_on(QueueType::Quorum, &config, ROUNDS).await?;
     let classic = rounds_on(QueueType::Classic, &config, CLASSIC_ROUNDS)
         .await?
@@ -353,11 +353,13 @@ async fn rounds_on(
     config: &RelayConfig,
     n: usize,
 ) -> anyhow::Result<(Vec<Round>, usize)> {
-    let window = config.batch_size as usize * config.workers;
+    let window = config.confirm_window();
     let mut amqp = bench_amqp("relay");
     amqp.queue_type = queue_type;
     // The relay's publisher declares the exchange and every order queue.
-    let publisher = Publisher::open(&amqp, &SUBSCRIPTIONS, &CancellationToken::new()).await?;
+    let lanes = config.batches_open();
+    let publisher =
+        Publisher::open_lanes(&amqp, &SUBSCRIPTIONS, lanes, &CancellationToken::new()).await?;
     let raw_side = Raw::open(&amqp).await?;
     let mut rounds = Vec::new();
     let mut size = 0;

@@ -170,6 +170,18 @@ impl RelayConfig {
     pub fn retention(&self) -> Duration {
         Duration::from_secs(self.retention_secs)
     }
+
+    /// Publishes awaiting confirms at most, across the batches in flight.
+    pub fn confirm_window(&self) -> usize {
+        self.batch_size.max(1) as usize * self.workers.max(1)
+    }
+
+    /// Batches open at most (claim transactions), each on a publisher lane
+    /// of its own: two more than the workers, so the window stays full
+    /// while one batch marks and the next claims.
+    pub fn batches_open(&self) -> usize {
+        self.workers.max(1) + 2
+    }
 }
 
 impl Default for RelayConfig {

@@ -9,8 +9,7 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer as Deliveries};
@@ -90,13 +89,7 @@ impl<H: Handler> Consumer<H> {
             .create_channel()
             .await
             .context("opening the consume channel")?;
-        let publish = connection
-            .create_channel()
-            .await
-            .context("opening the publish channel")?;
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let publish = crate::amqp::confirm_channel(connection).await?;
         crate::amqp::declare_exchange(&consume, &self.amqp).await?;
         crate::amqp::declare_consumer_queues(&consume, &self.amqp, &self.handler.subscription())
             .await?;

@@ -202,9 +202,11 @@ impl Relay {
 }
 
 /// Rows of other batches whose messages were returned (see
-/// [`Settlement::returned_elsewhere`]), waiting to be made due again. They
-/// are kept here until that succeeds, so an outage of Postgres at that
-/// moment does not leave them marked published.
+/// [`Settlement::returned_elsewhere`]), waiting to be made due again. As
+/// no two open batches share a publisher lane, this is only a late return
+/// for a batch that gave up on its confirms (its rows are still due). They
+/// are kept here until the update succeeds, so an outage of Postgres at
+/// that moment cannot leave a returned row marked published.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Reopen(Arc<std::sync::Mutex<Vec<Failed>>>);
 

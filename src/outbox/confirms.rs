@@ -84,9 +84,10 @@ pub struct Settlement {
     /// Rows of this batch the broker did not confirm (see
     /// [`PublishFailure::is_outage`]): left due as they are.
     pub unconfirmed: Vec<Uuid>,
-    /// Rows of OTHER batches whose returns rode on this batch's confirms:
-    /// their own batch may already have marked them published, so they
-    /// must be made due again.
+    /// Rows of OTHER batches whose returns rode on this batch's confirms
+    /// (on a channel two batches shared, or late, after their batch gave up
+    /// on its confirms): they must be made due again, in case their own
+    /// batch marked them published.
     pub returned_elsewhere: Vec<Failed>,
 }
 

@@ -16,5 +16,5 @@ pub mod wake;
 
 pub use batch::{BatchOutcome, PublishedBatch};
 pub use publisher::Publisher;
-pub use relay::{Relay, RelayError};
+pub use relay::{Drained, Relay, RelayError};
 pub use wake::{NOTIFY_CHANNEL, Wake, forward_wakes_as_notify};

@@ -1,13 +1,14 @@
-//! The publisher: a confirm-mode channel on its own connection, and one
-//! row's publish and confirm (`mandatory`, persistent, with its PRODUCER
-//! span and trace context).
+//! The publisher: confirm-mode channels ("lanes") on a connection of its
+//! own, and one row's publish and confirm (`mandatory`, persistent, with its
+//! PRODUCER span and trace context). Each batch in flight publishes on a
+//! lane of its own, so the broker's returns, which ride on the channel's
+//! next ack, always reach the batch that sent the message.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use chrono::Utc;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::OwnedSemaphorePermit;
@@ -35,49 +36,73 @@ pub const PUBLISHED_AT_HEADER: &str = "x-published-at-ms";
 /// consumer's commit, how long the event took end to end.
 pub const WRITTEN_AT_HEADER: &str = "x-outbox-written-at-ms";
 
-/// A confirm-mode channel on its own connection, with the topology declared.
-/// Clones share the channel.
+/// Confirm-mode channels (lanes) on a connection of their own, with the
+/// topology declared. Clones share them; each clone publishes on one lane
+/// ([`Publisher::on_lane`]), the first unless told otherwise.
 #[derive(Clone)]
 pub struct Publisher {
     connection: Arc<Connection>,
-    channel: Channel,
+    lanes: Arc<[Channel]>,
+    lane: usize,
 }
 
 impl Publisher {
-    /// Connects (waiting for RabbitMQ), enables confirms and declares the
-    /// exchange and `subscriptions`, so no event is published before the
-    /// queues that take it exist.
+    /// [`Publisher::open_lanes`] with one lane.
     pub async fn open(
         amqp: &AmqpConfig,
         subscriptions: &[Subscription],
         cancel: &CancellationToken,
     ) -> anyhow::Result<Self> {
+        Self::open_lanes(amqp, subscriptions, 1, cancel).await
+    }
+
+    /// Connects (waiting for RabbitMQ), opens `lanes` channels with
+    /// confirms enabled and declares the exchange and `subscriptions`, so no
+    /// event is published before the queues that take it exist.
+    pub async fn open_lanes(
+        amqp: &AmqpConfig,
+        subscriptions: &[Subscription],
+        lanes: usize,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<Self> {
         let connection = crate::amqp::connect(amqp, "order-service relay", cancel).await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .context("opening a channel")?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .context("enabling publisher confirms")?;
-        crate::amqp::declare_topology(&channel, amqp, subscriptions).await?;
+        let mut channels = Vec::with_capacity(lanes.max(1));
+        for _ in 0..lanes.max(1) {
+            channels.push(crate::amqp::confirm_channel(&connection).await?);
+        }
+        crate::amqp::declare_topology(&channels[0], amqp, subscriptions).await?;
         Ok(Self {
             connection: Arc::new(connection),
-            channel,
+            lanes: channels.into(),
+            lane: 0,
         })
     }
 
-    /// False once the channel or connection has failed; open a new one then.
-    pub fn is_usable(&self) -> bool {
-        self.channel.status().connected() && self.connection.status().connected()
+    /// How many lanes it has: at most that many batches can be in flight.
+    pub fn lanes(&self) -> usize {
+        self.lanes.len()
     }
 
-    /// Closes the channel and connection (for every clone).
+    /// This publisher, publishing on lane `lane` (modulo the lanes).
+    pub fn on_lane(&self, lane: usize) -> Self {
+        Self {
+            lane: lane % self.lanes.len(),
+            ..self.clone()
+        }
+    }
+
+    /// False once a channel or the connection has failed; open a new one then.
+    pub fn is_usable(&self) -> bool {
+        self.connection.status().connected() && self.lanes.iter().all(|c| c.status().connected())
+    }
+
+    /// Closes the channels and the connection (for every clone).
     pub async fn close(self) {
         if self.connection.status().connected() {
             let close = async {
-                let _ = self.channel.close(200, "relay stopping".into()).await;
+                for channel in self.lanes.iter() {
+                    let _ = channel.close(200, "relay stopping".into()).await;
+                }
                 let _ = self.connection.close(200, "relay stopping".into()).await;
             };
             let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
@@ -143,7 +168,7 @@ impl Publisher {
             .with_timestamp(Utc::now().timestamp().max(0) as u64)
             .with_app_id("order-service".into())
             .with_headers(headers);
-        self.channel
+        self.lanes[self.lane]
             .basic_publish(
                 exchange.into(),
                 row.event_type.as_str().into(),

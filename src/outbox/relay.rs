@@ -45,6 +45,15 @@ impl RelayError {
     }
 }
 
+/// What [`Relay::drain_counted`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Rows published and marked (a reopened row is not counted).
+    pub published: usize,
+    /// Rows a batch made due again for another batch.
+    pub reopened: usize,
+}
+
 /// Moves outbox rows to RabbitMQ. Cheap to clone.
 #[derive(Clone)]
 pub struct Relay {
@@ -60,9 +69,11 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Opens a publisher with this relay's topology.
+    /// Opens a publisher with this relay's topology and a lane for each
+    /// batch that may be open.
     pub async fn publisher(&self, cancel: &CancellationToken) -> anyhow::Result<Publisher> {
-        Publisher::open(&self.amqp, &self.subscriptions, cancel).await
+        let lanes = self.config.batches_open();
+        Publisher::open_lanes(&self.amqp, &self.subscriptions, lanes, cancel).await
     }
 
     /// Runs until `cancel` fires. A wake-up (in-process, a NOTIFY or the poll
@@ -123,6 +134,12 @@ impl Relay {
     /// as [`Relay::run`]. Returns the rows published; the first failed batch
     /// is the error, after the others have ended.
     pub async fn drain(&self, publisher: &Publisher) -> Result<usize, RelayError> {
+        Ok(self.drain_counted(publisher).await?.published)
+    }
+
+    /// [`Relay::drain`], saying also how many rows of one batch another
+    /// batch made due again (a return that rode on its ack).
+    pub async fn drain_counted(&self, publisher: &Publisher) -> Result<Drained, RelayError> {
         let mut batches = Batches::new(&self.config);
         let mut backoff = Backoff::default();
         // Rows a batch reopened were counted as published by their own batch.
@@ -154,7 +171,10 @@ impl Relay {
         batches.reopen.finish(&self.pool).await;
         match failure {
             Some(error) => Err(error),
-            None => Ok(published.saturating_sub(reopened)),
+            None => Ok(Drained {
+                published: published.saturating_sub(reopened),
+                reopened,
+            }),
         }
     }
 

@@ -84,54 +84,71 @@ impl State {
 /// only while [`Batches::next`] is polled, so every wait of the scheduler
 /// includes it: one task drives every batch, as the raw publish loop it is
 /// measured against does.
+///
+/// Each open batch publishes on a lane (channel) of the publisher that no
+/// other open batch uses, so a return always rides on an ack of its own
+/// batch: the broker sends `basic.return` before the message's ack, on the
+/// message's channel, and a batch ends only once all its acks are in.
 pub(super) struct Batches {
     window: Arc<Semaphore>,
     pub(super) reopen: Reopen,
     max_open: usize,
-    set: FuturesUnordered<BoxFuture<'static, Result<BatchOutcome, RelayError>>>,
+    /// Which lanes an open batch holds.
+    busy: Vec<bool>,
+    set: FuturesUnordered<BoxFuture<'static, (usize, Result<BatchOutcome, RelayError>)>>,
 }
 
 impl Batches {
     pub(super) fn new(config: &RelayConfig) -> Self {
-        let batch_size = config.batch_size.max(1) as usize;
-        let workers = config.workers.max(1);
         Self {
-            window: Arc::new(Semaphore::new(batch_size * workers)),
+            window: Arc::new(Semaphore::new(config.confirm_window())),
             reopen: Reopen::default(),
-            max_open: workers + 2,
+            max_open: config.batches_open(),
+            busy: vec![false; config.batches_open()],
             set: FuturesUnordered::new(),
         }
     }
 
-    /// Starts a batch unless `workers + 2` are open already. A batch that
+    /// Starts a batch on a free lane unless `workers + 2` batches, or as
+    /// many as the publisher has lanes, are open already. A batch that
     /// panics ends as a failed batch: its transaction is dropped, so its
     /// rows stay due, and the relay carries on.
     pub(super) fn start(&mut self, relay: &Relay, publisher: &Publisher) -> bool {
-        if self.set.len() >= self.max_open {
+        let lanes = self.max_open.min(publisher.lanes());
+        let Some(lane) = (0..lanes).find(|&lane| !self.busy[lane]) else {
             return false;
-        }
-        let (relay, publisher) = (relay.clone(), publisher.clone());
+        };
+        let (relay, publisher) = (relay.clone(), publisher.on_lane(lane));
         let (window, reopen) = (self.window.clone(), self.reopen.clone());
-        self.push(async move { relay.run_batch(&publisher, Some(window), &reopen).await });
+        self.push(lane, async move {
+            relay.run_batch(&publisher, Some(window), &reopen).await
+        });
         true
     }
 
-    /// Adds a batch to those in flight, a panic in it caught as its error.
-    fn push<F>(&mut self, batch: F)
+    /// Adds a batch on `lane` to those in flight, a panic in it caught as
+    /// its error.
+    fn push<F>(&mut self, lane: usize, batch: F)
     where
         F: Future<Output = Result<BatchOutcome, RelayError>> + Send + 'static,
     {
+        self.busy[lane] = true;
         self.set
             .push(Box::pin(AssertUnwindSafe(batch).catch_unwind().map(
-                |result| {
-                    result.unwrap_or_else(|panic| Err(RelayError::Panicked(panic_text(&*panic))))
+                move |result| {
+                    let result = result
+                        .unwrap_or_else(|panic| Err(RelayError::Panicked(panic_text(&*panic))));
+                    (lane, result)
                 },
             )));
     }
 
-    /// The next batch to end; `None` when none is in flight.
+    /// The next batch to end, its lane free again; `None` when none is in
+    /// flight.
     pub(super) async fn next(&mut self) -> Option<Result<BatchOutcome, RelayError>> {
-        self.set.next().await
+        let (lane, result) = self.set.next().await?;
+        self.busy[lane] = false;
+        Some(result)
     }
 
     /// Waits for every batch in flight to end (each is bounded by its
@@ -194,13 +211,14 @@ mod tests {
     #[tokio::test]
     async fn a_batch_that_panics_ends_as_a_failed_batch_and_the_others_carry_on() {
         let mut batches = Batches::new(&RelayConfig::default());
-        batches.push(async { panic!("a bug in a batch") });
-        batches.push(async { Ok(BatchOutcome::default()) });
+        batches.push(0, async { panic!("a bug in a batch") });
+        batches.push(1, async { Ok(BatchOutcome::default()) });
         let mut results = Vec::new();
         while let Some(result) = batches.next().await {
             results.push(result);
         }
         assert_eq!(results.len(), 2, "both batches end");
+        assert!(!batches.busy.contains(&true), "their lanes are free again");
         let panicked = results
             .iter()
             .find_map(|r| match r {
