@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
+use lapin::options::{BasicPublishOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use order_service::amqp::QueueNames;
@@ -46,30 +46,33 @@ async fn fill(db: &BenchDb) -> anyhow::Result<usize> {
     Ok(size as usize)
 }
 
-/// The raw side: a confirm-mode channel on a connection of its own, like
+/// The raw side: confirm-mode channels on a connection of their own, as
+/// many as the relay's publisher lanes (messages go round them in turn), like
 /// the relay's publisher.
 struct Raw {
     connection: Connection,
-    channel: Channel,
+    channels: Vec<Channel>,
 }
 
 impl Raw {
-    async fn open(amqp: &AmqpConfig) -> anyhow::Result<Self> {
+    async fn open(amqp: &AmqpConfig, lanes: usize) -> anyhow::Result<Self> {
         let connection =
             order_service::amqp::connect(amqp, "bench raw publish", &CancellationToken::new())
                 .await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let mut channels = Vec::new();
+        for _ in 0..lanes.max(1) {
+            channels.push(order_service::amqp::confirm_channel(&connection).await?);
+        }
         Ok(Self {
             connection,
-            channel,
+            channels,
         })
     }
 
     async fn close(self) {
-        let _ = self.channel.close(200, "done".into()).await;
+        for channel in &self.channels {
+            let _ = channel.close(200, "done".into()).await;
+        }
         let _ = self.connection.close(200, "done".into()).await;
     }
 }
@@ -83,7 +86,6 @@ async fn raw_publish(
     window: usize,
 ) -> anyhow::Result<f64> {
     let body = vec![b'x'; size];
-    let channel = &raw.channel;
     let mut in_flight = FuturesUnordered::new();
     let started = Instant::now();
     for i in 0..n {
@@ -110,7 +112,7 @@ async fn raw_publish(
             .with_timestamp(i as u64)
             .with_app_id("order-service".into())
             .with_headers(headers);
-        let confirm = channel
+        let confirm = raw.channels[i as usize % raw.channels.len()]
             .basic_publish(
                 exchange.into(),
                 "order.created".into(),
@@ -214,7 +216,7 @@ async fn wal_lsn(db: &BenchDb) -> anyhow::Result<f64> {
 async fn purge(raw: &Raw, amqp: &AmqpConfig) -> anyhow::Result<()> {
     for subscription in SUBSCRIPTIONS {
         let q = QueueNames::new(amqp, subscription.consumer).main;
-        raw.channel
+        raw.channels[0]
             .queue_purge(q.as_str().into(), QueuePurgeOptions::default())
             .await?;
     }
@@ -278,7 +280,8 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
         &format!("Relay drain, 50,000-row backlog, quorum queues (median of {ROUNDS} rounds)"),
         format!("{:.0} msg/s", median.relay),
         format!(
-            "raw lapin publish, window {window}, {size} B, same properties, same round: {:.0} msg/s",
+            "raw lapin publish, window {window}, {size} B, same properties, {} channels like the relay's lanes, same round: {:.0} msg/s",
+            config.batches_open(),
             median.raw
         ),
         median.ratio(),
@@ -360,7 +363,7 @@ async fn rounds_on(
     let lanes = config.batches_open();
     let publisher =
         Publisher::open_lanes(&amqp, &SUBSCRIPTIONS, lanes, &CancellationToken::new()).await?;
-    let raw_side = Raw::open(&amqp).await?;
+    let raw_side = Raw::open(&amqp, lanes).await?;
     let mut rounds = Vec::new();
     let mut size = 0;
     // Each round pairs a raw run with a relay run, back to back, and the

@@ -26,8 +26,9 @@ pub struct BatchOutcome {
     pub failed: usize,
     /// Rows the broker did not confirm, left due without using an attempt.
     pub unconfirmed: usize,
-    /// Rows of other batches, already counted as published there, that this
-    /// batch made due again: their returns rode on its confirms.
+    /// Rows of other batches that this batch made due again: their returns
+    /// rode on its confirms. None while each batch has a lane of its own
+    /// and a batch with unconfirmed publishes retires the publisher.
     pub reopened: usize,
     /// It claimed as many rows as it asked for: more are probably due.
     pub full: bool,
@@ -67,6 +68,11 @@ impl Relay {
             .claim_and_publish_in(&mut tx, publisher, window.as_ref())
             .await?;
         let settlement = &batch.settlement;
+        // Their acks and returns may still come on this lane: no later
+        // batch may publish there (the relay reconnects first).
+        if !settlement.unconfirmed.is_empty() {
+            publisher.retire();
+        }
         // Kept before anything can fail: a later batch reopens them then.
         reopen.keep(&settlement.returned_elsewhere);
         // Both marks do nothing for an empty claim, which still commits and
@@ -202,11 +208,12 @@ impl Relay {
 }
 
 /// Rows of other batches whose messages were returned (see
-/// [`Settlement::returned_elsewhere`]), waiting to be made due again. As
-/// no two open batches share a publisher lane, this is only a late return
-/// for a batch that gave up on its confirms (its rows are still due). They
-/// are kept here until the update succeeds, so an outage of Postgres at
-/// that moment cannot leave a returned row marked published.
+/// [`Settlement::returned_elsewhere`]), waiting to be made due again. No
+/// two open batches share a publisher lane, and a batch that gave up on
+/// confirms retires the publisher, so this should stay empty: it is the
+/// guard for a return that still reaches the wrong batch, kept until the
+/// update succeeds so that an outage of Postgres then cannot leave a
+/// returned row marked published.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Reopen(Arc<std::sync::Mutex<Vec<Failed>>>);
 
@@ -251,7 +258,7 @@ impl Reopen {
                 .collect();
             tracing::error!(
                 transaction_ids = ids.join(","),
-                "returned by the broker but still marked published: set published_at = NULL on these outbox rows"
+                "returned by the broker but perhaps marked published: set published_at = NULL on these outbox rows if so"
             );
         }
     }

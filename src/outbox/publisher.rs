@@ -2,9 +2,11 @@
 //! own, and one row's publish and confirm (`mandatory`, persistent, with its
 //! PRODUCER span and trace context). Each batch in flight publishes on a
 //! lane of its own, so the broker's returns, which ride on the channel's
-//! next ack, always reach the batch that sent the message.
+//! next ack, reach the batch that sent the message; a batch that leaves
+//! publishes unconfirmed retires the publisher ([`Publisher::retire`]).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -44,6 +46,8 @@ pub struct Publisher {
     connection: Arc<Connection>,
     lanes: Arc<[Channel]>,
     lane: usize,
+    /// Set by [`Publisher::retire`]: no batch may start on it any more.
+    retired: Arc<AtomicBool>,
 }
 
 impl Publisher {
@@ -75,6 +79,7 @@ impl Publisher {
             connection: Arc::new(connection),
             lanes: channels.into(),
             lane: 0,
+            retired: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -91,9 +96,20 @@ impl Publisher {
         }
     }
 
-    /// False once a channel or the connection has failed; open a new one then.
+    /// False once a channel or the connection has failed, or the publisher
+    /// was retired; open a new one then.
     pub fn is_usable(&self) -> bool {
-        self.connection.status().connected() && self.lanes.iter().all(|c| c.status().connected())
+        !self.retired.load(Ordering::Relaxed)
+            && self.connection.status().connected()
+            && self.lanes.iter().all(|c| c.status().connected())
+    }
+
+    /// Takes the publisher (every clone) out of use, for a batch that ended
+    /// with publishes the broker never confirmed: their acks and returns may
+    /// still come, on that lane, and must not reach a later batch there.
+    /// The relay opens a new connection before its next batch.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
     }
 
     /// Closes the channels and the connection (for every clone).

@@ -48,7 +48,7 @@ impl RelayError {
 /// What [`Relay::drain_counted`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Drained {
-    /// Rows published and marked (a reopened row is not counted).
+    /// Rows published and marked by their own batch.
     pub published: usize,
     /// Rows a batch made due again for another batch.
     pub reopened: usize,
@@ -142,7 +142,6 @@ impl Relay {
     pub async fn drain_counted(&self, publisher: &Publisher) -> Result<Drained, RelayError> {
         let mut batches = Batches::new(&self.config);
         let mut backoff = Backoff::default();
-        // Rows a batch reopened were counted as published by their own batch.
         let (mut published, mut reopened) = (0, 0);
         let mut failure = None;
         let mut state = State::Backlog;
@@ -172,7 +171,7 @@ impl Relay {
         match failure {
             Some(error) => Err(error),
             None => Ok(Drained {
-                published: published.saturating_sub(reopened),
+                published,
                 reopened,
             }),
         }

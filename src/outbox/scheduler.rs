@@ -78,7 +78,7 @@ impl State {
 /// and gives it back with its confirm, so the window rolls as in a raw
 /// publish loop. The two extra batches keep the window full: while one
 /// batch marks and commits and the next claims, a third has claimed rows
-/// waiting for permits. With one extra batch, a quarter of the window sat
+/// waiting for permits. With one extra batch, a fifth of the window sat
 /// empty in a backlog (sampled: 300 of 1,500 permits free on average,
 /// against 100 with two). Batches make progress
 /// only while [`Batches::next`] is polled, so every wait of the scheduler
@@ -86,9 +86,11 @@ impl State {
 /// measured against does.
 ///
 /// Each open batch publishes on a lane (channel) of the publisher that no
-/// other open batch uses, so a return always rides on an ack of its own
-/// batch: the broker sends `basic.return` before the message's ack, on the
-/// message's channel, and a batch ends only once all its acks are in.
+/// other open batch uses, so a return rides on an ack of its own batch:
+/// the broker sends `basic.return` before the message's ack, on the
+/// message's channel, and a batch ends once all its acks are in, or else
+/// (an outage: publishes left unconfirmed) retires the publisher, so that
+/// no later batch publishes on a lane with acks still to come.
 pub(super) struct Batches {
     window: Arc<Semaphore>,
     pub(super) reopen: Reopen,

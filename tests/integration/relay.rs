@@ -244,6 +244,31 @@ async fn an_unroutable_row_stays_pending_with_its_error_and_does_not_hold_up_the
     db.cleanup().await;
 }
 
+/// A publisher retired by a batch that left publishes unconfirmed (their
+/// acks and returns may still come on its lane) takes no further batch, on
+/// any lane: the rows wait, due, for a new connection.
+#[tokio::test]
+async fn a_retired_publisher_starts_no_batch_and_the_rows_stay_due() {
+    let db = TestDb::new().await;
+    let amqp = test_amqp();
+    let _queues = DeleteQueues::orders(&amqp);
+    insert_events(&db.pool, 10, "order.created").await;
+    let relay = relay(&db.pool, &amqp, RelayConfig::default());
+    let publisher = publisher(&amqp).await;
+    assert!(publisher.is_usable());
+
+    publisher.on_lane(1).retire();
+
+    assert!(!publisher.is_usable(), "every clone, every lane is retired");
+    assert_eq!(relay.drain(&publisher).await.unwrap(), 0);
+    assert_eq!(unpublished(&db.pool).await, 10);
+    let fresh = publisher_for(&amqp, &RelayConfig::default()).await;
+    assert_eq!(relay.drain(&fresh).await.unwrap(), 10);
+    publisher.close().await;
+    fresh.close().await;
+    db.cleanup().await;
+}
+
 /// The broker may confirm many publishes with one ack, and lapin hands a
 /// returned message to whichever confirm that ack completes first. Each
 /// row's fate must still be its own: the unroutable rows, and only they, stay
@@ -260,7 +285,8 @@ async fn unroutable_rows_among_many_are_each_kept_pending_and_no_other() {
         routable.extend(insert_events(&db.pool, 9, "order.created").await);
         unroutable.extend(insert_events(&db.pool, 1, "order.nobody_listens").await);
     }
-    // Small batches, many open at once: one ack often spans several batches.
+    // Small batches, many open at once: on one shared channel, one ack
+    // often spans several batches.
     let config = RelayConfig {
         batch_size: 40,
         workers: 4,
