@@ -9,10 +9,9 @@
 //! roles and drops the database; the queues and the exchange go with the
 //! cluster.
 
-use std::fs::OpenOptions;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use order_service::config::AmqpConfig;
@@ -20,60 +19,15 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
-use crate::common;
+pub use crate::common::roles::Role;
+use crate::common::{self, roles};
+
+/// The level the roles log at, unless `info`.
+const RUST_LOG_VAR: &str = "CLUSTER_RUST_LOG";
 
 /// Where the checks look at the queues: node A. They run after the stopped
 /// node is back, so any node would do.
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5681/%2f";
-
-/// A role of the binary, run as its own process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Api,
-    Relay,
-    Billing,
-    Email,
-}
-
-impl Role {
-    pub const ALL: [Role; 4] = [Role::Api, Role::Relay, Role::Billing, Role::Email];
-
-    fn args(self) -> &'static [&'static str] {
-        match self {
-            Role::Api => &["api"],
-            Role::Relay => &["relay"],
-            Role::Billing => &["consume", "billing"],
-            Role::Email => &["consume", "email"],
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Api => "api",
-            Role::Relay => "relay",
-            Role::Billing => "consume billing",
-            Role::Email => "consume email",
-        }
-    }
-
-    /// The line a role logs once it runs.
-    fn started(self) -> &'static str {
-        match self {
-            Role::Api => "HTTP API listening",
-            Role::Relay => "relay started",
-            Role::Billing | Role::Email => "consumer started",
-        }
-    }
-
-    fn log_file(self) -> &'static str {
-        match self {
-            Role::Api => "api.log",
-            Role::Relay => "relay.log",
-            Role::Billing => "billing.log",
-            Role::Email => "email.log",
-        }
-    }
-}
 
 pub struct Stack {
     pub db_name: String,
@@ -109,25 +63,29 @@ impl Stack {
             db_name,
             db_url,
             amqp,
-            http_addr: free_port(),
+            http_addr: roles::free_addr(),
             log_dir,
             children: Vec::new(),
         };
         std::fs::create_dir_all(&stack.log_dir).expect("creating the log directory");
-        let migrate = stack
-            .command(&["migrate"], "migrate.log", free_port())
-            .status()
-            .expect("running order-service migrate");
-        assert!(migrate.success(), "order-service migrate failed");
+        roles::migrate(&stack.db_url, &stack.amqp, &stack.log_dir, RUST_LOG_VAR);
         for role in Role::ALL {
             let addr = match role {
                 Role::Api => stack.http_addr,
                 _ => SocketAddr::from(([127, 0, 0, 1], 0)),
             };
-            let child = stack
-                .command(role.args(), role.log_file(), addr)
-                .spawn()
-                .unwrap_or_else(|e| panic!("starting {}: {e}", role.name()));
+            let log = role.log_file(&stack.log_dir);
+            let child = roles::command(
+                role.args(),
+                &stack.db_url,
+                &stack.amqp,
+                addr,
+                &log,
+                RUST_LOG_VAR,
+            )
+            .env("QUEUE_TYPE", "quorum")
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", role.name()));
             stack.children.push((role, child));
         }
         for role in Role::ALL {
@@ -140,40 +98,10 @@ impl Stack {
         format!("http://{}/orders", self.http_addr)
     }
 
-    fn command(&self, args: &[&str], log: &str, http_addr: SocketAddr) -> Command {
-        let out = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_dir.join(log))
-            .expect("opening a role log");
-        let err = out.try_clone().expect("cloning a file handle");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_order-service"));
-        command
-            .args(args)
-            .env("DATABASE_URL", &self.db_url)
-            .env("AMQP_URL", self.amqp.amqp_url.expose())
-            .env("QUEUE_TYPE", "quorum")
-            .env("AMQP_EXCHANGE", &self.amqp.exchange)
-            .env("AMQP_QUEUE_PREFIX", &self.amqp.queue_prefix)
-            .env("RETRY_DELAYS_MS", "200,500")
-            .env("RELAY_POLL_INTERVAL_MS", "200")
-            .env("HTTP_ADDR", http_addr.to_string())
-            .env("LOG_FORMAT", "json")
-            .env(
-                "RUST_LOG",
-                std::env::var("CLUSTER_RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err));
-        command
-    }
-
     async fn wait_started(&mut self, role: Role) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if self.log(role).contains(role.started()) {
+            if self.log(role).contains(role.started_and_stopped().0) {
                 return;
             }
             let (_, child) = self
@@ -205,7 +133,7 @@ impl Stack {
 
     /// What `role` logged.
     pub fn log(&self, role: Role) -> String {
-        let text = std::fs::read(self.log_dir.join(role.log_file())).unwrap_or_default();
+        let text = std::fs::read(role.log_file(&self.log_dir)).unwrap_or_default();
         String::from_utf8_lossy(&text).into_owned()
     }
 
@@ -222,20 +150,7 @@ impl Stack {
 
     /// The last warnings and errors of every role, for a failure message.
     pub fn diagnostics(&self) -> String {
-        let mut out = format!("role logs in {}\n", self.log_dir.display());
-        for role in Role::ALL {
-            let log = self.log(role);
-            let lines: Vec<&str> = log
-                .lines()
-                .filter(|l| !l.contains(r#""level":"INFO""#))
-                .collect();
-            out.push_str(&format!("--- {} (last warnings/errors)\n", role.name()));
-            for line in &lines[lines.len().saturating_sub(15)..] {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-        out
+        roles::diagnostics(&self.log_dir, Role::ALL.map(|r| (r, self.log(r))))
     }
 }
 
@@ -253,11 +168,4 @@ impl Drop for Stack {
             let _ = std::fs::remove_dir_all(&self.log_dir);
         }
     }
-}
-
-/// A port that was free a moment ago.
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
 }

@@ -3,6 +3,8 @@
 //! with a deadline instead of sleeping. Each binary uses a part of it.
 #![allow(dead_code)]
 
+pub mod roles;
+
 use std::future::Future;
 use std::time::Duration;
 

@@ -5,10 +5,9 @@
 //! exchange, whether the scenario passed or panicked.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
@@ -20,59 +19,15 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{Executor, PgPool};
 use uuid::Uuid;
 
+use crate::common::roles;
+pub use crate::common::roles::Role;
 use crate::{eventually, services};
+
+/// The level the roles log at, unless `info`.
+const RUST_LOG_VAR: &str = "FAULT_RUST_LOG";
 
 pub const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-/// A role of the binary, run as its own process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    Api,
-    Relay,
-    Email,
-    Billing,
-}
-
-impl Role {
-    pub const ALL: [Role; 4] = [Role::Api, Role::Relay, Role::Email, Role::Billing];
-
-    fn args(self) -> &'static [&'static str] {
-        match self {
-            Role::Api => &["api"],
-            Role::Relay => &["relay"],
-            Role::Email => &["consume", "email"],
-            Role::Billing => &["consume", "billing"],
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Api => "api",
-            Role::Relay => "relay",
-            Role::Email => "consume email",
-            Role::Billing => "consume billing",
-        }
-    }
-
-    /// The log line a role writes once it is running and once it has stopped.
-    pub fn started_and_stopped(self) -> (&'static str, &'static str) {
-        match self {
-            Role::Api => ("HTTP API listening", "shutting down"),
-            Role::Relay => ("relay started", "relay stopped"),
-            Role::Email | Role::Billing => ("consumer started", "consumer stopped"),
-        }
-    }
-
-    fn log_file(self) -> &'static str {
-        match self {
-            Role::Api => "api.log",
-            Role::Relay => "relay.log",
-            Role::Email => "email.log",
-            Role::Billing => "billing.log",
-        }
-    }
-}
 
 /// The database, the AMQP names and the running processes of one scenario.
 pub struct Stack {
@@ -118,11 +73,7 @@ impl Stack {
             children: HashMap::new(),
         };
         std::fs::create_dir_all(&stack.log_dir).expect("creating the log directory");
-        let migrate = stack
-            .command(&["migrate"], "migrate.log", Role::Api)
-            .status()
-            .expect("running order-service migrate");
-        assert!(migrate.success(), "order-service migrate failed");
+        roles::migrate(&stack.db_url, &stack.amqp, &stack.log_dir, RUST_LOG_VAR);
         for role in Role::ALL {
             stack.spawn(role);
         }
@@ -136,47 +87,23 @@ impl Stack {
         format!("http://{}/orders", self.http_addrs[&Role::Api])
     }
 
-    /// `order-service <args>` for this scenario, logging to `log`, serving
-    /// HTTP (if it does) on `role`'s address.
-    fn command(&self, args: &[&str], log: &str, role: Role) -> Command {
-        let out = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_dir.join(log))
-            .expect("opening a role log");
-        let err = out.try_clone().expect("cloning a file handle");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_order-service"));
-        command
-            .args(args)
-            .env("DATABASE_URL", &self.db_url)
-            .env("AMQP_URL", AMQP_URL)
-            .env("AMQP_EXCHANGE", &self.amqp.exchange)
-            .env("AMQP_QUEUE_PREFIX", &self.amqp.queue_prefix)
-            .env("RETRY_DELAYS_MS", "200,500")
-            .env("RELAY_POLL_INTERVAL_MS", "200")
-            .env("HTTP_ADDR", self.http_addrs[&role].to_string())
-            .env("LOG_FORMAT", "json")
-            .env(
-                "RUST_LOG",
-                std::env::var("FAULT_RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            // The mailer stays off: no SMTP server here, and the checks
-            // count the consumers' own rows.
-            .env_remove("SMTP_URL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err));
-        command
-    }
-
     /// Starts `role`; returns the offset in its log where this run begins.
     fn spawn(&mut self, role: Role) -> u64 {
         let offset = self.log(role, 0).len() as u64;
-        let child = self
-            .command(role.args(), role.log_file(), role)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", role.name()));
+        let log = role.log_file(&self.log_dir);
+        let addr = self.http_addrs[&role];
+        // The mailer stays off (the command's default): no SMTP server
+        // here, and the checks count the consumers' own rows.
+        let child = roles::command(
+            role.args(),
+            &self.db_url,
+            &self.amqp,
+            addr,
+            &log,
+            RUST_LOG_VAR,
+        )
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", role.name()));
         let previous = self.children.insert(role, child);
         assert!(previous.is_none(), "{} was already running", role.name());
         offset
@@ -277,7 +204,7 @@ impl Stack {
 
     /// What `role` logged from byte `offset` on.
     pub fn log(&self, role: Role, offset: u64) -> String {
-        let text = std::fs::read(self.log_dir.join(role.log_file())).unwrap_or_default();
+        let text = std::fs::read(role.log_file(&self.log_dir)).unwrap_or_default();
         let start = (offset as usize).min(text.len());
         String::from_utf8_lossy(&text[start..]).into_owned()
     }
@@ -295,20 +222,7 @@ impl Stack {
 
     /// The last warnings and errors of every role, for a failure message.
     pub fn diagnostics(&self) -> String {
-        let mut out = format!("role logs in {}\n", self.log_dir.display());
-        for role in Role::ALL {
-            let log = self.log(role, 0);
-            let lines: Vec<&str> = log
-                .lines()
-                .filter(|l| !l.contains(r#""level":"INFO""#))
-                .collect();
-            out.push_str(&format!("--- {} (last warnings/errors)\n", role.name()));
-            for line in &lines[lines.len().saturating_sub(15)..] {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-        out
+        roles::diagnostics(&self.log_dir, Role::ALL.map(|r| (r, self.log(r, 0))))
     }
 }
 

@@ -4,7 +4,6 @@
 //! exchange and queues. A role can be killed (SIGKILL) and started again;
 //! every process is killed when the stack is dropped.
 
-use std::fs::OpenOptions;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -12,40 +11,14 @@ use std::time::Duration;
 
 use order_service::config::AmqpConfig;
 
-use crate::smtp::free_port;
+use crate::common::roles;
+pub use crate::common::roles::Role;
+
+/// The level the roles log at, unless `info`.
+const RUST_LOG_VAR: &str = "MAIL_TEST_RUST_LOG";
 
 /// How long a role may take to answer `/readyz` 200 after it was started.
 const STARTUP: Duration = Duration::from_secs(60);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Api,
-    Relay,
-    Billing,
-    Email,
-}
-
-impl Role {
-    pub const ALL: [Role; 4] = [Role::Api, Role::Relay, Role::Billing, Role::Email];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Role::Api => "api",
-            Role::Relay => "relay",
-            Role::Billing => "billing-consumer",
-            Role::Email => "email-consumer",
-        }
-    }
-
-    fn args(self) -> &'static [&'static str] {
-        match self {
-            Role::Api => &["api"],
-            Role::Relay => &["relay"],
-            Role::Billing => &["consume", "billing"],
-            Role::Email => &["consume", "email"],
-        }
-    }
-}
 
 struct Process {
     role: Role,
@@ -74,63 +47,25 @@ impl Stack {
             log_dir: log_dir.to_owned(),
             processes: Vec::new(),
         };
-        let migrated = stack
-            .command(&["migrate"], "migrate.log", free_addr())
-            .status()
-            .expect("running order-service migrate");
-        assert!(
-            migrated.success(),
-            "order-service migrate failed:\n{}",
-            std::fs::read_to_string(log_dir.join("migrate.log")).unwrap_or_default()
-        );
+        roles::migrate(db_url, amqp, log_dir, RUST_LOG_VAR);
         for role in Role::ALL {
             stack.spawn(role);
         }
         stack
     }
 
-    fn command(&self, args: &[&str], log: &str, addr: SocketAddr) -> Command {
-        let out = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_dir.join(log))
-            .expect("opening a role log");
-        let err = out.try_clone().expect("cloning a file handle");
-        let delays: Vec<String> = self
-            .amqp
-            .retry_delays_ms
-            .iter()
-            .map(u64::to_string)
-            .collect();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_order-service"));
-        command
-            .args(args)
-            .env("DATABASE_URL", &self.db_url)
-            .env("DATABASE_POOL_SIZE", "8")
-            .env("AMQP_URL", self.amqp.amqp_url.expose())
-            .env("AMQP_EXCHANGE", &self.amqp.exchange)
-            .env("AMQP_QUEUE_PREFIX", &self.amqp.queue_prefix)
-            .env("RETRY_DELAYS_MS", delays.join(","))
-            .env("RELAY_POLL_INTERVAL_MS", "200")
-            .env("HTTP_ADDR", addr.to_string())
-            .env("LOG_FORMAT", "json")
-            .env(
-                "RUST_LOG",
-                std::env::var("MAIL_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("SMTP_URL")
-            .env_remove("EMAIL_RECIPIENT_DOMAIN")
-            .env_remove("MAILER_CONCURRENCY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err));
-        command
-    }
-
     fn spawn(&mut self, role: Role) {
-        let addr = free_addr();
-        let mut command = self.command(role.args(), &format!("{}.log", role.label()), addr);
+        let addr = roles::free_addr();
+        let log = role.log_file(&self.log_dir);
+        let mut command = roles::command(
+            role.args(),
+            &self.db_url,
+            &self.amqp,
+            addr,
+            &log,
+            RUST_LOG_VAR,
+        );
+        command.env("DATABASE_POOL_SIZE", "8");
         if role == Role::Email {
             command.env("SMTP_URL", &self.smtp_url);
         }
@@ -212,29 +147,12 @@ impl Stack {
     }
 
     pub fn log(&self, role: Role) -> String {
-        std::fs::read_to_string(self.log_dir.join(format!("{}.log", role.label())))
-            .unwrap_or_default()
+        std::fs::read_to_string(role.log_file(&self.log_dir)).unwrap_or_default()
     }
 
     /// The last warnings and errors of every role, for a failure message.
     pub fn diagnostics(&self) -> String {
-        let mut out = format!("role logs in {}\n", self.log_dir.display());
-        for role in Role::ALL {
-            let log = self.log(role);
-            let lines: Vec<&str> = log
-                .lines()
-                .filter(|l| !l.contains(r#""level":"INFO""#))
-                .collect();
-            out.push_str(&format!(
-                "--- {} (last warnings and errors)\n",
-                role.label()
-            ));
-            for line in &lines[lines.len().saturating_sub(8)..] {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-        out
+        roles::diagnostics(&self.log_dir, Role::ALL.map(|r| (r, self.log(r))))
     }
 }
 
@@ -287,8 +205,4 @@ pub fn migrate(db_url: &str) {
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
-}
-
-fn free_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
 }

@@ -1,0 +1,154 @@
+//! The real binary's roles as processes of their own, as docker compose runs
+//! them: what each role is, the command that starts one against a test's
+//! database and AMQP names, and the tail of their logs for a failure
+//! message. The harnesses (faults, cluster, mail, prometheus) keep their
+//! processes as they need them and start them with [`command`].
+
+use std::fs::OpenOptions;
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use order_service::config::AmqpConfig;
+
+/// A role of the binary, run as its own process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Api,
+    Relay,
+    Billing,
+    Email,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Api, Role::Relay, Role::Billing, Role::Email];
+
+    /// Its subcommand.
+    pub fn args(self) -> &'static [&'static str] {
+        match self {
+            Role::Api => &["api"],
+            Role::Relay => &["relay"],
+            Role::Billing => &["consume", "billing"],
+            Role::Email => &["consume", "email"],
+        }
+    }
+
+    /// Its subcommand as one would type it, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Api => "api",
+            Role::Relay => "relay",
+            Role::Billing => "consume billing",
+            Role::Email => "consume email",
+        }
+    }
+
+    /// The compose service's name, which is also the `role` label that
+    /// prometheus.yml gives its targets, and its log file's name.
+    pub fn label(self) -> &'static str {
+        match self {
+            Role::Api => "api",
+            Role::Relay => "relay",
+            Role::Billing => "billing-consumer",
+            Role::Email => "email-consumer",
+        }
+    }
+
+    /// Its log file in `log_dir`.
+    pub fn log_file(self, log_dir: &Path) -> std::path::PathBuf {
+        log_dir.join(format!("{}.log", self.label()))
+    }
+
+    /// The log line a role writes once it is running and once it has stopped.
+    pub fn started_and_stopped(self) -> (&'static str, &'static str) {
+        match self {
+            Role::Api => ("HTTP API listening", "shutting down"),
+            Role::Relay => ("relay started", "relay stopped"),
+            Role::Billing | Role::Email => ("consumer started", "consumer stopped"),
+        }
+    }
+}
+
+/// `order-service <args>` against `db_url` and `amqp` (its URL, exchange,
+/// queue prefix and retry delays), serving HTTP on `addr`, logging JSON
+/// (stdout and stderr, appended) to `log`, at the level in the environment
+/// variable `rust_log_var` (default `info`). The relay polls every 200 ms;
+/// trace export and the mailer are off unless the caller sets them.
+pub fn command(
+    args: &[&str],
+    db_url: &str,
+    amqp: &AmqpConfig,
+    addr: SocketAddr,
+    log: &Path,
+    rust_log_var: &str,
+) -> Command {
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("opening a role log");
+    let err = out.try_clone().expect("cloning a file handle");
+    let delays: Vec<String> = amqp.retry_delays_ms.iter().map(u64::to_string).collect();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_order-service"));
+    command
+        .args(args)
+        .env("DATABASE_URL", db_url)
+        .env("AMQP_URL", amqp.amqp_url.expose())
+        .env("AMQP_EXCHANGE", &amqp.exchange)
+        .env("AMQP_QUEUE_PREFIX", &amqp.queue_prefix)
+        .env("RETRY_DELAYS_MS", delays.join(","))
+        .env("RELAY_POLL_INTERVAL_MS", "200")
+        .env("HTTP_ADDR", addr.to_string())
+        .env("LOG_FORMAT", "json")
+        .env(
+            "RUST_LOG",
+            std::env::var(rust_log_var).unwrap_or_else(|_| "info".into()),
+        )
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("SMTP_URL")
+        .env_remove("EMAIL_RECIPIENT_DOMAIN")
+        .env_remove("MAILER_CONCURRENCY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err));
+    command
+}
+
+/// Runs `order-service migrate` with [`command`]'s settings, logging to
+/// `<log_dir>/migrate.log`; panics with that log if it fails.
+pub fn migrate(db_url: &str, amqp: &AmqpConfig, log_dir: &Path, rust_log_var: &str) {
+    let log = log_dir.join("migrate.log");
+    let status = command(&["migrate"], db_url, amqp, free_addr(), &log, rust_log_var)
+        .status()
+        .expect("running order-service migrate");
+    assert!(
+        status.success(),
+        "order-service migrate failed:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
+/// The last warnings and errors of each role's log (`logs`: the role and
+/// its log text), for a failure message.
+pub fn diagnostics(log_dir: &Path, logs: impl IntoIterator<Item = (Role, String)>) -> String {
+    let mut out = format!("role logs in {}\n", log_dir.display());
+    for (role, log) in logs {
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.contains(r#""level":"INFO""#))
+            .collect();
+        out.push_str(&format!("--- {} (last warnings and errors)\n", role.name()));
+        for line in &lines[lines.len().saturating_sub(15)..] {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// An address whose port was free a moment ago.
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
