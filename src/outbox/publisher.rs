@@ -51,15 +51,6 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// [`Publisher::open_lanes`] with one lane.
-    pub async fn open(
-        amqp: &AmqpConfig,
-        subscriptions: &[Subscription],
-        cancel: &CancellationToken,
-    ) -> anyhow::Result<Self> {
-        Self::open_lanes(amqp, subscriptions, 1, cancel).await
-    }
-
     /// Connects (waiting for RabbitMQ), opens `lanes` channels with
     /// confirms enabled and declares the exchange and `subscriptions`, so no
     /// event is published before the queues that take it exist.

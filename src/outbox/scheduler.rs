@@ -94,8 +94,8 @@ impl State {
 pub(super) struct Batches {
     window: Arc<Semaphore>,
     pub(super) reopen: Reopen,
-    max_open: usize,
-    /// Which lanes an open batch holds.
+    /// Which lanes an open batch holds: one place for each batch that may
+    /// be open.
     busy: Vec<bool>,
     set: FuturesUnordered<BoxFuture<'static, (usize, Result<BatchOutcome, RelayError>)>>,
 }
@@ -105,7 +105,6 @@ impl Batches {
         Self {
             window: Arc::new(Semaphore::new(config.confirm_window())),
             reopen: Reopen::default(),
-            max_open: config.batches_open(),
             busy: vec![false; config.batches_open()],
             set: FuturesUnordered::new(),
         }
@@ -116,7 +115,7 @@ impl Batches {
     /// panics ends as a failed batch: its transaction is dropped, so its
     /// rows stay due, and the relay carries on.
     pub(super) fn start(&mut self, relay: &Relay, publisher: &Publisher) -> bool {
-        let lanes = self.max_open.min(publisher.lanes());
+        let lanes = self.busy.len().min(publisher.lanes());
         let Some(lane) = (0..lanes).find(|&lane| !self.busy[lane]) else {
             return false;
         };
