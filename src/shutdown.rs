@@ -85,14 +85,31 @@ impl Backoff {
     }
 }
 
+/// Why waiting for a dependency ended without it.
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError<E> {
+    /// The dependency answered with a refusal that waiting cannot change (a
+    /// database that does not exist, refused credentials, an untrusted
+    /// certificate): a misconfiguration to report, not an outage to ride out.
+    #[error("{0}")]
+    Permanent(E),
+    /// `cancel` fired first.
+    #[error("cancelled while waiting for {0}")]
+    Cancelled(String),
+}
+
 /// Runs `attempt` until it succeeds, waiting a [`Backoff`] delay after each
-/// failure and logging it with `what`; an error only when `cancel` fires
-/// first. The one connect-and-wait loop of the crate.
-pub async fn retry_until_cancelled<T, E, F, Fut>(
+/// failure and logging it with `what`. Stops early with
+/// [`WaitError::Permanent`] on an error that `permanent` says waiting cannot
+/// fix, and with [`WaitError::Cancelled`] when `cancel` fires. The one
+/// connect-and-wait loop of the crate: a dependency that is only not up yet
+/// (connection refused, Postgres starting up) is waited for.
+pub async fn wait_for<T, E, F, Fut>(
     what: &str,
     cancel: &CancellationToken,
     mut attempt: F,
-) -> anyhow::Result<T>
+    permanent: impl Fn(&E) -> bool,
+) -> Result<T, WaitError<E>>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
@@ -102,13 +119,31 @@ where
     loop {
         match attempt().await {
             Ok(value) => return Ok(value),
+            Err(error) if permanent(&error) => return Err(WaitError::Permanent(error)),
             Err(error) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "{what} not reachable");
                 if !sleep_or_cancel(delay, cancel).await {
-                    anyhow::bail!("cancelled while waiting for {what}");
+                    return Err(WaitError::Cancelled(what.to_owned()));
                 }
             }
         }
     }
+}
+
+/// [`wait_for`] for a dependency whose every failure is an outage to wait
+/// out (a reconnect of a running role); an error only when `cancel` fires.
+pub async fn retry_until_cancelled<T, E, F, Fut>(
+    what: &str,
+    cancel: &CancellationToken,
+    attempt: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    wait_for(what, cancel, attempt, |_| false)
+        .await
+        .map_err(|error| anyhow::anyhow!("{error}"))
 }
