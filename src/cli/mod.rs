@@ -191,7 +191,7 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             mail,
         } => {
             retention.check(&amqp).map_err(anyhow::Error::msg)?;
-            let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
+            let roles = Roles::new(connect_both(&db, &amqp, &cancel).await?, cancel);
             roles.start_api(&http, Some(amqp.clone())).await?;
             roles.start_relay(&amqp, &relay, false);
             roles.start_consumer(ConsumerKind::Email, &amqp, &consumer, &mail)?;
@@ -228,7 +228,7 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             http,
             retention,
         } => {
-            let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
+            let roles = Roles::new(connect_both(&db, &amqp, &cancel).await?, cancel);
             roles.start_relay(&amqp, &relay, true);
             roles.start_retention(
                 vec![retention::published(&EVENTS, relay.retention())],
@@ -249,7 +249,7 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             mail,
         } => {
             retention.check(&amqp).map_err(anyhow::Error::msg)?;
-            let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
+            let roles = Roles::new(connect_both(&db, &amqp, &cancel).await?, cancel);
             roles.start_consumer(which, &amqp, &consumer, &mail)?;
             // Billing writes order.confirmed rows: wake the relay elsewhere.
             roles.start_notify_forwarder();
@@ -274,11 +274,26 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             println!("migrations applied");
             Ok(())
         }
-        Command::Dlq { command } => tools::dlq(command).await,
+        Command::Dlq { command } => tools::dlq(command, &cancel).await,
         Command::Outbox {
             command: OutboxCommand::Status { db },
         } => tools::outbox_status(db, &cancel).await,
     }
+}
+
+/// The pool, once RabbitMQ has accepted a connection too: a role that needs
+/// both checks them together before it starts, so a misconfiguration of
+/// either stops it at once, even while the other is still waited for.
+async fn connect_both(
+    db: &DatabaseConfig,
+    amqp: &AmqpConfig,
+    cancel: &CancellationToken,
+) -> anyhow::Result<sqlx::PgPool> {
+    let (pool, ()) = tokio::try_join!(
+        crate::db::connect(db, cancel),
+        crate::amqp::check_at_start(amqp, cancel)
+    )?;
+    Ok(pool)
 }
 
 #[cfg(test)]

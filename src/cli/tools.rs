@@ -7,12 +7,15 @@ use crate::amqp::QueueNames;
 use crate::config::{AmqpConfig, DatabaseConfig};
 use crate::orders;
 
-pub(super) async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
+/// `dlq list` and `dlq replay`: each tries the broker once, and stops on
+/// `cancel` (SIGTERM or Ctrl-C).
+pub(super) async fn dlq(command: DlqCommand, cancel: &CancellationToken) -> anyhow::Result<()> {
     use crate::inbox::dlq;
     match command {
         DlqCommand::List { queue, limit, amqp } => {
             let queues = consumer_queues(&amqp, &queue)?;
-            let letters = dlq::list(&amqp, &queues, limit).await?;
+            let letters = dlq::list_until(&amqp, &queues, limit, cancel).await?;
+            anyhow::ensure!(!cancel.is_cancelled(), "dlq list stopped by a signal");
             println!("{} dead letter(s) in {}", letters.len(), queues.dlq);
             for l in letters {
                 let age = l
@@ -35,7 +38,7 @@ pub(super) async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
         } => {
             let queues = consumer_queues(&amqp, &queue)?;
             let window = (!force).then(|| retention.dedup());
-            let replay = dlq::replay(&amqp, &queues, limit, window).await?;
+            let replay = dlq::replay_until(&amqp, &queues, limit, window, cancel).await?;
             println!(
                 "replayed {} message(s) from {} to {}",
                 replay.moved, queues.dlq, queues.main
@@ -48,6 +51,7 @@ pub(super) async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                     replay.too_old, retention.dedup_retention_secs, queues.dlq
                 );
             }
+            anyhow::ensure!(!cancel.is_cancelled(), "dlq replay stopped by a signal");
             Ok(())
         }
     }

@@ -22,17 +22,27 @@ pub struct DeadLetter {
 }
 
 /// Reads up to `limit` dead letters and leaves them in the queue (they are
-/// fetched unacked and returned when the channel closes).
+/// fetched unacked and returned when the channel closes). Tries each broker
+/// once.
 pub async fn list(
     amqp: &AmqpConfig,
     queues: &QueueNames,
     limit: usize,
 ) -> anyhow::Result<Vec<DeadLetter>> {
-    let connection =
-        crate::amqp::connect(amqp, "order-service dlq list", &CancellationToken::new()).await?;
+    list_until(amqp, queues, limit, &CancellationToken::new()).await
+}
+
+/// [`list`], stopping early when `cancel` fires (`dlq list` on SIGTERM).
+pub async fn list_until(
+    amqp: &AmqpConfig,
+    queues: &QueueNames,
+    limit: usize,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Vec<DeadLetter>> {
+    let connection = crate::amqp::connect_once(amqp, "order-service dlq list", cancel).await?;
     let channel = connection.create_channel().await?;
     let mut letters = Vec::new();
-    while letters.len() < limit {
+    while letters.len() < limit && !cancel.is_cancelled() {
         let Some(got) = channel
             .basic_get(
                 queues.dlq.as_str().into(),
@@ -85,22 +95,35 @@ pub struct Replayed {
 /// attempt count; each is acked off the DLQ only after the broker confirmed
 /// the copy. With a `window` (the dedup retention), a letter first published
 /// longer ago than that is left where it is: its dedup row may have been
-/// pruned, so replaying it could apply its effect twice.
+/// pruned, so replaying it could apply its effect twice. Tries each broker
+/// once.
 pub async fn replay(
     amqp: &AmqpConfig,
     queues: &QueueNames,
     limit: usize,
     window: Option<std::time::Duration>,
 ) -> anyhow::Result<Replayed> {
-    let connection =
-        crate::amqp::connect(amqp, "order-service dlq replay", &CancellationToken::new()).await?;
+    replay_until(amqp, queues, limit, window, &CancellationToken::new()).await
+}
+
+/// [`replay`], stopping after the letter in hand when `cancel` fires (`dlq
+/// replay` on SIGTERM): a letter is acked off the DLQ only once its copy is
+/// confirmed, so a stop loses none.
+pub async fn replay_until(
+    amqp: &AmqpConfig,
+    queues: &QueueNames,
+    limit: usize,
+    window: Option<std::time::Duration>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Replayed> {
+    let connection = crate::amqp::connect_once(amqp, "order-service dlq replay", cancel).await?;
     let channel = connection.create_channel().await?;
     let publish = connection.create_channel().await?;
     publish
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let mut replayed = Replayed::default();
-    while replayed.moved < limit {
+    while replayed.moved < limit && !cancel.is_cancelled() {
         let Some(got) = channel
             .basic_get(
                 queues.dlq.as_str().into(),

@@ -1,17 +1,25 @@
 //! RabbitMQ connections and the topology shared by the relay and consumers:
 //! one topic exchange, and per subscription a durable queue bound to its
 //! event types, its delay queues (retries) and its dead-letter queue.
+//!
+//! - `connect`: connecting once, at a role's start, and for reconnects;
+//! - `url`: a node's `AMQP_URL` with RabbitMQ's TLS query parameters;
+//! - `tls`: the TLS client of an `amqps://` URL.
+
+mod connect;
+mod tls;
+mod url;
+
+pub use connect::{ConnectError, check_at_start, connect, connect_once, ping};
 
 use std::time::Duration;
 
 use anyhow::Context;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
-use tokio_util::sync::CancellationToken;
+use lapin::{Channel, Connection, ExchangeKind};
 
-use crate::config::{AmqpConfig, QueueType, redact_url};
-use crate::shutdown::retry_until_cancelled;
+use crate::config::{AmqpConfig, QueueType};
 
 /// A consumer's queue and the event types (routing keys) bound to it. The
 /// domain lists its subscriptions; the relay declares them all before it
@@ -47,47 +55,6 @@ impl QueueNames {
             retries,
         }
     }
-}
-
-/// How long one connection attempt to one node may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Connects, retrying with backoff until a broker answers or `cancel` fires.
-/// Each attempt tries every URL of the list once, starting at a random one,
-/// so a fleet spreads over a cluster and a lost node is skipped.
-pub async fn connect(
-    config: &AmqpConfig,
-    name: &str,
-    cancel: &CancellationToken,
-) -> anyhow::Result<Connection> {
-    retry_until_cancelled("RabbitMQ", cancel, || connect_any(config, name))
-        .await
-        .with_context(|| format!("connecting to RabbitMQ at {}", config.amqp_url))
-}
-
-/// One attempt over every URL; the error names the last node's failure.
-async fn connect_any(config: &AmqpConfig, name: &str) -> anyhow::Result<Connection> {
-    let urls = config.urls();
-    anyhow::ensure!(!urls.is_empty(), "AMQP_URL names no broker");
-    let start = rand::random_range(0..urls.len());
-    let mut last = None;
-    for i in 0..urls.len() {
-        let url = urls[(start + i) % urls.len()];
-        let properties = ConnectionProperties::default().with_connection_name(name.into());
-        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
-            Ok(Ok(connection)) => return Ok(connection),
-            Ok(Err(error)) => last = Some(anyhow::anyhow!("{}: {error}", redact_url(url))),
-            Err(_) => last = Some(anyhow::anyhow!("{}: no answer in time", redact_url(url))),
-        }
-    }
-    Err(last.expect("at least one URL was tried"))
-}
-
-/// Opens and closes a connection to any node: the readiness check.
-pub async fn ping(config: &AmqpConfig) -> anyhow::Result<()> {
-    let connection = connect_any(config, "order-service readyz").await?;
-    let _ = connection.close(200, "readiness check done".into()).await;
-    Ok(())
 }
 
 /// Opens a channel with publisher confirms enabled.
