@@ -3,16 +3,11 @@
 //! the machine's own broker (`rabbit@localhost`, AMQP 5672, shared with
 //! other engineers' tests) is never touched.
 //!
-//! Each node runs as the `rabbitmq` user (`rabbitmq-server -detached`), with
-//! its own name, AMQP and distribution ports, and its data, logs, pid file,
-//! enabled-plugins file (`[].`) and config file under a fresh
-//! `/tmp/ostest-cluster-<uuid>/<node>/`. The config file holds
-//! `listeners.tcp.default = 127.0.0.1:<port>`: it replaces
-//! /etc/rabbitmq/rabbitmq.conf, which pins 5672 (`RABBITMQ_NODE_PORT` alone
-//! does not override it). The nodes and `rabbitmqctl` (also run as
-//! `rabbitmq`) share that user's Erlang cookie, /var/lib/rabbitmq/.erlang.cookie.
-//! B and C join A with `stop_app`, `join_cluster rabbitA@localhost`,
-//! `start_app`.
+//! Each node is a [`Node`] of `common/rabbit_node.rs` (run as the `rabbitmq`
+//! user with its own name, ports, data and config file), under a fresh
+//! `/tmp/ostest-cluster-<uuid>/<node>/`; its config file holds
+//! `listeners.tcp.default = 127.0.0.1:<port>`. B and C join A with
+//! `stop_app`, `join_cluster rabbitA@localhost`, `start_app`.
 //!
 //! Dropping the [`Cluster`] tears it down whether the test passed or
 //! panicked: `stop_app`, `reset` (`force_reset` if it refuses) and `stop` on
@@ -25,25 +20,17 @@
 //! Everything here blocks (it runs `rabbitmqctl`); the async test calls it
 //! through `tokio::task::block_in_place`.
 
-use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-const RABBITMQ_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
-const RABBITMQCTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
-/// The `rabbitmq` user's home: its `.erlang.cookie` is the cluster's cookie.
-const RABBITMQ_HOME: &str = "/var/lib/rabbitmq";
-/// How long a node gets to boot (or to come back).
-const START_DEADLINE: Duration = Duration::from_secs(90);
-/// How long one `rabbitmqctl` command may take before it is killed.
-const CTL_TIMEOUT: Duration = Duration::from_secs(60);
-/// Per command during teardown, where nothing may hang.
-const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+pub use crate::common::rabbit_node::Node;
+use crate::common::rabbit_node::{
+    CTL_TIMEOUT, START_DEADLINE, TEARDOWN_TIMEOUT, alive, can_start_nodes, copy_dir, ctl,
+    give_to_rabbitmq, port_open,
+};
 
 /// The three nodes: short name, AMQP port, distribution port. Fixed, so
 /// that [`crate::stack::AMQP_URL`] can be a constant (the fault suite's
@@ -58,108 +45,6 @@ pub const NODES: [(&str, u16, u16); 3] = [
 /// loopback).
 pub fn amqp_url(port: u16) -> String {
     format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
-}
-
-/// One node of the cluster.
-#[derive(Debug)]
-pub struct Node {
-    /// `rabbitA@localhost`.
-    pub name: String,
-    pub amqp_port: u16,
-    pub dist_port: u16,
-    dir: PathBuf,
-    /// Every OS pid this node's Erlang VM had (one per start).
-    pids: Vec<u32>,
-}
-
-impl Node {
-    fn pid_file(&self) -> PathBuf {
-        self.dir.join("pid")
-    }
-
-    /// The node's own log file.
-    pub fn log_file(&self) -> PathBuf {
-        self.dir.join("log").join(format!("{}.log", self.name))
-    }
-
-    /// `rabbitmq-server -detached` as `rabbitmq`, with this node's env.
-    fn launch(&self) -> Result<(), String> {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("start.log"))
-            .map_err(|e| format!("opening start.log: {e}"))?;
-        let err = out.try_clone().map_err(|e| e.to_string())?;
-        let p = |name: &str| self.dir.join(name).display().to_string();
-        let status = as_rabbitmq()
-            .args([
-                format!("RABBITMQ_NODENAME={}", self.name),
-                format!("RABBITMQ_NODE_PORT={}", self.amqp_port),
-                format!("RABBITMQ_DIST_PORT={}", self.dist_port),
-                format!("RABBITMQ_MNESIA_BASE={}", p("mnesia")),
-                format!("RABBITMQ_LOG_BASE={}", p("log")),
-                format!("RABBITMQ_PID_FILE={}", p("pid")),
-                format!("RABBITMQ_ENABLED_PLUGINS_FILE={}", p("enabled_plugins")),
-                format!("RABBITMQ_CONFIG_FILE={}", p("rabbitmq.conf")),
-            ])
-            .arg(RABBITMQ_SERVER)
-            .arg("-detached")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .status()
-            .map_err(|e| format!("running rabbitmq-server: {e}"))?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "rabbitmq-server -detached for {} exited with {status}",
-                self.name
-            ))
-        }
-    }
-
-    /// Waits until the AMQP listener accepts connections (the node opens
-    /// it last, at boot and on `start_app`), then, with `await_startup`,
-    /// for `rabbitmqctl await_startup`; records the VM's pid. (`await_startup`
-    /// alone fails at once, "node not running at all", while a booting node
-    /// has not yet registered with epmd: hence the port first.)
-    fn wait_started(&mut self, await_startup: bool) -> Result<(), String> {
-        let deadline = Instant::now() + START_DEADLINE;
-        while !port_open(self.amqp_port) {
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "{} did not open AMQP port {} within {START_DEADLINE:?}; log tail:\n{}",
-                    self.name,
-                    self.amqp_port,
-                    self.log_tail(30)
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        if await_startup {
-            ctl(&self.name, &["await_startup"], CTL_TIMEOUT)?;
-        }
-        self.record_pid();
-        Ok(())
-    }
-
-    fn record_pid(&mut self) {
-        if let Some(pid) = std::fs::read_to_string(self.pid_file())
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            && !self.pids.contains(&pid)
-        {
-            self.pids.push(pid);
-        }
-    }
-
-    /// The last `n` lines of the node's log.
-    pub fn log_tail(&self, n: usize) -> String {
-        let log = std::fs::read_to_string(self.log_file()).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
 }
 
 /// A node being stopped (see [`Cluster::stop_node`]).
@@ -217,12 +102,8 @@ impl Cluster {
         let root = PathBuf::from(format!("/tmp/ostest-cluster-{}", Uuid::new_v4().simple()));
         let nodes = NODES
             .iter()
-            .map(|&(short, amqp_port, dist_port)| Node {
-                name: format!("{short}@localhost"),
-                amqp_port,
-                dist_port,
-                dir: root.join(short),
-                pids: Vec::new(),
+            .map(|&(short, amqp_port, dist_port)| {
+                Node::new(short, amqp_port, dist_port, root.join(short))
             })
             .collect();
         // From here on, Drop cleans up whatever was started.
@@ -232,21 +113,12 @@ impl Cluster {
             started_in: Duration::ZERO,
         };
         for node in &cluster.nodes {
-            for dir in ["mnesia", "log"] {
-                std::fs::create_dir_all(node.dir.join(dir))
-                    .map_err(|e| format!("creating {}: {e}", node.dir.display()))?;
-            }
-            std::fs::write(node.dir.join("enabled_plugins"), "[].\n")
-                .map_err(|e| format!("writing enabled_plugins: {e}"))?;
-            std::fs::write(
-                node.dir.join("rabbitmq.conf"),
-                format!("listeners.tcp.default = 127.0.0.1:{}\n", node.amqp_port),
-            )
-            .map_err(|e| format!("writing rabbitmq.conf: {e}"))?;
+            node.prepare(&format!(
+                "listeners.tcp.default = 127.0.0.1:{}\n",
+                node.amqp_port
+            ))?;
         }
-        run(Command::new("chown")
-            .args(["-R", "rabbitmq:rabbitmq"])
-            .arg(&cluster.root))?;
+        give_to_rabbitmq(&cluster.root)?;
         // Boot the three at once (each takes seconds), then wait for each.
         for node in &cluster.nodes {
             node.launch()?;
@@ -389,14 +261,7 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(100));
         }
         for node in &self.nodes {
-            for &pid in &node.pids {
-                if alive(pid, &node.name) {
-                    eprintln!("cluster teardown: killing {} (pid {pid})", node.name);
-                    let _ = Command::new("kill")
-                        .args(["-KILL", &pid.to_string()])
-                        .status();
-                }
-            }
+            node.kill();
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         while !exited(&self.nodes) && Instant::now() < deadline {
@@ -509,19 +374,7 @@ pub fn await_members(via: &str, prefix: &str, n: usize) -> Result<Vec<QueueInfo>
 /// Root (for `runuser`), the tools present, and the ports free: else the
 /// test says why instead of timing out.
 fn preflight() -> Result<(), String> {
-    let uid = run(Command::new("id").arg("-u"))?;
-    if uid.trim() != "0" {
-        return Err(format!(
-            "the cluster test must run as root (it starts RabbitMQ nodes as the rabbitmq user \
-             with runuser); uid is {}",
-            uid.trim()
-        ));
-    }
-    for tool in [RABBITMQ_SERVER, RABBITMQCTL] {
-        if !Path::new(tool).exists() {
-            return Err(format!("{tool} not found: install rabbitmq-server"));
-        }
-    }
+    can_start_nodes()?;
     for &(short, amqp, dist) in &NODES {
         for port in [amqp, dist] {
             if TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).is_err() {
@@ -536,118 +389,6 @@ fn preflight() -> Result<(), String> {
     Ok(())
 }
 
-/// `runuser -u rabbitmq -- env -i <a clean env>`: the nodes and the CLI
-/// run as `rabbitmq`, with its home (so its `.erlang.cookie`) and nothing
-/// of our environment (no stray `RABBITMQ_*`).
-fn as_rabbitmq() -> Command {
-    let mut command = Command::new("runuser");
-    command.args([
-        "-u",
-        "rabbitmq",
-        "--",
-        "env",
-        "-i",
-        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        &format!("HOME={RABBITMQ_HOME}"),
-        "LANG=C.UTF-8",
-        "LC_ALL=C.UTF-8",
-    ]);
-    command
-}
-
-/// `rabbitmqctl -n <node> <args>` as `rabbitmq`, killed (its own process
-/// group) if it takes longer than `timeout`. Returns its stdout.
-pub fn ctl(node: &str, args: &[&str], timeout: Duration) -> Result<String, String> {
-    let mut command = as_rabbitmq();
-    command
-        .arg(RABBITMQCTL)
-        .args(["-n", node])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    let what = format!("rabbitmqctl -n {node} {}", args.join(" "));
-    let started = Instant::now();
-    let mut child = command.spawn().map_err(|e| format!("{what}: {e}"))?;
-    let (mut stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let readers = (
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
-        }),
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stderr.read_to_string(&mut s);
-            s
-        }),
-    );
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(|e| format!("{what}: {e}"))? {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .status();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = readers.0.join().unwrap_or_default();
-    let err = readers.1.join().unwrap_or_default();
-    if std::env::var_os("CLUSTER_VERBOSE").is_some() {
-        eprintln!("cluster: {what}: {:.1}s", started.elapsed().as_secs_f64());
-    }
-    match status {
-        Some(status) if status.success() => Ok(out),
-        Some(status) => Err(format!("{what} failed ({status}): {out}{err}")),
-        None => Err(format!("{what} timed out after {timeout:?}: {out}{err}")),
-    }
-}
-
-/// Runs a command to the end; its stdout, or an error with its output.
-fn run(command: &mut Command) -> Result<String, String> {
-    let output = command
-        .output()
-        .map_err(|e| format!("running {command:?}: {e}"))?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    } else {
-        Err(format!(
-            "{command:?} failed ({}): {}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ))
-    }
-}
-
-fn port_open(port: u16) -> bool {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
-}
-
-/// The process exists, is not a zombie, and is the Erlang VM of `node`
-/// (its environment names it: a recycled pid is never killed).
-fn alive(pid: u32, node: &str) -> bool {
-    let running = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(") ")
-                .map(|(_, rest)| !rest.starts_with('Z'))
-        })
-        .unwrap_or(false);
-    let ours = std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
-        env.split(|&b| b == 0)
-            .any(|var| var == format!("RABBITMQ_NODENAME={node}").as_bytes())
-    });
-    running && ours
-}
-
 fn strings(value: &serde_json::Value) -> Vec<String> {
     value
         .as_array()
@@ -658,12 +399,4 @@ fn strings(value: &serde_json::Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        std::fs::copy(entry.path(), to.join(entry.file_name()))?;
-    }
-    Ok(())
 }

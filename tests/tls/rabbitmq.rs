@@ -1,0 +1,388 @@
+//! RabbitMQ over `amqps://`, against nodes of the test's own with a TLS
+//! listener (`common/rabbit_node.rs`; certificates from [`TestCa`]), and the
+//! clear stop of the real binary on each permanent misconfiguration.
+//!
+//! The nodes need root (they run as the `rabbitmq` user); the clear-stop
+//! and `dlq` tests only need the machine's broker, or none.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use order_service::config::AmqpConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::certs::{TempDir, TestCa};
+use crate::common::rabbit_node::{OwnNode, free_port};
+use crate::common::roles::free_addr;
+use crate::common::{DropDatabase, create_database, eventually};
+
+/// How soon a misconfigured process must have exited.
+const STOP_WITHIN: Duration = Duration::from_secs(10);
+
+/// A node of the test's own with a plain listener (its boot signal) and a
+/// TLS one, its server certificate signed by `ca`.
+struct TlsNode {
+    own: OwnNode,
+    tls_port: u16,
+    config: String,
+}
+
+impl TlsNode {
+    /// Made but not started. With `client_certs`, the node wants a client
+    /// certificate its CA signed (`verify_peer`, `fail_if_no_peer_cert`).
+    fn new(prefix: &str, ca: &TestCa, client_certs: bool) -> Self {
+        let own = OwnNode::new(prefix).unwrap_or_else(|e| panic!("{e}"));
+        let server = ca.server("server");
+        let (ca_file, cert, key) = (
+            own.install(&ca.cert_file()),
+            own.install(&server.cert),
+            own.install(&server.key),
+        );
+        let tls_port = free_port();
+        let verify = if client_certs {
+            "verify_peer"
+        } else {
+            "verify_none"
+        };
+        let config = format!(
+            "listeners.tcp.default = 127.0.0.1:{}\nlisteners.ssl.default = 127.0.0.1:{tls_port}\n\
+             ssl_options.cacertfile = {}\nssl_options.certfile = {}\nssl_options.keyfile = {}\n\
+             ssl_options.verify = {verify}\nssl_options.fail_if_no_peer_cert = {client_certs}\n",
+            own.node.amqp_port,
+            ca_file.display(),
+            cert.display(),
+            key.display()
+        );
+        Self {
+            own,
+            tls_port,
+            config,
+        }
+    }
+
+    fn start(&mut self) {
+        let config = self.config.clone();
+        tokio::task::block_in_place(|| self.own.start(&config)).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// `amqps://` to the TLS listener, guest over loopback, with `query`.
+    fn url(&self, query: &str) -> String {
+        format!(
+            "amqps://guest:guest@127.0.0.1:{}/%2f?{query}",
+            self.tls_port
+        )
+    }
+}
+
+/// `order-service <args>` with `env`, logging to `log`; killed on drop.
+struct Proc(Child);
+
+impl Proc {
+    fn spawn(args: &[&str], env: &[(&str, &str)], log: &Path) -> Self {
+        Proc(
+            binary(args, env, log)
+                .spawn()
+                .expect("starting order-service"),
+        )
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn binary(args: &[&str], env: &[(&str, &str)], log: &Path) -> Command {
+    let out = std::fs::File::create(log).expect("a log file");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_order-service"));
+    command
+        .args(args)
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .env("RELAY_POLL_INTERVAL_MS", "200")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("SMTP_URL")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("a file handle"))
+        .stderr(out);
+    command
+}
+
+/// Runs the binary until it exits (at most 30 s); its status, how long it
+/// ran, and its output.
+fn run_to_exit(args: &[&str], env: &[(&str, &str)], dir: &Path) -> (ExitStatus, Duration, String) {
+    let log = dir.join(format!("{}.log", uuid::Uuid::new_v4().simple()));
+    let started = Instant::now();
+    let mut proc = Proc::spawn(args, env, &log);
+    let status = loop {
+        if let Some(status) = proc.0.try_wait().expect("waiting for order-service") {
+            break status;
+        }
+        let output = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "still running:\n{output}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    (status, started.elapsed(), output)
+}
+
+/// Asserts that `order-service <args>` with `AMQP_URL=url` stops within
+/// [`STOP_WITHIN`], non-zero, with one line naming AMQP_URL and `cause`,
+/// and no password.
+fn assert_stops(args: &[&str], db_url: &str, url: &str, cause: &str, password: &str, dir: &Path) {
+    let env = [("DATABASE_URL", db_url), ("AMQP_URL", url)];
+    let (status, took, output) = run_to_exit(args, &env, dir);
+    let lines: Vec<&str> = output.lines().filter(|l| l.contains("AMQP_URL")).collect();
+    assert!(!status.success(), "{url}: exited with {status}:\n{output}");
+    assert!(took < STOP_WITHIN, "{url}: took {took:?}:\n{output}");
+    assert_eq!(lines.len(), 1, "{url}: one line names AMQP_URL:\n{output}");
+    assert!(
+        lines[0].starts_with("error: AMQP_URL: "),
+        "{url}:\n{output}"
+    );
+    assert!(
+        lines[0].contains(cause),
+        "{url}: no {cause:?} in:\n{output}"
+    );
+    assert!(
+        !output.contains(password),
+        "{url}: the password is printed:\n{output}"
+    );
+}
+
+async fn connect(url: &str) -> anyhow::Result<()> {
+    let config = AmqpConfig::new(url);
+    let connection =
+        order_service::amqp::connect_once(&config, "tls test", &CancellationToken::new()).await?;
+    let _ = connection.close(200, "test done".into()).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_slow_to_start_is_waited_for_then_orders_flow_over_amqps() {
+    let ca = TestCa::new("amqps");
+    let mut node = TlsNode::new("ostls", &ca, false);
+    let (db_name, db_url) = create_database().await;
+    let _db = DropDatabase(db_name);
+    let logs = TempDir::new("amqps-run");
+    let url = node.url(&format!("cacertfile={}", ca.cert_file().display()));
+    let addr = free_addr().to_string();
+    let env = [
+        ("DATABASE_URL", db_url.as_str()),
+        ("AMQP_URL", url.as_str()),
+        ("HTTP_ADDR", addr.as_str()),
+    ];
+    let log = logs.path().join("run.log");
+    let mut run = Proc::spawn(&["run"], &env, &log);
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    // The node is not up: the process waits (warning), it does not stop.
+    eventually(
+        "run to wait for RabbitMQ",
+        Duration::from_secs(20),
+        || async { read_log().contains("RabbitMQ not reachable").then_some(()) },
+    )
+    .await;
+    assert!(run.0.try_wait().unwrap().is_none(), "{}", read_log());
+    node.start();
+
+    let client = reqwest::Client::new();
+    let ready = format!("http://{addr}/readyz");
+    eventually("run to be ready", Duration::from_secs(60), || async {
+        let status = client.get(&ready).send().await.ok()?.status();
+        status.is_success().then_some(())
+    })
+    .await;
+    let order: serde_json::Value = client
+        .post(format!("http://{addr}/orders"))
+        .json(&serde_json::json!({"productId": "p-1", "userId": "user_tls", "amount": 700}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id: uuid::Uuid = order["orderId"].as_str().unwrap().parse().unwrap();
+
+    let db = sqlx::PgPool::connect(&db_url).await.unwrap();
+    let check = "SELECT o.status = 'CONFIRMED' AND (SELECT count(*) FROM notifications n \
+                 WHERE n.order_id = o.id) = 2 FROM orders o WHERE o.id = $1";
+    eventually(
+        "the order to be confirmed and notified twice",
+        Duration::from_secs(30),
+        || async {
+            let done: bool = sqlx::query_scalar(check)
+                .bind(id)
+                .fetch_one(&db)
+                .await
+                .ok()?;
+            done.then_some(())
+        },
+    )
+    .await;
+    db.close().await;
+    assert!(run.0.try_wait().unwrap().is_none(), "{}", read_log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_are_checked_both_ways() {
+    let ca = TestCa::new("amqpsmtls");
+    let other = TestCa::new("amqpsother");
+    let client = ca.client("client", "guest");
+    let mut node = TlsNode::new("ostlsmtls", &ca, true);
+    node.start();
+    let (ca_file, other_file) = (ca.cert_file(), other.cert_file());
+    let identity = format!(
+        "certfile={}&keyfile={}",
+        client.cert.display(),
+        client.key.display()
+    );
+    let with = |query: String| node.url(&format!("{query}&{identity}"));
+
+    // A client certificate the node's CA signed: connected.
+    let trusted = with(format!("cacertfile={}", ca_file.display()));
+    connect(&trusted)
+        .await
+        .expect("connecting with a client certificate");
+    // None: refused by the node, as a refusal (not an outage).
+    let anonymous = node.url(&format!("cacertfile={}", ca_file.display()));
+    let error = connect(&anonymous).await.unwrap_err().to_string();
+    assert!(
+        error.starts_with("AMQP_URL: ") && error.contains("TLS"),
+        "{error}"
+    );
+    // A server certificate the configured CA did not sign: refused...
+    let untrusted = with(format!("cacertfile={}", other_file.display()));
+    let error = connect(&untrusted).await.unwrap_err().to_string();
+    assert!(error.contains("UnknownIssuer"), "{error}");
+    // ...unless verification is turned off, and only then.
+    connect(&with(format!(
+        "cacertfile={}&verify=verify_none",
+        other_file.display()
+    )))
+    .await
+    .expect("verify_none accepts any server certificate");
+    // The name verified is server_name_indication's, when given.
+    let misnamed = with(format!(
+        "cacertfile={}&server_name_indication=other.example.com",
+        ca_file.display()
+    ));
+    let error = connect(&misnamed).await.unwrap_err().to_string();
+    assert!(error.contains(r#"not valid for name "other.example.com""#), "{error}");
+
+    // The real binary stops at once on the untrusted certificate.
+    let (db_name, db_url) = create_database().await;
+    let _db = DropDatabase(db_name);
+    let logs = TempDir::new("amqps-untrusted");
+    assert_stops(
+        &["relay"],
+        &db_url,
+        &untrusted,
+        "UnknownIssuer",
+        ":guest@",
+        logs.path(),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_permanent_rabbitmq_misconfiguration_stops_the_relay_at_once_with_one_line() {
+    let (db_name, db_url) = create_database().await;
+    let _db = DropDatabase(db_name);
+    let dir = TempDir::new("amqp-stop");
+    let not_pem = dir.path().join("not-a-cert.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let cases = [
+        (
+            "amqp://guest:s3cret-pw@127.0.0.1:5672/%2f".to_owned(),
+            "ACCESS_REFUSED",
+            "s3cret-pw",
+        ),
+        (
+            format!(
+                "amqp://guest:guest@127.0.0.1:5672/no_such_vhost_{}",
+                std::process::id()
+            ),
+            "vhost no_such_vhost",
+            ":guest@",
+        ),
+        (
+            "amqps://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            "no TLS on this port",
+            ":guest@",
+        ),
+        (
+            "amqps://guest:guest@127.0.0.1:5671/%2f?cacertfile=/nonexistent/ca.pem".to_owned(),
+            "cacertfile /nonexistent/ca.pem: No such file",
+            ":guest@",
+        ),
+        (
+            format!(
+                "amqps://guest:guest@127.0.0.1:5671/%2f?cacertfile={}",
+                not_pem.display()
+            ),
+            "no PEM certificate",
+            ":guest@",
+        ),
+    ];
+    for (url, cause, password) in &cases {
+        tokio::task::block_in_place(|| {
+            assert_stops(&["relay"], &db_url, url, cause, password, dir.path())
+        });
+    }
+}
+
+#[test]
+fn dlq_list_fails_within_seconds_when_the_broker_is_unreachable() {
+    let dir = TempDir::new("dlq-unreachable");
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port());
+    let env = [("AMQP_URL", url.as_str())];
+    let (status, took, output) = run_to_exit(&["dlq", "list", "email"], &env, dir.path());
+    assert!(!status.success(), "{output}");
+    assert!(took < STOP_WITHIN, "took {took:?}:\n{output}");
+    assert!(
+        output.contains("error: AMQP_URL: ") && output.contains("Connection refused"),
+        "{output}"
+    );
+}
+
+#[test]
+fn dlq_list_stops_on_sigterm() {
+    // A broker that accepts connections and never answers: each of the
+    // three URLs would take the 5 s connect timeout.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let url = vec![format!("amqp://guest:guest@127.0.0.1:{port}/%2f"); 3].join(",");
+    let dir = TempDir::new("dlq-sigterm");
+    let log = dir.path().join("dlq.log");
+    let mut dlq = Proc::spawn(&["dlq", "list", "email"], &[("AMQP_URL", &url)], &log);
+    let (_held, _) = silent.accept().expect("dlq list connects");
+    let signalled = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-TERM", &dlq.0.id().to_string()])
+        .status();
+    assert!(kill.unwrap().success());
+    let status = loop {
+        if let Some(status) = dlq.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(3),
+            "still running after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let output = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{output}");
+    assert!(
+        output.contains("stopped while connecting to RabbitMQ"),
+        "{output}"
+    );
+}
