@@ -25,7 +25,7 @@
 //!
 //! Around them: [`api`] (HTTP, axum), [`telemetry`] (logs, OpenTelemetry,
 //! W3C propagation), [`cli`] and [`startup`] (the roles), and the small
-//! shared modules [`config`], [`db`], [`amqp`], [`shutdown`], [`metrics`],
+//! shared modules [`config`], [`db`], [`amqp`], [`shutdown`], [`tls`], [`metrics`],
 //! [`retention`] (pruning of the bounded tables), [`probe`] (every role's
 //! `/healthz`, `/readyz`, `/metrics`).
 
@@ -43,3 +43,4 @@ pub mod retention;
 pub mod shutdown;
 pub mod startup;
 pub mod telemetry;
+pub mod tls;

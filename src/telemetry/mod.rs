@@ -34,6 +34,10 @@ pub struct TelemetryConfig {
     /// `grpc` or `http/protobuf`.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", default_value = "grpc")]
     pub otlp_protocol: OtlpProtocol,
+    /// A CA certificate (PEM) to trust for an `https://` endpoint, beside the
+    /// system's roots: a collector with a private CA.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_CERTIFICATE")]
+    pub otlp_certificate: Option<std::path::PathBuf>,
     /// Service name on every span.
     #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "order-service")]
     pub service_name: String,
@@ -80,20 +84,14 @@ pub fn otlp_provider(config: &TelemetryConfig) -> anyhow::Result<Option<SdkTrace
     let Some(endpoint) = config.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) else {
         return Ok(None);
     };
-    use opentelemetry_otlp::WithExportConfig;
+    let ca = read_ca(config)?;
     let runtime = ExportRuntime::start()?;
     let exporter = {
         // tonic spawns its connection task when the exporter is built.
         let _inside = runtime.handle().enter();
         match config.otlp_protocol {
-            OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .build(),
-            OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
-                .build(),
+            OtlpProtocol::Grpc => grpc_exporter(endpoint, ca.as_deref()),
+            OtlpProtocol::HttpProtobuf => http_exporter(endpoint, ca.as_deref()),
         }
     }
     .context("building the OTLP span exporter")?;
@@ -109,6 +107,61 @@ pub fn otlp_provider(config: &TelemetryConfig) -> anyhow::Result<Option<SdkTrace
             .with_resource(resource)
             .build(),
     ))
+}
+
+/// The CA file of `OTEL_EXPORTER_OTLP_CERTIFICATE`, read at start: an
+/// unreadable file stops the process with the setting's name.
+fn read_ca(config: &TelemetryConfig) -> anyhow::Result<Option<Vec<u8>>> {
+    let Some(path) = config.otlp_certificate.as_deref() else {
+        return Ok(None);
+    };
+    std::fs::read(path)
+        .map(Some)
+        .with_context(|| format!("OTEL_EXPORTER_OTLP_CERTIFICATE {}", path.display()))
+}
+
+/// OTLP over gRPC (tonic). An `https://` endpoint gets TLS with the system's
+/// roots and the configured CA; tonic refuses a server they do not trust.
+fn grpc_exporter(
+    endpoint: &str,
+    ca: Option<&[u8]>,
+) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
+    use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
+    let mut builder = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint);
+    if endpoint.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
+        if let Some(pem) = ca {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        builder = builder.with_tls_config(tls);
+    }
+    Ok(builder.build()?)
+}
+
+/// OTLP over HTTP/protobuf, on a reqwest client of our own: rustls with the
+/// process's provider (ring), the platform's roots and the configured CA.
+fn http_exporter(
+    endpoint: &str,
+    ca: Option<&[u8]>,
+) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
+    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+    crate::tls::install_provider();
+    let mut client = reqwest::Client::builder();
+    if let Some(pem) = ca {
+        for cert in reqwest::Certificate::from_pem_bundle(pem)
+            .context("OTEL_EXPORTER_OTLP_CERTIFICATE is not a PEM certificate")?
+        {
+            client = client.add_root_certificate(cert);
+        }
+    }
+    let client = client.build().context("building the OTLP HTTP client")?;
+    Ok(opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_http_client(client)
+        .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+        .build()?)
 }
 
 /// The exporter's private runtime; shut down without blocking when dropped,
