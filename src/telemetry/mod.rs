@@ -140,29 +140,31 @@ fn grpc_exporter(
     Ok(builder.build()?)
 }
 
-/// OTLP over HTTP/protobuf, on a reqwest client of our own: rustls with the
-/// process's provider (ring), the platform's roots and the configured CA.
+/// OTLP over HTTP/protobuf, on a hyper client of our own: rustls (ring)
+/// trusting the system's roots and the configured CA, for `https://`
+/// endpoints; `http://` ones stay plain.
 fn http_exporter(
     endpoint: &str,
     ca: Option<&[u8]>,
 ) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
     use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
-    crate::tls::install_provider();
-    let mut client = reqwest::Client::builder();
-    if let Some(pem) = ca {
-        for cert in reqwest::Certificate::from_pem_bundle(pem)
-            .context("OTEL_EXPORTER_OTLP_CERTIFICATE is not a PEM certificate")?
-        {
-            client = client.add_root_certificate(cert);
-        }
-    }
-    let client = client.build().context("building the OTLP HTTP client")?;
+    let tls = crate::tls::client_config(ca).context("OTEL_EXPORTER_OTLP_CERTIFICATE")?;
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client = opentelemetry_http::hyper::HyperClient::new(connector, HTTP_EXPORT_TIMEOUT, None);
     Ok(opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_http_client(client)
         .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
         .build()?)
 }
+
+/// The OTLP default export timeout: a collector that does not answer costs
+/// one batch, not a stuck exporter.
+const HTTP_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The exporter's private runtime; shut down without blocking when dropped,
 /// so dropping it inside another runtime cannot panic.
