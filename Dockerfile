@@ -4,7 +4,8 @@
 # Build-time needs: none beyond the Rust toolchain. The crate embeds `migrations/` with
 # `sqlx::migrate!("./migrations")` and uses only runtime-checked queries (`sqlx::query`, no
 # `query!` macros), so no DATABASE_URL and no SQLX_OFFLINE / `.sqlx/` are needed to compile.
-# The project uses no TLS (plain postgres:// and amqp://), so no OpenSSL either.
+# TLS is rustls with the ring provider (pure Rust and assembly, built by cargo), so no OpenSSL
+# and no cmake either.
 
 # ---- builder ---------------------------------------------------------------------------------
 # sqlx 0.9 requires Rust 1.94 or newer.
@@ -34,8 +35,8 @@ RUN find src migrations -type f -exec touch {} + \
 # ---- runtime ---------------------------------------------------------------------------------
 FROM debian:bookworm-slim AS runtime
 
-# ca-certificates only in case an OTLP endpoint or a broker is ever reached over TLS by a
-# future build; the binary links no TLS library today.
+# ca-certificates: the system's roots, which the TLS connections to Postgres, RabbitMQ, SMTP and
+# an OTLP collector trust (beside any CA file given in their settings).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \

@@ -5,6 +5,8 @@
 //!
 //! Its own test binary, because the span-collecting subscriber is global.
 
+#[path = "tls/certs.rs"]
+mod certs;
 mod common;
 #[path = "tracing/fixtures.rs"]
 mod fixtures;

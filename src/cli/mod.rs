@@ -148,12 +148,7 @@ pub enum OutboxCommand {
 /// Parses the command line, runs the command, flushes telemetry.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // One TLS stack: rustls with ring, for Postgres, RabbitMQ, SMTP and OTLP.
-    // Installed before anything connects; an error only means one is set.
-    // ring rather than aws-lc-rs, which needs cmake to build; rustls marks
-    // it deprecated only for its lack of post-quantum key exchange.
-    #[allow(deprecated)]
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::tls::install_provider();
     let guard = match telemetry::init(&cli.telemetry) {
         Ok(guard) => guard,
         Err(error) => {

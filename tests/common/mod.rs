@@ -155,6 +155,43 @@ impl Drop for DeleteQueues {
     }
 }
 
+/// The queues of `consumers` (main, delay and dead-letter queues) that hold
+/// messages, with their counts. A message a consumer holds unacked is not
+/// counted until its channel closes: stop the consumers first to see every
+/// message still on its way.
+pub async fn messages_left(config: &AmqpConfig, consumers: &[&str]) -> Vec<(String, u32)> {
+    use lapin::options::QueueDeclareOptions;
+    let connection = Connection::connect(config.amqp_url.expose(), ConnectionProperties::default())
+        .await
+        .expect("connecting to RabbitMQ");
+    let channel = connection.create_channel().await.expect("a channel");
+    let mut left = Vec::new();
+    for consumer in consumers {
+        let names = QueueNames::new(config, consumer);
+        let queues = std::iter::once(names.main)
+            .chain(names.retries.into_iter().map(|(queue, _)| queue))
+            .chain(std::iter::once(names.dlq));
+        for queue in queues {
+            let declared = channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    Default::default(),
+                )
+                .await
+                .expect("the queue exists");
+            if declared.message_count() > 0 {
+                left.push((queue, declared.message_count()));
+            }
+        }
+    }
+    let _ = connection.close(200, "counted".into()).await;
+    left
+}
+
 /// Polls `check` every 20 ms until it returns `Some`, failing after `deadline`.
 pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
 where

@@ -13,7 +13,7 @@ use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::common;
-pub use crate::common::{DeleteQueues, amqp_url, eventually, test_amqp};
+pub use crate::common::{DeleteQueues, amqp_url, eventually, messages_left, test_amqp};
 
 /// A fresh database with the migrations applied, dropped by `cleanup` or,
 /// if the test fails first, when it is dropped.

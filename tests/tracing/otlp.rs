@@ -1,6 +1,8 @@
 //! The OTLP exporters that `otlp_provider` builds really send spans, over
 //! HTTP and over gRPC, even when built outside any tokio runtime (as `main`
-//! does) and flushed from a plain thread. Fake collectors record the bytes.
+//! does) and flushed from a plain thread; and over TLS (`https://`) to a
+//! collector whose certificate a CA of the test's own signed. Fake collectors
+//! record the bytes.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -18,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::certs::TestCa;
 use crate::fixtures::eventually;
 
 /// One HTTP export request as the collector saw it.
@@ -81,6 +84,7 @@ fn config(endpoint: String, otlp_protocol: OtlpProtocol) -> TelemetryConfig {
         log_format: LogFormat::Pretty,
         otlp_endpoint: Some(endpoint),
         otlp_protocol,
+        otlp_certificate: None,
         service_name: "tracing-test".into(),
     }
 }
@@ -97,6 +101,91 @@ async fn the_otlp_exporter_sends_spans_over_http_protobuf() {
     )
     .await;
 
+    assert_exported_over_http(flushed, &inbox, &span_name).await;
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_otlp_exporter_sends_spans_over_https_to_a_collector_of_a_private_ca() {
+    let cancel = CancellationToken::new();
+    let (plain, inbox) = fake_http_collector(cancel.clone()).await;
+    let ca = TestCa::new("otlphttp");
+    let tls = tls_front(&ca, plain, b"http/1.1", cancel.clone()).await;
+    let span_name = format!("probe-{}", uuid::Uuid::new_v4().simple());
+    let mut settings = config(
+        format!("https://localhost:{}", tls.port()),
+        OtlpProtocol::HttpProtobuf,
+    );
+    settings.otlp_certificate = Some(ca.cert_file());
+
+    let flushed = export_one_span(settings, span_name.clone()).await;
+
+    assert_exported_over_http(flushed, &inbox, &span_name).await;
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_https_collector_whose_certificate_is_not_trusted_gets_no_span() {
+    let cancel = CancellationToken::new();
+    let (plain, inbox) = fake_http_collector(cancel.clone()).await;
+    let ca = TestCa::new("otlpuntrusted");
+    let tls = tls_front(&ca, plain, b"http/1.1", cancel.clone()).await;
+    let span_name = format!("probe-{}", uuid::Uuid::new_v4().simple());
+    // No OTEL_EXPORTER_OTLP_CERTIFICATE: the system's roots do not know the CA.
+    let settings = config(
+        format!("https://localhost:{}", tls.port()),
+        OtlpProtocol::HttpProtobuf,
+    );
+
+    let flushed = export_one_span(settings, span_name).await;
+
+    assert!(
+        flushed.is_err(),
+        "an untrusted collector must fail the export"
+    );
+    assert!(inbox.lock().unwrap().is_empty(), "no span reached it");
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_otlp_exporter_sends_spans_over_grpc_with_tls() {
+    let cancel = CancellationToken::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let plain = listener.local_addr().unwrap();
+    let span_name = format!("probe-{}", uuid::Uuid::new_v4().simple());
+    let collector = tokio::spawn(fake_grpc_export(listener, span_name.clone()));
+    let ca = TestCa::new("otlpgrpc");
+    let tls = tls_front(&ca, plain, b"h2", cancel.clone()).await;
+    let mut settings = config(
+        format!("https://localhost:{}", tls.port()),
+        OtlpProtocol::Grpc,
+    );
+    settings.otlp_certificate = Some(ca.cert_file());
+
+    let flushed = export_one_span(settings, span_name).await;
+
+    let received = tokio::time::timeout(Duration::from_secs(10), collector)
+        .await
+        .expect("the collector got the export in time")
+        .unwrap();
+    assert!(flushed.is_ok(), "force_flush failed: {flushed:?}");
+    assert!(contains(&received, "tracing-test"), "service name exported");
+    cancel.cancel();
+}
+
+#[test]
+fn an_unreadable_otlp_certificate_file_is_refused_naming_the_setting() {
+    let mut settings = config("https://localhost:4317".into(), OtlpProtocol::Grpc);
+    settings.otlp_certificate = Some("/nonexistent/otlp-ca.pem".into());
+
+    let error = otlp_provider(&settings).expect_err("an unreadable CA file");
+
+    let line = format!("{error:#}");
+    assert!(line.contains("OTEL_EXPORTER_OTLP_CERTIFICATE"), "{line}");
+}
+
+/// Checks that one export request carried the span, over HTTP/protobuf.
+async fn assert_exported_over_http(flushed: OTelSdkResult, inbox: &Inbox, span_name: &str) {
     assert!(flushed.is_ok(), "force_flush failed: {flushed:?}");
     let request = eventually("a trace export", Duration::from_secs(10), || {
         let got = inbox.lock().unwrap().first().cloned();
@@ -104,12 +193,57 @@ async fn the_otlp_exporter_sends_spans_over_http_protobuf() {
     })
     .await;
     assert_eq!(request.content_type, "application/x-protobuf");
-    assert!(contains(&request.body, &span_name), "span name exported");
+    assert!(contains(&request.body, span_name), "span name exported");
     assert!(
         contains(&request.body, "tracing-test"),
         "service name exported"
     );
-    cancel.cancel();
+}
+
+/// A TLS listener on 127.0.0.1:0 with a server certificate of `ca`, which
+/// forwards each connection's plaintext to `backend`: the collectors above,
+/// served over TLS (ALPN `alpn`: `h2` for gRPC).
+async fn tls_front(
+    ca: &TestCa,
+    backend: SocketAddr,
+    alpn: &[u8],
+    cancel: CancellationToken,
+) -> SocketAddr {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    order_service::tls::install_provider();
+    let issued = ca.server("collector");
+    let chain = CertificateDer::pem_file_iter(&issued.cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&issued.key).unwrap();
+    let mut server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    server.alpn_protocols = vec![alpn.to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (client, _) = tokio::select! {
+                accepted = listener.accept() => accepted.unwrap(),
+                _ = cancel.cancelled() => return,
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // A handshake the client aborts (an untrusted certificate)
+                // simply ends here.
+                let Ok(mut tls) = acceptor.accept(client).await else {
+                    return;
+                };
+                let mut upstream = TcpStream::connect(backend).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+            });
+        }
+    });
+    addr
 }
 
 #[tokio::test(flavor = "multi_thread")]
