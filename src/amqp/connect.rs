@@ -137,6 +137,10 @@ async fn connect_node(url: &str, name: &str) -> Result<Connection, ConnectError>
             Err(ConnectError::Config(format!("{redacted}: {why}")))
         }
         Ok(Err(ConnectFailure::Lapin(error))) => Err(classify(redacted, &error)),
+        Ok(Err(ConnectFailure::ClientCertWanted(error))) => Err(ConnectError::Refused(format!(
+            "{redacted}: the server wants a client certificate (certfile and keyfile) and \
+             closed the connection without one ({error})"
+        ))),
         Err(_) => Err(ConnectError::Unreachable(format!(
             "{redacted}: no answer within {CONNECT_TIMEOUT:?}"
         ))),

@@ -12,15 +12,18 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use lapin::tcp::{AMQPUriTcpExt, RustlsConnector, RustlsConnectorConfig};
+use lapin::tcp::{AMQPUriTcpExt, RustlsConnector};
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties};
+use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 /// Whether the server's certificate is verified (`verify=` in the URL).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -44,36 +47,75 @@ pub struct TlsOptions {
     pub verify: Verify,
     /// The host name to send and verify, instead of the URL's host.
     pub server_name: Option<String>,
+    /// `server_name_indication=disable`: no name sent (the URL's host is
+    /// still the one verified).
+    pub no_sni: bool,
 }
 
 impl TlsOptions {
     /// Builds the TLS client, reading the files now (so a renewed
     /// certificate is picked up at the next connection). The error names the
     /// parameter and the file.
-    pub fn connector(&self) -> Result<RustlsConnector, String> {
-        let identity = match (&self.certfile, &self.keyfile) {
-            (Some(cert), Some(key)) => Some((
-                certificates("certfile", cert)?,
-                PrivateKeyDer::from_pem_slice(&read("keyfile", key)?)
-                    .map_err(|e| format!("keyfile {}: no private key: {e}", key.display()))?,
-            )),
-            _ => None,
+    fn client(&self) -> Result<Client, String> {
+        // ring, the crate's one provider (see `crate::tls`).
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("setting up TLS: {e}"))?;
+        let builder = match self.verify {
+            Verify::None => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyServer(provider))),
+            Verify::Peer => builder.with_root_certificates(self.roots()?),
         };
-        if self.verify == Verify::None {
-            return unverified(identity);
-        }
-        let roots = match &self.cacertfile {
-            Some(ca) => RustlsConnectorConfig::default()
-                .with_parsable_certificates(certificates("cacertfile", ca)?),
-            None => RustlsConnectorConfig::new_with_native_certs()
-                .map_err(|e| format!("no cacertfile, and the system's CA roots: {e}"))?,
+        let cert_wanted = Arc::new(AtomicBool::new(false));
+        let mut config = match (&self.certfile, &self.keyfile) {
+            (Some(cert), Some(key)) => {
+                let key = PrivateKeyDer::from_pem_slice(&read("keyfile", key)?)
+                    .map_err(|e| format!("keyfile {}: no private key: {e}", key.display()))?;
+                builder
+                    .with_client_auth_cert(certificates("certfile", cert)?, key)
+                    .map_err(|e| format!("certfile and keyfile: {e}"))?
+            }
+            _ => builder.with_client_cert_resolver(Arc::new(NoClientCert(cert_wanted.clone()))),
         };
-        let connector = match identity {
-            Some((certs, key)) => roots.connector_with_single_cert(certs, key),
-            None => roots.connector_with_no_client_auth(),
-        };
-        connector.map_err(|e| format!("setting up TLS: {e}"))
+        config.enable_sni = !self.no_sni;
+        Ok(Client {
+            connector: RustlsConnector::from(config),
+            cert_wanted,
+        })
     }
+
+    /// The `cacertfile` CAs only, as RabbitMQ's clients read it; else the
+    /// system's roots.
+    fn roots(&self) -> Result<RootCertStore, String> {
+        let mut roots = RootCertStore::empty();
+        match &self.cacertfile {
+            Some(ca) => {
+                for cert in certificates("cacertfile", ca)? {
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("cacertfile {}: {e}", ca.display()))?;
+                }
+            }
+            None => {
+                // One that does not parse is skipped, as browsers do.
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+                if roots.is_empty() {
+                    return Err("no cacertfile, and no CA roots on this system".into());
+                }
+            }
+        }
+        Ok(roots)
+    }
+}
+
+/// A TLS client, and whether the server asked it for a certificate it did
+/// not have (then a connection the server drops was refused for that).
+struct Client {
+    connector: RustlsConnector,
+    cert_wanted: Arc<AtomicBool>,
 }
 
 /// Connects to `uri` over TLS with `options`: TCP, then the handshake, then
@@ -84,13 +126,16 @@ pub async fn connect(
     options: &TlsOptions,
     properties: ConnectionProperties,
 ) -> Result<Connection, ConnectFailure> {
-    let connector = options.connector().map_err(ConnectFailure::Config)?;
+    let Client {
+        connector,
+        cert_wanted,
+    } = options.client().map_err(ConnectFailure::Config)?;
     let server_name = options
         .server_name
         .clone()
         .unwrap_or_else(|| uri.authority.host.clone());
     let runtime = lapin::runtime::default_runtime().map_err(ConnectFailure::Lapin)?;
-    Connection::connector(
+    let result = Connection::connector(
         uri,
         runtime,
         async move |uri: AMQPUri, runtime| {
@@ -103,14 +148,47 @@ pub async fn connect(
         },
         properties,
     )
-    .await
-    .map_err(ConnectFailure::Lapin)
+    .await;
+    result.map_err(|error| {
+        // With TLS 1.3 a server refuses a client without a certificate after
+        // the handshake, by closing the connection: the request it made is
+        // what tells that apart from an outage.
+        if cert_wanted.load(Ordering::Relaxed) && refused_for_no_cert(&error) {
+            ConnectFailure::ClientCertWanted(error)
+        } else {
+            ConnectFailure::Lapin(error)
+        }
+    })
 }
 
-/// Why [`connect`] failed: the TLS parameters themselves, or the connection.
+/// Whether the server closed the connection (or said it wants a
+/// certificate: an alert read before the close).
+fn refused_for_no_cert(error: &lapin::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let lapin::ErrorKind::IOError(io) = error.kind() else {
+        return false;
+    };
+    let alert = io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>());
+    matches!(
+        alert,
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::CertificateRequired
+        ))
+    ) || matches!(
+        io.kind(),
+        ConnectionReset | ConnectionAborted | UnexpectedEof | BrokenPipe
+    )
+}
+
+/// Why [`connect`] failed.
 #[derive(Debug)]
 pub enum ConnectFailure {
+    /// The TLS parameters themselves (a file, a bad key).
     Config(String),
+    /// The server asked for a client certificate, none was configured, and
+    /// it dropped the connection.
+    ClientCertWanted(lapin::Error),
+    /// The connection, TLS or AMQP.
     Lapin(lapin::Error),
 }
 
@@ -132,25 +210,20 @@ fn certificates(param: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>
     Ok(certs)
 }
 
-/// A client that accepts any server certificate (`verify=verify_none`).
-fn unverified(
-    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
-) -> Result<RustlsConnector, String> {
-    // ring, the crate's one provider (see `cli::main`).
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("setting up TLS: {e}"))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
-    let config = match identity {
-        Some((certs, key)) => builder
-            .with_client_auth_cert(certs, key)
-            .map_err(|e| format!("certfile and keyfile: {e}"))?,
-        None => builder.with_no_client_auth(),
-    };
-    Ok(RustlsConnector::from(config))
+/// Has no certificate to give, and notes that the server asked for one.
+#[derive(Debug)]
+struct NoClientCert(Arc<AtomicBool>);
+
+impl ResolvesClientCert for NoClientCert {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.0.store(true, Ordering::Relaxed);
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        // So that rustls asks `resolve`, which notes the request.
+        true
+    }
 }
 
 /// Accepts any certificate, but still checks the handshake's signatures

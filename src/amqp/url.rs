@@ -21,7 +21,7 @@ const LAPIN_PARAMS: [&str; 5] = [
 ];
 
 /// A node's URL, parsed: what lapin connects to, and how TLS is set up.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NodeUrl {
     /// The URL without the TLS parameters, parsed by lapin.
     pub uri: AMQPUri,
@@ -29,6 +29,16 @@ pub struct NodeUrl {
     pub tls: Option<TlsOptions>,
     /// The URL as given, password replaced, for messages.
     pub redacted: String,
+}
+
+/// The URL redacted: the parsed one holds the password.
+impl std::fmt::Debug for NodeUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeUrl")
+            .field("url", &self.redacted)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 impl NodeUrl {
@@ -63,16 +73,7 @@ impl NodeUrl {
                         }
                     }
                 }
-                "server_name_indication" if value == "disable" => {
-                    // The TLS client sends the name it verifies the
-                    // certificate against; it has no switch for one without
-                    // the other.
-                    return Err(fail(
-                        "server_name_indication=disable is not supported: give the host name \
-                         the server's certificate names, or leave the parameter out"
-                            .into(),
-                    ));
-                }
+                "server_name_indication" if value == "disable" => tls.no_sni = true,
                 "server_name_indication" => tls.server_name = Some(value),
                 "password" | "depth" | "fail_if_no_peer_cert" => {
                     return Err(fail(format!(
@@ -163,6 +164,8 @@ mod tests {
         assert_eq!(node.tls.unwrap().verify, Verify::Peer);
         assert_eq!(node.uri.authority.port, 5671);
         assert!(NodeUrl::parse("amqp://u:p@h/v").unwrap().tls.is_none());
+        let no_sni = NodeUrl::parse("amqps://u:p@h/v?server_name_indication=disable").unwrap();
+        assert!(no_sni.tls.unwrap().no_sni);
         let error = NodeUrl::parse("amqp://u:s3cret@h/v?cacertfile=/ca.pem").unwrap_err();
         assert!(
             error.contains("cacertfile only apply to amqps://"),
@@ -177,10 +180,6 @@ mod tests {
             (
                 "amqps://u:s3cret@h/v?verify=verify_maybe",
                 "verify=verify_maybe",
-            ),
-            (
-                "amqps://u:s3cret@h/v?server_name_indication=disable",
-                "disable",
             ),
             (
                 "amqps://u:s3cret@h/v?password=x",

@@ -61,7 +61,12 @@ pub enum QueueType {
 #[derive(Debug, Clone, clap::Args)]
 pub struct AmqpConfig {
     /// RabbitMQ URL, or the URLs of a cluster's nodes, comma separated: each
-    /// connection tries them in turn, starting at a random one.
+    /// connection tries them in turn, starting at a random one. `amqps://`
+    /// is always TLS, with RabbitMQ's URI query parameters: `cacertfile`
+    /// (the only CAs trusted; the system's roots without it), `certfile` and
+    /// `keyfile` (a client certificate), `verify=verify_none` (no check of
+    /// the server's certificate; `verify_peer` is the default) and
+    /// `server_name_indication` (the name sent and verified, or `disable`).
     #[arg(
         long,
         env = "AMQP_URL",
