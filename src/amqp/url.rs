@@ -106,8 +106,8 @@ impl NodeUrl {
             AMQPScheme::AMQP if tls_params.is_empty() => None,
             AMQPScheme::AMQP => {
                 return Err(fail(format!(
-                    "{} only apply to amqps:// URLs: with amqp:// the connection is not \
-                     encrypted",
+                    "TLS parameters on an amqp:// URL ({}): use amqps:// (amqp:// is not \
+                     encrypted)",
                     tls_params.join(", ")
                 )));
             }
@@ -168,7 +168,7 @@ mod tests {
         assert!(no_sni.tls.unwrap().no_sni);
         let error = NodeUrl::parse("amqp://u:s3cret@h/v?cacertfile=/ca.pem").unwrap_err();
         assert!(
-            error.contains("cacertfile only apply to amqps://"),
+            error.contains("TLS parameters on an amqp:// URL (cacertfile)"),
             "{error}"
         );
         assert!(!error.contains("s3cret"), "{error}");

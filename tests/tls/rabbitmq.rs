@@ -81,6 +81,13 @@ async fn a_broker_slow_to_start_is_waited_for_then_orders_flow_over_amqps() {
     )
     .await;
     db.close().await;
+    // The roles' connections (publisher, two consumers) are all TLS.
+    let connections = node.connections();
+    assert!(connections.len() >= 3, "{connections:?}");
+    assert!(
+        connections.iter().all(|c| c.starts_with("true\ttlsv1.")),
+        "{connections:?}"
+    );
     assert!(run.0.try_wait().unwrap().is_none(), "{}", read_log());
 }
 
@@ -145,37 +152,43 @@ async fn certificates_are_checked_both_ways() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn each_permanent_rabbitmq_misconfiguration_stops_the_relay_at_once_with_one_line() {
+async fn each_permanent_rabbitmq_misconfiguration_stops_a_role_at_once_with_one_line() {
     let (db_name, db_url) = create_database().await;
     let _db = DropDatabase(db_name);
     let dir = TempDir::new("amqp-stop");
     let not_pem = dir.path().join("not-a-cert.pem");
     std::fs::write(&not_pem, "hello").unwrap();
+    // Each role that needs RabbitMQ makes the check: relay, consume, run.
+    let (relay, billing, run): (&[&str], &[&str], &[&str]) =
+        (&["relay"], &["consume", "billing"], &["run"]);
+    let vhost = format!("no_such_vhost_{}", std::process::id());
     let cases = [
         (
+            relay,
             "amqp://guest:s3cret-pw@127.0.0.1:5672/%2f".to_owned(),
             "ACCESS_REFUSED",
             "s3cret-pw",
         ),
         (
-            format!(
-                "amqp://guest:guest@127.0.0.1:5672/no_such_vhost_{}",
-                std::process::id()
-            ),
+            billing,
+            format!("amqp://guest:guest@127.0.0.1:5672/{vhost}"),
             "vhost no_such_vhost",
             ":guest@",
         ),
         (
+            run,
             "amqps://guest:guest@127.0.0.1:5672/%2f".to_owned(),
             "no TLS on this port",
             ":guest@",
         ),
         (
+            relay,
             "amqps://guest:guest@127.0.0.1:5671/%2f?cacertfile=/nonexistent/ca.pem".to_owned(),
             "cacertfile /nonexistent/ca.pem: No such file",
             ":guest@",
         ),
         (
+            billing,
             format!(
                 "amqps://guest:guest@127.0.0.1:5671/%2f?cacertfile={}",
                 not_pem.display()
@@ -183,26 +196,34 @@ async fn each_permanent_rabbitmq_misconfiguration_stops_the_relay_at_once_with_o
             "no PEM certificate",
             ":guest@",
         ),
+        (
+            run,
+            "amqp://guest:guest@127.0.0.1:5672/%2f?verify=verify_none".to_owned(),
+            "TLS parameters on an amqp:// URL (verify)",
+            ":guest@",
+        ),
     ];
-    for (url, cause, password) in &cases {
+    for (role, url, cause, password) in &cases {
         tokio::task::block_in_place(|| {
-            assert_stops(&["relay"], &db_url, url, cause, password, dir.path())
+            assert_stops(role, &db_url, url, cause, password, dir.path())
         });
     }
 }
 
 #[test]
-fn dlq_list_fails_within_seconds_when_the_broker_is_unreachable() {
+fn dlq_commands_fail_within_seconds_when_the_broker_is_unreachable() {
     let dir = TempDir::new("dlq-unreachable");
     let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port());
     let env = [("AMQP_URL", url.as_str())];
-    let (status, took, output) = run_to_exit(&["dlq", "list", "email"], &env, dir.path());
-    assert!(!status.success(), "{output}");
-    assert!(took < STOP_WITHIN, "took {took:?}:\n{output}");
-    assert!(
-        output.contains("error: AMQP_URL: ") && output.contains("Connection refused"),
-        "{output}"
-    );
+    for command in ["list", "replay"] {
+        let (status, took, output) = run_to_exit(&["dlq", command, "email"], &env, dir.path());
+        assert!(!status.success(), "dlq {command}: {output}");
+        assert!(took < STOP_WITHIN, "dlq {command} took {took:?}:\n{output}");
+        assert!(
+            output.contains("error: AMQP_URL: ") && output.contains("Connection refused"),
+            "dlq {command}: {output}"
+        );
+    }
 }
 
 #[test]
@@ -215,7 +236,17 @@ fn dlq_list_stops_on_sigterm() {
     let dir = TempDir::new("dlq-sigterm");
     let log = dir.path().join("dlq.log");
     let mut dlq = Proc::spawn(&["dlq", "list", "email"], &[("AMQP_URL", &url)], &log);
-    let (_held, _) = silent.accept().expect("dlq list connects");
+    silent.set_nonblocking(true).unwrap();
+    let started = Instant::now();
+    let _held = loop {
+        match silent.accept() {
+            Ok((held, _)) => break held,
+            Err(_) if started.elapsed() < STOP_WITHIN => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("dlq list never connected: {e}"),
+        }
+    };
     let signalled = Instant::now();
     let kill = Command::new("kill")
         .args(["-TERM", &dlq.0.id().to_string()])

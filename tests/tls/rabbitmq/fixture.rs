@@ -9,7 +9,7 @@ use order_service::config::AmqpConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::certs::TestCa;
-use crate::common::rabbit_node::{OwnNode, free_port};
+use crate::common::rabbit_node::{CTL_TIMEOUT, OwnNode, ctl, free_port};
 
 /// How soon a misconfigured process must have exited.
 pub const STOP_WITHIN: Duration = Duration::from_secs(10);
@@ -58,6 +58,20 @@ impl TlsNode {
     pub fn start(&mut self) {
         let config = self.config.clone();
         tokio::task::block_in_place(|| self.own.start(&config)).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// `ssl` and `ssl_protocol` of each client connection, as
+    /// `rabbitmqctl list_connections` prints them (`true\ttlsv1.3`).
+    pub fn connections(&self) -> Vec<String> {
+        let args = [
+            "-q",
+            "--no-table-headers",
+            "list_connections",
+            "ssl",
+            "ssl_protocol",
+        ];
+        let out = ctl(&self.own.node.name, &args, CTL_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+        out.lines().map(str::to_owned).collect()
     }
 
     /// `amqps://` to the TLS listener, guest over loopback, with `query`.
