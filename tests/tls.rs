@@ -8,3 +8,6 @@ mod common;
 
 #[path = "tls/certs.rs"]
 mod certs;
+
+#[path = "tls/postgres.rs"]
+mod postgres;
