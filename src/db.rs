@@ -1,27 +1,60 @@
-//! Postgres pool and migrations.
+//! Postgres pool and migrations, and the start on a database: the
+//! connect options of `DATABASE_URL` with libpq's TLS parameters
+//! ([`options`]), and the first connection that waits for a Postgres not up
+//! yet but stops on a misconfiguration ([`start`]).
+
+mod options;
+mod start;
 
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
+pub use self::start::StartError;
 use crate::config::DatabaseConfig;
 
 /// Pooled connections idle at least this long are pinged before use.
 const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 
+/// How long an operator's command (`migrate`, `outbox status`) waits for a
+/// Postgres it cannot reach before it gives up with the last error.
+pub const COMMAND_PATIENCE: Duration = Duration::from_secs(10);
+
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Builds a pool and waits (with backoff) until Postgres answers, so a role
-/// started before its database comes up simply waits. Applies migrations unless
-/// told not to.
+/// Builds a pool once Postgres answers, for a role: a Postgres started
+/// after the role (connection refused, starting up) is waited for with
+/// backoff until `cancel` fires; a misconfiguration that waiting cannot
+/// mend is a [`StartError`] at once. Applies migrations unless told not to.
 pub async fn connect(
     config: &DatabaseConfig,
     cancel: &CancellationToken,
 ) -> anyhow::Result<PgPool> {
+    open(config, cancel, None).await
+}
+
+/// [`connect`] for an operator's command: an unreachable Postgres is an
+/// error after [`COMMAND_PATIENCE`], not a wait without end.
+pub async fn connect_for_command(
+    config: &DatabaseConfig,
+    cancel: &CancellationToken,
+) -> anyhow::Result<PgPool> {
+    open(config, cancel, Some(COMMAND_PATIENCE)).await
+}
+
+async fn open(
+    config: &DatabaseConfig,
+    cancel: &CancellationToken,
+    patience: Option<Duration>,
+) -> anyhow::Result<PgPool> {
+    let options = options::connect_options(&config.database_url)?;
+    // One connection of its own first: its error tells an outage from a
+    // refusal, where the pool's would only say that it timed out.
+    start::wait_until_up(&options, config.database_url.redacted(), cancel, patience).await?;
     let pool = PgPoolOptions::new()
         .max_connections(config.pool_size)
         .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))
@@ -41,13 +74,7 @@ pub async fn connect(
                 Ok(true)
             })
         })
-        .connect_lazy_with(connect_options(config)?);
-
-    crate::shutdown::retry_until_cancelled("Postgres", cancel, || async {
-        sqlx::query("SELECT 1").execute(&pool).await.map(|_| ())
-    })
-    .await
-    .with_context(|| format!("waiting for Postgres at {}", config.database_url))?;
+        .connect_lazy_with(options);
     if !config.skip_migrations {
         migrate(&pool).await?;
     }
@@ -89,22 +116,18 @@ pub fn classify(error: &sqlx::Error) -> ErrorKind {
     }
 }
 
-/// Every statement of the service is bounded in time: a silent network
-/// partition or a lock queue (behind an `ALTER`, say) fails the work, which
-/// is then retried as an outage, instead of holding it forever.
-const STATEMENT_TIMEOUT: &str = "30s";
-const LOCK_TIMEOUT: &str = "10s";
-
-/// The connection options of `DATABASE_URL`, with the time limits above. The
-/// error never echoes the URL, which may carry a password.
-fn connect_options(config: &DatabaseConfig) -> anyhow::Result<PgConnectOptions> {
-    let options: PgConnectOptions = config.database_url.expose().parse().map_err(|_| {
-        anyhow::anyhow!("DATABASE_URL {} is not a Postgres URL", config.database_url)
-    })?;
-    Ok(options.options([
-        ("statement_timeout", STATEMENT_TIMEOUT),
-        ("lock_timeout", LOCK_TIMEOUT),
-    ]))
+/// Whether Postgres refused a new connection for a reason that waiting
+/// cannot change: no such database (3D000), the login refused (class 28: a
+/// wrong password, no `pg_hba.conf` entry, say for a connection without
+/// TLS, an unknown role), or no right to connect (42501). A server starting
+/// up (57P03) or out of connection slots (53300) is not such a refusal.
+pub fn refuses_login(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c == "3D000" || c == "42501" || c.starts_with("28")),
+        _ => false,
+    }
 }
 
 /// Applies pending migrations. Safe to run concurrently from several roles:

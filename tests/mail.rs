@@ -20,7 +20,12 @@
 //! - the e-mail consumer's `/metrics` counts the mails sent and failed and
 //!   reads the mails' outbox gauges, and `order-service outbox status` shows
 //!   the mails' outbox (with a given-up mail: ignored until fixed, see
-//!   `outbox_status_lists_a_given_up_mail`).
+//!   `outbox_status_lists_a_given_up_mail`);
+//! - over STARTTLS and implicit TLS with AUTH, mails arrive once each; a
+//!   server without STARTTLS, under `tls=required`, gets no mail and no
+//!   password; a bad `SMTP_URL` or `SMTP_CA_FILE` stops the e-mail consumer
+//!   at start with one line naming it (`mail/tls.rs`, with certificates the
+//!   test makes: `tls/certs.rs`).
 //!
 //! ```text
 //! cargo test --test mail
@@ -32,6 +37,8 @@
 //! `MAIL_TEST_KEEP_LOGS=1` keeps the roles' logs and the mailbox;
 //! `MAIL_TEST_RUST_LOG` sets the roles' `RUST_LOG` (default `info`).
 
+#[path = "tls/certs.rs"]
+mod certs;
 #[path = "common/mod.rs"]
 mod common;
 #[path = "mail/fixture.rs"]
@@ -40,6 +47,8 @@ mod fixture;
 mod smtp;
 #[path = "mail/stack.rs"]
 mod stack;
+#[path = "mail/tls.rs"]
+mod tls;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

@@ -9,5 +9,8 @@ mod common;
 #[path = "tls/certs.rs"]
 mod certs;
 
+#[path = "tls/postgres.rs"]
+mod postgres;
+
 #[path = "tls/rabbitmq.rs"]
 mod rabbitmq;

@@ -264,7 +264,8 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
                 skip_migrations: true,
                 ..db
             };
-            let pool = crate::db::connect(&db, &cancel).await?;
+            // Within seconds: an operator waits for the answer.
+            let pool = crate::db::connect_for_command(&db, &cancel).await?;
             crate::db::migrate(&pool).await?;
             println!("migrations applied");
             Ok(())

@@ -75,7 +75,7 @@ pub(super) async fn outbox_status(
         skip_migrations: true,
         ..db
     };
-    let pool = crate::db::connect(&db, cancel).await?;
+    let pool = crate::db::connect_for_command(&db, cancel).await?;
     let mut conn = pool.acquire().await?;
     let tables = [
         (

@@ -1,5 +1,6 @@
 //! The mailer's settings.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{SecretUrl, WEEK_SECS};
@@ -7,10 +8,23 @@ use super::{SecretUrl, WEEK_SECS};
 /// The mailer: SMTP delivery of the e-mail outbox.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MailConfig {
-    /// SMTP server, `smtp://host:port` (plain SMTP; this build links no TLS).
-    /// Unset: the mailer is off and notifications are only recorded.
+    /// SMTP server, in lettre's URL forms:
+    /// `smtps://user:password@host:465` (implicit TLS),
+    /// `smtp://user:password@host:587?tls=required` (STARTTLS, or no
+    /// connection), `smtp://host?tls=opportunistic` (STARTTLS if offered,
+    /// else plain; no credentials), `smtp://host:port` (plain, for a relay on
+    /// a trusted network; no credentials). Credentials only with TLS: AUTH
+    /// never goes in the clear. A user or password with `@`, `:` or `/` is
+    /// percent-encoded. Unset: the mailer is off and notifications are only
+    /// recorded.
     #[arg(long, env = "SMTP_URL", hide_env_values = true)]
     pub smtp_url: Option<SecretUrl>,
+    /// A PEM file of CA certificates to trust for SMTP's TLS, besides the
+    /// system's roots (a relay with a private CA or a self-signed
+    /// certificate). Unreadable, or without a certificate: the role stops at
+    /// start.
+    #[arg(long, env = "SMTP_CA_FILE")]
+    pub smtp_ca_file: Option<PathBuf>,
     /// The sender of every mail.
     #[arg(
         long,
@@ -43,6 +57,7 @@ impl Default for MailConfig {
     fn default() -> Self {
         Self {
             smtp_url: None,
+            smtp_ca_file: None,
             email_from: "order-service <orders@example.com>".into(),
             email_recipient_domain: "example.com".into(),
             mailer_concurrency: 8,

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use lettre::message::Mailbox;
 use lettre::message::header::ContentType;
-use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
@@ -19,6 +18,8 @@ use crate::metrics::Metrics;
 use crate::outbox::dispatch::{Sink, SinkError};
 use crate::outbox::store::{OutboxRow, Table};
 use crate::telemetry::propagation;
+
+mod transport;
 
 /// The mails' outbox.
 pub static MAILS: LazyLock<Table> = LazyLock::new(|| Table::named("mail_outbox"));
@@ -36,13 +37,29 @@ pub fn message_id(id: uuid::Uuid) -> String {
     format!("<{id}@order-service>")
 }
 
-/// Why the mailer cannot start.
+/// Why the mailer cannot start: each names its setting, and none shows a
+/// password.
 #[derive(Debug, thiserror::Error)]
 pub enum MailConfigError {
+    /// A URL lettre cannot use, or credentials that could go unencrypted.
+    #[error("SMTP_URL: {reason}; got {url}")]
+    Url {
+        /// The URL with its password replaced.
+        url: String,
+        reason: String,
+    },
+    /// The CA file cannot be read, or holds no certificate rustls takes.
+    #[error("SMTP_CA_FILE {path}: {reason}")]
+    CaFile { path: String, reason: String },
+    /// A CA to trust for a connection that has no TLS: a mistake.
     #[error(
-        "SMTP_URL must be smtp://[user:password@]host[:port] (this build links no TLS), got {0}"
+        "SMTP_CA_FILE is set, but SMTP_URL {0} asks for no TLS (add ?tls=required or use smtps://)"
     )]
-    Url(String),
+    CaWithoutTls(String),
+    /// rustls refused the TLS settings.
+    #[error("SMTP_URL: setting up TLS: {0}")]
+    Tls(String),
+    /// The sender does not parse as a mailbox.
     #[error("EMAIL_FROM {0:?} is not a mailbox: {1}")]
     From(String, String),
 }
@@ -51,58 +68,36 @@ pub enum MailConfigError {
 pub struct Smtp {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     from: Mailbox,
+    /// `host:port`, for the send span.
     host: String,
     metrics: std::sync::Arc<Metrics>,
 }
 
 impl Smtp {
-    /// The transport for `config.smtp_url`, which must be set.
+    /// The transport for `url` (the value of `config.smtp_url`), trusting
+    /// `config.smtp_ca_file` too; see [`MailConfig::smtp_url`] for the forms.
+    /// Connects to nothing: the SMTP server need not be up yet.
     pub fn new(
         config: &MailConfig,
         url: &str,
         metrics: std::sync::Arc<Metrics>,
     ) -> Result<Self, MailConfigError> {
-        let redacted = || crate::config::redact_url(url);
-        let rest = url
-            .strip_prefix("smtp://")
-            .ok_or_else(|| MailConfigError::Url(redacted()))?;
-        let authority = rest.split(['/', '?']).next().unwrap_or_default();
-        let (credentials, host_port) = match authority.rsplit_once('@') {
-            Some((user_info, host_port)) => {
-                let (user, password) = user_info.split_once(':').unwrap_or((user_info, ""));
-                (
-                    Some(Credentials::new(user.to_owned(), password.to_owned())),
-                    host_port,
-                )
-            }
-            None => (None, authority),
-        };
-        let (host, port) = match host_port.rsplit_once(':') {
-            Some((host, port)) => (
-                host,
-                port.parse().map_err(|_| MailConfigError::Url(redacted()))?,
-            ),
-            None => (host_port, 25),
-        };
-        if host.is_empty() {
-            return Err(MailConfigError::Url(redacted()));
-        }
-        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
-            .port(port)
-            .timeout(Some(Duration::from_millis(config.smtp_timeout_ms)));
-        if let Some(credentials) = credentials {
-            builder = builder.credentials(credentials);
-        }
+        let parsed = transport::parse(
+            url,
+            config.smtp_ca_file.as_deref(),
+            Duration::from_millis(config.smtp_timeout_ms),
+        )?;
         let from = config
             .email_from
             .parse()
             .map_err(|e: lettre::address::AddressError| {
                 MailConfigError::From(config.email_from.clone(), e.to_string())
             })?;
+        tracing::info!(server.address = %parsed.address, tls = ?parsed.tls, "SMTP transport");
         Ok(Self {
-            transport: builder.build(),
+            transport: parsed.builder.build(),
             from,
-            host: format!("{host}:{port}"),
+            host: parsed.address,
             metrics,
         })
     }
@@ -156,9 +151,12 @@ impl Sink for Smtp {
 
 /// Whether the server refused this mail for good: a 5xx about the mailbox
 /// (550, 551, 552, 553). A 5xx that says the server takes nothing from us
-/// (530/535 authentication, 521, 554 at the greeting)
-/// would give up every pending mail: it is retried with backoff instead, and
-/// shows in `last_error` and the logs.
+/// (530/535 authentication, 521, 554 at the greeting) would give up every
+/// pending mail: it is retried with backoff instead, and shows in
+/// `last_error` and the logs. So is every error without an SMTP code: a
+/// refused connection, a failed TLS handshake or an untrusted certificate,
+/// a server that offers no STARTTLS under `tls=required`, no AUTH mechanism
+/// in common.
 fn refuses_the_mail(error: &lettre::transport::smtp::Error) -> bool {
     use lettre::transport::smtp::response::{Category, Detail, Severity};
     let Some(code) = error.status() else {
@@ -193,23 +191,28 @@ fn smtp_span(host: &str, row: &OutboxRow) -> tracing::Span {
 mod tests {
     use super::*;
 
-    fn smtp(url: &str) -> Result<Smtp, MailConfigError> {
-        Smtp::new(&MailConfig::default(), url, Default::default())
-    }
-
     // lettre's connection pool needs a runtime to start in.
     #[tokio::test]
-    async fn only_plain_smtp_urls_are_accepted_and_a_password_is_never_echoed() {
-        assert!(smtp("smtp://127.0.0.1:1025").is_ok());
-        assert!(smtp("smtp://mailpit").is_ok());
-        assert!(smtp("smtp://user:pw@mailpit:1025").is_ok());
-        let error = smtp("smtps://user:hunter2@mail:465")
-            .err()
-            .expect("refused")
-            .to_string();
-        assert!(error.contains("smtp://"), "{error}");
-        assert!(!error.contains("hunter2"), "{error}");
-        assert!(smtp("smtp://:1025").is_err());
+    async fn a_transport_is_built_for_each_form_without_connecting() {
+        let config = MailConfig::default();
+        for url in [
+            "smtp://127.0.0.1:1",
+            "smtp://127.0.0.1:1?tls=opportunistic",
+            "smtp://user:pw@127.0.0.1:1?tls=required",
+            "smtps://user:pw@127.0.0.1:1",
+        ] {
+            let smtp = Smtp::new(&config, url, Default::default());
+            assert!(smtp.is_ok(), "{url}: {:?}", smtp.err());
+        }
+        let config = MailConfig {
+            email_from: "not a mailbox".into(),
+            ..MailConfig::default()
+        };
+        let error = Smtp::new(&config, "smtp://mail", Default::default()).err();
+        assert!(
+            matches!(error, Some(MailConfigError::From(..))),
+            "{error:?}"
+        );
     }
 
     #[test]

@@ -134,9 +134,22 @@ pub struct Fixture {
 
 impl Fixture {
     /// Starts the SMTP server (unless `smtp_up` is false: then nothing
-    /// listens on its port until [`Fixture::start_smtp`]) and the roles;
-    /// returns once every role is ready.
+    /// listens on its port until [`Fixture::start_smtp`]) and the roles,
+    /// the mailer on `smtp://127.0.0.1:<port>`; returns once every role is
+    /// ready.
     pub async fn start(tag: &str, behaviour: Behaviour, smtp_up: bool) -> Self {
+        let plain = |port| vec![("SMTP_URL", format!("smtp://127.0.0.1:{port}"))];
+        Self::start_with(tag, behaviour, smtp_up, plain).await
+    }
+
+    /// [`Fixture::start`], with the e-mail consumer's mailer settings
+    /// (`SMTP_URL` and the like) made by `mailer_env` from the SMTP port.
+    pub async fn start_with(
+        tag: &str,
+        behaviour: Behaviour,
+        smtp_up: bool,
+        mailer_env: impl FnOnce(u16) -> Vec<(&'static str, String)>,
+    ) -> Self {
         let (db_name, db_url) = create_database().await;
         let db = DropDatabase(db_name.clone());
         let mut amqp = test_amqp();
@@ -153,12 +166,7 @@ impl Fixture {
             dir.0.display()
         );
         let smtp = smtp_up.then(|| SmtpServer::start(smtp_port, &mailbox, &behaviour));
-        let mut stack = Stack::start(
-            &db_url,
-            &amqp,
-            &format!("smtp://127.0.0.1:{smtp_port}"),
-            &dir.0.join("logs"),
-        );
+        let mut stack = Stack::start(&db_url, &amqp, mailer_env(smtp_port), &dir.0.join("logs"));
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()

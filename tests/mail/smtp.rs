@@ -1,10 +1,12 @@
 //! A real SMTP server of the test's own: `tests/smtp/server.py` (aiosmtpd),
-//! which appends each message it accepts to a mailbox file as one JSON line.
-//! Killed when dropped.
+//! which appends each message it accepts to a mailbox file as one JSON line,
+//! and what clients did (EHLO, AUTH, MAIL) to an events file beside it; with
+//! STARTTLS or implicit TLS and a login it requires, if asked. Killed when
+//! dropped.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -27,6 +29,36 @@ pub struct Behaviour {
     pub reject: Option<String>,
     /// Sleep in DATA before accepting.
     pub delay_ms: u64,
+    /// TLS, with this certificate; plain SMTP if `None`.
+    pub tls: Option<ServerTls>,
+    /// The one login (user, password) accepted, and required before MAIL.
+    pub auth: Option<(String, String)>,
+    /// Offer AUTH in the clear too (by default only over TLS).
+    pub auth_without_tls: bool,
+}
+
+/// How the server speaks TLS.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// TLS from the first byte (SMTPS); otherwise STARTTLS, required.
+    pub implicit: bool,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// One thing a client did, as the server recorded it (never a password).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Event {
+    /// `ehlo`, `auth_command` (any AUTH command), `auth` (a login checked),
+    /// `mail_command` (any MAIL command).
+    pub event: String,
+    /// Whether the connection was encrypted at that point.
+    pub tls: bool,
+    /// For `auth`: the login, and whether it was accepted.
+    #[serde(default)]
+    pub login: Option<String>,
+    #[serde(default)]
+    pub accepted: Option<bool>,
 }
 
 /// One accepted message, as the server recorded it.
@@ -38,6 +70,10 @@ pub struct Mail {
     pub subject: String,
     pub body: String,
     pub received_at: f64,
+    /// Whether it came over an encrypted connection.
+    pub tls: bool,
+    /// The login the client authenticated as, if any.
+    pub login: Option<String>,
 }
 
 pub struct SmtpServer {
@@ -45,8 +81,9 @@ pub struct SmtpServer {
 }
 
 impl SmtpServer {
-    /// Starts the server on `port`, appending to `mailbox`; returns once it
-    /// listens. Its stderr goes to `<mailbox>.log`.
+    /// Starts the server on `port`, appending to `mailbox` and its events
+    /// to [`events_file`]; returns once it listens. Its stderr goes to
+    /// `<mailbox>.log`.
     pub fn start(port: u16, mailbox: &Path, behaviour: &Behaviour) -> Self {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/smtp/server.py");
         let log = std::fs::File::create(mailbox.with_extension("log")).expect("a server log");
@@ -57,9 +94,29 @@ impl SmtpServer {
             .arg(port.to_string())
             .arg(mailbox)
             .arg("--delay-ms")
-            .arg(behaviour.delay_ms.to_string());
+            .arg(behaviour.delay_ms.to_string())
+            .arg("--events")
+            .arg(events_file(mailbox));
         if let Some(reject) = &behaviour.reject {
             command.arg("--reject").arg(reject);
+        }
+        if let Some(tls) = &behaviour.tls {
+            command
+                .arg(if tls.implicit {
+                    "--implicit-tls"
+                } else {
+                    "--starttls"
+                })
+                .arg("--tls-cert")
+                .arg(&tls.cert)
+                .arg("--tls-key")
+                .arg(&tls.key);
+        }
+        if let Some((user, password)) = &behaviour.auth {
+            command.arg("--auth").arg(format!("{user}:{password}"));
+        }
+        if behaviour.auth_without_tls {
+            command.arg("--auth-without-tls");
         }
         let mut child = command
             .stdin(Stdio::null())
@@ -98,6 +155,21 @@ impl Drop for SmtpServer {
 
 /// The complete lines of a mailbox file (none if there is no file yet).
 pub fn read_mailbox(path: &Path) -> Vec<Mail> {
+    read_lines(path)
+}
+
+/// The file the server beside `mailbox` records its clients' doings in.
+pub fn events_file(mailbox: &Path) -> PathBuf {
+    mailbox.with_extension("events.jsonl")
+}
+
+/// What clients did so far, as the server of `mailbox` recorded it.
+pub fn read_events(mailbox: &Path) -> Vec<Event> {
+    read_lines(&events_file(mailbox))
+}
+
+/// The complete JSON lines of a file (none if there is no file yet).
+fn read_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Vec<T> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     // A line is written and flushed whole; only a line without its newline
     // yet could be partial.
@@ -108,6 +180,6 @@ pub fn read_mailbox(path: &Path) -> Vec<Mail> {
     complete
         .lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad mailbox line {l:?}: {e}")))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
         .collect()
 }

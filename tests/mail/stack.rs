@@ -29,21 +29,27 @@ struct Process {
 pub struct Stack {
     db_url: String,
     amqp: AmqpConfig,
-    smtp_url: String,
+    /// The e-mail consumer's mailer settings (`SMTP_URL`, `SMTP_CA_FILE`).
+    mailer_env: Vec<(&'static str, String)>,
     log_dir: PathBuf,
     processes: Vec<Process>,
 }
 
 impl Stack {
     /// Applies the migrations (`order-service migrate`), then starts every
-    /// role; the e-mail consumer sends to `smtp_url`. Each role logs to
-    /// `<log_dir>/<role>.log`.
-    pub fn start(db_url: &str, amqp: &AmqpConfig, smtp_url: &str, log_dir: &Path) -> Self {
+    /// role; the e-mail consumer has `mailer_env` set (`SMTP_URL`, ...).
+    /// Each role logs to `<log_dir>/<role>.log`.
+    pub fn start(
+        db_url: &str,
+        amqp: &AmqpConfig,
+        mailer_env: Vec<(&'static str, String)>,
+        log_dir: &Path,
+    ) -> Self {
         std::fs::create_dir_all(log_dir).expect("creating the log directory");
         let mut stack = Self {
             db_url: db_url.to_owned(),
             amqp: amqp.clone(),
-            smtp_url: smtp_url.to_owned(),
+            mailer_env,
             log_dir: log_dir.to_owned(),
             processes: Vec::new(),
         };
@@ -67,7 +73,7 @@ impl Stack {
         );
         command.env("DATABASE_POOL_SIZE", "8");
         if role == Role::Email {
-            command.env("SMTP_URL", &self.smtp_url);
+            command.envs(self.mailer_env.iter().map(|(k, v)| (k, v)));
         }
         let child = command
             .spawn()

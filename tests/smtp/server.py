@@ -2,12 +2,31 @@
 """A real SMTP server for the mailer's tests and benchmark (aiosmtpd).
 
     python3 tests/smtp/server.py PORT MAILBOX [--reject SUBSTRING] [--delay-ms MS]
+        [--tls-cert CERT --tls-key KEY (--starttls | --implicit-tls)]
+        [--auth USER:PASSWORD [--auth-without-tls]] [--events FILE]
 
-Listens on 127.0.0.1:PORT (plain SMTP, no AUTH, no TLS) and appends each
-accepted message to MAILBOX as one JSON line, flushed per message:
+Listens on 127.0.0.1:PORT (plain SMTP, no AUTH, no TLS unless asked) and
+appends each accepted message to MAILBOX as one JSON line, flushed per
+message:
 
     {"message_id": "<...>", "from": "...", "to": ["..."], "subject": "...",
-     "body": "...", "received_at": 1700000000.123}
+     "body": "...", "received_at": 1700000000.123, "tls": true,
+     "login": "user" or null}
+
+--starttls offers STARTTLS with CERT and KEY and requires it
+(`require_starttls`: every command but EHLO, STARTTLS and QUIT is refused
+with 530 before it); --implicit-tls speaks TLS from the first byte (SMTPS).
+--auth USER:PASSWORD accepts that one login (PLAIN or LOGIN) and requires it
+before MAIL (`auth_required`); AUTH is offered and taken only over TLS
+(`auth_require_tls`; an implicit-TLS connection is TLS throughout), unless
+--auth-without-tls, which offers it in the clear too: a server inviting a
+client to give its password away. --events FILE records what clients did,
+one JSON line each, flushed: {"event": "ehlo" | "auth_command" | "auth" |
+"mail_command", "tls": bool, ...}: "auth_command" and "mail_command" for
+every AUTH and MAIL command that reaches its handler, before its checks
+(only --starttls's refusal of commands before STARTTLS comes first; AUTH
+with its mechanism only), "auth" for every login checked (with the login and
+whether it was accepted; never the password).
 
 --reject SUBSTRING answers 550 to every RCPT TO containing SUBSTRING (a
 permanent refusal; a mail with no accepted recipient is then refused at DATA
@@ -25,19 +44,98 @@ import email
 import email.policy
 import json
 import signal
+import ssl
 import sys
 import threading
 import time
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+
+def encrypted(server):
+    """Whether the session's transport is TLS (implicit, or after STARTTLS)."""
+    transport = server.transport
+    return transport is not None and transport.get_extra_info("ssl_object") is not None
+
+
+class Events:
+    """What clients did, as JSON lines (never a password)."""
+
+    def __init__(self, path):
+        self.file = open(path, "a", encoding="utf-8") if path else None
+        self.lock = threading.Lock()
+
+    def record(self, event, server, **fields):
+        if self.file is None:
+            return
+        line = json.dumps({"event": event, "tls": encrypted(server), **fields}) + "\n"
+        with self.lock:
+            self.file.write(line)
+            self.file.flush()
+
+
+class Authenticator:
+    """Accepts one login; records every login it is asked to check."""
+
+    def __init__(self, login, password, events):
+        self.login = login.encode()
+        self.password = password.encode()
+        self.events = events
+
+    def __call__(self, server, session, envelope, mechanism, auth_data):
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        accepted = auth_data.login == self.login and auth_data.password == self.password
+        self.events.record(
+            "auth",
+            server,
+            mechanism=mechanism,
+            login=auth_data.login.decode("utf-8", "replace"),
+            accepted=accepted,
+        )
+        return AuthResult(success=accepted, handled=False, auth_data=auth_data)
+
+
+class RecordingSMTP(SMTP):
+    """Records every AUTH and MAIL command before aiosmtpd checks it."""
+
+    def __init__(self, *args, events, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.events = events
+
+    async def smtp_AUTH(self, arg):
+        # The mechanism only: the rest may be the password, base64-encoded.
+        mechanism = arg.split()[0] if arg else ""
+        self.events.record("auth_command", self, mechanism=mechanism)
+        await super().smtp_AUTH(arg)
+
+    async def smtp_MAIL(self, arg):
+        self.events.record("mail_command", self, arg=arg)
+        await super().smtp_MAIL(arg)
+
+
+class RecordingController(Controller):
+    def __init__(self, *args, events, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.events = events
+
+    def factory(self):
+        return RecordingSMTP(self.handler, events=self.events, **self.SMTP_kwargs)
 
 
 class Recorder:
-    def __init__(self, mailbox, reject, delay_ms):
+    def __init__(self, mailbox, reject, delay_ms, events):
         self.mailbox = open(mailbox, "a", encoding="utf-8")
         self.reject = reject
         self.delay = delay_ms / 1000.0
+        self.events = events
         self.lock = threading.Lock()
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        self.events.record("ehlo", server, hostname=hostname)
+        return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.reject and self.reject in address:
@@ -64,6 +162,8 @@ class Recorder:
             "subject": str(message.get("Subject", "")),
             "body": body.rstrip("\r\n"),
             "received_at": time.time(),
+            "tls": encrypted(server),
+            "login": session.auth_data.login.decode() if session.authenticated else None,
         }
         line = json.dumps(record, ensure_ascii=False) + "\n"
         with self.lock:
@@ -78,10 +178,44 @@ def main():
     parser.add_argument("mailbox", help="file the accepted messages are appended to (JSON lines)")
     parser.add_argument("--reject", default="", help="answer 550 to recipients containing this")
     parser.add_argument("--delay-ms", type=int, default=0, help="sleep this long in DATA")
+    parser.add_argument("--tls-cert", help="the server's certificate (PEM)")
+    parser.add_argument("--tls-key", help="its key (PEM)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--starttls", action="store_true", help="offer and require STARTTLS")
+    mode.add_argument("--implicit-tls", action="store_true", help="TLS from the first byte")
+    parser.add_argument("--auth", help="USER:PASSWORD, the one login accepted (and required)")
+    parser.add_argument("--auth-without-tls", action="store_true", help="offer AUTH in the clear")
+    parser.add_argument("--events", help="file recording EHLO, AUTH and MAIL (JSON lines)")
     args = parser.parse_args()
 
-    handler = Recorder(args.mailbox, args.reject, args.delay_ms)
-    controller = Controller(handler, hostname="127.0.0.1", port=args.port)
+    events = Events(args.events)
+    handler = Recorder(args.mailbox, args.reject, args.delay_ms, events)
+    smtp = {}
+    context = None
+    if args.starttls or args.implicit_tls:
+        if not (args.tls_cert and args.tls_key):
+            parser.error("--starttls and --implicit-tls need --tls-cert and --tls-key")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+    if args.starttls:
+        smtp.update(tls_context=context, require_starttls=True)
+    if args.auth:
+        login, _, password = args.auth.partition(":")
+        smtp.update(
+            authenticator=Authenticator(login, password, events),
+            auth_required=True,
+            # aiosmtpd knows only STARTTLS as TLS: over implicit TLS, the
+            # connection is encrypted from the first byte already.
+            auth_require_tls=not (args.auth_without_tls or args.implicit_tls),
+        )
+    controller = RecordingController(
+        handler,
+        hostname="127.0.0.1",
+        port=args.port,
+        ssl_context=context if args.implicit_tls else None,
+        events=events,
+        **smtp,
+    )
     controller.start()
     print("ready", flush=True)
 

@@ -1,0 +1,347 @@
+//! The mailer over TLS with AUTH, against the test's own aiosmtpd server with
+//! a certificate signed by the test's own CA (`tests/tls/certs.rs`), trusted
+//! through `SMTP_CA_FILE`:
+//!
+//! - STARTTLS (`smtp://...?tls=required`) with AUTH, to a server that
+//!   requires both, and implicit TLS (`smtps://`): every mail arrives once,
+//!   over TLS, from the authenticated login;
+//! - a server that offers no STARTTLS (and offers AUTH in the clear), given
+//!   `tls=required`, or whose certificate no trusted CA signed: no mail and
+//!   no AUTH command ever reach it, and the mails wait, retried (never given
+//!   up), with the reason in `last_error`; so do they when the server
+//!   refuses the password (535);
+//! - a bad mailer setting (an unreadable CA file, credentials without TLS)
+//!   stops `order-service consume email` at start with one line naming it,
+//!   and never the password.
+
+use std::path::Path;
+use std::process::{Child, ExitStatus};
+use std::time::{Duration, Instant};
+
+use crate::certs::{TempDir, TestCa};
+use crate::common::{self, DropDatabase, create_database, roles};
+use crate::fixture::{Fixture, mail_rows};
+use crate::smtp::{Behaviour, Event, ServerTls, read_events};
+use crate::stack::Role;
+use crate::{SETTLE, check_every_row_arrived, check_mails_name_their_orders};
+
+/// The one login the test servers accept.
+const USER: &str = "order-mailer";
+/// Its password: it must never show in a log, an error or the server's record.
+const PASSWORD: &str = "pw-7f3c9e-never-logged";
+
+/// A server speaking TLS with a certificate of `ca`'s for 127.0.0.1, and
+/// requiring the test's login.
+fn tls_server(ca: &TestCa, implicit: bool) -> Behaviour {
+    let issued = ca.server("smtp");
+    Behaviour {
+        tls: Some(ServerTls {
+            implicit,
+            cert: issued.cert,
+            key: issued.key,
+        }),
+        auth: Some((USER.into(), PASSWORD.into())),
+        ..Behaviour::default()
+    }
+}
+
+/// The mailer's settings: `url`, and `ca` trusted.
+fn mailer_env(ca: &TestCa, url: String) -> Vec<(&'static str, String)> {
+    vec![
+        ("SMTP_URL", url),
+        ("SMTP_CA_FILE", ca.cert_file().display().to_string()),
+    ]
+}
+
+/// `smtp://user:password@host?tls=required` to a server that refuses
+/// everything before STARTTLS and MAIL before AUTH.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mailer_delivers_over_starttls_with_auth_to_a_server_requiring_both() {
+    let ca = TestCa::new("smtp_starttls");
+    let url = |port| format!("smtp://{USER}:{PASSWORD}@127.0.0.1:{port}?tls=required");
+    let behaviour = tls_server(&ca, false);
+    let f = Fixture::start_with("starttls", behaviour, true, |port| {
+        mailer_env(&ca, url(port))
+    })
+    .await;
+    delivers_each_mail_once_over_tls_as_the_login(f, "erin").await;
+}
+
+/// `smtps://user:password@host` to a server that speaks TLS from the first
+/// byte and refuses MAIL before AUTH.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mailer_delivers_over_implicit_tls_with_auth() {
+    let ca = TestCa::new("smtp_implicit");
+    let url = |port| format!("smtps://{USER}:{PASSWORD}@127.0.0.1:{port}");
+    let behaviour = tls_server(&ca, true);
+    let f = Fixture::start_with("smtps", behaviour, true, |port| mailer_env(&ca, url(port))).await;
+    delivers_each_mail_once_over_tls_as_the_login(f, "fay").await;
+}
+
+/// Posts orders of `user`; each event's mail arrives once (its Message-ID
+/// the row's), over TLS, from the test's login; the server saw AUTH only
+/// over TLS, and the password is in no role's log.
+async fn delivers_each_mail_once_over_tls_as_the_login(mut f: Fixture, user: &str) {
+    let orders = f.post_orders(user, 3).await;
+    let rows = f.until_delivered(2 * orders.len()).await;
+    let mails = f.mails();
+    check_mails_name_their_orders(&rows, &orders, user);
+    let copies = check_every_row_arrived(&rows, &mails);
+    assert!(
+        copies.values().all(|&n| n == 1) && mails.len() == rows.len(),
+        "each mail once: {copies:?}"
+    );
+    for mail in &mails {
+        assert!(
+            mail.tls && mail.login.as_deref() == Some(USER),
+            "a mail arrived unencrypted or unauthenticated: {mail:#?}"
+        );
+    }
+    let events = read_events(&f.mailbox);
+    let auths: Vec<&Event> = events.iter().filter(|e| e.event == "auth").collect();
+    assert!(
+        !auths.is_empty()
+            && auths
+                .iter()
+                .all(|e| e.tls && e.accepted == Some(true) && e.login.as_deref() == Some(USER)),
+        "AUTH over TLS, accepted: {events:#?}"
+    );
+    let in_clear: Vec<&Event> = events
+        .iter()
+        .filter(|e| e.event != "ehlo" && !e.tls)
+        .collect();
+    assert!(in_clear.is_empty(), "commands in the clear: {in_clear:#?}");
+    check_no_log_has_the_password(&f);
+}
+
+/// `tls=required` to a plain server that offers AUTH in the clear: the
+/// mailer sends neither the password nor a mail, and the mails wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_offering_no_starttls_gets_no_mail_and_no_password_under_tls_required() {
+    let ca = TestCa::new("smtp_no_starttls");
+    // Plain SMTP that offers AUTH in the clear: it would take the password.
+    let behaviour = Behaviour {
+        auth: Some((USER.into(), PASSWORD.into())),
+        auth_without_tls: true,
+        ..Behaviour::default()
+    };
+    let url = |port| format!("smtp://{USER}:{PASSWORD}@127.0.0.1:{port}?tls=required");
+    let mut f = Fixture::start_with("no_starttls", behaviour, true, |port| {
+        mailer_env(&ca, url(port))
+    })
+    .await;
+    let events = mails_wait_unsent(&mut f, "gus", "STARTTLS").await;
+    let sent: Vec<&Event> = events.iter().filter(|e| e.event != "ehlo").collect();
+    assert!(
+        sent.is_empty(),
+        "the server got AUTH or MAIL without TLS: {sent:#?}"
+    );
+}
+
+/// A server whose certificate no trusted CA signed (`SMTP_CA_FILE` unset):
+/// the handshake fails, no AUTH or MAIL reaches it, and the mails wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_an_untrusted_certificate_gets_no_password_and_the_mails_wait() {
+    let ca = TestCa::new("smtp_untrusted");
+    let url = |port| format!("smtp://{USER}:{PASSWORD}@127.0.0.1:{port}?tls=required");
+    let mut f = Fixture::start_with("untrusted", tls_server(&ca, false), true, |port| {
+        vec![("SMTP_URL", url(port))]
+    })
+    .await;
+    let events = mails_wait_unsent(&mut f, "hal", "certificate").await;
+    let sent: Vec<&Event> = events.iter().filter(|e| e.event != "ehlo").collect();
+    assert!(sent.is_empty(), "the server got AUTH or MAIL: {sent:#?}");
+}
+
+/// A password the server refuses (535) is retried, never given up: the
+/// other mails of the outbox must not be lost to a fixable setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_password_is_retried_never_given_up() {
+    let ca = TestCa::new("smtp_refused_login");
+    let url = |port| format!("smtp://{USER}:not-the-password@127.0.0.1:{port}?tls=required");
+    let mut f = Fixture::start_with("refused_login", tls_server(&ca, false), true, |port| {
+        mailer_env(&ca, url(port))
+    })
+    .await;
+    let events = mails_wait_unsent(&mut f, "ida", "535").await;
+    let auths: Vec<&Event> = events.iter().filter(|e| e.event == "auth").collect();
+    assert!(
+        !auths.is_empty()
+            && auths
+                .iter()
+                .all(|e| e.tls && e.accepted == Some(false) && e.login.as_deref() == Some(USER)),
+        "the login refused, over TLS: {events:#?}"
+    );
+    let mails: Vec<&Event> = events
+        .iter()
+        .filter(|e| e.event == "mail_command")
+        .collect();
+    assert!(mails.is_empty(), "MAIL without a login: {mails:#?}");
+}
+
+/// Posts two orders of `user`, waits until each of their mails was tried
+/// at least twice and failed with an error containing `error`; checks that
+/// none was sent or given up, that nothing arrived and that no role logged
+/// the password. Returns what the server recorded of its clients.
+async fn mails_wait_unsent(f: &mut Fixture, user: &str, error: &str) -> Vec<Event> {
+    let orders = f.post_orders(user, 2).await;
+    let total = 2 * orders.len();
+    let (pool, mailbox) = (f.pool.clone(), f.mailbox.clone());
+    let rows = f
+        .until("every mail tried twice, refused", SETTLE, async || {
+            let rows = mail_rows(&pool).await;
+            let retried = rows
+                .iter()
+                .filter(|r| r.attempts >= 2 && r.last_error.is_some())
+                .count();
+            let ehlos = read_events(&mailbox)
+                .iter()
+                .filter(|e| e.event == "ehlo")
+                .count();
+            if rows.len() == total && retried == total && ehlos >= total {
+                Ok(rows)
+            } else {
+                Err(format!(
+                    "{retried} of {} rows retried, {ehlos} EHLOs: {rows:#?}",
+                    rows.len()
+                ))
+            }
+        })
+        .await;
+    for row in &rows {
+        let last_error = row.last_error.as_deref().unwrap_or_default();
+        assert!(
+            !row.published && !row.given_up && last_error.contains(error),
+            "refused ({error}), still pending: {row:#?}"
+        );
+    }
+    eprintln!(
+        "{user}: last_error = {:?}",
+        rows[0].last_error.as_deref().unwrap_or_default()
+    );
+    assert!(f.mails().is_empty(), "a mail arrived: {:#?}", f.mails());
+    check_no_log_has_the_password(f);
+    read_events(&f.mailbox)
+}
+
+fn check_no_log_has_the_password(f: &Fixture) {
+    for role in Role::ALL {
+        assert!(
+            !f.stack.log(role).contains(PASSWORD),
+            "the password is in the {} log",
+            role.label()
+        );
+    }
+}
+
+/// `order-service consume email` started with a bad mailer setting: exits
+/// non-zero within seconds, its one `error:` line naming the setting, and
+/// the password nowhere in its output.
+#[tokio::test]
+async fn a_bad_mailer_setting_stops_the_email_consumer_at_start_with_one_line_naming_it() {
+    let (db_name, db_url) = create_database().await;
+    let _db = DropDatabase(db_name);
+    let dir = TempDir::new("smtp_bad_setting");
+    let missing = dir.path().join("missing-ca.pem");
+    let not_pem = dir.path().join("not-a-ca.pem");
+    std::fs::write(&not_pem, "not a certificate\n").expect("writing a file");
+    let smtps = format!("smtps://{USER}:{PASSWORD}@127.0.0.1:465");
+    let with_ca = |path: &Path| {
+        vec![
+            ("SMTP_URL", smtps.clone()),
+            ("SMTP_CA_FILE", path.display().to_string()),
+        ]
+    };
+    let cases = [
+        (
+            "a missing CA file",
+            with_ca(&missing),
+            format!("error: SMTP_CA_FILE {}: No such file", missing.display()),
+        ),
+        (
+            "a CA file without a certificate",
+            with_ca(&not_pem),
+            format!(
+                "error: SMTP_CA_FILE {}: no PEM certificate",
+                not_pem.display()
+            ),
+        ),
+        (
+            "credentials without TLS",
+            vec![(
+                "SMTP_URL",
+                format!("smtp://{USER}:{PASSWORD}@127.0.0.1:587"),
+            )],
+            "error: SMTP_URL: credentials need TLS".to_owned(),
+        ),
+        (
+            "credentials with tls=opportunistic",
+            vec![(
+                "SMTP_URL",
+                format!("smtp://{USER}:{PASSWORD}@127.0.0.1:587?tls=opportunistic"),
+            )],
+            "error: SMTP_URL: credentials with tls=opportunistic".to_owned(),
+        ),
+    ];
+    for (i, (case, env, expected)) in cases.into_iter().enumerate() {
+        let log = dir.path().join(format!("email-consumer-{i}.log"));
+        let (status, took) = run_until_exit(case, &db_url, &env, &log);
+        let output = std::fs::read_to_string(&log).unwrap_or_default();
+        let errors: Vec<&str> = output.lines().filter(|l| l.starts_with("error:")).collect();
+        assert!(!output.contains(PASSWORD), "{case}: the password shows");
+        eprintln!("{case}: {status} after {took:?}: {errors:?}");
+        assert!(!status.success(), "{case}: exited with {status}\n{output}");
+        assert!(
+            errors.len() == 1 && errors[0].starts_with(&expected),
+            "{case}: one line starting {expected:?}, got {errors:?}\n{output}"
+        );
+    }
+}
+
+/// How long the e-mail consumer may take to stop on a bad setting.
+const STOP: Duration = Duration::from_secs(20);
+
+/// Runs `order-service consume email` with `env` against `db_url` until it
+/// exits (killed after [`STOP`], failing the test for `case`); returns its
+/// status and how long it ran.
+fn run_until_exit(
+    case: &str,
+    db_url: &str,
+    env: &[(&str, String)],
+    log: &Path,
+) -> (ExitStatus, Duration) {
+    let amqp = common::test_amqp();
+    let addr = "127.0.0.1:0".parse().expect("an address");
+    let mut command = roles::command(
+        Role::Email.args(),
+        db_url,
+        &amqp,
+        addr,
+        log,
+        "MAIL_TEST_RUST_LOG",
+    );
+    command.envs(env.iter().map(|(k, v)| (k, v)));
+    let started = Instant::now();
+    let mut child = KillOnDrop(command.spawn().expect("starting consume email"));
+    loop {
+        if let Some(status) = child.0.try_wait().expect("waiting for consume email") {
+            return (status, started.elapsed());
+        }
+        assert!(
+            started.elapsed() < STOP,
+            "{case}: consume email still runs after {STOP:?}:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed and reaped when dropped, even if the test fails.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
