@@ -188,3 +188,52 @@ fn classify(url: &str, error: &lapin::Error) -> ConnectError {
         _ => ConnectError::Unreachable(format!("{url}: {error}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPHardError, AMQPSoftError};
+
+    use super::*;
+
+    fn closed_with(kind: AMQPErrorKind, text: &str) -> lapin::Error {
+        ErrorKind::ProtocolError(AMQPError::new(kind, text.into())).into()
+    }
+
+    fn io(kind: std::io::ErrorKind) -> lapin::Error {
+        std::io::Error::new(kind, "test").into()
+    }
+
+    #[test]
+    fn refusals_stop_and_outages_are_waited_for() {
+        let refused = [
+            closed_with(
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED),
+                "login refused",
+            ),
+            closed_with(
+                AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED),
+                "vhost x not found",
+            ),
+            io(std::io::ErrorKind::InvalidData),
+        ];
+        for error in &refused {
+            assert!(classify("u", error).is_permanent(), "{error}");
+        }
+        let outages = [
+            // A vhost the broker is still starting, or restarting.
+            closed_with(
+                AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED),
+                "vhost x is down",
+            ),
+            closed_with(
+                AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED),
+                "shutdown",
+            ),
+            io(std::io::ErrorKind::ConnectionRefused),
+            io(std::io::ErrorKind::ConnectionReset),
+        ];
+        for error in &outages {
+            assert!(!classify("u", error).is_permanent(), "{error}");
+        }
+    }
+}
