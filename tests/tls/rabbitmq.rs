@@ -115,11 +115,15 @@ async fn certificates_are_checked_both_ways() {
     let anonymous = node.url(&format!("cacertfile={}", ca_file.display()));
     let error = connect(&anonymous).await.unwrap_err().to_string();
     assert!(error.contains("wants a client certificate"), "{error}");
-    // A server certificate the configured CA did not sign: refused...
+    // A server certificate the configured CA did not sign: refused.
     let untrusted = with(format!("cacertfile={}", other_file.display()));
     let error = connect(&untrusted).await.unwrap_err().to_string();
     assert!(error.contains("UnknownIssuer"), "{error}");
-    // ...unless verification is turned off, and only then.
+    // Without cacertfile the system's roots are trusted, and they do not
+    // know the test's CA either.
+    let error = connect(&with(String::new())).await.unwrap_err().to_string();
+    assert!(error.contains("UnknownIssuer"), "{error}");
+    // Unless verification is turned off, and only then.
     connect(&with(format!(
         "cacertfile={}&verify=verify_none",
         other_file.display()
