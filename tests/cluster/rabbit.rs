@@ -26,11 +26,11 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-pub use crate::common::rabbit_node::Node;
-use crate::common::rabbit_node::{
-    CTL_TIMEOUT, START_DEADLINE, TEARDOWN_TIMEOUT, alive, can_start_nodes, copy_dir, ctl,
-    give_to_rabbitmq, port_open,
+use crate::common::rabbit_ctl::{
+    alive, can_start_nodes, copy_dir, ctl, give_to_rabbitmq, port_open,
 };
+pub use crate::common::rabbit_node::Node;
+use crate::common::rabbit_node::{CTL_TIMEOUT, START_DEADLINE, TEARDOWN_TIMEOUT};
 
 /// The three nodes: short name, AMQP port, distribution port. Fixed, so
 /// that [`crate::stack::AMQP_URL`] can be a constant (the fault suite's

@@ -3,6 +3,7 @@
 //! with a deadline instead of sleeping. Each binary uses a part of it.
 #![allow(dead_code)]
 
+pub mod rabbit_ctl;
 pub mod rabbit_node;
 pub mod roles;
 

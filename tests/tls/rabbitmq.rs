@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::certs::{TempDir, TestCa};
-use crate::common::rabbit_node::free_port;
+use crate::common::rabbit_ctl::free_port;
 use crate::common::roles::free_addr;
 use crate::common::{DropDatabase, create_database, eventually};
 use fixture::{Proc, STOP_WITHIN, TlsNode, assert_stops, connect, run_to_exit};
