@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::auth::Authenticator;
 use crate::api::{self, AppState};
 use crate::config::{
     AmqpConfig, ConsumerConfig, HttpConfig, MailConfig, RelayConfig, RetentionConfig,
@@ -69,12 +70,24 @@ impl Roles {
         }
     }
 
-    /// Binds the HTTP listener and serves on the tracker; returns the bound
-    /// address (port 0 picks a free one).
+    /// Binds the HTTP listener and serves on the tracker, without
+    /// authentication; returns the bound address (port 0 picks a free one).
     pub async fn start_api(
         &self,
         http: &HttpConfig,
         amqp: Option<AmqpConfig>,
+    ) -> anyhow::Result<SocketAddr> {
+        self.start_api_with_auth(http, amqp, Authenticator::off())
+            .await
+    }
+
+    /// [`Self::start_api`], with the order routes checking bearer tokens
+    /// when `auth` is on.
+    pub async fn start_api_with_auth(
+        &self,
+        http: &HttpConfig,
+        amqp: Option<AmqpConfig>,
+        auth: Authenticator,
     ) -> anyhow::Result<SocketAddr> {
         let listener = TcpListener::bind(http.http_addr)
             .await
@@ -84,6 +97,7 @@ impl Roles {
         state.metrics = self.metrics.clone();
         state.amqp = amqp;
         state.status = self.status.clone();
+        state.auth = auth;
         let app = api::router(state);
         let cancel = self.cancel.clone();
         let running = self.status.running("api");

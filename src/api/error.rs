@@ -2,7 +2,7 @@
 //! causes are logged once and never returned to the client.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -28,6 +28,13 @@ pub enum ApiError {
     /// The body is over the configured limit (413).
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// No bearer token, or one that does not verify (401, with a
+    /// `WWW-Authenticate` challenge).
+    #[error("{0}")]
+    Unauthorized(Unauthorized),
+    /// The token's user may not do this (403).
+    #[error("{0}")]
+    Forbidden(String),
     /// Well-formed but invalid values (422).
     #[error("{0}")]
     Unprocessable(String),
@@ -50,6 +57,8 @@ impl ApiError {
     pub fn status_code(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -58,6 +67,28 @@ impl ApiError {
             Self::Unavailable(_) | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
+    }
+}
+
+/// Why a request is not authenticated (RFC 6750 §3).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unauthorized {
+    /// No `Authorization: Bearer` header.
+    #[error("a bearer token is required (Authorization: Bearer <token>)")]
+    Missing,
+    /// A token was given and refused; the reason is safe to tell.
+    #[error("invalid token: {0}")]
+    Invalid(&'static str),
+}
+
+impl Unauthorized {
+    /// The `WWW-Authenticate` challenge: RFC 6750 names the error only when
+    /// a token was given.
+    fn challenge(&self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Self::Missing => "Bearer",
+            Self::Invalid(_) => "Bearer error=\"invalid_token\"",
+        })
     }
 }
 
@@ -84,6 +115,12 @@ impl IntoResponse for ApiError {
         let body = Json(ErrorBody {
             error: self.to_string(),
         });
-        (self.status_code(), body).into_response()
+        let mut response = (self.status_code(), body).into_response();
+        if let Self::Unauthorized(why) = &self {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, why.challenge());
+        }
+        response
     }
 }

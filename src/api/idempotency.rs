@@ -1,8 +1,21 @@
 //! `Idempotency-Key`: the first request with a key wins; later ones with the
-//! same body get the same answer, with another body a 422.
+//! same body get the same answer, with another body a 422. With
+//! authentication on, each user's keys are their own ([`scoped`]).
 
 use sqlx::PgConnection;
 use uuid::Uuid;
+
+/// The key as stored: with authentication on, `"<key> <user>"`, so two
+/// users who pick the same key never meet (neither sees the other's order
+/// id, nor is refused because of the other's body). A key has no spaces, so
+/// this never equals another user's key nor a key stored with authentication
+/// off.
+pub fn scoped(key: String, user: Option<&str>) -> String {
+    match user {
+        Some(user) => format!("{key} {user}"),
+        None => key,
+    }
+}
 
 /// The outcome of claiming a key inside the order's transaction.
 #[derive(Debug, PartialEq)]

@@ -1,6 +1,7 @@
 //! The HTTP API: one router, state shared by handlers, a middleware that
 //! opens the server span, times the request and enforces the timeout.
 
+pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRef, MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sqlx::PgPool;
@@ -28,6 +29,7 @@ use crate::config::{AmqpConfig, HttpConfig};
 use crate::metrics::Metrics;
 use crate::outbox::Wake;
 use crate::telemetry::propagation;
+use auth::Authenticator;
 use error::ApiError;
 
 /// What every handler may use.
@@ -46,6 +48,14 @@ pub struct AppState {
     pub amqp: Option<AmqpConfig>,
     /// The process's loops, for `/healthz`.
     pub status: crate::probe::Status,
+    /// Checks the bearer tokens of the order routes (off by default).
+    pub auth: Authenticator,
+}
+
+impl FromRef<AppState> for Authenticator {
+    fn from_ref(state: &AppState) -> Self {
+        state.auth.clone()
+    }
 }
 
 impl AppState {
@@ -61,6 +71,7 @@ impl AppState {
             max_outbox_lag: Duration::from_millis(config.max_outbox_lag_ms),
             amqp: None,
             status: crate::probe::Status::default(),
+            auth: Authenticator::off(),
         }
     }
 }

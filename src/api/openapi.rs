@@ -12,13 +12,15 @@ use utoipa::OpenApi;
 
 use super::error::ErrorBody;
 use super::schema::{
-    BadRequest, DocumentTop, IdempotencyKey, Internal, NotFound, PayloadTooLarge, Unavailable,
-    Unprocessable, UnsupportedMediaType,
+    BadRequest, DocumentTop, Forbidden, IdempotencyKey, Internal, NotFound, PayloadTooLarge,
+    Unauthorized, Unavailable, Unprocessable, UnsupportedMediaType,
 };
 
 const DESCRIPTION: &str = "Orders through a transactional outbox. POST /orders writes the order and its order.created event in one Postgres transaction and answers 202; a relay publishes the event to RabbitMQ and the billing consumer later marks the order CONFIRMED.
 
-Every error body is JSON {\"error\": \"...\"}; a 5xx body never carries internals. An unknown path answers 404 and a known path with another method 405, both with that error body. Any request that outlives the server's request timeout (HTTP_REQUEST_TIMEOUT_MS, default 10 s) answers 503.";
+Every error body is JSON {\"error\": \"...\"}; a 5xx body never carries internals. An unknown path answers 404 and a known path with another method 405, both with that error body. Any request that outlives the server's request timeout (HTTP_REQUEST_TIMEOUT_MS, default 10 s) answers 503.
+
+Authentication is off by default. With AUTH_JWT_SECRET (HS256) or AUTH_JWT_PUBLIC_KEY_FILE (RS256 or ES256), and optionally AUTH_JWT_ISSUER and AUTH_JWT_AUDIENCE, the order operations need `Authorization: Bearer <JWT>` (scheme bearerAuth) whose sub is the user; the probes, /metrics and this document stay open.";
 
 /// What the document has besides its paths: `info` (title and version from
 /// Cargo.toml), the reusable error answers, and the schemas that only
@@ -27,10 +29,13 @@ Every error body is JSON {\"error\": \"...\"}; a 5xx body never carries internal
 #[derive(OpenApi)]
 #[openapi(
     info(description = DESCRIPTION),
+    modifiers(&BearerScheme),
     components(
         schemas(ErrorBody, IdempotencyKey),
         responses(
             BadRequest,
+            Unauthorized,
+            Forbidden,
             NotFound,
             PayloadTooLarge,
             UnsupportedMediaType,
@@ -42,6 +47,25 @@ Every error body is JSON {\"error\": \"...\"}; a 5xx body never carries internal
 )]
 struct ApiDoc;
 
+/// The `bearerAuth` security scheme the order operations name.
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let scheme = HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .bearer_format("JWT")
+            .description(Some(
+                "A JWT whose sub is the user: HS256 with AUTH_JWT_SECRET, or RS256/ES256 verified with AUTH_JWT_PUBLIC_KEY_FILE; exp is required, and iss and aud when AUTH_JWT_ISSUER and AUTH_JWT_AUDIENCE are set. Only when the server runs with authentication.",
+            ))
+            .build();
+        api.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme("bearerAuth", SecurityScheme::Http(scheme));
+    }
+}
+
 /// The document without paths, for [`super::routes`] to add them to.
 pub fn base() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
@@ -49,7 +73,7 @@ pub fn base() -> utoipa::openapi::OpenApi {
 
 static DOCUMENT: LazyLock<String> = LazyLock::new(|| {
     let mut api = super::routes().into_openapi();
-    require_location_headers(&mut api);
+    require_sent_headers(&mut api);
     api.to_pretty_json()
         .expect("the OpenAPI document serialises")
 });
@@ -59,9 +83,13 @@ pub fn document() -> &'static str {
     &DOCUMENT
 }
 
-/// Every `Location` a response documents is always sent. utoipa's `Header`
-/// has no `required` field, so it goes in as a (flattened) extension entry.
-fn require_location_headers(api: &mut utoipa::openapi::OpenApi) {
+/// Headers always sent with the answer that documents them.
+const SENT_HEADERS: [&str; 2] = ["Location", "WWW-Authenticate"];
+
+/// Every `Location` and `WWW-Authenticate` a response documents is always
+/// sent. utoipa's `Header` has no `required` field, so it goes in as a
+/// (flattened) extension entry.
+fn require_sent_headers(api: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::RefOr;
     let operations = api.paths.paths.values_mut().flat_map(|item| {
         [
@@ -77,13 +105,20 @@ fn require_location_headers(api: &mut utoipa::openapi::OpenApi) {
         .into_iter()
         .flatten()
     });
-    for operation in operations {
-        for response in operation.responses.responses.values_mut() {
-            let RefOr::T(response) = response else {
-                continue;
-            };
-            if let Some(RefOr::T(location)) = response.headers.get_mut("Location") {
-                location
+    let reusable = api
+        .components
+        .iter_mut()
+        .flat_map(|components| components.responses.values_mut());
+    let responses = operations
+        .flat_map(|operation| operation.responses.responses.values_mut())
+        .chain(reusable);
+    for response in responses {
+        let RefOr::T(response) = response else {
+            continue;
+        };
+        for name in SENT_HEADERS {
+            if let Some(RefOr::T(header)) = response.headers.get_mut(name) {
+                header
                     .extensions
                     .get_or_insert_with(Default::default)
                     .insert("required".into(), true.into());

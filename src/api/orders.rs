@@ -10,12 +10,13 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::AppState;
+use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{JsonBody, idempotency_key};
 use super::idempotency::{self, Claim};
 use super::schema::{
-    self, BadRequest, IdempotencyKey, Internal, NotFound, OrderLocation, PayloadTooLarge,
-    Unavailable, Unprocessable, UnsupportedMediaType,
+    self, BadRequest, Forbidden, IdempotencyKey, Internal, NotFound, OrderLocation, OrderRequest,
+    PayloadTooLarge, Unauthorized, Unavailable, Unprocessable, UnsupportedMediaType,
 };
 use crate::orders::{self, NewOrder, Order, ValidationError, writer};
 use crate::telemetry::propagation;
@@ -38,7 +39,7 @@ pub struct OrderAccepted {
     path = "/orders",
     operation_id = "createOrder",
     summary = "Accept a new order",
-    description = "Validates the body, stores the order (status PENDING) and its outbox event in one transaction, and answers 202. A missing field or a body that is not a JSON object is a 400; a field of the wrong type or value is a 422. Unknown fields are ignored. With an Idempotency-Key, a retry with the same key and the same order answers the first order's id and creates nothing; the same key with another order is a 422.",
+    description = "Validates the body, stores the order (status PENDING) and its outbox event in one transaction, and answers 202. A missing field or a body that is not a JSON object is a 400; a field of the wrong type or value is a 422. Unknown fields are ignored. With an Idempotency-Key, a retry with the same key and the same order answers the first order's id and creates nothing; the same key with another order is a 422.\n\nWhen the server runs with authentication (AUTH_JWT_SECRET or AUTH_JWT_PUBLIC_KEY_FILE), the request needs a bearer token (401 without a valid one): the order's user is the token's sub, an omitted userId is filled from it, and another userId is a 403. Idempotency keys are then each user's own. Without authentication, userId is required.",
     params(
         (
             "Idempotency-Key" = Option<IdempotencyKey>,
@@ -49,7 +50,7 @@ pub struct OrderAccepted {
         ),
     ),
     request_body(
-        content = NewOrder,
+        content = OrderRequest,
         description = "application/json or any application/*+json; another content type is a 415. The body is limited to HTTP_BODY_LIMIT bytes (default 65536); over it is a 413.",
         example = json!({"productId": "123", "userId": "user_99", "amount": 500}),
     ),
@@ -70,24 +71,25 @@ pub struct OrderAccepted {
             ),
         ),
         (status = BAD_REQUEST, response = BadRequest),
+        (status = UNAUTHORIZED, response = Unauthorized),
+        (status = FORBIDDEN, response = Forbidden),
         (status = PAYLOAD_TOO_LARGE, response = PayloadTooLarge),
         (status = UNSUPPORTED_MEDIA_TYPE, response = UnsupportedMediaType),
         (status = UNPROCESSABLE_ENTITY, response = Unprocessable),
         (status = INTERNAL_SERVER_ERROR, response = Internal),
         (status = SERVICE_UNAVAILABLE, response = Unavailable),
     ),
+    security(("bearerAuth" = []), ()),
 )]
 #[tracing::instrument(name = "create_order", skip_all, fields(order.id), err(level = "info"))]
 pub async fn create_order(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
-    let key = idempotency_key(&headers)?;
-    let order = NewOrder::from_json(&body).map_err(|error| match error {
-        ValidationError::Shape(_) => ApiError::BadRequest(error.to_string()),
-        ValidationError::Invalid { .. } => ApiError::Unprocessable(error.to_string()),
-    })?;
+    let key = idempotency_key(&headers)?.map(|key| idempotency::scoped(key, caller.user()));
+    let order = new_order(&caller, body)?;
     let order_id = Uuid::now_v7();
     let trace_headers = propagation::current_context_headers();
     let (order_id, created) = match key {
@@ -114,6 +116,26 @@ pub async fn create_order(
     }
     tracing::Span::current().record("order.id", tracing::field::display(order_id));
     Ok(accepted(order_id))
+}
+
+/// Validates the body as the caller's order. With authentication on, an
+/// omitted `userId` is the token's user and another one is a 403.
+fn new_order(caller: &Caller, mut body: serde_json::Value) -> Result<NewOrder, ApiError> {
+    if let (Some(user), Some(object)) = (caller.user(), body.as_object_mut())
+        && object.get("userId").is_none_or(serde_json::Value::is_null)
+    {
+        object.insert("userId".into(), user.into());
+    }
+    let order = NewOrder::from_json(&body).map_err(|error| match error {
+        ValidationError::Shape(_) => ApiError::BadRequest(error.to_string()),
+        ValidationError::Invalid { .. } => ApiError::Unprocessable(error.to_string()),
+    })?;
+    if !caller.may_act_for(&order.user_id) {
+        return Err(ApiError::Forbidden(
+            "userId must be the token's user (its sub)".into(),
+        ));
+    }
+    Ok(order)
 }
 
 /// The `Idempotency-Key` path: the key, the order and its outbox row in one
@@ -159,12 +181,14 @@ fn accepted(order_id: Uuid) -> Response {
         .into_response()
 }
 
-/// The order and its status; 404 if unknown, 400 if the id is not a UUID.
+/// The order and its status; 404 if unknown (or, with authentication on,
+/// another user's), 400 if the id is not a UUID.
 #[utoipa::path(
     get,
     path = "/orders/{id}",
     operation_id = "getOrder",
     summary = "An order and its status",
+    description = "When the server runs with authentication (AUTH_JWT_SECRET or AUTH_JWT_PUBLIC_KEY_FILE), the request needs a bearer token (401 without a valid one), and another user's order answers 404, as an unknown one does.",
     params(
         (
             "id" = Uuid,
@@ -175,14 +199,17 @@ fn accepted(order_id: Uuid) -> Response {
     responses(
         (status = OK, description = "The order.", body = Order),
         (status = BAD_REQUEST, response = BadRequest),
+        (status = UNAUTHORIZED, response = Unauthorized),
         (status = NOT_FOUND, response = NotFound),
         (status = INTERNAL_SERVER_ERROR, response = Internal),
         (status = SERVICE_UNAVAILABLE, response = Unavailable),
     ),
+    security(("bearerAuth" = []), ()),
 )]
 #[tracing::instrument(name = "get_order", skip_all, fields(order.id = %id), err(level = "info"))]
 pub async fn get_order(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Order>, ApiError> {
     let id =
@@ -190,6 +217,8 @@ pub async fn get_order(
     let mut conn = state.pool.acquire().await?;
     orders::find(&mut conn, id)
         .await?
+        // Another user's order is not theirs to know of: as unknown.
+        .filter(|order| caller.may_act_for(&order.user_id))
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("order {id} not found")))
 }

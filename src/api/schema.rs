@@ -27,6 +27,20 @@ pub struct ExternalId(String);
 #[schema(minimum = 1, maximum = 1_000_000_000_000_i64)]
 pub struct Amount(i64);
 
+// The body of `POST /orders` (what `orders::NewOrder::from_json` accepts,
+// and `orders::create_order` with authentication on). Plain comments: doc
+// comments would become the schema's description.
+#[derive(ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = NewOrder)]
+pub struct OrderRequest {
+    product_id: ExternalId,
+    /// Required when the server runs without authentication. With it, the user of the bearer token (its sub): may be omitted, and any other value is a 403.
+    #[schema(required = false)]
+    user_id: ExternalId,
+    amount: Amount,
+}
+
 // The `Idempotency-Key` header (no description: the parameter has one).
 #[derive(ToSchema)]
 #[schema(min_length = 1, max_length = 255, pattern = "^[!-~]+$")]
@@ -59,6 +73,18 @@ pub fn order_status() -> Object {
 /// Malformed JSON, a body that is not a JSON object, a missing field, a bad Idempotency-Key or a path id that is not a UUID.
 #[derive(ToResponse)]
 pub struct BadRequest(ErrorBody);
+
+/// No valid bearer token (only when the server runs with authentication): none was sent, or it is malformed, expired, not yet valid, badly signed, or has the wrong issuer or audience.
+#[derive(ToResponse)]
+#[response(headers((
+    "WWW-Authenticate" = String,
+    description = r#"`Bearer`, with `error="invalid_token"` when a token was sent (RFC 6750)."#
+)))]
+pub struct Unauthorized(ErrorBody);
+
+/// The body's userId is not the bearer token's user (only when the server runs with authentication).
+#[derive(ToResponse)]
+pub struct Forbidden(ErrorBody);
 
 /// No such order.
 #[derive(ToResponse)]

@@ -9,8 +9,9 @@ use clap::{Parser, Subcommand};
 mod tools;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::auth::Authenticator;
 use crate::config::{
-    AmqpConfig, ConsumerConfig, DatabaseConfig, HttpConfig, MailConfig, RelayConfig,
+    AmqpConfig, AuthConfig, ConsumerConfig, DatabaseConfig, HttpConfig, MailConfig, RelayConfig,
     RetentionConfig,
 };
 use crate::orders::mailer::MAILS;
@@ -53,6 +54,8 @@ pub enum Command {
         retention: RetentionConfig,
         #[command(flatten)]
         mail: MailConfig,
+        #[command(flatten)]
+        auth: AuthConfig,
     },
     /// The HTTP API only (wakes a separate relay with a Postgres NOTIFY).
     Api {
@@ -62,6 +65,8 @@ pub enum Command {
         http: HttpConfig,
         #[command(flatten)]
         retention: RetentionConfig,
+        #[command(flatten)]
+        auth: AuthConfig,
     },
     /// The outbox relay only (serves /healthz, /readyz, /metrics on HTTP_ADDR).
     Relay {
@@ -184,10 +189,15 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             consumer,
             retention,
             mail,
+            auth,
         } => {
             retention.check(&amqp).map_err(anyhow::Error::msg)?;
+            // Before connecting: a bad key stops the process at once.
+            let auth = Authenticator::from_config(&auth)?;
             let roles = Roles::new(connect_both(&db, &amqp, &cancel).await?, cancel);
-            roles.start_api(&http, Some(amqp.clone())).await?;
+            roles
+                .start_api_with_auth(&http, Some(amqp.clone()), auth)
+                .await?;
             roles.start_relay(&amqp, &relay, false);
             roles.start_consumer(ConsumerKind::Email, &amqp, &consumer, &mail)?;
             roles.start_consumer(ConsumerKind::Billing, &amqp, &consumer, &mail)?;
@@ -206,11 +216,13 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             db,
             http,
             retention,
+            auth,
         } => {
+            let auth = Authenticator::from_config(&auth)?;
             let roles = Roles::new(crate::db::connect(&db, &cancel).await?, cancel);
             // The api never talks to RabbitMQ: a broker outage must not take
             // it out of rotation, so its /readyz does not check the broker.
-            roles.start_api(&http, None).await?;
+            roles.start_api_with_auth(&http, None, auth).await?;
             roles.start_notify_forwarder();
             let prunes = vec![retention::idempotency_keys(retention.idempotency_keys())];
             roles.start_retention(prunes, &retention);

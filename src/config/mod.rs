@@ -3,10 +3,12 @@
 //! [`SecretUrl`]s ([`secret`]); the retention and mail settings have files of
 //! their own.
 
+mod auth;
 mod mail;
 mod retention;
 mod secret;
 
+pub use auth::AuthConfig;
 pub use mail::MailConfig;
 pub use retention::{RetentionConfig, WEEK_SECS};
 pub use secret::{SecretUrl, redact_url};

@@ -2,6 +2,8 @@
 //! has its own database and its own exchange and queue names.
 
 mod api;
+mod auth;
+mod auth_settings;
 mod binary;
 #[path = "../common/mod.rs"]
 mod common;
