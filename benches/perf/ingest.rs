@@ -1,6 +1,7 @@
 //! `POST /orders` at 32 connections (wrk) beside pgbench running the same
-//! two-insert transaction on the same schema at 32 clients, same run; and the
-//! same POST load with trace export on.
+//! two-insert transaction on the same schema at 32 clients, same run; the same
+//! POST load with authentication on (an HS256 bearer token checked on every
+//! request); and with trace export on.
 
 use anyhow::Context;
 use std::process::Command;
@@ -30,6 +31,9 @@ wrk.body = '{"productId":"123","userId":"user_99","amount":500}'
 wrk.headers["Content-Type"] = "application/json"
 "#;
 
+/// The HS256 secret of the authenticated run (32 bytes, as required).
+const AUTH_SECRET: &str = "bench-secret-of-at-least-32-bytes";
+
 pub struct WrkResult {
     pub rps: f64,
     pub p50_ms: f64,
@@ -38,8 +42,25 @@ pub struct WrkResult {
 }
 
 pub fn wrk(url: &str, connections: u32, seconds: u32) -> anyhow::Result<WrkResult> {
-    let script = std::env::temp_dir().join("order-service-post.lua");
-    std::fs::write(&script, WRK_SCRIPT)?;
+    wrk_as(url, connections, seconds, None)
+}
+
+/// [`wrk`], each request with `Authorization: Bearer <token>` when given.
+pub fn wrk_as(
+    url: &str,
+    connections: u32,
+    seconds: u32,
+    token: Option<&str>,
+) -> anyhow::Result<WrkResult> {
+    let mut lua = WRK_SCRIPT.to_owned();
+    if let Some(token) = token {
+        lua.push_str(&format!(
+            "wrk.headers[\"Authorization\"] = \"Bearer {token}\"\n"
+        ));
+    }
+    let name = if token.is_some() { "post-auth" } else { "post" };
+    let script = std::env::temp_dir().join(format!("order-service-{name}.lua"));
+    std::fs::write(&script, lua)?;
     let output = Command::new("wrk")
         .args([
             "-t2",
@@ -92,6 +113,31 @@ pub fn wrk(url: &str, connections: u32, seconds: u32) -> anyhow::Result<WrkResul
     })
 }
 
+/// The POST load against an API that checks a bearer token on each request
+/// (one token for all: the signature is verified every time all the same).
+async fn with_auth(env: &[(&str, String)]) -> anyhow::Result<WrkResult> {
+    let claims = serde_json::json!({"sub": "user_99", "exp": 4_102_444_800_u64});
+    let key = jsonwebtoken::EncodingKey::from_secret(AUTH_SECRET.as_bytes())?;
+    let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key)?;
+    let mut env = env.to_vec();
+    env.push(("AUTH_JWT_SECRET", AUTH_SECRET.into()));
+    let service = Service::start(&["api"], &env).await?;
+    let url = format!("http://{}/orders", service.addr);
+    wrk_as(&url, CONNECTIONS, 2, Some(&token))?;
+    let result = wrk_as(&url, CONNECTIONS, SECONDS, Some(&token))?;
+    service.stop()?;
+    anyhow::ensure!(
+        result.non_2xx == 0,
+        "{} non-2xx answers with authentication on",
+        result.non_2xx
+    );
+    println!(
+        "ingest with authentication: POST /orders {:.0}/s (p50 {:.2} ms, p99 {:.2} ms)",
+        result.rps, result.p50_ms, result.p99_ms
+    );
+    Ok(result)
+}
+
 /// An OTLP/HTTP receiver that accepts and discards spans.
 async fn otlp_sink() -> anyhow::Result<String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -119,6 +165,8 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
     let rss = service.peak_rss_mib();
     service.stop()?;
     anyhow::ensure!(api.non_2xx == 0, "{} non-2xx answers", api.non_2xx);
+    // Right after the run without authentication, for the fairest ratio.
+    let authenticated = with_auth(&env).await?;
     let pg = pgbench(&db.url, TWO_INSERTS, CONNECTIONS, SECONDS)?;
     println!(
         "ingest: POST /orders {:.0}/s (p50 {:.2} ms, p99 {:.2} ms), pgbench two-insert {pg:.0} tps, ratio {:.2}",
@@ -136,6 +184,16 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
         format!("pgbench two-insert transaction, 32 clients: {pg:.0} tps"),
         api.rps / pg,
         ">= 1.0",
+    );
+    report.row(
+        "Ingest with authentication on (HS256 bearer token)",
+        format!(
+            "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
+            authenticated.rps, authenticated.p50_ms, authenticated.p99_ms
+        ),
+        format!("same run, authentication off: {:.0} req/s", api.rps),
+        authenticated.rps / api.rps,
+        ">= 0.90",
     );
     report.note(format!(
         "Ingest: {orders} orders stored in {SECONDS} s; API process {:.2} CPU s per 1,000 orders, peak RSS {rss:.1} MiB.",

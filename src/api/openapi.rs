@@ -209,6 +209,37 @@ mod tests {
     }
 
     #[test]
+    fn the_order_operations_declare_the_bearer_scheme_and_the_rest_is_open() {
+        let doc = parsed();
+        let scheme = &doc["components"]["securitySchemes"]["bearerAuth"];
+        assert_eq!(
+            (&scheme["type"], &scheme["scheme"], &scheme["bearerFormat"]),
+            (&"http".into(), &"bearer".into(), &"JWT".into())
+        );
+        for (path, method) in [("/orders", "post"), ("/orders/{id}", "get")] {
+            let operation = &doc["paths"][path][method];
+            // Bearer, or nothing when the server runs without authentication.
+            assert_eq!(
+                operation["security"],
+                serde_json::json!([{"bearerAuth": []}, {}])
+            );
+            let unauthorized = &doc["components"]["responses"]["Unauthorized"];
+            assert_eq!(
+                unauthorized["headers"]["WWW-Authenticate"]["required"],
+                true
+            );
+            assert!(operation["responses"]["401"].is_object(), "{method} {path}");
+        }
+        assert!(doc["paths"]["/orders"]["post"]["responses"]["403"].is_object());
+        for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+            assert!(doc["paths"][path]["get"]["security"].is_null(), "{path}");
+        }
+        assert!(doc["security"].is_null(), "no document-wide requirement");
+        let required = &doc["components"]["schemas"]["NewOrder"]["required"];
+        assert_eq!(required, &serde_json::json!(["productId", "amount"]));
+    }
+
+    #[test]
     fn the_location_of_an_accepted_order_is_required() {
         let doc = parsed();
         let location = &doc["paths"]["/orders"]["post"]["responses"]["202"]["headers"]["Location"];

@@ -22,10 +22,6 @@ pub const SECRET: &str = "test-secret-of-at-least-32-bytes!";
 
 /// An API over its own database whose order routes check tokens.
 pub async fn spawn_with_auth(config: AuthConfig) -> TestApp {
-    // reqwest is built without a rustls provider of its own: the process
-    // default must be set before a client is (`main` does it for the binary).
-    #[allow(deprecated)]
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let auth = Authenticator::from_config(&config).expect("valid auth settings");
     let db = TestDb::new().await;
     let roles = Roles::new(db.pool.clone(), CancellationToken::new());

@@ -11,6 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
+use order_service::config::AuthConfig;
+
+use crate::auth::{SECRET, hs256_token, spawn_with_auth};
 use crate::helpers::{TestApp, order_body};
 
 /// Every method probed on every documented path (axum has no CONNECT routes).
@@ -539,11 +542,51 @@ async fn real_answers_match_the_documented_schemas() {
         contract.check("GET", path, response).await;
     }
 
+    check_authenticated_answers(&mut contract).await;
+
     assert_eq!(
         contract.unseen(),
         BTreeSet::new(),
         "documented answers this test never got: give each a request here"
     );
+    app.stop().await;
+}
+
+/// The answers only an API with authentication gives, against the same
+/// document: no token or a bad one (401) and another user's userId (403).
+async fn check_authenticated_answers(contract: &mut Contract) {
+    let app = spawn_with_auth(AuthConfig::hs256(SECRET)).await;
+    assert_eq!(fetch_document(&app).await, contract.doc, "one document");
+    let token = format!("Bearer {}", hs256_token("user_1"));
+    let unknown = format!("/orders/{}", uuid::Uuid::new_v4());
+    let post = |authorization: Option<&str>, body: Value| {
+        let mut request = app.client.post(app.url("/orders")).json(&body);
+        if let Some(value) = authorization {
+            request = request.header("Authorization", value);
+        }
+        request.send()
+    };
+
+    let response = post(None, order_body()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    contract.check("POST", "/orders", response).await;
+    let response = post(Some(&token), order_body()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    contract.check("POST", "/orders", response).await;
+    let response = post(Some(&token), json!({"productId": "1", "amount": 5}))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    contract.check("POST", "/orders", response).await;
+
+    let get = app.client.get(app.url(&unknown));
+    let response = get
+        .header("Authorization", "Bearer x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    contract.check("GET", "/orders/{id}", response).await;
     app.stop().await;
 }
 
