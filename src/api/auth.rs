@@ -212,3 +212,49 @@ fn bearer_token(parts: &Parts) -> Result<&str, Unauthorized> {
         _ => Err(Unauthorized::Missing),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use jsonwebtoken::{EncodingKey, Header};
+
+    use super::*;
+
+    /// A public key in a PEM file of its own, removed on drop.
+    struct KeyFile(std::path::PathBuf);
+
+    impl KeyFile {
+        fn of(pair: &rcgen::KeyPair) -> Self {
+            let name = format!("jwt-unit-{}.pem", uuid::Uuid::new_v4());
+            let path = std::env::temp_dir().join(name);
+            std::fs::write(&path, pair.public_key_pem()).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for KeyFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn the_algorithm_follows_the_key_and_other_keys_are_refused() {
+        let claims = serde_json::json!({"sub": "u", "exp": 4_102_444_800_u64});
+        for (kind, algorithm) in [
+            (&rcgen::PKCS_ECDSA_P256_SHA256, Algorithm::ES256),
+            (&rcgen::PKCS_ECDSA_P384_SHA384, Algorithm::ES384),
+        ] {
+            let pair = rcgen::KeyPair::generate_for(kind).unwrap();
+            let file = KeyFile::of(&pair);
+            let auth = Authenticator::from_config(&AuthConfig::public_key_file(&file.0)).unwrap();
+            let signing = EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap();
+            let token = jsonwebtoken::encode(&Header::new(algorithm), &claims, &signing).unwrap();
+            let verifier = auth.0.expect("on");
+            assert_eq!(verifier.verify(&token).unwrap(), "u", "{algorithm:?}");
+        }
+        let ed25519 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let file = KeyFile::of(&ed25519);
+        let refused = Authenticator::from_config(&AuthConfig::public_key_file(&file.0));
+        assert!(matches!(refused, Err(AuthConfigError::NotAKey { .. })));
+    }
+}
