@@ -208,6 +208,7 @@ async fn every_posted_order_is_confirmed_charged_once_and_notified_twice() {
             >= 40.0
     );
 
+    roles.cancel.cancel();
     roles.wait(Duration::from_secs(15)).await.unwrap();
     db.cleanup().await;
 }
@@ -485,7 +486,7 @@ async fn billing_confirms_each_order_through_the_outbox_and_email_mails_both_eve
         3 * orders
     );
 
-    roles.cancel.cancel();
+    // Stopped above: this only closes the pool.
     roles.wait(Duration::from_secs(15)).await.unwrap();
     db.cleanup().await;
 }
