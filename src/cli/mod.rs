@@ -4,151 +4,24 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-
-mod tools;
+use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
+mod args;
+mod tools;
+
+pub use args::{Cli, Command, DlqCommand, OutboxCommand};
+
 use crate::api::auth::Authenticator;
-use crate::config::{
-    AmqpConfig, AuthConfig, ConsumerConfig, DatabaseConfig, HttpConfig, MailConfig, RelayConfig,
-    RetentionConfig,
-};
+use crate::config::{AmqpConfig, DatabaseConfig};
 use crate::orders::mailer::MAILS;
 use crate::outbox::store::EVENTS;
 use crate::retention;
 use crate::startup::{ConsumerKind, Probes, Roles};
-use crate::telemetry::{self, TelemetryConfig};
+use crate::telemetry;
 
 /// How long roles get to finish their work after SIGTERM/Ctrl-C.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "order-service",
-    version,
-    about = "Orders through a transactional outbox to idempotent consumers"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-    #[command(flatten)]
-    pub telemetry: TelemetryConfig,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// All roles in one process: api, relay and both consumers.
-    Run {
-        #[command(flatten)]
-        db: DatabaseConfig,
-        #[command(flatten)]
-        amqp: AmqpConfig,
-        #[command(flatten)]
-        http: HttpConfig,
-        #[command(flatten)]
-        relay: RelayConfig,
-        #[command(flatten)]
-        consumer: ConsumerConfig,
-        #[command(flatten)]
-        retention: RetentionConfig,
-        #[command(flatten)]
-        mail: MailConfig,
-        #[command(flatten)]
-        auth: AuthConfig,
-    },
-    /// The HTTP API only (wakes a separate relay with a Postgres NOTIFY).
-    Api {
-        #[command(flatten)]
-        db: DatabaseConfig,
-        #[command(flatten)]
-        http: HttpConfig,
-        #[command(flatten)]
-        retention: RetentionConfig,
-        #[command(flatten)]
-        auth: AuthConfig,
-    },
-    /// The outbox relay only (serves /healthz, /readyz, /metrics on HTTP_ADDR).
-    Relay {
-        #[command(flatten)]
-        db: DatabaseConfig,
-        #[command(flatten)]
-        amqp: AmqpConfig,
-        #[command(flatten)]
-        relay: RelayConfig,
-        #[command(flatten)]
-        http: HttpConfig,
-        #[command(flatten)]
-        retention: RetentionConfig,
-    },
-    /// One consumer (serves /healthz, /readyz, /metrics on HTTP_ADDR).
-    Consume {
-        which: ConsumerKind,
-        #[command(flatten)]
-        db: DatabaseConfig,
-        #[command(flatten)]
-        amqp: AmqpConfig,
-        #[command(flatten)]
-        consumer: ConsumerConfig,
-        #[command(flatten)]
-        http: HttpConfig,
-        #[command(flatten)]
-        retention: RetentionConfig,
-        #[command(flatten)]
-        mail: MailConfig,
-    },
-    /// Apply the database migrations and exit.
-    Migrate {
-        #[command(flatten)]
-        db: DatabaseConfig,
-    },
-    /// Inspect and replay dead letters.
-    Dlq {
-        #[command(subcommand)]
-        command: DlqCommand,
-    },
-    /// Inspect the outbox.
-    Outbox {
-        #[command(subcommand)]
-        command: OutboxCommand,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum DlqCommand {
-    /// List dead letters of a consumer (email or billing) without removing them.
-    List {
-        queue: String,
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
-        #[command(flatten)]
-        amqp: AmqpConfig,
-    },
-    /// Move dead letters back to the consumer's main queue. Letters older
-    /// than the dedup window are left (with a warning) unless --force.
-    Replay {
-        queue: String,
-        #[arg(long, default_value_t = usize::MAX)]
-        limit: usize,
-        /// Also replay letters older than DEDUP_RETENTION_SECS: their dedup
-        /// rows may be gone, so an effect could be applied twice.
-        #[arg(long)]
-        force: bool,
-        #[command(flatten)]
-        amqp: AmqpConfig,
-        #[command(flatten)]
-        retention: RetentionConfig,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum OutboxCommand {
-    /// Pending rows, age of the oldest, rows with errors, recent failures.
-    Status {
-        #[command(flatten)]
-        db: DatabaseConfig,
-    },
-}
 
 /// Parses the command line, runs the command, flushes telemetry.
 pub fn main() -> ExitCode {
@@ -192,8 +65,9 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             auth,
         } => {
             retention.check(&amqp).map_err(anyhow::Error::msg)?;
-            // Before connecting: a bad key stops the process at once.
+            // Before connecting: a bad key or mail setting stops the process at once.
             let auth = Authenticator::from_config(&auth)?;
+            crate::orders::mailer::check(&mail)?;
             let roles = Roles::new(connect_both(&db, &amqp, &cancel).await?, cancel);
             roles
                 .start_api_with_auth(&http, Some(amqp.clone()), auth)
@@ -256,6 +130,9 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             mail,
         } => {
             retention.check(&amqp).map_err(anyhow::Error::msg)?;
+            if which == ConsumerKind::Email {
+                crate::orders::mailer::check(&mail)?;
+            }
             let roles = Roles::new(connect_both(&db, &amqp, &cancel).await?, cancel);
             roles.start_consumer(which, &amqp, &consumer, &mail)?;
             // Billing writes order.confirmed rows: wake the relay elsewhere.

@@ -64,6 +64,35 @@ pub enum MailConfigError {
     From(String, String),
 }
 
+/// Checks the mailer's settings without connecting anywhere: called before
+/// a role connects to anything, so that a bad `SMTP_URL`, `SMTP_CA_FILE` or
+/// `EMAIL_FROM` stops the process at once, even while Postgres is not up.
+pub fn check(config: &MailConfig) -> Result<(), MailConfigError> {
+    match config.smtp_url.as_ref() {
+        Some(url) => settings(config, url.expose()).map(drop),
+        None => Ok(()),
+    }
+}
+
+/// The transport of `url` and the sender, from the settings.
+fn settings(
+    config: &MailConfig,
+    url: &str,
+) -> Result<(transport::Parsed, Mailbox), MailConfigError> {
+    let parsed = transport::parse(
+        url,
+        config.smtp_ca_file.as_deref(),
+        Duration::from_millis(config.smtp_timeout_ms),
+    )?;
+    let from = config
+        .email_from
+        .parse()
+        .map_err(|e: lettre::address::AddressError| {
+            MailConfigError::From(config.email_from.clone(), e.to_string())
+        })?;
+    Ok((parsed, from))
+}
+
 /// Sends mails over SMTP with lettre.
 pub struct Smtp {
     transport: AsyncSmtpTransport<Tokio1Executor>,
@@ -82,17 +111,7 @@ impl Smtp {
         url: &str,
         metrics: std::sync::Arc<Metrics>,
     ) -> Result<Self, MailConfigError> {
-        let parsed = transport::parse(
-            url,
-            config.smtp_ca_file.as_deref(),
-            Duration::from_millis(config.smtp_timeout_ms),
-        )?;
-        let from = config
-            .email_from
-            .parse()
-            .map_err(|e: lettre::address::AddressError| {
-                MailConfigError::From(config.email_from.clone(), e.to_string())
-            })?;
+        let (parsed, from) = settings(config, url)?;
         tracing::info!(server.address = %parsed.address, tls = ?parsed.tls, "SMTP transport");
         Ok(Self {
             transport: parsed.builder.build(),

@@ -15,6 +15,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, SpanData, SpanExporter};
+use rustls::pki_types::CertificateDer;
 use tracing::Subscriber;
 use tracing_opentelemetry::OpenTelemetryLayer;
 use tracing_subscriber::layer::SubscriberExt;
@@ -90,8 +91,8 @@ pub fn otlp_provider(config: &TelemetryConfig) -> anyhow::Result<Option<SdkTrace
         // tonic spawns its connection task when the exporter is built.
         let _inside = runtime.handle().enter();
         match config.otlp_protocol {
-            OtlpProtocol::Grpc => grpc_exporter(endpoint, ca.as_deref()),
-            OtlpProtocol::HttpProtobuf => http_exporter(endpoint, ca.as_deref()),
+            OtlpProtocol::Grpc => grpc_exporter(endpoint, &ca),
+            OtlpProtocol::HttpProtobuf => http_exporter(endpoint, &ca),
         }
     }
     .context("building the OTLP span exporter")?;
@@ -109,22 +110,30 @@ pub fn otlp_provider(config: &TelemetryConfig) -> anyhow::Result<Option<SdkTrace
     ))
 }
 
-/// The CA file of `OTEL_EXPORTER_OTLP_CERTIFICATE`, read at start: an
-/// unreadable file stops the process with the setting's name.
-fn read_ca(config: &TelemetryConfig) -> anyhow::Result<Option<Vec<u8>>> {
+/// The CA of `OTEL_EXPORTER_OTLP_CERTIFICATE`: its certificates, and the
+/// file as it is for tonic, which takes PEM.
+#[derive(Default)]
+struct CollectorCa {
+    certs: Vec<CertificateDer<'static>>,
+    pem: Vec<u8>,
+}
+
+/// Reads and parses the CA file at start, for both protocols: a file that
+/// cannot be used stops the process with the setting's name.
+fn read_ca(config: &TelemetryConfig) -> anyhow::Result<CollectorCa> {
     let Some(path) = config.otlp_certificate.as_deref() else {
-        return Ok(None);
+        return Ok(CollectorCa::default());
     };
-    std::fs::read(path)
-        .map(Some)
-        .with_context(|| format!("OTEL_EXPORTER_OTLP_CERTIFICATE {}", path.display()))
+    let certs = crate::tls::pem_certificates(path).context("OTEL_EXPORTER_OTLP_CERTIFICATE")?;
+    let pem = std::fs::read(path).context("OTEL_EXPORTER_OTLP_CERTIFICATE")?;
+    Ok(CollectorCa { certs, pem })
 }
 
 /// OTLP over gRPC (tonic). An `https://` endpoint gets TLS with the system's
 /// roots and the configured CA; tonic refuses a server they do not trust.
 fn grpc_exporter(
     endpoint: &str,
-    ca: Option<&[u8]>,
+    ca: &CollectorCa,
 ) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
     use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
     let mut builder = opentelemetry_otlp::SpanExporter::builder()
@@ -132,8 +141,8 @@ fn grpc_exporter(
         .with_endpoint(endpoint);
     if endpoint.starts_with("https://") {
         let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
-        if let Some(pem) = ca {
-            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        if !ca.pem.is_empty() {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(&ca.pem));
         }
         builder = builder.with_tls_config(tls);
     }
@@ -145,10 +154,10 @@ fn grpc_exporter(
 /// endpoints; `http://` ones stay plain.
 fn http_exporter(
     endpoint: &str,
-    ca: Option<&[u8]>,
+    ca: &CollectorCa,
 ) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
     use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
-    let tls = crate::tls::client_config(ca).context("OTEL_EXPORTER_OTLP_CERTIFICATE")?;
+    let tls = crate::tls::client_config(&ca.certs).context("OTEL_EXPORTER_OTLP_CERTIFICATE")?;
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()

@@ -1,0 +1,139 @@
+//! The command line's shape: the roles and the operator's commands, each
+//! with the settings it reads (every flag also from its environment
+//! variable).
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{
+    AmqpConfig, AuthConfig, ConsumerConfig, DatabaseConfig, HttpConfig, MailConfig, RelayConfig,
+    RetentionConfig,
+};
+use crate::startup::ConsumerKind;
+use crate::telemetry::TelemetryConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "order-service",
+    version,
+    about = "Orders through a transactional outbox to idempotent consumers"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    #[command(flatten)]
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// All roles in one process: api, relay and both consumers.
+    Run {
+        #[command(flatten)]
+        db: DatabaseConfig,
+        #[command(flatten)]
+        amqp: AmqpConfig,
+        #[command(flatten)]
+        http: HttpConfig,
+        #[command(flatten)]
+        relay: RelayConfig,
+        #[command(flatten)]
+        consumer: ConsumerConfig,
+        #[command(flatten)]
+        retention: RetentionConfig,
+        #[command(flatten)]
+        mail: MailConfig,
+        #[command(flatten)]
+        auth: AuthConfig,
+    },
+    /// The HTTP API only (wakes a separate relay with a Postgres NOTIFY).
+    Api {
+        #[command(flatten)]
+        db: DatabaseConfig,
+        #[command(flatten)]
+        http: HttpConfig,
+        #[command(flatten)]
+        retention: RetentionConfig,
+        #[command(flatten)]
+        auth: AuthConfig,
+    },
+    /// The outbox relay only (serves /healthz, /readyz, /metrics on HTTP_ADDR).
+    Relay {
+        #[command(flatten)]
+        db: DatabaseConfig,
+        #[command(flatten)]
+        amqp: AmqpConfig,
+        #[command(flatten)]
+        relay: RelayConfig,
+        #[command(flatten)]
+        http: HttpConfig,
+        #[command(flatten)]
+        retention: RetentionConfig,
+    },
+    /// One consumer (serves /healthz, /readyz, /metrics on HTTP_ADDR).
+    Consume {
+        which: ConsumerKind,
+        #[command(flatten)]
+        db: DatabaseConfig,
+        #[command(flatten)]
+        amqp: AmqpConfig,
+        #[command(flatten)]
+        consumer: ConsumerConfig,
+        #[command(flatten)]
+        http: HttpConfig,
+        #[command(flatten)]
+        retention: RetentionConfig,
+        #[command(flatten)]
+        mail: MailConfig,
+    },
+    /// Apply the database migrations and exit.
+    Migrate {
+        #[command(flatten)]
+        db: DatabaseConfig,
+    },
+    /// Inspect and replay dead letters.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Inspect the outbox.
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters of a consumer (email or billing) without removing them.
+    List {
+        queue: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        amqp: AmqpConfig,
+    },
+    /// Move dead letters back to the consumer's main queue. Letters older
+    /// than the dedup window are left (with a warning) unless --force.
+    Replay {
+        queue: String,
+        #[arg(long, default_value_t = usize::MAX)]
+        limit: usize,
+        /// Also replay letters older than DEDUP_RETENTION_SECS: their dedup
+        /// rows may be gone, so an effect could be applied twice.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        amqp: AmqpConfig,
+        #[command(flatten)]
+        retention: RetentionConfig,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// Pending rows, age of the oldest, rows with errors, recent failures.
+    Status {
+        #[command(flatten)]
+        db: DatabaseConfig,
+    },
+}
