@@ -56,10 +56,6 @@ impl Authenticator {
         Self(None)
     }
 
-    pub fn is_on(&self) -> bool {
-        self.0.is_some()
-    }
-
     /// Reads the secret or the key file. Off when neither is set.
     pub fn from_config(config: &AuthConfig) -> Result<Self, AuthConfigError> {
         let (key, algorithm) = match (&config.auth_jwt_secret, &config.auth_jwt_public_key_file) {
@@ -88,6 +84,9 @@ impl Authenticator {
         validation.validate_aud = config.auth_jwt_audience.is_some();
         if let Some(audience) = &config.auth_jwt_audience {
             validation.set_audience(&[audience]);
+            // jsonwebtoken accepts a token without `aud` unless it is
+            // required, even with an audience to check.
+            validation.required_spec_claims.insert("aud".into());
         }
         Ok(Self(Some(Arc::new(Verifier { key, validation }))))
     }

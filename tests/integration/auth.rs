@@ -106,8 +106,15 @@ async fn es256_app(keys: &KeyPair) -> TestApp {
     .await
 }
 
+/// Posts `body` with an `Idempotency-Key` of its own, so that a refusal
+/// shows it stored no key either.
 async fn post(app: &TestApp, authorization: Option<&str>, body: &Value) -> reqwest::Response {
-    let mut request = app.client.post(app.url("/orders")).json(body);
+    let key = uuid::Uuid::new_v4().simple().to_string();
+    let mut request = app
+        .client
+        .post(app.url("/orders"))
+        .header("Idempotency-Key", key)
+        .json(body);
     if let Some(value) = authorization {
         request = request.header("Authorization", value);
     }
@@ -219,6 +226,7 @@ async fn a_request_without_a_valid_token_for_its_user_is_refused_and_writes_noth
             "alice",
             BadToken,
         ),
+        ("no audience", signed("aud", Value::Null), "alice", BadToken),
         ("no sub", signed("sub", Value::Null), "alice", BadToken),
         ("a blank sub", signed("sub", json!(" ")), " ", BadToken),
         (
