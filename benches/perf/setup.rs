@@ -15,6 +15,15 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// `url` naming database `name` instead, its query (`?sslmode=...`) kept.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    format!("{}/{name}{query}", base.rsplit_once('/').expect("a URL with a database").0)
+}
+
 /// A fresh, migrated database; dropped by [`BenchDb::drop_db`].
 pub struct BenchDb {
     pub name: String,
@@ -32,7 +41,7 @@ impl BenchDb {
         admin
             .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .await?;
-        let url = format!("{}/{name}", admin_url().rsplit_once('/').unwrap().0);
+        let url = with_database(&admin_url(), &name);
         let mut config = DatabaseConfig::new(url.clone());
         config.pool_size = pool_size;
         let pool = order_service::db::connect(&config, &CancellationToken::new()).await?;
