@@ -23,9 +23,12 @@
 //!   `outbox_status_lists_a_given_up_mail`);
 //! - over STARTTLS and implicit TLS with AUTH, mails arrive once each; a
 //!   server without STARTTLS, under `tls=required`, gets no mail and no
-//!   password; a bad `SMTP_URL` or `SMTP_CA_FILE` stops the e-mail consumer
-//!   at start with one line naming it (`mail/tls.rs`, with certificates the
-//!   test makes: `tls/certs.rs`).
+//!   password (`mail/tls.rs`, with certificates the test makes:
+//!   `tls/certs.rs`);
+//! - a bad `SMTP_URL` or `SMTP_CA_FILE`, or a server that refuses the
+//!   settings for good (an untrusted certificate, no STARTTLS under
+//!   `tls=required`, a refused password), stops the e-mail consumer at start
+//!   with one line naming it; a server only down does not (`mail/stop.rs`).
 //!
 //! ```text
 //! cargo test --test mail
@@ -47,6 +50,8 @@ mod fixture;
 mod smtp;
 #[path = "mail/stack.rs"]
 mod stack;
+#[path = "mail/stop.rs"]
+mod stop;
 #[path = "mail/tls.rs"]
 mod tls;
 

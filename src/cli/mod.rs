@@ -68,6 +68,7 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             // Before connecting: a bad key or mail setting stops the process at once.
             let auth = Authenticator::from_config(&auth)?;
             crate::orders::mailer::check(&mail)?;
+            crate::orders::mailer::probe(&mail).await?;
             let roles = Roles::new(connect_both(&db, &amqp, &cancel).await?, cancel);
             roles
                 .start_api_with_auth(&http, Some(amqp.clone()), auth)
@@ -132,6 +133,7 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             retention.check(&amqp).map_err(anyhow::Error::msg)?;
             if which == ConsumerKind::Email {
                 crate::orders::mailer::check(&mail)?;
+                crate::orders::mailer::probe(&mail).await?;
             }
             let roles = Roles::new(connect_both(&db, &amqp, &cancel).await?, cancel);
             roles.start_consumer(which, &amqp, &consumer, &mail)?;

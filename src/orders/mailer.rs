@@ -19,7 +19,10 @@ use crate::outbox::dispatch::{Sink, SinkError};
 use crate::outbox::store::{OutboxRow, Table};
 use crate::telemetry::propagation;
 
+mod probe;
 mod transport;
+
+pub use probe::{Probed, probe};
 
 /// The mails' outbox.
 pub static MAILS: LazyLock<Table> = LazyLock::new(|| Table::named("mail_outbox"));
@@ -59,6 +62,13 @@ pub enum MailConfigError {
     /// rustls refused the TLS settings.
     #[error("SMTP_URL: setting up TLS: {0}")]
     Tls(String),
+    /// The server refuses the settings for good (found by [`probe`]).
+    #[error("SMTP_URL: {reason}; server {url}")]
+    Refused {
+        /// The URL with its password replaced.
+        url: String,
+        reason: String,
+    },
     /// The sender does not parse as a mailbox.
     #[error("EMAIL_FROM {0:?} is not a mailbox: {1}")]
     From(String, String),

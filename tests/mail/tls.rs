@@ -5,34 +5,28 @@
 //! - STARTTLS (`smtp://...?tls=required`) with AUTH, to a server that
 //!   requires both, and implicit TLS (`smtps://`): every mail arrives once,
 //!   over TLS, from the authenticated login;
-//! - a server that offers no STARTTLS (and offers AUTH in the clear), given
+//! - once the e-mail consumer runs (it started while the server was down,
+//!   so its start probe let it through: `mail/stop.rs` shows the stop), a
+//!   server that offers no STARTTLS (and offers AUTH in the clear), given
 //!   `tls=required`, or whose certificate no trusted CA signed: no mail and
 //!   no AUTH command ever reach it, and the mails wait, retried (never given
 //!   up), with the reason in `last_error`; so do they when the server
-//!   refuses the password (535);
-//! - a bad mailer setting (an unreadable CA file, credentials without TLS)
-//!   stops `order-service consume email` at start with one line naming it,
-//!   and never the password.
+//!   refuses the password (535).
 
-use std::path::Path;
-use std::process::{Child, ExitStatus};
-use std::time::{Duration, Instant};
-
-use crate::certs::{TempDir, TestCa};
-use crate::common::{self, roles};
+use crate::certs::TestCa;
 use crate::fixture::{Fixture, mail_rows};
 use crate::smtp::{Behaviour, Event, ServerTls, read_events};
 use crate::stack::Role;
 use crate::{SETTLE, check_every_row_arrived, check_mails_name_their_orders};
 
 /// The one login the test servers accept.
-const USER: &str = "order-mailer";
+pub const USER: &str = "order-mailer";
 /// Its password: it must never show in a log, an error or the server's record.
-const PASSWORD: &str = "pw-7f3c9e-never-logged";
+pub const PASSWORD: &str = "pw-7f3c9e-never-logged";
 
 /// A server speaking TLS with a certificate of `ca`'s for 127.0.0.1, and
 /// requiring the test's login.
-fn tls_server(ca: &TestCa, implicit: bool) -> Behaviour {
+pub fn tls_server(ca: &TestCa, implicit: bool) -> Behaviour {
     let issued = ca.server("smtp");
     Behaviour {
         tls: Some(ServerTls {
@@ -126,10 +120,11 @@ async fn a_server_offering_no_starttls_gets_no_mail_and_no_password_under_tls_re
         ..Behaviour::default()
     };
     let url = |port| format!("smtp://{USER}:{PASSWORD}@127.0.0.1:{port}?tls=required");
-    let mut f = Fixture::start_with("no_starttls", behaviour, true, |port| {
+    let mut f = Fixture::start_with("no_starttls", behaviour.clone(), false, |port| {
         mailer_env(&ca, url(port))
     })
     .await;
+    f.start_smtp(behaviour);
     let events = mails_wait_unsent(&mut f, "gus", "STARTTLS").await;
     let sent: Vec<&Event> = events.iter().filter(|e| e.event != "ehlo").collect();
     assert!(
@@ -144,10 +139,12 @@ async fn a_server_offering_no_starttls_gets_no_mail_and_no_password_under_tls_re
 async fn a_server_with_an_untrusted_certificate_gets_no_password_and_the_mails_wait() {
     let ca = TestCa::new("smtp_untrusted");
     let url = |port| format!("smtp://{USER}:{PASSWORD}@127.0.0.1:{port}?tls=required");
-    let mut f = Fixture::start_with("untrusted", tls_server(&ca, false), true, |port| {
+    let behaviour = tls_server(&ca, false);
+    let mut f = Fixture::start_with("untrusted", behaviour.clone(), false, |port| {
         vec![("SMTP_URL", url(port))]
     })
     .await;
+    f.start_smtp(behaviour);
     let events = mails_wait_unsent(&mut f, "hal", "certificate").await;
     let sent: Vec<&Event> = events.iter().filter(|e| e.event != "ehlo").collect();
     assert!(sent.is_empty(), "the server got AUTH or MAIL: {sent:#?}");
@@ -159,10 +156,12 @@ async fn a_server_with_an_untrusted_certificate_gets_no_password_and_the_mails_w
 async fn a_refused_password_is_retried_never_given_up() {
     let ca = TestCa::new("smtp_refused_login");
     let url = |port| format!("smtp://{USER}:not-the-password@127.0.0.1:{port}?tls=required");
-    let mut f = Fixture::start_with("refused_login", tls_server(&ca, false), true, |port| {
+    let behaviour = tls_server(&ca, false);
+    let mut f = Fixture::start_with("refused_login", behaviour.clone(), false, |port| {
         mailer_env(&ca, url(port))
     })
     .await;
+    f.start_smtp(behaviour);
     let events = mails_wait_unsent(&mut f, "ida", "535").await;
     let auths: Vec<&Event> = events.iter().filter(|e| e.event == "auth").collect();
     assert!(
@@ -231,118 +230,5 @@ fn check_no_log_has_the_password(f: &Fixture) {
             "the password is in the {} log",
             role.label()
         );
-    }
-}
-
-/// `order-service consume email` started with a bad mailer setting: exits
-/// non-zero within seconds, its one `error:` line naming the setting, and
-/// the password nowhere in its output.
-#[tokio::test]
-async fn a_bad_mailer_setting_stops_the_email_consumer_at_start_with_one_line_naming_it() {
-    // Nothing listens on port 1: the settings are checked before the role
-    // connects to anything, so it stops even while Postgres is not up.
-    let db_url = "postgres://postgres@127.0.0.1:1/none".to_owned();
-    let dir = TempDir::new("smtp_bad_setting");
-    let missing = dir.path().join("missing-ca.pem");
-    let not_pem = dir.path().join("not-a-ca.pem");
-    std::fs::write(&not_pem, "not a certificate\n").expect("writing a file");
-    let smtps = format!("smtps://{USER}:{PASSWORD}@127.0.0.1:465");
-    let with_ca = |path: &Path| {
-        vec![
-            ("SMTP_URL", smtps.clone()),
-            ("SMTP_CA_FILE", path.display().to_string()),
-        ]
-    };
-    let cases = [
-        (
-            "a missing CA file",
-            with_ca(&missing),
-            format!("error: SMTP_CA_FILE {}: No such file", missing.display()),
-        ),
-        (
-            "a CA file without a certificate",
-            with_ca(&not_pem),
-            format!(
-                "error: SMTP_CA_FILE {}: no PEM certificate",
-                not_pem.display()
-            ),
-        ),
-        (
-            "credentials without TLS",
-            vec![(
-                "SMTP_URL",
-                format!("smtp://{USER}:{PASSWORD}@127.0.0.1:587"),
-            )],
-            "error: SMTP_URL: credentials need TLS".to_owned(),
-        ),
-        (
-            "credentials with tls=opportunistic",
-            vec![(
-                "SMTP_URL",
-                format!("smtp://{USER}:{PASSWORD}@127.0.0.1:587?tls=opportunistic"),
-            )],
-            "error: SMTP_URL: credentials with tls=opportunistic".to_owned(),
-        ),
-    ];
-    for (i, (case, env, expected)) in cases.into_iter().enumerate() {
-        let log = dir.path().join(format!("email-consumer-{i}.log"));
-        let (status, took) = run_until_exit(case, &db_url, &env, &log);
-        let output = std::fs::read_to_string(&log).unwrap_or_default();
-        let errors: Vec<&str> = output.lines().filter(|l| l.starts_with("error:")).collect();
-        assert!(!output.contains(PASSWORD), "{case}: the password shows");
-        eprintln!("{case}: {status} after {took:?}: {errors:?}");
-        assert!(!status.success(), "{case}: exited with {status}\n{output}");
-        assert!(
-            errors.len() == 1 && errors[0].starts_with(&expected),
-            "{case}: one line starting {expected:?}, got {errors:?}\n{output}"
-        );
-    }
-}
-
-/// How long the e-mail consumer may take to stop on a bad setting.
-const STOP: Duration = Duration::from_secs(10);
-
-/// Runs `order-service consume email` with `env` against `db_url` until it
-/// exits (killed after [`STOP`], failing the test for `case`); returns its
-/// status and how long it ran.
-fn run_until_exit(
-    case: &str,
-    db_url: &str,
-    env: &[(&str, String)],
-    log: &Path,
-) -> (ExitStatus, Duration) {
-    let amqp = common::test_amqp();
-    let addr = "127.0.0.1:0".parse().expect("an address");
-    let mut command = roles::command(
-        Role::Email.args(),
-        db_url,
-        &amqp,
-        addr,
-        log,
-        "MAIL_TEST_RUST_LOG",
-    );
-    command.envs(env.iter().map(|(k, v)| (k, v)));
-    let started = Instant::now();
-    let mut child = KillOnDrop(command.spawn().expect("starting consume email"));
-    loop {
-        if let Some(status) = child.0.try_wait().expect("waiting for consume email") {
-            return (status, started.elapsed());
-        }
-        assert!(
-            started.elapsed() < STOP,
-            "{case}: consume email still runs after {STOP:?}:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A child process killed and reaped when dropped, even if the test fails.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
