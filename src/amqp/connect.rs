@@ -33,12 +33,47 @@ pub enum ConnectError {
     /// Not reachable now: connection refused or reset, no answer in time.
     #[error("{0}")]
     Unreachable(String),
+    /// The server asked for a client certificate, none is configured, and
+    /// it closed the connection without saying why: the refusal of a broker
+    /// that requires one, or a node going down that only offers it.
+    #[error("{0}")]
+    ClientCertWanted(String),
 }
 
 impl ConnectError {
     /// True unless the broker may yet come up: a misconfiguration to report.
     pub fn is_permanent(&self) -> bool {
-        !matches!(self, Self::Unreachable(_))
+        matches!(self, Self::Config(_) | Self::Refused(_))
+    }
+}
+
+/// How many attempts in a row the start check lets end in
+/// [`ConnectError::ClientCertWanted`] before it takes it for the refusal.
+/// A node restarting drops a connection once or twice, not for seconds on
+/// end (it refuses connections while it is down).
+const CERT_WANTED_STOPS_AFTER: u32 = 3;
+
+/// The start check's judgement of a failed attempt: a refusal stops it at
+/// once; a connection closed for want of a client certificate only when it
+/// is so [`CERT_WANTED_STOPS_AFTER`] times in a row.
+#[derive(Debug, Default)]
+struct StartCheck {
+    cert_wanted_streak: std::cell::Cell<u32>,
+}
+
+impl StartCheck {
+    fn stops_on(&self, error: &ConnectError) -> bool {
+        match error {
+            ConnectError::ClientCertWanted(_) => {
+                let streak = self.cert_wanted_streak.get() + 1;
+                self.cert_wanted_streak.set(streak);
+                streak >= CERT_WANTED_STOPS_AFTER
+            }
+            _ => {
+                self.cert_wanted_streak.set(0);
+                error.is_permanent()
+            }
+        }
     }
 }
 
@@ -60,11 +95,12 @@ pub async fn connect(
 /// waits for a broker that is not up yet, and fails at once, naming
 /// `AMQP_URL` and the cause, on a misconfiguration.
 pub async fn check_at_start(config: &AmqpConfig, cancel: &CancellationToken) -> anyhow::Result<()> {
+    let check = StartCheck::default();
     let connection = wait_for(
         "RabbitMQ",
         cancel,
         || connect_any(config, "order-service start check"),
-        ConnectError::is_permanent,
+        |error| check.stops_on(error),
     )
     .await
     .map_err(|error| match error {
@@ -99,7 +135,9 @@ pub async fn ping(config: &AmqpConfig) -> Result<(), ConnectError> {
 
 /// One attempt over every URL. When none answers, the error is a refusal
 /// if any node refused (a misconfiguration to fix, even while another node
-/// is down), else the last node's failure.
+/// is down), else a node's want of a client certificate (so the start
+/// check sees it on each attempt however the nodes are tried), else the
+/// last node's failure.
 async fn connect_any(config: &AmqpConfig, name: &str) -> Result<Connection, ConnectError> {
     let urls = config.urls();
     if urls.is_empty() {
@@ -114,7 +152,13 @@ async fn connect_any(config: &AmqpConfig, name: &str) -> Result<Connection, Conn
         }
     }
     let last = failures.len() - 1;
-    let pick = failures.iter().position(ConnectError::is_permanent);
+    let pick = failures
+        .iter()
+        .position(ConnectError::is_permanent)
+        .or_else(|| {
+            let wanted = |e: &ConnectError| matches!(e, ConnectError::ClientCertWanted(_));
+            failures.iter().position(wanted)
+        });
     Err(failures.swap_remove(pick.unwrap_or(last)))
 }
 
@@ -137,10 +181,16 @@ async fn connect_node(url: &str, name: &str) -> Result<Connection, ConnectError>
             Err(ConnectError::Config(format!("{redacted}: {why}")))
         }
         Ok(Err(ConnectFailure::Lapin(error))) => Err(classify(redacted, &error)),
-        Ok(Err(ConnectFailure::ClientCertWanted(error))) => Err(ConnectError::Refused(format!(
-            "{redacted}: the server wants a client certificate (certfile and keyfile) and \
-             closed the connection without one ({error})"
+        Ok(Err(ConnectFailure::ClientCertRefused(error))) => Err(ConnectError::Refused(format!(
+            "{redacted}: the server wants a client certificate: set certfile and keyfile \
+             ({error})"
         ))),
+        Ok(Err(ConnectFailure::ClientCertWanted(error))) => {
+            Err(ConnectError::ClientCertWanted(format!(
+                "{redacted}: the server asked for a client certificate: set certfile and \
+                 keyfile (it closed the connection without one: {error})"
+            )))
+        }
         Err(_) => Err(ConnectError::Unreachable(format!(
             "{redacted}: no answer within {CONNECT_TIMEOUT:?}"
         ))),
@@ -235,5 +285,21 @@ mod tests {
         for error in &outages {
             assert!(!classify("u", error).is_permanent(), "{error}");
         }
+    }
+
+    #[test]
+    fn the_start_check_stops_on_a_cert_wanted_close_only_when_it_repeats() {
+        let wanted = || ConnectError::ClientCertWanted("u: closed".into());
+        let check = StartCheck::default();
+        // A node restarting: dropped once, then down, then dropped again.
+        assert!(!check.stops_on(&wanted()));
+        assert!(!check.stops_on(&ConnectError::Unreachable("u: refused".into())));
+        assert!(!check.stops_on(&wanted()));
+        assert!(!check.stops_on(&wanted()));
+        // The third in a row is the refusal of a broker that wants one.
+        assert!(check.stops_on(&wanted()));
+        // A refusal stops at once.
+        let check = StartCheck::default();
+        assert!(check.stops_on(&ConnectError::Refused("u: 403".into())));
     }
 }

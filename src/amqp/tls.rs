@@ -10,7 +10,7 @@
 //! `cacertfile`, the system's roots are trusted (a managed broker's public
 //! CA).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -20,8 +20,7 @@ use lapin::{Connection, ConnectionProperties};
 use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
@@ -57,9 +56,7 @@ impl TlsOptions {
     /// certificate is picked up at the next connection). The error names the
     /// parameter and the file.
     fn client(&self) -> Result<Client, String> {
-        // ring, the crate's one provider (see `crate::tls`).
-        #[allow(deprecated)]
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crate::tls::provider();
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("setting up TLS: {e}"))?;
@@ -72,10 +69,11 @@ impl TlsOptions {
         let cert_wanted = Arc::new(AtomicBool::new(false));
         let mut config = match (&self.certfile, &self.keyfile) {
             (Some(cert), Some(key)) => {
-                let key = PrivateKeyDer::from_pem_slice(&read("keyfile", key)?)
-                    .map_err(|e| format!("keyfile {}: no private key: {e}", key.display()))?;
+                let key = crate::tls::pem_private_key(key).map_err(|e| format!("keyfile {e}"))?;
+                let chain =
+                    crate::tls::pem_certificates(cert).map_err(|e| format!("certfile {e}"))?;
                 builder
-                    .with_client_auth_cert(certificates("certfile", cert)?, key)
+                    .with_client_auth_cert(chain, key)
                     .map_err(|e| format!("certfile and keyfile: {e}"))?
             }
             _ => builder.with_client_cert_resolver(Arc::new(NoClientCert(cert_wanted.clone()))),
@@ -93,15 +91,16 @@ impl TlsOptions {
         let mut roots = RootCertStore::empty();
         match &self.cacertfile {
             Some(ca) => {
-                for cert in certificates("cacertfile", ca)? {
+                let certs =
+                    crate::tls::pem_certificates(ca).map_err(|e| format!("cacertfile {e}"))?;
+                for cert in certs {
                     roots
                         .add(cert)
                         .map_err(|e| format!("cacertfile {}: {e}", ca.display()))?;
                 }
             }
             None => {
-                // One that does not parse is skipped, as browsers do.
-                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+                roots.add_parsable_certificates(crate::tls::system_roots().iter().cloned());
                 if roots.is_empty() {
                     return Err("no cacertfile, and no CA roots on this system".into());
                 }
@@ -112,7 +111,7 @@ impl TlsOptions {
 }
 
 /// A TLS client, and whether the server asked it for a certificate it did
-/// not have (then a connection the server drops was refused for that).
+/// not have (then a connection that fails may have been refused for that).
 struct Client {
     connector: RustlsConnector,
     cert_wanted: Arc<AtomicBool>,
@@ -149,35 +148,47 @@ pub async fn connect(
         properties,
     )
     .await;
-    result.map_err(|error| {
-        // With TLS 1.3 a server refuses a client without a certificate after
-        // the handshake, by closing the connection: the request it made is
-        // what tells that apart from an outage.
-        if cert_wanted.load(Ordering::Relaxed) && refused_for_no_cert(&error) {
-            ConnectFailure::ClientCertWanted(error)
-        } else {
-            ConnectFailure::Lapin(error)
-        }
+    result.map_err(|error| match cert_wanted.load(Ordering::Relaxed) {
+        true => refused_for_no_cert(error),
+        false => ConnectFailure::Lapin(error),
     })
 }
 
-/// Whether the server closed the connection (or said it wants a
-/// certificate: an alert read before the close).
-fn refused_for_no_cert(error: &lapin::Error) -> bool {
+/// A connection that failed after the server asked for a client certificate
+/// and none was sent. An alert of the server's that refuses the client is
+/// the refusal. A connection only closed or reset may be that refusal too,
+/// but may as well be a node restarting: RabbitMQ asks for a certificate
+/// even when it is optional. (RabbitMQ 3.10 on OTP 25 refuses with the
+/// alert `handshake_failure` in TLS 1.2, and `certificate_required` after
+/// a TLS 1.3 handshake, then closes: a client already writing its AMQP
+/// header may see only the reset, so both happen.)
+fn refused_for_no_cert(error: lapin::Error) -> ConnectFailure {
+    use rustls::AlertDescription::{
+        AccessDenied, BadCertificate, CertificateRequired, CertificateUnknown, HandshakeFailure,
+    };
     use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
     let lapin::ErrorKind::IOError(io) = error.kind() else {
-        return false;
+        return ConnectFailure::Lapin(error);
     };
-    let alert = io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>());
-    matches!(
-        alert,
-        Some(rustls::Error::AlertReceived(
-            rustls::AlertDescription::CertificateRequired
-        ))
-    ) || matches!(
-        io.kind(),
-        ConnectionReset | ConnectionAborted | UnexpectedEof | BrokenPipe
-    )
+    let tls = io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>());
+    if let Some(rustls::Error::AlertReceived(alert)) = tls
+        && matches!(
+            alert,
+            CertificateRequired
+                | HandshakeFailure
+                | BadCertificate
+                | CertificateUnknown
+                | AccessDenied
+        )
+    {
+        return ConnectFailure::ClientCertRefused(error);
+    }
+    match io.kind() {
+        ConnectionReset | ConnectionAborted | UnexpectedEof | BrokenPipe => {
+            ConnectFailure::ClientCertWanted(error)
+        }
+        _ => ConnectFailure::Lapin(error),
+    }
 }
 
 /// Why [`connect`] failed.
@@ -186,28 +197,13 @@ pub enum ConnectFailure {
     /// The TLS parameters themselves (a file, a bad key).
     Config(String),
     /// The server asked for a client certificate, none was configured, and
-    /// it dropped the connection.
+    /// it refused the connection with an alert.
+    ClientCertRefused(lapin::Error),
+    /// The server asked for a client certificate, none was configured, and
+    /// the connection was then closed or reset: a refusal, or an outage.
     ClientCertWanted(lapin::Error),
     /// The connection, TLS or AMQP.
     Lapin(lapin::Error),
-}
-
-fn read(param: &str, path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{param} {}: {e}", path.display()))
-}
-
-/// Every certificate of a PEM file; at least one.
-fn certificates(param: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_slice_iter(&read(param, path)?)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{param} {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "{param} {}: no PEM certificate in it",
-            path.display()
-        ));
-    }
-    Ok(certs)
 }
 
 /// Has no certificate to give, and notes that the server asked for one.

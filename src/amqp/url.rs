@@ -117,21 +117,12 @@ impl NodeUrl {
 }
 
 /// Decodes `%XX` escapes (a path may be written `%2Fetc%2Fssl%2Fca.pem`).
+/// A `%` not followed by two hex digits is kept as it is, as browsers do.
 fn percent_decode(raw: &str) -> Result<String, String> {
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = raw.get(i + 1..i + 3).ok_or("a % without two hex digits")?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| "a % without two hex digits")?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| "not UTF-8 once decoded".to_owned())
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map(|value| value.into_owned())
+        .map_err(|_| "not UTF-8 once decoded".to_owned())
 }
 
 #[cfg(test)]
@@ -194,6 +185,10 @@ mod tests {
                 "certfile and keyfile",
             ),
             ("http://u:s3cret@h/v", "not an amqp:// or amqps:// URL"),
+            (
+                "amqps://u:s3cret@h/v?cacertfile=%FF",
+                "cacertfile: not UTF-8",
+            ),
         ] {
             let error = NodeUrl::parse(url).unwrap_err();
             assert!(error.contains(says), "{url}: {error}");

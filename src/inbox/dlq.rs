@@ -106,9 +106,12 @@ pub async fn replay(
     replay_until(amqp, queues, limit, window, &CancellationToken::new()).await
 }
 
-/// [`replay`], stopping after the letter in hand when `cancel` fires (`dlq
-/// replay` on SIGTERM): a letter is acked off the DLQ only once its copy is
-/// confirmed, so a stop loses none.
+/// [`replay`], stopping when `cancel` fires (`dlq replay` on SIGTERM), also
+/// in the middle of a step the broker holds up (a publish blocked by a
+/// memory or disk alarm). A letter is acked off the DLQ only once its copy
+/// is confirmed, so a stop loses none; a letter whose copy was sent but
+/// whose confirm or ack was cut short stays in the DLQ, and a later replay
+/// sends it again: the consumers' dedup absorbs the second copy.
 pub async fn replay_until(
     amqp: &AmqpConfig,
     queues: &QueueNames,
@@ -117,13 +120,34 @@ pub async fn replay_until(
     cancel: &CancellationToken,
 ) -> anyhow::Result<Replayed> {
     let connection = crate::amqp::connect_once(amqp, "order-service dlq replay", cancel).await?;
+    let mut replayed = Replayed::default();
+    let steps = replay_on(&connection, queues, limit, window, &mut replayed);
+    let Some(done) = until(cancel, steps).await else {
+        // Cancelled: the connection is dropped, not closed (a blocked
+        // broker would not read the close), and the broker returns the
+        // unacked letters to the DLQ when it sees it gone.
+        return Ok(replayed);
+    };
+    done?;
+    let _ = connection.close(200, "replayed".into()).await;
+    Ok(replayed)
+}
+
+/// The replay's steps on `connection`, counted into `replayed` as they go
+/// (so a cancelled replay still tells what it did).
+async fn replay_on(
+    connection: &lapin::Connection,
+    queues: &QueueNames,
+    limit: usize,
+    window: Option<std::time::Duration>,
+    replayed: &mut Replayed,
+) -> anyhow::Result<()> {
     let channel = connection.create_channel().await?;
     let publish = connection.create_channel().await?;
     publish
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let mut replayed = Replayed::default();
-    while replayed.moved < limit && !cancel.is_cancelled() {
+    while replayed.moved < limit {
         let Some(got) = channel
             .basic_get(
                 queues.dlq.as_str().into(),
@@ -155,8 +179,15 @@ pub async fn replay_until(
     }
     let _ = channel.close(200, "replayed".into()).await;
     let _ = publish.close(200, "replayed".into()).await;
-    let _ = connection.close(200, "replayed".into()).await;
-    Ok(replayed)
+    Ok(())
+}
+
+/// `work`, unless `cancel` fires first (then `None`).
+async fn until<T>(cancel: &CancellationToken, work: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        done = work => Some(done),
+        _ = cancel.cancelled() => None,
+    }
 }
 
 /// Whether the letter was first published less than `window` ago (its AMQP

@@ -135,14 +135,6 @@ pub fn port_open(port: u16) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
 }
 
-/// A port of 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// The process exists, is not a zombie, and is the Erlang VM of `node`
 /// (its environment names it: a recycled pid is never killed).
 pub fn alive(pid: u32, node: &str) -> bool {

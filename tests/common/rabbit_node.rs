@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use super::free_port;
 use super::rabbit_ctl::{
-    RABBITMQ_SERVER, alive, as_rabbitmq, can_start_nodes, ctl, free_port, give_to_rabbitmq,
-    port_open,
+    RABBITMQ_SERVER, alive, as_rabbitmq, can_start_nodes, ctl, give_to_rabbitmq, port_open,
 };
 
 /// How long a node gets to boot (or to come back).

@@ -5,18 +5,17 @@
 //! The nodes need root (they run as the `rabbitmq` user); the clear-stop
 //! and `dlq` tests only need the machine's broker, or none.
 
+#[path = "rabbitmq/dlq.rs"]
+mod dlq;
 #[path = "rabbitmq/fixture.rs"]
 mod fixture;
 
-use std::net::TcpListener;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::certs::{TempDir, TestCa};
-use crate::common::rabbit_ctl::free_port;
 use crate::common::roles::free_addr;
 use crate::common::{DropDatabase, create_database, eventually};
-use fixture::{Proc, STOP_WITHIN, TlsNode, assert_stops, connect, run_to_exit};
+use fixture::{Proc, TlsNode, assert_stops, connect};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_slow_to_start_is_waited_for_then_orders_flow_over_amqps() {
@@ -111,10 +110,16 @@ async fn certificates_are_checked_both_ways() {
     connect(&trusted)
         .await
         .expect("connecting with a client certificate");
-    // None: refused by the node, as a refusal (not an outage).
+    // None: refused by the node, the message saying what to set.
     let anonymous = node.url(&format!("cacertfile={}", ca_file.display()));
     let error = connect(&anonymous).await.unwrap_err().to_string();
-    assert!(error.contains("wants a client certificate"), "{error}");
+    // RabbitMQ 3.10 (OTP 25) sends the alert certificate_required after a
+    // TLS 1.3 handshake (handshake_failure in 1.2) and closes: a client
+    // already writing may see only the reset. Either way, this message.
+    assert!(
+        error.contains("client certificate: set certfile and keyfile"),
+        "{error}"
+    );
     // A server certificate the configured CA did not sign: refused.
     let untrusted = with(format!("cacertfile={}", other_file.display()));
     let error = connect(&untrusted).await.unwrap_err().to_string();
@@ -141,18 +146,20 @@ async fn certificates_are_checked_both_ways() {
         "{error}"
     );
 
-    // The real binary stops at once on the untrusted certificate.
+    // The real binary stops at once on the untrusted certificate, and on
+    // the missing client certificate (alert, or the same close on a few
+    // attempts in a row).
     let (db_name, db_url) = create_database().await;
     let _db = DropDatabase(db_name);
     let logs = TempDir::new("amqps-untrusted");
-    assert_stops(
-        &["relay"],
-        &db_url,
-        &untrusted,
-        "UnknownIssuer",
-        ":guest@",
-        logs.path(),
-    );
+    for (url, cause) in [
+        (&untrusted, "UnknownIssuer"),
+        (&anonymous, "client certificate: set certfile and keyfile"),
+    ] {
+        tokio::task::block_in_place(|| {
+            assert_stops(&["relay"], &db_url, url, cause, ":guest@", logs.path())
+        });
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -212,64 +219,4 @@ async fn each_permanent_rabbitmq_misconfiguration_stops_a_role_at_once_with_one_
             assert_stops(role, &db_url, url, cause, password, dir.path())
         });
     }
-}
-
-#[test]
-fn dlq_commands_fail_within_seconds_when_the_broker_is_unreachable() {
-    let dir = TempDir::new("dlq-unreachable");
-    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port());
-    let env = [("AMQP_URL", url.as_str())];
-    for command in ["list", "replay"] {
-        let (status, took, output) = run_to_exit(&["dlq", command, "email"], &env, dir.path());
-        assert!(!status.success(), "dlq {command}: {output}");
-        assert!(took < STOP_WITHIN, "dlq {command} took {took:?}:\n{output}");
-        assert!(
-            output.contains("error: AMQP_URL: ") && output.contains("Connection refused"),
-            "dlq {command}: {output}"
-        );
-    }
-}
-
-#[test]
-fn dlq_list_stops_on_sigterm() {
-    // A broker that accepts connections and never answers: each of the
-    // three URLs would take the 5 s connect timeout.
-    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = silent.local_addr().unwrap().port();
-    let url = vec![format!("amqp://guest:guest@127.0.0.1:{port}/%2f"); 3].join(",");
-    let dir = TempDir::new("dlq-sigterm");
-    let log = dir.path().join("dlq.log");
-    let mut dlq = Proc::spawn(&["dlq", "list", "email"], &[("AMQP_URL", &url)], &log);
-    silent.set_nonblocking(true).unwrap();
-    let started = Instant::now();
-    let _held = loop {
-        match silent.accept() {
-            Ok((held, _)) => break held,
-            Err(_) if started.elapsed() < STOP_WITHIN => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            Err(e) => panic!("dlq list never connected: {e}"),
-        }
-    };
-    let signalled = Instant::now();
-    let kill = Command::new("kill")
-        .args(["-TERM", &dlq.0.id().to_string()])
-        .status();
-    assert!(kill.unwrap().success());
-    let status = loop {
-        if let Some(status) = dlq.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            signalled.elapsed() < Duration::from_secs(3),
-            "still running after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let output = std::fs::read_to_string(&log).unwrap();
-    assert!(!status.success(), "{output}");
-    assert!(
-        output.contains("stopped while connecting to RabbitMQ"),
-        "{output}"
-    );
 }

@@ -9,7 +9,8 @@ use order_service::config::AmqpConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::certs::TestCa;
-use crate::common::rabbit_ctl::{ctl, free_port};
+use crate::common::free_port;
+use crate::common::rabbit_ctl::ctl;
 use crate::common::rabbit_node::{CTL_TIMEOUT, OwnNode};
 
 /// How soon a misconfigured process must have exited.
