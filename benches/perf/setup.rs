@@ -21,7 +21,10 @@ fn with_database(url: &str, name: &str) -> String {
         Some((base, query)) => (base, format!("?{query}")),
         None => (url, String::new()),
     };
-    format!("{}/{name}{query}", base.rsplit_once('/').expect("a URL with a database").0)
+    format!(
+        "{}/{name}{query}",
+        base.rsplit_once('/').expect("a URL with a database").0
+    )
 }
 
 /// A fresh, migrated database; dropped by [`BenchDb::drop_db`].
