@@ -5,7 +5,7 @@
 //! processes as they need them and start them with [`command`].
 
 use std::fs::OpenOptions;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -146,9 +146,8 @@ pub fn diagnostics(log_dir: &Path, logs: impl IntoIterator<Item = (Role, String)
     out
 }
 
-/// An address whose port was free a moment ago.
+/// An address on 127.0.0.1 whose port was free a moment ago, outside the
+/// kernel's ephemeral range ([`super::free_port`]).
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
+    SocketAddr::from(([127, 0, 0, 1], super::free_port()))
 }

@@ -5,7 +5,7 @@
 //! exchange, whether the scenario passed or panicked.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
@@ -334,19 +334,16 @@ async fn admin_execute(sql: String) -> Result<(), sqlx::Error> {
     conn.close().await
 }
 
-/// One port per role, each free a moment ago and all different (held
-/// together while they are picked); a role binds its own, and binds it
-/// again after a restart.
+/// One port per role, each free a moment ago (outside the kernel's
+/// ephemeral range, so no outgoing connection takes it meanwhile) and all
+/// different; a role binds its own, and binds it again after a restart.
 fn free_ports() -> HashMap<Role, SocketAddr> {
-    let listeners: Vec<(Role, TcpListener)> = Role::ALL
-        .into_iter()
-        .map(|role| {
-            let listener = TcpListener::bind("127.0.0.1:0").expect("binding port 0");
-            (role, listener)
-        })
-        .collect();
-    listeners
-        .iter()
-        .map(|(role, l)| (*role, l.local_addr().expect("a local address")))
-        .collect()
+    let mut ports = HashMap::new();
+    while ports.len() < Role::ALL.len() {
+        let addr = roles::free_addr();
+        if !ports.values().any(|taken| *taken == addr) {
+            ports.insert(Role::ALL[ports.len()], addr);
+        }
+    }
+    ports
 }

@@ -5,7 +5,6 @@
 //! dropped.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -16,11 +15,9 @@ use serde::Deserialize;
 /// How long the server may take to print "ready".
 const STARTUP: Duration = Duration::from_secs(30);
 
-/// A free port on 127.0.0.1 (bound, then released for the caller to use).
-pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("binding port 0");
-    listener.local_addr().expect("a local address").port()
-}
+#[path = "../common/ports.rs"]
+mod ports;
+pub use ports::free_port;
 
 /// What the server does besides accepting.
 #[derive(Debug, Clone, Default)]
