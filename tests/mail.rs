@@ -44,6 +44,8 @@
 mod certs;
 #[path = "common/mod.rs"]
 mod common;
+// The SMTP fixture takes its ports from `crate::ports`, here and in the benchmark.
+use common::ports;
 #[path = "mail/fixture.rs"]
 mod fixture;
 #[path = "mail/smtp.rs"]

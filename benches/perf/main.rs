@@ -17,6 +17,9 @@ mod consumer;
 mod e2e;
 mod ingest;
 mod mail;
+// Ports for the SMTP server of the mail step (the tests' fixture).
+#[path = "../../tests/common/ports.rs"]
+mod ports;
 mod relay;
 mod report;
 mod service;

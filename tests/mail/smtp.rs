@@ -15,9 +15,7 @@ use serde::Deserialize;
 /// How long the server may take to print "ready".
 const STARTUP: Duration = Duration::from_secs(30);
 
-#[path = "../common/ports.rs"]
-mod ports;
-pub use ports::free_port;
+pub use crate::ports::free_port;
 
 /// What the server does besides accepting.
 #[derive(Debug, Clone, Default)]
