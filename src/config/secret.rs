@@ -72,7 +72,7 @@ pub fn redact_url(url: &str) -> String {
 /// The URLs of a comma-separated list. A comma starts a new URL only where
 /// a `scheme://` follows it: a comma inside a password, a path or a query
 /// stays in its URL.
-fn split_list(list: &str) -> Vec<&str> {
+pub fn split_list(list: &str) -> Vec<&str> {
     let mut urls = Vec::new();
     let mut start = 0;
     for (comma, _) in list.match_indices(',') {
