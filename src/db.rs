@@ -74,7 +74,7 @@ async fn open(
                 Ok(true)
             })
         })
-        .connect_lazy_with(options);
+        .connect_lazy_with(options.connect);
     if !config.skip_migrations {
         migrate(&pool).await?;
     }
@@ -133,6 +133,11 @@ pub fn refuses_login(error: &sqlx::Error) -> bool {
 /// Applies pending migrations. Safe to run concurrently from several roles:
 /// sqlx takes an advisory lock. Runs on a connection without the time
 /// limits (an index build may take long), which it restores after.
+///
+/// Dropping the future (SIGTERM during `migrate`) loses no work: sqlx runs
+/// each migration in a transaction, never committed once its connection is
+/// dropped. The server notices the lost client within a second even while
+/// the migration waits on the lock or runs a long statement, and rolls back.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     let mut conn = pool
         .acquire()
@@ -144,15 +149,22 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::query("SET lock_timeout = 0")
         .execute(&mut *conn)
         .await?;
+    // Postgres 14 and later; an older server only notices at its next write.
+    let _ = sqlx::query("SET client_connection_check_interval = '1s'")
+        .execute(&mut *conn)
+        .await;
     let applied = MIGRATOR
         .run(&mut *conn)
         .await
         .context("applying migrations");
     // Back to the limits the connection was opened with.
-    let _ = sqlx::query("RESET statement_timeout")
-        .execute(&mut *conn)
-        .await;
-    let _ = sqlx::query("RESET lock_timeout").execute(&mut *conn).await;
+    for reset in [
+        "RESET statement_timeout",
+        "RESET lock_timeout",
+        "RESET client_connection_check_interval",
+    ] {
+        let _ = sqlx::query(reset).execute(&mut *conn).await;
+    }
     applied?;
     Ok(())
 }

@@ -157,7 +157,13 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             };
             // Within seconds: an operator waits for the answer.
             let pool = crate::db::connect_for_command(&db, &cancel).await?;
-            crate::db::migrate(&pool).await?;
+            // sqlx waits on its advisory lock for as long as another process
+            // migrates: SIGTERM ends the wait. A migration cut short rolls
+            // back (see `db::migrate`).
+            tokio::select! {
+                applied = crate::db::migrate(&pool) => applied?,
+                () = cancel.cancelled() => anyhow::bail!("stopped while applying migrations"),
+            }
             println!("migrations applied");
             Ok(())
         }

@@ -1,17 +1,17 @@
 //! `DATABASE_URL` read into sqlx's connect options, checked before the first
 //! connection: libpq's TLS parameters (`sslmode`, `sslrootcert`, `sslcert`,
-//! `sslkey`) as libpq means them, and the TLS files readable, so a typo is a
-//! clear stop at start rather than an error sqlx reports as a lost
-//! connection at every attempt.
+//! `sslkey`) as close to libpq's meaning as sqlx allows (no `verify-ca`: see
+//! [`NO_VERIFY_CA`]), and the TLS files readable, so a typo is a clear stop
+//! at start rather than an error sqlx reports as a lost connection at every
+//! attempt.
 
 use std::path::Path;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
 use super::StartError;
-use crate::config::SecretUrl;
+use crate::config::{SecretUrl, redact_url};
+use crate::tls::{self, PemFileError};
 
 /// Every statement of the service is bounded in time: a silent network
 /// partition or a lock queue (behind an `ALTER`, say) fails the work, which
@@ -19,33 +19,54 @@ use crate::config::SecretUrl;
 const STATEMENT_TIMEOUT: &str = "30s";
 const LOCK_TIMEOUT: &str = "10s";
 
-/// The TLS files `DATABASE_URL` may name: the parameter, sqlx's aliases of
-/// it, and libpq's environment variable that sqlx reads when it is absent.
-const ROOT_CERT: TlsFile = TlsFile {
-    param: "sslrootcert",
+/// Why `sslmode=verify-ca` is refused. sqlx adds `sslrootcert` to the
+/// system's roots rather than trusting it alone as libpq does, and skips
+/// the host-name check under `verify-ca`: a private CA's `verify-ca` would
+/// accept any publicly trusted certificate, for any name.
+const NO_VERIFY_CA: &str = "sslmode=verify-ca is not supported by this build: its root store \
+    also holds the system's roots, so without the host-name check any public certificate would \
+    pass; use verify-full";
+
+/// The `sslmode` of a URL: the parameter and sqlx's alias of it, and
+/// libpq's environment variable that sqlx reads when it is absent.
+const SSL_MODE: Param = Param {
+    name: "sslmode",
+    aliases: &["sslmode", "ssl-mode"],
+    env: "PGSSLMODE",
+};
+/// The TLS files `DATABASE_URL` may name, likewise.
+const ROOT_CERT: Param = Param {
+    name: "sslrootcert",
     aliases: &["sslrootcert", "ssl-root-cert", "ssl-ca"],
     env: "PGSSLROOTCERT",
 };
-const CLIENT_CERT: TlsFile = TlsFile {
-    param: "sslcert",
+const CLIENT_CERT: Param = Param {
+    name: "sslcert",
     aliases: &["sslcert", "ssl-cert"],
     env: "PGSSLCERT",
 };
-const CLIENT_KEY: TlsFile = TlsFile {
-    param: "sslkey",
+const CLIENT_KEY: Param = Param {
+    name: "sslkey",
     aliases: &["sslkey", "ssl-key"],
     env: "PGSSLKEY",
 };
 
-struct TlsFile {
-    param: &'static str,
+struct Param {
+    name: &'static str,
     aliases: &'static [&'static str],
     env: &'static str,
 }
 
+/// `DATABASE_URL` read: sqlx's options, and the `sslmode` they verify the
+/// server with, as messages name it.
+pub(super) struct Options {
+    pub connect: PgConnectOptions,
+    pub sslmode: &'static str,
+}
+
 /// The connection options of `url`, with the time limits above. An error
 /// names `DATABASE_URL` (redacted) and never echoes the password.
-pub(super) fn connect_options(url: &SecretUrl) -> Result<PgConnectOptions, StartError> {
+pub(super) fn connect_options(url: &SecretUrl) -> Result<Options, StartError> {
     let config_error = |reason: String| StartError::Config {
         url: url.redacted(),
         reason,
@@ -53,24 +74,37 @@ pub(super) fn connect_options(url: &SecretUrl) -> Result<PgConnectOptions, Start
     let mut options: PgConnectOptions = url
         .expose()
         .parse()
-        .map_err(|e: sqlx::Error| config_error(scrub(&e.to_string(), url)))?;
+        .map_err(|e: sqlx::Error| config_error(redact_url(&e.to_string())))?;
 
     let query = query_pairs(url.expose());
-    let root_cert = ROOT_CERT.value(&query);
-    // libpq: "if a root CA file exists, the behavior of sslmode=require will
-    // be the same as that of verify-ca". sqlx documents the same but never
-    // verifies under `require`, so a CA the user names would go unused.
-    if matches!(options.get_ssl_mode(), PgSslMode::Require) && root_cert.is_some() {
-        options = options.ssl_mode(PgSslMode::VerifyCa);
+    let mut sslmode = mode_name(options.get_ssl_mode());
+    match options.get_ssl_mode() {
+        PgSslMode::VerifyCa => {
+            let from_env = SSL_MODE.in_url(&query).is_none();
+            let origin = if from_env { " (from PGSSLMODE)" } else { "" };
+            return Err(config_error(format!("{NO_VERIFY_CA}{origin}")));
+        }
+        // libpq: "if a root CA file exists, the behavior of sslmode=require
+        // will be the same as that of verify-ca". sqlx never verifies under
+        // `require`, so a CA the user names would go unused; and its
+        // verify-ca is unsafe (above), so the check is verify-full's.
+        PgSslMode::Require if ROOT_CERT.given(&query) => {
+            options = options.ssl_mode(PgSslMode::VerifyFull);
+            sslmode = "require with sslrootcert, verified as verify-full";
+        }
+        _ => {}
     }
 
-    if let Some(path) = &root_cert {
-        check_certificates(ROOT_CERT.param, path).map_err(config_error)?;
+    if let Some(path) = ROOT_CERT.file(&query) {
+        tls::pem_certificates(Path::new(&path))
+            .map_err(|e| config_error(file_error(ROOT_CERT.name, e)))?;
     }
-    match (CLIENT_CERT.value(&query), CLIENT_KEY.value(&query)) {
+    match (CLIENT_CERT.file(&query), CLIENT_KEY.file(&query)) {
         (Some(cert), Some(key)) => {
-            check_certificates(CLIENT_CERT.param, &cert).map_err(config_error)?;
-            check_key(CLIENT_KEY.param, &key).map_err(config_error)?;
+            tls::pem_certificates(Path::new(&cert))
+                .map_err(|e| config_error(file_error(CLIENT_CERT.name, e)))?;
+            tls::pem_private_key(Path::new(&key))
+                .map_err(|e| config_error(file_error(CLIENT_KEY.name, e)))?;
         }
         (None, None) => {}
         (Some(_), None) | (None, Some(_)) => {
@@ -80,14 +114,25 @@ pub(super) fn connect_options(url: &SecretUrl) -> Result<PgConnectOptions, Start
         }
     }
 
-    Ok(options.options([
-        ("statement_timeout", STATEMENT_TIMEOUT),
-        ("lock_timeout", LOCK_TIMEOUT),
-    ]))
+    Ok(Options {
+        connect: options.options([
+            ("statement_timeout", STATEMENT_TIMEOUT),
+            ("lock_timeout", LOCK_TIMEOUT),
+        ]),
+        sslmode,
+    })
+}
+
+/// A TLS file's error with the parameter that names it.
+fn file_error(param: &str, error: PemFileError) -> String {
+    match error {
+        PemFileError::Read { path, source } => format!("{param} {path} cannot be read: {source}"),
+        content @ PemFileError::Content { .. } => format!("{param} {content}"),
+    }
 }
 
 /// The name of `mode` as libpq spells it, for messages.
-pub(super) fn mode_name(mode: PgSslMode) -> &'static str {
+fn mode_name(mode: PgSslMode) -> &'static str {
     match mode {
         PgSslMode::Disable => "disable",
         PgSslMode::Allow => "allow",
@@ -98,46 +143,31 @@ pub(super) fn mode_name(mode: PgSslMode) -> &'static str {
     }
 }
 
-impl TlsFile {
-    /// The file this parameter names: the URL's (the last one, as sqlx
-    /// reads them in order), else the environment's. An inline PEM in the
-    /// environment (which sqlx accepts) is no file to check.
-    fn value(&self, query: &[(String, String)]) -> Option<String> {
-        let from_url = query
+impl Param {
+    /// The URL's value (the last one, as sqlx reads them in order).
+    fn in_url(&self, query: &[(String, String)]) -> Option<String> {
+        query
             .iter()
             .rev()
             .find(|(key, _)| self.aliases.contains(&key.as_str()))
-            .map(|(_, value)| value.clone());
-        from_url.or_else(|| {
+            .map(|(_, value)| value.clone())
+    }
+
+    /// Whether the URL or the environment gives a value.
+    fn given(&self, query: &[(String, String)]) -> bool {
+        self.in_url(query).is_some() || std::env::var_os(self.env).is_some()
+    }
+
+    /// The file this parameter names: the URL's, else the environment's.
+    /// An inline PEM in the environment (which sqlx accepts) is no file to
+    /// check.
+    fn file(&self, query: &[(String, String)]) -> Option<String> {
+        self.in_url(query).or_else(|| {
             std::env::var(self.env)
                 .ok()
                 .filter(|v| !v.trim_start().starts_with("-----BEGIN"))
         })
     }
-}
-
-fn read(param: &str, path: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(Path::new(path)).map_err(|e| format!("{param} {path} cannot be read: {e}"))
-}
-
-/// `path` holds at least one PEM certificate.
-fn check_certificates(param: &str, path: &str) -> Result<(), String> {
-    let pem = read(param, path)?;
-    let certificates = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{param} {path} is not valid PEM: {e}"))?;
-    if certificates.is_empty() {
-        return Err(format!("{param} {path} holds no PEM certificate"));
-    }
-    Ok(())
-}
-
-/// `path` holds a PEM private key.
-fn check_key(param: &str, path: &str) -> Result<(), String> {
-    let pem = read(param, path)?;
-    PrivateKeyDer::from_pem_slice(&pem)
-        .map(|_| ())
-        .map_err(|e| format!("{param} {path} holds no usable PEM private key: {e}"))
 }
 
 /// The query of `url` as decoded key/value pairs (form encoding, as sqlx's
@@ -180,22 +210,6 @@ fn decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `message` without the URL's password, should a parser ever echo it.
-fn scrub(message: &str, url: &SecretUrl) -> String {
-    let password = url
-        .expose()
-        .split_once("://")
-        .and_then(|(_, rest)| rest.split(['/', '?', '#']).next())
-        .and_then(|authority| authority.rsplit_once('@'))
-        .and_then(|(userinfo, _)| userinfo.split_once(':'))
-        .map(|(_, password)| password)
-        .filter(|p| !p.is_empty());
-    match password {
-        Some(password) => message.replace(password, "***"),
-        None => message.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,7 +228,7 @@ mod tests {
     }
 
     #[test]
-    fn require_with_a_root_certificate_verifies_it_as_libpq_does() {
+    fn require_with_a_root_certificate_is_verified_as_verify_full() {
         let ca = std::env::temp_dir().join(format!("os-ca-{}.pem", uuid::Uuid::new_v4()));
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         std::fs::write(&ca, cert.cert.pem()).unwrap();
@@ -222,16 +236,54 @@ mod tests {
             "postgres://u:p@h/d?sslmode=require&sslrootcert={}",
             ca.display()
         ));
-        let mode = connect_options(&url).map(|o| o.get_ssl_mode());
+        let options = connect_options(&url);
         std::fs::remove_file(&ca).unwrap();
-        assert!(matches!(mode, Ok(PgSslMode::VerifyCa)), "{mode:?}");
+        let options = options.unwrap();
+        assert!(matches!(
+            options.connect.get_ssl_mode(),
+            PgSslMode::VerifyFull
+        ));
+        assert_eq!(
+            options.sslmode,
+            "require with sslrootcert, verified as verify-full"
+        );
+    }
+
+    #[test]
+    fn verify_ca_is_refused_with_the_reason() {
+        let url = SecretUrl::new("postgres://u:hunter2@h/d?sslmode=verify-ca");
+        let error = connect_options(&url).map(|_| ()).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            format!("DATABASE_URL (postgres://u:***@h/d?sslmode=verify-ca): {NO_VERIFY_CA}")
+        );
+        assert!(error.contains("use verify-full"), "{error}");
+    }
+
+    #[test]
+    fn a_file_without_a_certificate_names_the_parameter() {
+        let empty = std::env::temp_dir().join(format!("os-empty-{}.pem", uuid::Uuid::new_v4()));
+        std::fs::write(&empty, "no PEM here\n").unwrap();
+        let url = SecretUrl::new(format!(
+            "postgres://u:p@h/d?sslmode=verify-full&sslrootcert={}",
+            empty.display()
+        ));
+        let error = connect_options(&url).map(|_| ()).unwrap_err().to_string();
+        std::fs::remove_file(&empty).unwrap();
+        assert!(
+            error.ends_with(&format!(
+                "sslrootcert {}: no PEM certificate in it",
+                empty.display()
+            )),
+            "{error}"
+        );
     }
 
     #[test]
     fn an_unreadable_tls_file_names_the_parameter_and_not_the_password() {
         let url =
             SecretUrl::new("postgres://u:hunter2@h/d?sslmode=verify-full&sslrootcert=/nope/ca.pem");
-        let error = connect_options(&url).unwrap_err().to_string();
+        let error = connect_options(&url).map(|_| ()).unwrap_err().to_string();
         assert!(error.starts_with("DATABASE_URL"), "{error}");
         assert!(
             error.contains("sslrootcert /nope/ca.pem cannot be read"),
@@ -243,7 +295,7 @@ mod tests {
     #[test]
     fn a_bad_sslmode_is_a_configuration_error() {
         let url = SecretUrl::new("postgres://u:hunter2@h/d?sslmode=verify_full");
-        let error = connect_options(&url).unwrap_err().to_string();
+        let error = connect_options(&url).map(|_| ()).unwrap_err().to_string();
         assert!(error.contains("verify_full"), "{error}");
         assert!(!error.contains("hunter2"), "{error}");
     }

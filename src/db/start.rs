@@ -7,16 +7,18 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
 
-use super::options::mode_name;
+use super::options::Options;
 use crate::shutdown::{WaitError, wait_for};
 
 /// One connection attempt may take this long (a host that drops packets
-/// answers nothing, so the attempt would otherwise never end).
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// answers nothing, so the attempt would otherwise never end). Shorter than
+/// an operator's patience ([`super::COMMAND_PATIENCE`]), so that a command
+/// that gives up has seen at least one attempt end, and names its cause.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+const _: () = assert!(ATTEMPT_TIMEOUT.as_secs() < super::COMMAND_PATIENCE.as_secs());
 
 /// Why the service could not start on its database. Each message names
 /// `DATABASE_URL`, redacted, and never carries its password.
@@ -43,47 +45,45 @@ pub enum StartError {
     Cancelled { url: String },
 }
 
-/// How one attempt failed.
-#[derive(Debug, thiserror::Error)]
-enum Attempt {
-    #[error(transparent)]
-    Failed(sqlx::Error),
-    #[error("no answer within {}s", ATTEMPT_TIMEOUT.as_secs())]
-    TimedOut,
-}
-
 /// Connects once with `options` (and closes again) until it works, waiting
 /// with backoff on an outage, for at most `patience` if one is given.
 pub(super) async fn wait_until_up(
-    options: &PgConnectOptions,
+    options: &Options,
     url: String,
     cancel: &CancellationToken,
     patience: Option<Duration>,
 ) -> Result<(), StartError> {
-    let last = Mutex::new(String::new());
+    let last = Mutex::new(None::<String>);
     let last_error = &last;
     let attempt = move || async move {
-        let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, options.connect()).await {
+        let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, options.connect.connect()).await {
             Ok(Ok(connection)) => {
                 let _ = connection.close().await;
                 Ok(())
             }
-            Ok(Err(error)) => Err(Attempt::Failed(error)),
-            Err(_) => Err(Attempt::TimedOut),
+            Ok(Err(error)) => Err(error),
+            // An I/O error as sqlx's own are, so that it is waited out like
+            // any other outage (never permanent: no rustls error in it).
+            Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {}s", ATTEMPT_TIMEOUT.as_secs()),
+            ))),
         };
         if let Err(error) = &result {
-            *last_error.lock().expect("not poisoned") = error.to_string();
+            *last_error.lock().expect("not poisoned") = Some(error.to_string());
         }
         result
     };
-    let permanent = |a: &Attempt| matches!(a, Attempt::Failed(e) if is_permanent(e));
-    let waited = wait_for("Postgres", cancel, attempt, permanent);
+    let waited = wait_for("Postgres", cancel, attempt, is_permanent);
     let result = match patience {
         None => waited.await,
         Some(patience) => match tokio::time::timeout(patience, waited).await {
             Ok(result) => result,
             Err(_) => {
-                let last = last.lock().expect("not poisoned").clone();
+                // An attempt ends within ATTEMPT_TIMEOUT, shorter than any
+                // patience: none ended only if the machine stalled.
+                let last = last.lock().expect("not poisoned").take();
+                let last = last.unwrap_or_else(|| "no attempt ended".into());
                 return Err(StartError::Unreachable {
                     url,
                     waited: patience,
@@ -95,11 +95,10 @@ pub(super) async fn wait_until_up(
     match result {
         Ok(()) => Ok(()),
         Err(WaitError::Cancelled(_)) => Err(StartError::Cancelled { url }),
-        Err(WaitError::Permanent(Attempt::Failed(error))) => Err(StartError::Refused {
-            reason: describe(&error, options.get_ssl_mode()),
+        Err(WaitError::Permanent(error)) => Err(StartError::Refused {
+            reason: describe(&error, options.sslmode),
             url,
         }),
-        Err(WaitError::Permanent(Attempt::TimedOut)) => unreachable!("a timeout is waited out"),
     }
 }
 
@@ -127,8 +126,7 @@ fn rustls_error(error: &sqlx::Error) -> Option<&rustls::Error> {
 }
 
 /// The cause of a permanent failure, for the operator.
-fn describe(error: &sqlx::Error, mode: PgSslMode) -> String {
-    let mode = mode_name(mode);
+fn describe(error: &sqlx::Error, mode: &str) -> String {
     if let Some(tls) = rustls_error(error) {
         let hint = match tls {
             rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => {

@@ -1,10 +1,13 @@
 //! Postgres over TLS with libpq's `sslmode`: the real binary against the
 //! machine's Postgres (`ssl = on`) and against clusters of the test's own
-//! ([`cluster`]) with certificates of a test CA; and the clear stop at
-//! start ([`stop`]).
+//! ([`cluster`]) with certificates of a test CA; the clear stop at start
+//! ([`stop`]); and `migrate` stopped while it waits for another's
+//! ([`migrate`]).
 
 #[path = "postgres/cluster.rs"]
 mod cluster;
+#[path = "postgres/migrate.rs"]
+mod migrate;
 #[path = "postgres/process.rs"]
 mod process;
 #[path = "postgres/stop.rs"]

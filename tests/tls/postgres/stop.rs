@@ -4,7 +4,7 @@
 //! commands give up within seconds and stop on SIGTERM.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::StatusCode;
 
@@ -68,7 +68,20 @@ async fn each_permanent_misconfiguration_stops_the_start_with_one_line_naming_da
                     other.cert_file().display()
                 ),
             ),
-            "(sslmode=verify-ca): invalid peer certificate: UnknownIssuer".to_owned(),
+            "(sslmode=require with sslrootcert, verified as verify-full): \
+             invalid peer certificate: UnknownIssuer"
+                .to_owned(),
+        ),
+        (
+            "sslmode=verify-ca, which would accept any public certificate",
+            tls.url(
+                PASSWORD,
+                &format!("sslmode=verify-ca&sslrootcert={}", ca.cert_file().display()),
+            ),
+            "sslmode=verify-ca is not supported by this build: its root store also holds the \
+             system's roots, so without the host-name check any public certificate would pass; \
+             use verify-full"
+                .to_owned(),
         ),
         (
             "an unreadable sslrootcert",
@@ -160,7 +173,6 @@ async fn a_postgres_that_is_not_up_yet_is_waited_for() {
 #[tokio::test]
 async fn operator_commands_give_up_within_seconds_on_an_unreachable_postgres() {
     let url = unreachable_url();
-    let started = Instant::now();
     let migrate = Process::start(&["migrate"], &url, roles::free_addr(), &common::test_amqp());
     let status_cmd = Process::start(
         &["outbox", "status"],
@@ -168,53 +180,53 @@ async fn operator_commands_give_up_within_seconds_on_an_unreachable_postgres() {
         roles::free_addr(),
         &common::test_amqp(),
     );
+    let patience = order_service::db::COMMAND_PATIENCE;
     for (command, process) in [("migrate", migrate), ("outbox status", status_cmd)] {
-        let (status, output) = process.exit_within(Duration::from_secs(30)).await;
+        // Patience and a margin for a loaded machine: what matters is that
+        // they end on their own, with the reason.
+        let (status, output) = process
+            .exit_within(patience + Duration::from_secs(30))
+            .await;
         assert!(!status.success(), "{command} exits non-zero\n{output}");
         let line = one_error_line(&output, command);
         assert!(
             line.starts_with("error: DATABASE_URL (postgres://app:***@127.0.0.1:"),
             "{line}"
         );
-        assert!(line.contains("Postgres not reachable within 10s"), "{line}");
+        let gave_up = format!("Postgres not reachable within {}s", patience.as_secs());
+        assert!(line.contains(&gave_up), "{line}");
         assert!(line.contains("Connection refused"), "{line}");
         assert!(!output.contains(PASSWORD), "{output}");
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "both gave up in seconds"
-    );
 }
 
+/// A role waits for Postgres without end, so only the signal can end it
+/// (an operator's command gives up by itself, which would race the signal;
+/// `migrate` on SIGTERM is in [`super::migrate`]).
 #[tokio::test]
-async fn an_operator_command_waiting_for_postgres_stops_on_sigterm() {
+async fn a_start_waiting_for_postgres_stops_on_sigterm() {
     let url = unreachable_url();
-    let migrate = Process::start(&["migrate"], &url, roles::free_addr(), &common::test_amqp());
+    let api = Process::start(&["api"], &url, roles::free_addr(), &common::test_amqp());
     eventually(
-        "migrate to report Postgres unreachable",
-        Duration::from_secs(9),
+        "the api to report Postgres unreachable",
+        Duration::from_secs(30),
         || async {
-            migrate
-                .output()
+            api.output()
                 .contains("Postgres not reachable")
                 .then_some(())
         },
     )
     .await;
-    let pid = migrate.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let (status, output) = migrate.exit_within(Duration::from_secs(3)).await;
+    let pid = api.child.id().to_string();
+    let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(kill.success());
+    let (status, output) = api.exit_within(Duration::from_secs(15)).await;
     assert!(!status.success(), "{output}");
-    let line = one_error_line(&output, "migrate on SIGTERM");
-    assert!(
-        line.contains("stopped while waiting for Postgres"),
-        "{line}"
+    let line = one_error_line(&output, "api on SIGTERM");
+    assert_eq!(
+        line,
+        "error: DATABASE_URL (postgres://app:***@127.0.0.1:1/orders): \
+         stopped while waiting for Postgres"
     );
 }
 
