@@ -11,7 +11,7 @@ mod secret;
 pub use auth::AuthConfig;
 pub use mail::MailConfig;
 pub use retention::{RetentionConfig, WEEK_SECS};
-pub use secret::{SecretUrl, redact_url};
+pub use secret::{SecretUrl, redact_url, split_list};
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -109,9 +109,10 @@ impl AmqpConfig {
 
     /// The broker URLs, in the order given.
     pub fn urls(&self) -> Vec<&str> {
-        self.amqp_url
-            .expose()
-            .split(',')
+        // Split only before a new `scheme://`, so a comma in a password
+        // stays in its URL.
+        split_list(self.amqp_url.expose())
+            .into_iter()
             .map(str::trim)
             .filter(|u| !u.is_empty())
             .collect()

@@ -76,7 +76,7 @@ pub fn split_list(list: &str) -> Vec<&str> {
     let mut urls = Vec::new();
     let mut start = 0;
     for (comma, _) in list.match_indices(',') {
-        if begins_with_scheme(&list[comma + 1..]) {
+        if begins_with_scheme(list[comma + 1..].trim_start()) {
             urls.push(&list[start..comma]);
             start = comma + 1;
         }
@@ -186,6 +186,19 @@ mod tests {
         assert_eq!(
             cluster.redacted(),
             "amqp://u:***@a/%2f,amqps://u:***@b/%2f?verify=verify_peer"
+        );
+    }
+
+    #[test]
+    fn a_cluster_list_splits_only_before_a_new_url() {
+        assert_eq!(
+            split_list("amqp://u:x,y@a/%2f, amqps://u:p@b/%2f"),
+            vec!["amqp://u:x,y@a/%2f", " amqps://u:p@b/%2f"]
+        );
+        let config = crate::config::AmqpConfig::new("amqp://u:x,y@a/%2f, amqp://u:p@b/%2f");
+        assert_eq!(
+            config.urls(),
+            vec!["amqp://u:x,y@a/%2f", "amqp://u:p@b/%2f"]
         );
     }
 
