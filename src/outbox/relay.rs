@@ -130,9 +130,12 @@ impl Relay {
         Ok(())
     }
 
-    /// Publishes until no due row is left, with the same batches in flight
-    /// as [`Relay::run`]. Returns the rows published; the first failed batch
-    /// is the error, after the others have ended.
+    /// Publishes due rows, with the same batches in flight as [`Relay::run`],
+    /// until a batch comes back short (not full), or none may start (a hold
+    /// after unconfirmed rows, an unusable publisher), and the batches in
+    /// flight have ended: rows that become due meanwhile may be left. Returns
+    /// the rows published; the first failed batch is the error, after the
+    /// others have ended.
     pub async fn drain(&self, publisher: &Publisher) -> Result<usize, RelayError> {
         Ok(self.drain_counted(publisher).await?.published)
     }
