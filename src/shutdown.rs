@@ -1,4 +1,5 @@
-//! Shutdown signals and the small waiting helpers every loop shares.
+//! Shutdown signals and the small helpers every loop shares: waiting,
+//! backoff, retrying, and the text of a caught panic.
 
 use std::time::Duration;
 
@@ -146,4 +147,14 @@ where
     wait_for(what, cancel, attempt, |_| false)
         .await
         .map_err(|error| anyhow::anyhow!("{error}"))
+}
+
+/// The message of a panic payload (a caught task or handler panic), for the
+/// error it becomes.
+pub fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }

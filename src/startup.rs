@@ -164,7 +164,8 @@ impl Roles {
     }
 
     /// Starts a consumer of `kind`. The e-mail consumer, with `SMTP_URL` set,
-    /// also writes each mail to the mails' outbox and starts the mailer.
+    /// also writes each mail to the mails' outbox and starts the mailer; it
+    /// refuses `mail.email_failure_rate` of its events (a demo).
     pub fn start_consumer(
         &self,
         kind: ConsumerKind,
@@ -179,7 +180,7 @@ impl Roles {
                     None => None,
                 };
                 let handler = Email {
-                    failure_rate: config.email_failure_rate,
+                    failure_rate: mail.email_failure_rate,
                     recipient_domain: mailer.as_ref().map(|_| mail.email_recipient_domain.clone()),
                 };
                 self.start_handler(handler, amqp, config);

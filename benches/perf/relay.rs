@@ -11,10 +11,10 @@ use lapin::options::{BasicPublishOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use order_service::amqp::QueueNames;
+use order_service::amqp::headers::{PUBLISHED_AT_HEADER, TRACEPARENT_HEADER, WRITTEN_AT_HEADER};
 use order_service::config::{AmqpConfig, QueueType, RelayConfig};
 use order_service::metrics::Metrics;
 use order_service::orders::SUBSCRIPTIONS;
-use order_service::outbox::publisher::{PUBLISHED_AT_HEADER, WRITTEN_AT_HEADER};
 use order_service::outbox::{Publisher, Relay, Wake, store};
 use tokio_util::sync::CancellationToken;
 
@@ -93,7 +93,7 @@ async fn raw_publish(
         let now_ms = chrono::Utc::now().timestamp_millis().to_string();
         let mut headers = FieldTable::default();
         headers.insert(
-            "traceparent".into(),
+            TRACEPARENT_HEADER.into(),
             AMQPValue::LongString("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
         );
         headers.insert(

@@ -4,9 +4,11 @@
 //!
 //! - `connect`: connecting once, at a role's start, and for reconnects;
 //! - `url`: a node's `AMQP_URL` with RabbitMQ's TLS query parameters;
-//! - `tls`: the TLS client of an `amqps://` URL.
+//! - `tls`: the TLS client of an `amqps://` URL;
+//! - `headers`: the names of the message headers the relay and consumers share.
 
 mod connect;
+pub mod headers;
 mod tls;
 mod url;
 

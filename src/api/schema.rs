@@ -1,7 +1,9 @@
 //! Schemas of the OpenAPI document that no value of the program carries: the
 //! rules that `orders::NewOrder::from_json` and `extract::idempotency_key`
 //! check by hand, the values of the string-typed order status, and the
-//! reusable error answers. The types exist only for their schemas (they are
+//! reusable error answers. The order's own fields' schemas live in
+//! `orders::schema` (the API depends on the domain, not the reverse) and are
+//! re-exported here. The types exist only for their schemas (they are
 //! never built); the unit tests of `openapi` hold the limits to the
 //! validation code and the integration tests hold real answers to all of it.
 
@@ -12,20 +14,7 @@ use utoipa::{ToResponse, ToSchema};
 
 use super::error::ErrorBody;
 use crate::orders;
-
-/// 1 to 128 characters (Unicode scalar values), not only whitespace, no control characters (U+0000 to U+001F, U+007F to U+009F).
-#[derive(ToSchema)]
-#[schema(
-    min_length = 1,
-    max_length = 128,
-    pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F][^\u0000-\u001F\u007F-\u009F]*$"
-)]
-pub struct ExternalId(String);
-
-/// Minor units (cents); at most 10^12.
-#[derive(ToSchema)]
-#[schema(minimum = 1, maximum = 1_000_000_000_000_i64)]
-pub struct Amount(i64);
+pub use crate::orders::schema::{Amount, ExternalId, order_status};
 
 // The body of `POST /orders` (what `orders::NewOrder::from_json` accepts,
 // and `orders::create_order` with authentication on). Plain comments: doc
@@ -56,17 +45,6 @@ pub fn accepted_status() -> Object {
     ObjectBuilder::new()
         .schema_type(Type::String)
         .enum_values(Some([orders::PENDING]))
-        .build()
-}
-
-/// `status` of an [`orders::Order`].
-pub fn order_status() -> Object {
-    ObjectBuilder::new()
-        .schema_type(Type::String)
-        .description(Some(
-            "PENDING until billing confirms the order, then CONFIRMED.",
-        ))
-        .enum_values(Some([orders::PENDING, orders::CONFIRMED]))
         .build()
 }
 

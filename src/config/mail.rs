@@ -1,11 +1,12 @@
-//! The mailer's settings.
+//! The e-mail domain's settings: the mailer's, and the demo's failure rate.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{SecretUrl, WEEK_SECS};
 
-/// The mailer: SMTP delivery of the e-mail outbox.
+/// The e-mail consumer's and the mailer's settings: SMTP delivery of the
+/// e-mail outbox, and the share of e-mail events refused in a demo.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MailConfig {
     /// SMTP server, in lettre's URL forms:
@@ -45,6 +46,10 @@ pub struct MailConfig {
     /// mails given up on (a 5xx) stay for an operator to look at.
     #[arg(long, env = "MAIL_RETENTION_SECS", default_value_t = WEEK_SECS)]
     pub mail_retention_secs: u64,
+    /// Share of e-mail events the handler refuses, 0.0 to 1.0, to watch
+    /// retries and dead letters in a demo (before any mail is written).
+    #[arg(long, env = "EMAIL_FAILURE_RATE", default_value_t = 0.0)]
+    pub email_failure_rate: f64,
 }
 
 impl MailConfig {
@@ -63,6 +68,7 @@ impl Default for MailConfig {
             mailer_concurrency: 8,
             smtp_timeout_ms: 10_000,
             mail_retention_secs: WEEK_SECS,
+            email_failure_rate: 0.0,
         }
     }
 }

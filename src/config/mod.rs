@@ -225,10 +225,6 @@ pub struct ConsumerConfig {
         default_value_t = 64
     )]
     pub batch_size: usize,
-    /// Share of e-mail events the handler refuses, 0.0 to 1.0, to watch
-    /// retries and dead letters in a demo (before any mail is written).
-    #[arg(long, env = "EMAIL_FAILURE_RATE", default_value_t = 0.0)]
-    pub email_failure_rate: f64,
 }
 
 impl Default for ConsumerConfig {
@@ -237,7 +233,6 @@ impl Default for ConsumerConfig {
             prefetch: 128,
             concurrency: 4,
             batch_size: 64,
-            email_failure_rate: 0.0,
         }
     }
 }

@@ -7,8 +7,9 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, ConfirmSelectOptions};
 use lapin::types::AMQPValue;
 use tokio_util::sync::CancellationToken;
 
-use super::message::{self, ATTEMPT_HEADER, ERROR_HEADER, header, header_str};
+use super::message::{self, header, header_str};
 use crate::amqp::QueueNames;
+use crate::amqp::headers::{ATTEMPT_HEADER, ERROR_HEADER, REPLAYED_AFTER_ATTEMPTS_HEADER};
 use crate::config::AmqpConfig;
 
 /// One dead letter, as `order-service dlq list` prints it.
@@ -170,7 +171,7 @@ async fn replay_on(
         let previous = header(Some(&headers), ATTEMPT_HEADER).cloned();
         headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(0));
         if let Some(previous) = previous {
-            headers.insert("x-replayed-after-attempts".into(), previous);
+            headers.insert(REPLAYED_AFTER_ATTEMPTS_HEADER.into(), previous);
         }
         let properties = d.properties.clone().with_headers(headers);
         message::publish_confirmed(&publish, "", &queues.main, &d.data, properties).await?;

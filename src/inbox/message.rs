@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
-use crate::outbox::publisher::PUBLISHED_AT_HEADER;
+use crate::amqp::headers::{ATTEMPT_HEADER, ERROR_HEADER, ORIGIN_HEADER, PUBLISHED_AT_HEADER};
 use crate::telemetry::propagation;
 
 /// The longest any single broker call (ack, publish, confirm) may take. On a
@@ -30,12 +30,6 @@ pub async fn ack(delivery: &Delivery) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Header: how many times this message has been handled and failed.
-pub const ATTEMPT_HEADER: &str = "x-attempt";
-/// Header: why the last attempt failed.
-pub const ERROR_HEADER: &str = "x-last-error";
-/// Header: the queue the message was consumed from before a retry or DLQ move.
-pub const ORIGIN_HEADER: &str = "x-original-queue";
 /// A delivery that parsed: everything of an [`super::Event`] but its trace
 /// context, which comes from the span opened for it.
 #[derive(Debug, Clone)]

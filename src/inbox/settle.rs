@@ -14,7 +14,7 @@ use super::handler::{Event, Handler};
 use super::message::{self, ParseError, Parsed};
 use super::transact::Applied;
 use super::{Consumer, InboxError};
-use crate::outbox::publisher::WRITTEN_AT_HEADER;
+use crate::amqp::headers::WRITTEN_AT_HEADER;
 use crate::telemetry::propagation;
 
 /// What became of one delivery.

@@ -13,7 +13,7 @@ use super::handler::{Event, Handler, HandlerError};
 use super::{Consumer, InboxError};
 use crate::db::ErrorKind;
 use crate::outbox::Wake;
-use crate::outbox::scheduler::panic_text;
+use crate::shutdown::panic_text;
 
 /// What the dedup transaction did with one event id.
 #[derive(Debug, Clone, PartialEq, Eq)]

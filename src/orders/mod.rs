@@ -12,6 +12,7 @@ pub mod billing;
 pub mod email;
 pub mod events;
 pub mod mailer;
+pub mod schema;
 pub mod writer;
 
 pub use events::{
@@ -41,11 +42,11 @@ pub enum ValidationError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NewOrder {
-    #[schema(value_type = crate::api::schema::ExternalId)]
+    #[schema(value_type = schema::ExternalId)]
     pub product_id: String,
-    #[schema(value_type = crate::api::schema::ExternalId)]
+    #[schema(value_type = schema::ExternalId)]
     pub user_id: String,
-    #[schema(value_type = crate::api::schema::Amount)]
+    #[schema(value_type = schema::Amount)]
     pub amount: i64,
 }
 
@@ -114,9 +115,9 @@ pub struct Order {
     pub id: Uuid,
     pub product_id: String,
     pub user_id: String,
-    #[schema(value_type = crate::api::schema::Amount)]
+    #[schema(value_type = schema::Amount)]
     pub amount: i64,
-    #[schema(schema_with = crate::api::schema::order_status)]
+    #[schema(schema_with = schema::order_status)]
     pub status: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

@@ -22,6 +22,7 @@ use uuid::Uuid;
 use super::confirms::{Confirmed, PublishFailure, Returned};
 use super::store::OutboxRow;
 use crate::amqp::Subscription;
+use crate::amqp::headers::{PUBLISHED_AT_HEADER, WRITTEN_AT_HEADER};
 use crate::config::AmqpConfig;
 use crate::telemetry::propagation;
 
@@ -31,12 +32,6 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a publish may wait to be written (a blocked connection, under a
 /// broker alarm, holds it): past this it counts as failed and stays due.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Header: when the relay published the message (ms since the epoch), so
-/// consumers can report how long it waited in its queue.
-pub const PUBLISHED_AT_HEADER: &str = "x-published-at-ms";
-/// Header: when the outbox row was written (ms since the epoch): with the
-/// consumer's commit, how long the event took end to end.
-pub const WRITTEN_AT_HEADER: &str = "x-outbox-written-at-ms";
 
 /// Confirm-mode channels (lanes) on a connection of their own, with the
 /// topology declared. Clones share them; each clone publishes on one lane

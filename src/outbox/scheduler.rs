@@ -17,6 +17,7 @@ use super::batch::{BatchOutcome, Reopen};
 use super::publisher::Publisher;
 use super::{Relay, RelayError};
 use crate::config::RelayConfig;
+use crate::shutdown::panic_text;
 
 /// Whether the scheduler should start a batch now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,15 +162,6 @@ impl Batches {
             }
         }
     }
-}
-
-/// The message of a panic payload.
-pub fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 #[cfg(test)]

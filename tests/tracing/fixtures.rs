@@ -97,7 +97,7 @@ pub struct System {
 }
 
 impl System {
-    pub async fn start(consumers: &[ConsumerKind], config: &ConsumerConfig) -> Self {
+    pub async fn start(consumers: &[ConsumerKind], mail: &MailConfig) -> Self {
         finished_spans(); // the subscriber must be in place before any span opens
         let (db_name, url) = common::create_database().await;
         let database = common::DropDatabase(db_name);
@@ -115,10 +115,10 @@ impl System {
             .await
             .expect("starting the API");
         roles.start_relay(&amqp, &RelayConfig::default(), false);
-        // The mailer stays off: the spans end at the consumers.
+        // The mailer stays off (no SMTP_URL): the spans end at the consumers.
         for kind in consumers {
             roles
-                .start_consumer(*kind, &amqp, config, &MailConfig::default())
+                .start_consumer(*kind, &amqp, &ConsumerConfig::default(), mail)
                 .expect("starting a consumer");
         }
         Self {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use opentelemetry::trace::{SpanId, SpanKind};
 use opentelemetry_sdk::trace::SpanData;
-use order_service::config::ConsumerConfig;
+use order_service::config::MailConfig;
 use order_service::orders::{BILLING, EMAIL, ORDER_CONFIRMED, ORDER_CREATED};
 use order_service::startup::ConsumerKind;
 use reqwest::StatusCode;
@@ -144,7 +144,7 @@ impl Journey {
 async fn one_post_makes_one_trace_through_both_events_and_both_consumers() {
     let system = System::start(
         &[ConsumerKind::Email, ConsumerKind::Billing],
-        &ConsumerConfig::default(),
+        &MailConfig::default(),
     )
     .await;
     let caller = Caller::random();
@@ -375,9 +375,9 @@ async fn one_post_makes_one_trace_through_both_events_and_both_consumers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retried_message_keeps_its_trace() {
     // Every send fails: attempts 0, 1 and 2 (two retry queues), then the DLQ.
-    let failing = ConsumerConfig {
+    let failing = MailConfig {
         email_failure_rate: 1.0,
-        ..ConsumerConfig::default()
+        ..MailConfig::default()
     };
     let system = System::start(&[ConsumerKind::Email], &failing).await;
     let caller = Caller::random();
