@@ -54,6 +54,9 @@ pub enum MailConfigError {
     /// The CA file cannot be read, or holds no certificate rustls takes.
     #[error("SMTP_CA_FILE {path}: {reason}")]
     CaFile { path: String, reason: String },
+    /// The CA file cannot be read, or holds no PEM certificate.
+    #[error("SMTP_CA_FILE {0}")]
+    CaPem(#[source] crate::tls::PemFileError),
     /// A CA to trust for a connection that has no TLS: a mistake.
     #[error(
         "SMTP_CA_FILE is set, but SMTP_URL {0} asks for no TLS (add ?tls=required or use smtps://)"

@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use lettre::transport::smtp::client::{Certificate, CertificateStore, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, Tokio1Executor};
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 
 use super::MailConfigError;
 use crate::config::redact_url;
@@ -181,7 +179,10 @@ impl<'a> Parts<'a> {
 fn tls_parameters(host: &str, ca_file: Option<&Path>) -> Result<TlsParameters, MailConfigError> {
     let mut builder =
         TlsParameters::builder(host.to_owned()).certificate_store(CertificateStore::None);
-    for der in system_roots() {
+    // The system's roots that rustls takes (one that does not parse is left
+    // out, or lettre would refuse the whole set); none at all (an image
+    // without ca-certificates) leaves only SMTP_CA_FILE.
+    for der in crate::tls::system_roots() {
         let root = Certificate::from_der(der.to_vec())
             .map_err(|e| MailConfigError::Tls(format!("a system root: {e}")))?;
         builder = builder.add_root_certificate(root);
@@ -200,34 +201,18 @@ fn tls_parameters(host: &str, ca_file: Option<&Path>) -> Result<TlsParameters, M
     })
 }
 
-/// The system's root certificates that rustls takes as trust anchors: one
-/// that does not parse is skipped (as `crate::tls::client_config` does), or
-/// lettre would refuse the whole set. None at all (an image without
-/// ca-certificates) leaves only `SMTP_CA_FILE`.
-fn system_roots() -> Vec<CertificateDer<'static>> {
-    rustls_native_certs::load_native_certs()
-        .certs
-        .into_iter()
-        .filter(|der| rustls::RootCertStore::empty().add(der.clone()).is_ok())
-        .collect()
-}
-
-/// The certificates of a PEM file; at least one, each parsed.
+/// The certificates of `SMTP_CA_FILE` for lettre: at least one (lettre's
+/// `Certificate::from_pem` would take a file without any and trust nothing).
 fn ca_certificates(path: &Path) -> Result<Vec<Certificate>, MailConfigError> {
-    let error = |reason: String| MailConfigError::CaFile {
-        path: path.display().to_string(),
-        reason,
-    };
-    let pem = std::fs::read(path).map_err(|e| error(e.to_string()))?;
-    let ders = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| error(format!("not PEM: {e}")))?;
-    if ders.is_empty() {
-        // lettre's `Certificate::from_pem` would accept it and trust nothing.
-        return Err(error("no PEM certificate in the file".into()));
-    }
-    ders.into_iter()
-        .map(|der| Certificate::from_der(der.to_vec()).map_err(|e| error(e.to_string())))
+    crate::tls::pem_certificates(path)
+        .map_err(MailConfigError::CaPem)?
+        .into_iter()
+        .map(|der| {
+            Certificate::from_der(der.to_vec()).map_err(|e| MailConfigError::CaFile {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })
+        })
         .collect()
 }
 
