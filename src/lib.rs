@@ -29,18 +29,13 @@
 //! [`retention`] (pruning of the bounded tables), [`probe`] (every role's
 //! `/healthz`, `/readyz`, `/metrics`).
 
-pub mod amqp;
 pub mod api;
 pub mod cli;
 pub mod config;
 pub mod db;
-pub mod inbox;
 pub mod metrics;
 pub mod orders;
-pub mod outbox;
 pub mod probe;
 pub mod retention;
-pub mod shutdown;
 pub mod startup;
 pub mod telemetry;
-pub mod tls;

@@ -16,16 +16,17 @@ use crate::api::{self, AppState};
 use crate::config::{
     AmqpConfig, ConsumerConfig, HttpConfig, MailConfig, RelayConfig, RetentionConfig,
 };
-use crate::inbox::{Consumer, Handler};
 use crate::metrics::Metrics;
+use crate::orders::EVENTS;
 use crate::orders::billing::Billing;
 use crate::orders::email::Email;
 use crate::orders::mailer::{MAILS, MailConfigError, Smtp};
-use crate::outbox::dispatch::Dispatcher;
-use crate::outbox::{Relay, Wake};
 pub use crate::probe::Probes;
 use crate::probe::{ProbeState, Status};
-use crate::retention::Prune;
+use inbox::{Consumer, Handler};
+use outbox::Dispatcher;
+use outbox::{Relay, Wake};
+use outbox_common::prune::Prune;
 
 /// Which consumer a `consume` role runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -115,7 +116,7 @@ impl Roles {
     /// Sends a Postgres NOTIFY for each burst of orders, for a relay in
     /// another process.
     pub fn start_notify_forwarder(&self) {
-        self.tracker.spawn(crate::outbox::forward_wakes_as_notify(
+        self.tracker.spawn(outbox::forward_wakes_as_notify(
             self.pool.clone(),
             self.wake.clone(),
             self.cancel.clone(),
@@ -124,14 +125,11 @@ impl Roles {
 
     /// A relay over this process's pool, publishing the order events.
     pub fn relay(&self, amqp: &AmqpConfig, config: &RelayConfig) -> Relay {
-        Relay {
-            pool: self.pool.clone(),
-            amqp: amqp.clone(),
-            config: config.clone(),
-            metrics: self.metrics.clone(),
-            wake: self.wake.clone(),
-            subscriptions: crate::orders::SUBSCRIPTIONS.to_vec(),
-        }
+        Relay::new(self.pool.clone(), EVENTS.clone(), amqp.clone())
+            .with_config(config.clone())
+            .with_metrics(self.metrics.relay.clone())
+            .with_wake(self.wake.clone())
+            .with_subscriptions(crate::orders::SUBSCRIPTIONS.to_vec())
     }
 
     /// Starts the relay; with `listen`, also the LISTEN task that wakes it
@@ -139,7 +137,7 @@ impl Roles {
     pub fn start_relay(&self, amqp: &AmqpConfig, config: &RelayConfig, listen: bool) {
         let relay = self.relay(amqp, config);
         if listen {
-            self.tracker.spawn(crate::outbox::wake::listen(
+            self.tracker.spawn(outbox_common::wake::listen(
                 self.pool.clone(),
                 self.wake.clone(),
                 self.cancel.clone(),
@@ -195,18 +193,12 @@ impl Roles {
 
     /// Starts the mailer: the mails' outbox, delivered by `smtp`.
     pub fn start_mailer(&self, smtp: Smtp, mail: &MailConfig) {
-        let dispatcher = Dispatcher {
-            pool: self.pool.clone(),
-            table: MAILS.clone(),
-            sink: Arc::new(smtp),
-            // Two waves of sends a round, each send bounded by the SMTP
-            // timeout: a round in hand at shutdown ends within two of them.
-            batch_size: 2 * mail.mailer_concurrency.max(1) as i64,
-            concurrency: mail.mailer_concurrency,
-            poll: Duration::from_secs(1),
-            wake: self.mail_wake.clone(),
-            timeout: Duration::from_millis(mail.smtp_timeout_ms),
-        };
+        // Two waves of sends a round (the default), each send bounded by the
+        // SMTP timeout: a round in hand at shutdown ends within two of them.
+        let dispatcher = Dispatcher::new(self.pool.clone(), MAILS.clone(), smtp)
+            .with_concurrency(mail.mailer_concurrency)
+            .with_wake(self.mail_wake.clone())
+            .with_timeout(Duration::from_millis(mail.smtp_timeout_ms));
         let (running, cancel) = (self.status.running("mailer"), self.cancel.clone());
         self.tracker.spawn(async move {
             let _running = running;
@@ -224,16 +216,12 @@ impl Roles {
         config: &ConsumerConfig,
     ) {
         let handler_name = handler.subscription().consumer;
-        let consumer = Consumer::new(
-            handler,
-            self.pool.clone(),
-            amqp.clone(),
-            config.clone(),
-            &self.metrics,
-        )
-        .with_wake(self.wake.clone())
-        .with_wake(self.mail_wake.clone())
-        .with_subscribed(self.status.subscription(handler_name));
+        let consumer = Consumer::new(handler, self.pool.clone(), amqp.clone())
+            .with_config(config.clone())
+            .with_metrics(&self.metrics.consumers)
+            .with_wake(self.wake.clone())
+            .with_wake(self.mail_wake.clone())
+            .with_subscribed(self.status.subscription(handler_name));
         let running = self.status.running(handler_name);
         let cancel = self.cancel.clone();
         self.tracker.spawn(async move {

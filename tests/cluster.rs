@@ -58,8 +58,8 @@ use std::time::{Duration, Instant};
 
 use common::eventually;
 use load::Load;
-use order_service::amqp::QueueNames;
 use order_service::orders::{BILLING, SUBSCRIPTIONS};
+use outbox_common::amqp::QueueNames;
 use sqlx::PgPool;
 use stack::Stack;
 
@@ -89,7 +89,7 @@ async fn accepted_orders_survive_losing_the_leader_of_a_three_node_cluster() {
     step.at("orders flowing before the fault");
     // Which node leads the queues, asked mid-load while the orders start to
     // flow (`rabbitmqctl` takes seconds on a busy machine).
-    let prefix = stack.amqp.queue_prefix.clone();
+    let prefix = stack.amqp.queue_prefix().to_owned();
     let listing = tokio::task::spawn_blocking({
         let (seed, prefix) = (seed.clone(), prefix.clone());
         move || rabbit::list_queues(&seed, &prefix)

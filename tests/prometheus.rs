@@ -74,11 +74,15 @@ async fn prometheus_sees_every_role_and_the_orders_flow_through_the_metrics() {
     let _db = DropDatabase(db_name.clone());
     let mut amqp = test_amqp();
     // The roles get these delays too, so the guard finds their retry queues.
-    amqp.retry_delays_ms = vec![200, 500];
+    amqp = amqp.with_retry_delays(vec![
+        std::time::Duration::from_millis(200),
+        std::time::Duration::from_millis(500),
+    ]);
     let _queues = DeleteQueues::orders(&amqp);
     eprintln!(
         "database {db_name}, exchange {}, queues {}*",
-        amqp.exchange, amqp.queue_prefix
+        amqp.exchange(),
+        amqp.queue_prefix()
     );
     let mut roles = Roles::start(
         &db_url,

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use inbox::Consumer;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Confirmation};
 use order_service::config::ConsumerConfig;
-use order_service::inbox::Consumer;
 use order_service::metrics::Metrics;
 use order_service::orders::billing::Billing;
 use order_service::orders::events::BILLING_SUBSCRIPTION;
@@ -50,14 +50,14 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
 
     // Fill the billing queue, many confirms in flight.
     let connection =
-        order_service::amqp::connect(&amqp, "bench filler", &CancellationToken::new()).await?;
+        outbox_common::amqp::connect(&amqp, "bench filler", &CancellationToken::new()).await?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    order_service::amqp::declare_exchange(&channel, &amqp).await?;
+    outbox_common::amqp::declare_exchange(&channel, &amqp).await?;
     let queues =
-        order_service::amqp::declare_consumer_queues(&channel, &amqp, &BILLING_SUBSCRIPTION)
+        outbox_common::amqp::declare_consumer_queues(&channel, &amqp, &BILLING_SUBSCRIPTION)
             .await?;
     let mut in_flight = FuturesUnordered::new();
     for id in &ids {
@@ -98,17 +98,15 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
     connection.close(200, "filled".into()).await?;
 
     let metrics = Metrics::default();
-    let consumer = std::sync::Arc::new(Consumer::new(
-        Billing,
-        db.pool.clone(),
-        amqp.clone(),
-        config.clone(),
-        &metrics,
-    ));
+    let consumer = std::sync::Arc::new(
+        Consumer::new(Billing, db.pool.clone(), amqp.clone())
+            .with_config(config.clone())
+            .with_metrics(&metrics.consumers),
+    );
     let cancel = CancellationToken::new();
     let started = Instant::now();
     let task = tokio::spawn(consumer.clone().run(cancel.clone()));
-    while consumer.metrics.processed.get() < MESSAGES as u64 {
+    while consumer.metrics().processed.get() < MESSAGES as u64 {
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(300),
             "consumer did not finish"
@@ -129,18 +127,18 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
         "one order.confirmed outbox row per message"
     );
 
-    let per_transaction = MESSAGES as f64 / consumer.metrics.transactions.get().max(1) as f64;
+    let per_transaction = MESSAGES as f64 / consumer.metrics().transactions.get().max(1) as f64;
     let pg = pgbench(&db.url, CONSUMER_TX, PGBENCH_CLIENTS, 10)?;
     println!(
         "consumer: billing {rate:.0} msg/s ({per_transaction:.1} messages per transaction, \
          {} transactions at once), pgbench one transaction per message {pg:.0} tps, ratio {:.2}",
-        config.concurrency,
+        config.concurrency(),
         rate / pg
     );
     report.row(
         &format!(
             "Billing consumer, {MESSAGES} queued messages, {} transactions at once",
-            config.concurrency
+            config.concurrency()
         ),
         format!("{rate:.0} msg/s, {per_transaction:.1} messages per transaction"),
         format!(

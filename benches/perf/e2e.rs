@@ -129,9 +129,9 @@ async fn step(rate: u64) -> anyhow::Result<StepResult> {
     let amqp = bench_amqp("e2e");
     let env = vec![
         ("DATABASE_URL", db.url.clone()),
-        ("AMQP_URL", amqp.amqp_url.expose().to_owned()),
-        ("AMQP_EXCHANGE", amqp.exchange.clone()),
-        ("AMQP_QUEUE_PREFIX", amqp.queue_prefix.clone()),
+        ("AMQP_URL", amqp.url().expose().to_owned()),
+        ("AMQP_EXCHANGE", amqp.exchange().to_owned()),
+        ("AMQP_QUEUE_PREFIX", amqp.queue_prefix().to_owned()),
         ("DATABASE_POOL_SIZE", "20".into()),
     ];
     let service = Service::start(&["run"], &env).await?;

@@ -33,8 +33,7 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use order_service::config::MailConfig;
 use order_service::metrics::Metrics;
 use order_service::orders::mailer::{MAILS, Smtp};
-use order_service::outbox::Wake;
-use order_service::outbox::dispatch::{Delivered, Dispatcher};
+use outbox::{Delivered, Dispatcher};
 
 use crate::report::Report;
 use crate::setup::{BenchDb, percentile};
@@ -127,16 +126,9 @@ async fn mailer_drain(
         &format!("smtp://127.0.0.1:{port}"),
         Arc::new(Metrics::default()),
     )?;
-    let dispatcher = Dispatcher {
-        pool: db.pool.clone(),
-        table: MAILS.clone(),
-        sink: Arc::new(smtp),
-        batch_size: batch_size(concurrency),
-        concurrency,
-        poll: Duration::from_secs(1),
-        wake: Wake::default(),
-        timeout: Duration::from_millis(config.smtp_timeout_ms),
-    };
+    let dispatcher = Dispatcher::new(db.pool.clone(), MAILS.clone(), smtp)
+        .with_concurrency(concurrency)
+        .with_timeout(Duration::from_millis(config.smtp_timeout_ms));
     let started = Instant::now();
     let mut total = Delivered::default();
     loop {

@@ -2,7 +2,6 @@
 //! with the same confirm window and message size, in the same run, to the
 //! same exchange and queues (the relay's topology: both order consumers).
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::StreamExt;
@@ -10,12 +9,11 @@ use futures_util::stream::FuturesUnordered;
 use lapin::options::{BasicPublishOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
-use order_service::amqp::QueueNames;
-use order_service::amqp::headers::{PUBLISHED_AT_HEADER, TRACEPARENT_HEADER, WRITTEN_AT_HEADER};
 use order_service::config::{AmqpConfig, QueueType, RelayConfig};
-use order_service::metrics::Metrics;
-use order_service::orders::SUBSCRIPTIONS;
-use order_service::outbox::{Publisher, Relay, Wake, store};
+use order_service::orders::{EVENTS, SUBSCRIPTIONS};
+use outbox::{Publisher, Relay, RelayMetrics, Wake};
+use outbox_common::amqp::QueueNames;
+use outbox_common::amqp::headers::{PUBLISHED_AT_HEADER, TRACEPARENT_HEADER, WRITTEN_AT_HEADER};
 use tokio_util::sync::CancellationToken;
 
 use crate::report::Report;
@@ -57,11 +55,11 @@ struct Raw {
 impl Raw {
     async fn open(amqp: &AmqpConfig, lanes: usize) -> anyhow::Result<Self> {
         let connection =
-            order_service::amqp::connect(amqp, "bench raw publish", &CancellationToken::new())
+            outbox_common::amqp::connect(amqp, "bench raw publish", &CancellationToken::new())
                 .await?;
         let mut channels = Vec::new();
         for _ in 0..lanes.max(1) {
-            channels.push(order_service::amqp::confirm_channel(&connection).await?);
+            channels.push(outbox_common::amqp::confirm_channel(&connection).await?);
         }
         Ok(Self {
             connection,
@@ -158,9 +156,9 @@ async fn relay_db_work(
     let mut rows = 0usize;
     while !stop.is_cancelled() {
         let mut tx = pool.begin().await?;
-        let claimed = store::claim_due(&mut tx, batch_size).await?;
+        let claimed = EVENTS.claim_due(&mut tx, batch_size).await?;
         let ids: Vec<i64> = claimed.iter().map(|r| r.id).collect();
-        store::mark_published(&mut tx, &ids).await?;
+        EVENTS.mark_published(&mut tx, &ids).await?;
         tx.rollback().await?;
         rows += ids.len();
         // Paced to `rate`: sleep until this many rows are due by the clock.
@@ -194,11 +192,11 @@ async fn raw_beside_db_work(
     let stop = CancellationToken::new();
     let work = tokio::spawn(relay_db_work(
         db.pool.clone(),
-        config.batch_size,
+        config.batch_size(),
         rate,
         stop.clone(),
     ));
-    let published = raw_publish(raw, &amqp.exchange, ROWS, size, window).await;
+    let published = raw_publish(raw, amqp.exchange(), ROWS, size, window).await;
     stop.cancel();
     let db_rate = work.await??;
     Ok((published?, db_rate))
@@ -261,13 +259,13 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
     {
-        config.workers = w;
+        config = config.with_workers(w);
     }
     if let Some(b) = std::env::var("RELAY_BATCH_SIZE")
         .ok()
         .and_then(|v| v.parse().ok())
     {
-        config.batch_size = b;
+        config = config.with_batch_size(b);
     }
     let window = config.confirm_window();
     let (rounds, size) = rounds_on(QueueType::Quorum, &config, ROUNDS).await?;
@@ -358,7 +356,7 @@ async fn rounds_on(
 ) -> anyhow::Result<(Vec<Round>, usize)> {
     let window = config.confirm_window();
     let mut amqp = bench_amqp("relay");
-    amqp.queue_type = queue_type;
+    amqp = amqp.with_queue_type(queue_type);
     // The relay's publisher declares the exchange and every order queue.
     let lanes = config.batches_open();
     let publisher =
@@ -380,17 +378,14 @@ async fn rounds_on(
         purge(&raw_side, &amqp).await?;
         let mut raw = 0.0;
         if raw_first {
-            raw = raw_publish(&raw_side, &amqp.exchange, ROWS, size, window).await?;
+            raw = raw_publish(&raw_side, amqp.exchange(), ROWS, size, window).await?;
             purge(&raw_side, &amqp).await?;
         }
-        let relay = Relay {
-            pool: db.pool.clone(),
-            amqp: amqp.clone(),
-            config: config.clone(),
-            metrics: Arc::new(Metrics::default()),
-            wake: Wake::default(),
-            subscriptions: SUBSCRIPTIONS.to_vec(),
-        };
+        let relay = Relay::new(db.pool.clone(), EVENTS.clone(), amqp.clone())
+            .with_config(config.clone())
+            .with_metrics(RelayMetrics::default())
+            .with_wake(Wake::default())
+            .with_subscriptions(SUBSCRIPTIONS.to_vec());
         let wal_before = wal_lsn(&db).await?;
         let started = Instant::now();
         let published = relay.drain(&publisher).await?;
@@ -407,7 +402,7 @@ async fn rounds_on(
         );
         if !raw_first {
             purge(&raw_side, &amqp).await?;
-            raw = raw_publish(&raw_side, &amqp.exchange, ROWS, size, window).await?;
+            raw = raw_publish(&raw_side, amqp.exchange(), ROWS, size, window).await?;
         }
         let mut beside = String::new();
         let raw_beside_db = if queue_type == QueueType::Quorum {

@@ -75,8 +75,8 @@ impl BenchDb {
 pub fn bench_amqp(tag: &str) -> AmqpConfig {
     let mut config = AmqpConfig::new(amqp_url());
     let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
-    config.exchange = format!("bench_{tag}_{id}_order_events");
-    config.queue_prefix = format!("bench_{tag}_{id}_");
+    config = config.with_exchange(format!("bench_{tag}_{id}_order_events"));
+    config = config.with_queue_prefix(format!("bench_{tag}_{id}_"));
     config
 }
 
@@ -84,10 +84,10 @@ pub fn bench_amqp(tag: &str) -> AmqpConfig {
 pub async fn cleanup_amqp(config: &AmqpConfig) -> anyhow::Result<()> {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
     let connection =
-        order_service::amqp::connect(config, "bench cleanup", &CancellationToken::new()).await?;
+        outbox_common::amqp::connect(config, "bench cleanup", &CancellationToken::new()).await?;
     let channel = connection.create_channel().await?;
     for subscription in order_service::orders::SUBSCRIPTIONS {
-        let names = order_service::amqp::QueueNames::new(config, subscription.consumer);
+        let names = outbox_common::amqp::QueueNames::new(config, subscription.consumer);
         let queues = [names.main, names.dlq]
             .into_iter()
             .chain(names.retries.into_iter().map(|(q, _)| q));
@@ -98,10 +98,7 @@ pub async fn cleanup_amqp(config: &AmqpConfig) -> anyhow::Result<()> {
         }
     }
     channel
-        .exchange_delete(
-            config.exchange.as_str().into(),
-            ExchangeDeleteOptions::default(),
-        )
+        .exchange_delete(config.exchange().into(), ExchangeDeleteOptions::default())
         .await?;
     connection.close(200, "done".into()).await?;
     Ok(())

@@ -10,7 +10,6 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
-use crate::outbox::store;
 
 // The answer of `/healthz`. Doc comments on these types and their fields
 // become descriptions in the OpenAPI document; plain comments stay out of it.
@@ -125,7 +124,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
     let outbox = tokio::time::timeout(CHECK_TIMEOUT, async {
         let mut conn = state.pool.acquire().await?;
-        store::status(&mut conn).await
+        crate::orders::EVENTS.status(&mut conn).await
     })
     .await;
     let (postgres, lag_secs) = match outbox {
@@ -141,17 +140,19 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     };
     let rabbitmq = match &state.amqp {
         None => RabbitMqCheck::NotChecked,
-        Some(amqp) => match tokio::time::timeout(CHECK_TIMEOUT, crate::amqp::ping(amqp)).await {
-            Ok(Ok(())) => RabbitMqCheck::Ok,
-            Ok(Err(error)) => {
-                tracing::warn!(
-                    error = format!("{error:#}"),
-                    "readiness: RabbitMQ check failed"
-                );
-                RabbitMqCheck::Unreachable
+        Some(amqp) => {
+            match tokio::time::timeout(CHECK_TIMEOUT, outbox_common::amqp::ping(amqp)).await {
+                Ok(Ok(())) => RabbitMqCheck::Ok,
+                Ok(Err(error)) => {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "readiness: RabbitMQ check failed"
+                    );
+                    RabbitMqCheck::Unreachable
+                }
+                Err(_) => RabbitMqCheck::Timeout,
             }
-            Err(_) => RabbitMqCheck::Timeout,
-        },
+        }
     };
     let lag_ok = lag_secs <= state.max_outbox_lag.as_secs_f64();
     let ready = postgres == PostgresCheck::Ok

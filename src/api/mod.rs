@@ -27,10 +27,10 @@ use utoipa_axum::routes;
 
 use crate::config::{AmqpConfig, HttpConfig};
 use crate::metrics::Metrics;
-use crate::outbox::Wake;
 use crate::telemetry::propagation;
 use auth::Authenticator;
 use error::ApiError;
+use outbox::Wake;
 
 /// What every handler may use.
 #[derive(Clone)]

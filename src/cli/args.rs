@@ -5,8 +5,8 @@
 use clap::{Parser, Subcommand};
 
 use crate::config::{
-    AmqpConfig, AuthConfig, ConsumerConfig, DatabaseConfig, HttpConfig, MailConfig, RelayConfig,
-    RetentionConfig,
+    AmqpSettings, AuthConfig, ConsumerSettings, DatabaseConfig, HttpConfig, MailConfig,
+    RelaySettings, RetentionConfig,
 };
 use crate::startup::ConsumerKind;
 use crate::telemetry::TelemetryConfig;
@@ -31,13 +31,13 @@ pub enum Command {
         #[command(flatten)]
         db: DatabaseConfig,
         #[command(flatten)]
-        amqp: AmqpConfig,
+        amqp: AmqpSettings,
         #[command(flatten)]
         http: HttpConfig,
         #[command(flatten)]
-        relay: RelayConfig,
+        relay: RelaySettings,
         #[command(flatten)]
-        consumer: ConsumerConfig,
+        consumer: ConsumerSettings,
         #[command(flatten)]
         retention: RetentionConfig,
         #[command(flatten)]
@@ -61,9 +61,9 @@ pub enum Command {
         #[command(flatten)]
         db: DatabaseConfig,
         #[command(flatten)]
-        amqp: AmqpConfig,
+        amqp: AmqpSettings,
         #[command(flatten)]
-        relay: RelayConfig,
+        relay: RelaySettings,
         #[command(flatten)]
         http: HttpConfig,
         #[command(flatten)]
@@ -75,9 +75,9 @@ pub enum Command {
         #[command(flatten)]
         db: DatabaseConfig,
         #[command(flatten)]
-        amqp: AmqpConfig,
+        amqp: AmqpSettings,
         #[command(flatten)]
-        consumer: ConsumerConfig,
+        consumer: ConsumerSettings,
         #[command(flatten)]
         http: HttpConfig,
         #[command(flatten)]
@@ -110,7 +110,7 @@ pub enum DlqCommand {
         #[arg(long, default_value_t = 100)]
         limit: usize,
         #[command(flatten)]
-        amqp: AmqpConfig,
+        amqp: AmqpSettings,
     },
     /// Move dead letters back to the consumer's main queue. Letters older
     /// than the dedup window are left (with a warning) unless --force.
@@ -123,7 +123,7 @@ pub enum DlqCommand {
         #[arg(long)]
         force: bool,
         #[command(flatten)]
-        amqp: AmqpConfig,
+        amqp: AmqpSettings,
         #[command(flatten)]
         retention: RetentionConfig,
     },

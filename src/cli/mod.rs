@@ -14,8 +14,8 @@ pub use args::{Cli, Command, DlqCommand, OutboxCommand};
 
 use crate::api::auth::Authenticator;
 use crate::config::{AmqpConfig, DatabaseConfig};
+use crate::orders::EVENTS;
 use crate::orders::mailer::MAILS;
-use crate::outbox::store::EVENTS;
 use crate::retention;
 use crate::startup::{ConsumerKind, Probes, Roles};
 use crate::telemetry;
@@ -26,7 +26,7 @@ const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
 /// Parses the command line, runs the command, flushes telemetry.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    crate::tls::install_provider();
+    outbox_common::tls::install_provider();
     let guard = match telemetry::init(&cli.telemetry) {
         Ok(guard) => guard,
         Err(error) => {
@@ -52,7 +52,7 @@ pub fn main() -> ExitCode {
 
 pub async fn execute(command: Command) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
-    crate::shutdown::cancel_on_signal(cancel.clone());
+    outbox_common::shutdown::cancel_on_signal(cancel.clone());
     match command {
         Command::Run {
             db,
@@ -64,6 +64,7 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             mail,
             auth,
         } => {
+            let (amqp, relay, consumer) = (amqp.config(), relay.config(), consumer.config());
             retention.check(&amqp).map_err(anyhow::Error::msg)?;
             // Before connecting: a bad key or mail setting stops the process at once.
             let auth = Authenticator::from_config(&auth)?;
@@ -78,11 +79,11 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             roles.start_consumer(ConsumerKind::Billing, &amqp, &consumer, &mail)?;
             let dedup = retention.dedup();
             let prunes = vec![
-                retention::published(&EVENTS, relay.retention()),
+                EVENTS.prune(relay.retention()),
                 retention::idempotency_keys(retention.idempotency_keys()),
-                retention::dedup(ConsumerKind::Email.name(), dedup),
-                retention::dedup(ConsumerKind::Billing.name(), dedup),
-                retention::published(&MAILS, mail.retention()),
+                inbox::dedup_prune(ConsumerKind::Email.name(), dedup),
+                inbox::dedup_prune(ConsumerKind::Billing.name(), dedup),
+                MAILS.prune(mail.retention()),
             ];
             roles.start_retention(prunes, &retention);
             roles.wait(SHUTDOWN_DEADLINE).await
@@ -110,12 +111,10 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             http,
             retention,
         } => {
+            let (amqp, relay) = (amqp.config(), relay.config());
             let roles = Roles::new(connect_both(&db, &amqp, &cancel).await?, cancel);
             roles.start_relay(&amqp, &relay, true);
-            roles.start_retention(
-                vec![retention::published(&EVENTS, relay.retention())],
-                &retention,
-            );
+            roles.start_retention(vec![EVENTS.prune(relay.retention())], &retention);
             roles
                 .start_probes(&http, Probes::relay(&amqp, &http))
                 .await?;
@@ -130,6 +129,7 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             retention,
             mail,
         } => {
+            let (amqp, consumer) = (amqp.config(), consumer.config());
             retention.check(&amqp).map_err(anyhow::Error::msg)?;
             if which == ConsumerKind::Email {
                 crate::orders::mailer::check(&mail)?;
@@ -140,9 +140,9 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             // Billing writes order.confirmed rows: wake the relay elsewhere.
             roles.start_notify_forwarder();
             let mailer = which == ConsumerKind::Email && mail.smtp_url.is_some();
-            let mut prunes = vec![retention::dedup(which.name(), retention.dedup())];
+            let mut prunes = vec![inbox::dedup_prune(which.name(), retention.dedup())];
             if mailer {
-                prunes.push(retention::published(&MAILS, mail.retention()));
+                prunes.push(MAILS.prune(mail.retention()));
             }
             roles.start_retention(prunes, &retention);
             roles
@@ -182,10 +182,9 @@ async fn connect_both(
     amqp: &AmqpConfig,
     cancel: &CancellationToken,
 ) -> anyhow::Result<sqlx::PgPool> {
-    let (pool, ()) = tokio::try_join!(
-        crate::db::connect(db, cancel),
-        crate::amqp::check_at_start(amqp, cancel)
-    )?;
+    let (pool, ()) = tokio::try_join!(crate::db::connect(db, cancel), async {
+        Ok(outbox_common::amqp::check_at_start(amqp, cancel).await?)
+    })?;
     Ok(pool)
 }
 

@@ -3,16 +3,17 @@
 use tokio_util::sync::CancellationToken;
 
 use super::DlqCommand;
-use crate::amqp::QueueNames;
 use crate::config::{AmqpConfig, DatabaseConfig};
 use crate::orders;
+use outbox_common::amqp::QueueNames;
 
 /// `dlq list` and `dlq replay`: each tries the broker once, and stops on
 /// `cancel` (SIGTERM or Ctrl-C).
 pub(super) async fn dlq(command: DlqCommand, cancel: &CancellationToken) -> anyhow::Result<()> {
-    use crate::inbox::dlq;
+    use inbox::dlq;
     match command {
         DlqCommand::List { queue, limit, amqp } => {
+            let amqp = amqp.config();
             let queues = consumer_queues(&amqp, &queue)?;
             let letters = dlq::list_until(&amqp, &queues, limit, cancel).await?;
             anyhow::ensure!(!cancel.is_cancelled(), "dlq list stopped by a signal");
@@ -36,6 +37,7 @@ pub(super) async fn dlq(command: DlqCommand, cancel: &CancellationToken) -> anyh
             amqp,
             retention,
         } => {
+            let amqp = amqp.config();
             let queues = consumer_queues(&amqp, &queue)?;
             let window = (!force).then(|| retention.dedup());
             let replay = dlq::replay_until(&amqp, &queues, limit, window, cancel).await?;
@@ -78,10 +80,7 @@ pub(super) async fn outbox_status(
     let pool = crate::db::connect_for_command(&db, cancel).await?;
     let mut conn = pool.acquire().await?;
     let tables = [
-        (
-            "events (outbox, to RabbitMQ)",
-            &*crate::outbox::store::EVENTS,
-        ),
+        ("events (outbox, to RabbitMQ)", &*crate::orders::EVENTS),
         (
             "mails (mail_outbox, to SMTP)",
             &*crate::orders::mailer::MAILS,

@@ -6,12 +6,11 @@
 mod auth;
 mod mail;
 mod retention;
-mod secret;
 
 pub use auth::AuthConfig;
 pub use mail::MailConfig;
+pub use outbox_common::secret::{SecretUrl, redact_url, split_list};
 pub use retention::{RetentionConfig, WEEK_SECS};
-pub use secret::{SecretUrl, redact_url, split_list};
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -49,19 +48,14 @@ impl DatabaseConfig {
     }
 }
 
-/// The type of every queue the service declares.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum QueueType {
-    /// Replicated across a cluster (Raft); at-least-once dead-lettering.
-    #[default]
-    Quorum,
-    /// One node's queue, not replicated (RabbitMQ 4.x: no mirroring).
-    Classic,
-}
+pub use inbox::ConsumerConfig;
+pub use outbox::RelayConfig;
+pub use outbox_common::amqp::{AmqpConfig, QueueType};
 
-/// RabbitMQ settings shared by the relay and the consumers.
+/// RabbitMQ settings shared by the relay and the consumers: the flags and
+/// variables of [`AmqpConfig`].
 #[derive(Debug, Clone, clap::Args)]
-pub struct AmqpConfig {
+pub struct AmqpSettings {
     /// RabbitMQ URL, or the URLs of a cluster's nodes, comma separated: each
     /// connection tries them in turn, starting at a random one. `amqps://`
     /// is always TLS, with RabbitMQ's URI query parameters: `cacertfile`
@@ -76,9 +70,10 @@ pub struct AmqpConfig {
         hide_env_values = true
     )]
     pub amqp_url: SecretUrl,
-    /// Type of the main, retry and dead-letter queues. A queue cannot change
-    /// its type in place: see docs/operations.md before switching.
-    #[arg(long, env = "QUEUE_TYPE", value_enum, default_value_t = QueueType::Quorum)]
+    /// Type of the main, retry and dead-letter queues (quorum or classic). A
+    /// queue cannot change its type in place: see docs/operations.md before
+    /// switching.
+    #[arg(long, env = "QUEUE_TYPE", default_value = "quorum", value_parser = parse_queue_type)]
     pub queue_type: QueueType,
     /// Exchange the relay publishes to.
     #[arg(long, env = "AMQP_EXCHANGE", default_value = "order_events")]
@@ -96,34 +91,24 @@ pub struct AmqpConfig {
     pub retry_delays_ms: Vec<u64>,
 }
 
-impl AmqpConfig {
-    pub fn new(url: impl Into<String>) -> Self {
-        Self {
-            amqp_url: SecretUrl::new(url),
-            queue_type: QueueType::Quorum,
-            exchange: "order_events".into(),
-            queue_prefix: String::new(),
-            retry_delays_ms: vec![1_000, 10_000, 60_000],
-        }
-    }
+fn parse_queue_type(value: &str) -> Result<QueueType, String> {
+    value.parse()
+}
 
-    /// The broker URLs, in the order given.
-    pub fn urls(&self) -> Vec<&str> {
-        // Split only before a new `scheme://`, so a comma in a password
-        // stays in its URL.
-        split_list(self.amqp_url.expose())
-            .into_iter()
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .collect()
-    }
-
-    pub fn retry_delays(&self) -> Vec<Duration> {
-        self.retry_delays_ms
-            .iter()
-            .copied()
-            .map(Duration::from_millis)
-            .collect()
+impl AmqpSettings {
+    /// The settings as the core crates take them.
+    pub fn config(&self) -> AmqpConfig {
+        AmqpConfig::new(self.amqp_url.expose())
+            .with_queue_type(self.queue_type)
+            .with_exchange(&self.exchange)
+            .with_queue_prefix(&self.queue_prefix)
+            .with_retry_delays(
+                self.retry_delays_ms
+                    .iter()
+                    .copied()
+                    .map(Duration::from_millis)
+                    .collect(),
+            )
     }
 }
 
@@ -155,9 +140,9 @@ impl Default for HttpConfig {
     }
 }
 
-/// Relay settings.
+/// Relay settings: the flags and variables of [`RelayConfig`].
 #[derive(Debug, Clone, clap::Args)]
-pub struct RelayConfig {
+pub struct RelaySettings {
     /// Rows claimed per batch.
     #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 750)]
     pub batch_size: i64,
@@ -173,39 +158,20 @@ pub struct RelayConfig {
     pub retention_secs: u64,
 }
 
-impl RelayConfig {
-    /// How long published rows are kept.
-    pub fn retention(&self) -> Duration {
-        Duration::from_secs(self.retention_secs)
-    }
-
-    /// Publishes awaiting confirms at most, across the batches in flight.
-    pub fn confirm_window(&self) -> usize {
-        self.batch_size.max(1) as usize * self.workers.max(1)
-    }
-
-    /// Batches open at most (claim transactions), each on a publisher lane
-    /// of its own: two more than the workers, so the window stays full
-    /// while one batch marks and the next claims.
-    pub fn batches_open(&self) -> usize {
-        self.workers.max(1) + 2
+impl RelaySettings {
+    /// The settings as the outbox crate takes them.
+    pub fn config(&self) -> RelayConfig {
+        RelayConfig::default()
+            .with_batch_size(self.batch_size)
+            .with_workers(self.workers)
+            .with_poll_interval(Duration::from_millis(self.poll_interval_ms))
+            .with_retention(Duration::from_secs(self.retention_secs))
     }
 }
 
-impl Default for RelayConfig {
-    fn default() -> Self {
-        Self {
-            batch_size: 750,
-            workers: 2,
-            poll_interval_ms: 1_000,
-            retention_secs: 7 * 24 * 3600,
-        }
-    }
-}
-
-/// Consumer settings.
+/// Consumer settings: the flags and variables of [`ConsumerConfig`].
 #[derive(Debug, Clone, clap::Args)]
-pub struct ConsumerConfig {
+pub struct ConsumerSettings {
     /// Unacked deliveries the broker may send at once (basic.qos prefetch).
     #[arg(long, env = "CONSUMER_PREFETCH", default_value_t = 128)]
     pub prefetch: u16,
@@ -227,12 +193,12 @@ pub struct ConsumerConfig {
     pub batch_size: usize,
 }
 
-impl Default for ConsumerConfig {
-    fn default() -> Self {
-        Self {
-            prefetch: 128,
-            concurrency: 4,
-            batch_size: 64,
-        }
+impl ConsumerSettings {
+    /// The settings as the inbox crate takes them.
+    pub fn config(&self) -> ConsumerConfig {
+        ConsumerConfig::default()
+            .with_prefetch(self.prefetch)
+            .with_concurrency(self.concurrency)
+            .with_batch_size(self.batch_size)
     }
 }

@@ -51,7 +51,7 @@ impl RetentionConfig {
     /// message still retrying after its dedup row was pruned could be
     /// applied twice.
     pub fn check(&self, amqp: &AmqpConfig) -> Result<(), String> {
-        let retries: Duration = amqp.retry_delays().into_iter().sum();
+        let retries: Duration = amqp.retry_delays().iter().sum();
         if self.dedup() < retries {
             return Err(format!(
                 "DEDUP_RETENTION_SECS ({}s) is shorter than the retry delays together ({}s): \

@@ -11,7 +11,7 @@ use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
 use super::StartError;
 use crate::config::{SecretUrl, redact_url};
-use crate::tls::{self, PemFileError};
+use outbox_common::tls::{self, PemFileError};
 
 /// Every statement of the service is bounded in time: a silent network
 /// partition or a lock queue (behind an `ALTER`, say) fails the work, which

@@ -11,7 +11,7 @@ use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
 
 use super::options::Options;
-use crate::shutdown::{WaitError, wait_for};
+use outbox_common::shutdown::{WaitError, wait_for};
 
 /// One connection attempt may take this long (a host that drops packets
 /// answers nothing, so the attempt would otherwise never end). Shorter than

@@ -11,9 +11,8 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::events::{BILLING_SUBSCRIPTION, Charge, ORDER_CREATED, OrderConfirmed, OrderEvent};
-use crate::amqp::Subscription;
-use crate::inbox::{Event, Handler, HandlerError};
-use crate::outbox::store;
+use inbox::{Event, Handler, HandlerError};
+use outbox_common::amqp::Subscription;
 
 /// Charges orders. See the module doc.
 #[derive(Debug, Default, Clone)]
@@ -63,7 +62,7 @@ impl Handler for Billing {
                     .row(event.trace_headers.clone()))
             })
             .collect::<Result<_, HandlerError>>()?;
-        store::insert_many(tx, &confirmations).await?;
+        super::EVENTS.insert_many(tx, &confirmations).await?;
         Ok(())
     }
 }

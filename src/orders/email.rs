@@ -6,9 +6,9 @@ use sqlx::PgConnection;
 
 use super::events::{AGGREGATE, EMAIL_SUBSCRIPTION, ORDER_CONFIRMED, ORDER_CREATED, OrderEvent};
 use super::mailer::{MAILS, MailRow};
-use crate::amqp::Subscription;
-use crate::inbox::{Event, Handler, HandlerError};
-use crate::outbox::store::NewOutboxEvent;
+use inbox::{Event, Handler, HandlerError};
+use outbox::NewOutboxEvent;
+use outbox_common::amqp::Subscription;
 
 /// Records the e-mail of each order event and, when the mailer is on,
 /// writes it to the mails' outbox in the same transaction. `failure_rate`

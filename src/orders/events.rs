@@ -4,8 +4,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::amqp::Subscription;
-use crate::outbox::store::NewOutboxEvent;
+use outbox::NewOutboxEvent;
+use outbox_common::amqp::Subscription;
 
 /// The event type of a new order, also its routing key. Written by the API.
 pub const ORDER_CREATED: &str = "order.created";

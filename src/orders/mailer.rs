@@ -15,9 +15,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::MailConfig;
 use crate::metrics::Metrics;
-use crate::outbox::dispatch::{Sink, SinkError};
-use crate::outbox::store::{OutboxRow, Table};
 use crate::telemetry::propagation;
+use outbox::{OutboxRow, Table};
+use outbox::{Sink, SinkError};
 
 mod probe;
 mod transport;
@@ -56,7 +56,7 @@ pub enum MailConfigError {
     CaFile { path: String, reason: String },
     /// The CA file cannot be read, or holds no PEM certificate.
     #[error("SMTP_CA_FILE {0}")]
-    CaPem(#[source] crate::tls::PemFileError),
+    CaPem(#[source] outbox_common::tls::PemFileError),
     /// A CA to trust for a connection that has no TLS: a mistake.
     #[error(
         "SMTP_CA_FILE is set, but SMTP_URL {0} asks for no TLS (add ?tls=required or use smtps://)"

@@ -20,6 +20,11 @@ pub use events::{
 };
 
 /// Longest `productId`/`userId` accepted, in characters.
+/// The events' outbox: `order.created` and `order.confirmed`, published
+/// to RabbitMQ by the relay.
+pub static EVENTS: std::sync::LazyLock<outbox::Table> =
+    std::sync::LazyLock::new(|| outbox::Table::named("outbox"));
+
 pub const MAX_ID_CHARS: usize = 128;
 /// Largest amount accepted, in minor units (ten billion in major units).
 pub const MAX_AMOUNT: i64 = 1_000_000_000_000;

@@ -14,8 +14,8 @@ use uuid::Uuid;
 
 use crate::db::ErrorKind;
 use crate::orders::{NewOrder, OrderEvent};
-use crate::outbox::Wake;
-use crate::outbox::store::NewOutboxEvent;
+use outbox::NewOutboxEvent;
+use outbox::Wake;
 
 /// Orders per shared transaction at most.
 const MAX_BATCH: usize = 64;

@@ -19,11 +19,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AmqpConfig, HttpConfig};
-use crate::metrics::{Metrics, OutboxGauges};
-use crate::outbox::store::Table;
+use crate::metrics::Metrics;
+use outbox::OutboxGauges;
+use outbox::Table;
 
-mod status;
-pub use status::{Flag, Running, Status};
+pub use outbox_common::status::{Flag, Running, Status};
 
 /// How long one dependency check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -148,7 +148,7 @@ struct Readiness {
 pub async fn readyz(State(state): State<ProbeState>) -> Response {
     let outbox = tokio::time::timeout(CHECK_TIMEOUT, async {
         let mut conn = state.pool.acquire().await?;
-        crate::outbox::store::status(&mut conn).await
+        crate::orders::EVENTS.status(&mut conn).await
     })
     .await;
     let (postgres, lag) = match outbox {
@@ -161,17 +161,19 @@ pub async fn readyz(State(state): State<ProbeState>) -> Response {
     };
     let rabbitmq = match &state.probes.amqp {
         None => "not checked",
-        Some(amqp) => match tokio::time::timeout(CHECK_TIMEOUT, crate::amqp::ping(amqp)).await {
-            Ok(Ok(())) => "ok",
-            Ok(Err(error)) => {
-                tracing::warn!(
-                    error = format!("{error:#}"),
-                    "readiness: RabbitMQ check failed"
-                );
-                "unreachable"
+        Some(amqp) => {
+            match tokio::time::timeout(CHECK_TIMEOUT, outbox_common::amqp::ping(amqp)).await {
+                Ok(Ok(())) => "ok",
+                Ok(Err(error)) => {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "readiness: RabbitMQ check failed"
+                    );
+                    "unreachable"
+                }
+                Err(_) => "timeout",
             }
-            Err(_) => "timeout",
-        },
+        }
     };
     let limit = state.probes.max_outbox_lag.map(|l| l.as_secs_f64());
     let not_subscribed = state.status.unsubscribed();
@@ -209,7 +211,7 @@ pub async fn metrics(State(state): State<ProbeState>) -> Response {
 
 /// Reads the events' outbox's pending rows and lag into the gauges.
 pub async fn refresh_outbox_gauges(pool: &PgPool, metrics: &Metrics) {
-    refresh_gauges(pool, &crate::outbox::store::EVENTS, &metrics.outbox).await;
+    refresh_gauges(pool, &crate::orders::EVENTS, &metrics.outbox).await;
 }
 
 /// Both outboxes' gauges: for the api, which in `run` serves the metrics of

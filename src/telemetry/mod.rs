@@ -124,7 +124,8 @@ fn read_ca(config: &TelemetryConfig) -> anyhow::Result<CollectorCa> {
     let Some(path) = config.otlp_certificate.as_deref() else {
         return Ok(CollectorCa::default());
     };
-    let certs = crate::tls::pem_certificates(path).context("OTEL_EXPORTER_OTLP_CERTIFICATE")?;
+    let certs =
+        outbox_common::tls::pem_certificates(path).context("OTEL_EXPORTER_OTLP_CERTIFICATE")?;
     let pem = std::fs::read(path).context("OTEL_EXPORTER_OTLP_CERTIFICATE")?;
     Ok(CollectorCa { certs, pem })
 }
@@ -157,7 +158,8 @@ fn http_exporter(
     ca: &CollectorCa,
 ) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
     use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
-    let tls = crate::tls::client_config(&ca.certs).context("OTEL_EXPORTER_OTLP_CERTIFICATE")?;
+    let tls =
+        outbox_common::tls::client_config(&ca.certs).context("OTEL_EXPORTER_OTLP_CERTIFICATE")?;
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()

@@ -51,9 +51,12 @@ impl Stack {
         let (db_name, db_url) = common::create_database().await;
         let id = Uuid::new_v4().simple().to_string();
         let mut amqp = AmqpConfig::new(amqp_urls);
-        amqp.exchange = format!("osc{}_order_events", &id[..12]);
-        amqp.queue_prefix = format!("osc{}_", &id[..12]);
-        amqp.retry_delays_ms = vec![200, 500];
+        amqp = amqp.with_exchange(format!("osc{}_order_events", &id[..12]));
+        amqp = amqp.with_queue_prefix(format!("osc{}_", &id[..12]));
+        amqp = amqp.with_retry_delays(vec![
+            std::time::Duration::from_millis(200),
+            std::time::Duration::from_millis(500),
+        ]);
         let log_dir = std::env::temp_dir().join(format!("ostest-cluster-roles-{db_name}"));
         let mut stack = Self {
             pool: PgPoolOptions::new()

@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
-use order_service::amqp::QueueNames;
 use order_service::config::AmqpConfig;
 use order_service::orders::SUBSCRIPTIONS;
+use outbox_common::amqp::QueueNames;
 use sqlx::{Connection as _, Executor as _, PgConnection};
 use uuid::Uuid;
 
@@ -66,9 +66,12 @@ pub async fn drop_database(name: &str) {
 pub fn test_amqp() -> AmqpConfig {
     let id = Uuid::new_v4().simple().to_string();
     let mut config = AmqpConfig::new(amqp_url());
-    config.exchange = format!("t{}_order_events", &id[..12]);
-    config.queue_prefix = format!("t{}_", &id[..12]);
-    config.retry_delays_ms = vec![50, 100];
+    config = config.with_exchange(format!("t{}_order_events", &id[..12]));
+    config = config.with_queue_prefix(format!("t{}_", &id[..12]));
+    config = config.with_retry_delays(vec![
+        std::time::Duration::from_millis(50),
+        std::time::Duration::from_millis(100),
+    ]);
     config
 }
 
@@ -80,7 +83,7 @@ pub async fn cleanup_amqp(config: &AmqpConfig) {
 
 /// Deletes this test's exchange and the queues of `consumers`.
 pub async fn cleanup_amqp_for(config: &AmqpConfig, consumers: &[&str]) {
-    let connection = Connection::connect(config.amqp_url.expose(), ConnectionProperties::default())
+    let connection = Connection::connect(config.url().expose(), ConnectionProperties::default())
         .await
         .expect("connecting to RabbitMQ");
     let channel = connection.create_channel().await.expect("a channel");
@@ -97,10 +100,7 @@ pub async fn cleanup_amqp_for(config: &AmqpConfig, consumers: &[&str]) {
         }
     }
     let _ = channel
-        .exchange_delete(
-            config.exchange.as_str().into(),
-            ExchangeDeleteOptions::default(),
-        )
+        .exchange_delete(config.exchange().into(), ExchangeDeleteOptions::default())
         .await;
     let _ = connection.close(200, "test done".into()).await;
 }
@@ -165,7 +165,7 @@ impl Drop for DeleteQueues {
 /// message still on its way.
 pub async fn messages_left(config: &AmqpConfig, consumers: &[&str]) -> Vec<(String, u32)> {
     use lapin::options::QueueDeclareOptions;
-    let connection = Connection::connect(config.amqp_url.expose(), ConnectionProperties::default())
+    let connection = Connection::connect(config.url().expose(), ConnectionProperties::default())
         .await
         .expect("connecting to RabbitMQ");
     let channel = connection.create_channel().await.expect("a channel");

@@ -88,14 +88,18 @@ pub fn command(
         .open(log)
         .expect("opening a role log");
     let err = out.try_clone().expect("cloning a file handle");
-    let delays: Vec<String> = amqp.retry_delays_ms.iter().map(u64::to_string).collect();
+    let delays: Vec<String> = amqp
+        .retry_delays()
+        .iter()
+        .map(|d| d.as_millis().to_string())
+        .collect();
     let mut command = Command::new(env!("CARGO_BIN_EXE_order-service"));
     command
         .args(args)
         .env("DATABASE_URL", db_url)
-        .env("AMQP_URL", amqp.amqp_url.expose())
-        .env("AMQP_EXCHANGE", &amqp.exchange)
-        .env("AMQP_QUEUE_PREFIX", &amqp.queue_prefix)
+        .env("AMQP_URL", amqp.url().expose())
+        .env("AMQP_EXCHANGE", amqp.exchange())
+        .env("AMQP_QUEUE_PREFIX", amqp.queue_prefix())
         .env("RETRY_DELAYS_MS", delays.join(","))
         .env("RELAY_POLL_INTERVAL_MS", "200")
         .env("HTTP_ADDR", addr.to_string())

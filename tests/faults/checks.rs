@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
-use order_service::amqp::QueueNames;
 use order_service::orders::{BILLING, EMAIL, ORDER_CONFIRMED, SUBSCRIPTIONS};
+use outbox_common::amqp::QueueNames;
 use sqlx::PgPool;
 use uuid::Uuid;
 

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
-use order_service::amqp::QueueNames;
 use order_service::config::AmqpConfig;
 use order_service::orders::SUBSCRIPTIONS;
+use outbox_common::amqp::QueueNames;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Executor, PgPool};
 use uuid::Uuid;
@@ -56,9 +56,12 @@ impl Stack {
             .expect("creating the scenario database");
         let db_url = format!("postgres://postgres@127.0.0.1:5432/{db_name}");
         let mut amqp = AmqpConfig::new(AMQP_URL);
-        amqp.exchange = format!("osf{}_order_events", &id[..12]);
-        amqp.queue_prefix = format!("osf{}_", &id[..12]);
-        amqp.retry_delays_ms = vec![200, 500];
+        amqp = amqp.with_exchange(format!("osf{}_order_events", &id[..12]));
+        amqp = amqp.with_queue_prefix(format!("osf{}_", &id[..12]));
+        amqp = amqp.with_retry_delays(vec![
+            std::time::Duration::from_millis(200),
+            std::time::Duration::from_millis(500),
+        ]);
         let log_dir = std::env::temp_dir().join(&db_name);
         let mut stack = Self {
             pool: PgPoolOptions::new()
@@ -317,10 +320,7 @@ async fn delete_amqp(amqp: &AmqpConfig) -> Result<(), lapin::Error> {
         }
     }
     channel
-        .exchange_delete(
-            amqp.exchange.as_str().into(),
-            ExchangeDeleteOptions::default(),
-        )
+        .exchange_delete(amqp.exchange().into(), ExchangeDeleteOptions::default())
         .await?;
     let _ = connection.close(200, "faults cleanup".into()).await;
     Ok(())

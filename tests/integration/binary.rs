@@ -28,9 +28,9 @@ async fn the_binary_serves_orders_exits_zero_on_sigterm_and_never_logs_the_passw
     let child = Command::new(env!("CARGO_BIN_EXE_order-service"))
         .arg("run")
         .env("DATABASE_URL", &url_with_password)
-        .env("AMQP_URL", amqp.amqp_url.expose())
-        .env("AMQP_EXCHANGE", &amqp.exchange)
-        .env("AMQP_QUEUE_PREFIX", &amqp.queue_prefix)
+        .env("AMQP_URL", amqp.url().expose())
+        .env("AMQP_EXCHANGE", amqp.exchange())
+        .env("AMQP_QUEUE_PREFIX", amqp.queue_prefix())
         // The test's delays, so that the queue guard finds the retry queues.
         .env("RETRY_DELAYS_MS", retry_delays(&amqp))
         .env("HTTP_ADDR", "127.0.0.1:0")
@@ -129,6 +129,10 @@ impl Drop for KillOnDrop {
 }
 
 fn retry_delays(amqp: &order_service::config::AmqpConfig) -> String {
-    let delays: Vec<String> = amqp.retry_delays_ms.iter().map(u64::to_string).collect();
+    let delays: Vec<String> = amqp
+        .retry_delays()
+        .iter()
+        .map(|d| d.as_millis().to_string())
+        .collect();
     delays.join(",")
 }

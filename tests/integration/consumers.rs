@@ -5,16 +5,17 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use inbox::ConsumerMetrics;
+use inbox::{Applied, Consumer, Event, Handler, HandlerError, dlq, message};
 use lapin::options::{BasicConsumeOptions, BasicGetOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
-use order_service::amqp::{QueueNames, Subscription};
 use order_service::config::{AmqpConfig, ConsumerConfig};
-use order_service::inbox::{Applied, Consumer, Event, Handler, HandlerError, dlq, message};
-use order_service::metrics::{ConsumerMetrics, Metrics};
+use order_service::metrics::Metrics;
 use order_service::orders::billing::Billing;
 use order_service::orders::events::BILLING_SUBSCRIPTION;
 use order_service::orders::{self, NewOrder, ORDER_CONFIRMED, OrderEvent};
+use outbox_common::amqp::{QueueNames, Subscription};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgConnection, PgPool};
 use tokio::task::JoinHandle;
@@ -103,21 +104,19 @@ fn consumer_with<H: Handler>(
     metrics: &Metrics,
     config: ConsumerConfig,
 ) -> Arc<Consumer<H>> {
-    Arc::new(Consumer::new(
-        handler,
-        pool.clone(),
-        amqp.clone(),
-        config,
-        metrics,
-    ))
+    Arc::new(
+        Consumer::new(handler, pool.clone(), amqp.clone())
+            .with_config(config)
+            .with_metrics(&metrics.consumers),
+    )
 }
 
 /// Declares the consumer's queues, as a running consumer or the relay would.
 async fn declare(channel: &Channel, amqp: &AmqpConfig) -> QueueNames {
-    order_service::amqp::declare_exchange(channel, amqp)
+    outbox_common::amqp::declare_exchange(channel, amqp)
         .await
         .unwrap();
-    order_service::amqp::declare_consumer_queues(channel, amqp, &BILLING_SUBSCRIPTION)
+    outbox_common::amqp::declare_consumer_queues(channel, amqp, &BILLING_SUBSCRIPTION)
         .await
         .unwrap()
 }
@@ -177,13 +176,13 @@ async fn the_same_message_delivered_three_times_charges_once() {
     let billing = consumer(Billing, &db.pool, &amqp, &metrics);
 
     let running = start(&billing);
-    wait_handled(&billing.metrics, 3).await;
+    wait_handled(billing.metrics(), 3).await;
 
     assert_charged(&db.pool, event.order_id, 1).await;
     assert_eq!(
         (
-            billing.metrics.processed.get(),
-            billing.metrics.duplicates.get()
+            billing.metrics().processed.get(),
+            billing.metrics().duplicates.get()
         ),
         (1, 2)
     );
@@ -220,13 +219,13 @@ async fn two_instances_racing_on_duplicates_charge_each_order_once() {
         events.push(event);
     }
 
-    wait_handled(&a.metrics, 50).await; // a and b share one metrics entry
+    wait_handled(a.metrics(), 50).await; // a and b share one metrics entry
 
     for event in &events {
         assert_charged(&db.pool, event.order_id, 1).await;
     }
-    assert_eq!(a.metrics.processed.get(), 25);
-    assert_eq!(a.metrics.duplicates.get(), 25);
+    assert_eq!(a.metrics().processed.get(), 25);
+    assert_eq!(a.metrics().duplicates.get(), 25);
     ra.stop().await;
     rb.stop().await;
     db.cleanup().await;
@@ -248,19 +247,16 @@ async fn queued_deliveries_share_transactions_and_each_order_is_charged_once() {
         }
         events.push(event);
     }
-    let config = ConsumerConfig {
-        concurrency: 1,
-        ..ConsumerConfig::default()
-    };
+    let config = ConsumerConfig::default().with_concurrency(1);
     let billing = consumer_with(Billing, &db.pool, &amqp, &metrics, config);
 
     let running = start(&billing);
-    wait_handled(&billing.metrics, 45).await;
+    wait_handled(billing.metrics(), 45).await;
 
     assert_eq!(
         (
-            billing.metrics.processed.get(),
-            billing.metrics.duplicates.get()
+            billing.metrics().processed.get(),
+            billing.metrics().duplicates.get()
         ),
         (40, 5)
     );
@@ -278,7 +274,7 @@ async fn queued_deliveries_share_transactions_and_each_order_is_charged_once() {
             .await
             .unwrap();
     assert_eq!(confirmed, 40);
-    let transactions = billing.metrics.transactions.get();
+    let transactions = billing.metrics().transactions.get();
     assert!(
         transactions <= 20,
         "45 queued deliveries took {transactions} transactions"
@@ -305,10 +301,7 @@ async fn a_failing_message_in_a_batch_does_not_fail_the_others() {
     for event in &events {
         send_event(&channel, &queues.main, event).await;
     }
-    let config = ConsumerConfig {
-        concurrency: 1,
-        ..ConsumerConfig::default()
-    };
+    let config = ConsumerConfig::default().with_concurrency(1);
     let billing = consumer_with(Billing, &db.pool, &amqp, &metrics, config);
 
     let running = start(&billing);
@@ -316,7 +309,7 @@ async fn a_failing_message_in_a_batch_does_not_fail_the_others() {
         "the good messages to be charged and the bad one retried",
         WAIT,
         || async {
-            (billing.metrics.processed.get() == 20 && billing.metrics.retried.get() >= 1)
+            (billing.metrics().processed.get() == 20 && billing.metrics().retried.get() >= 1)
                 .then_some(())
         },
     )
@@ -379,17 +372,17 @@ async fn a_read_only_database_is_an_outage_not_a_failing_message() {
 
     // Postgres refuses the statement (25006) again and again: an outage.
     eventually("two refused attempts", WAIT, || async {
-        (billing.metrics.requeued.get() >= 2).then_some(())
+        (billing.metrics().requeued.get() >= 2).then_some(())
     })
     .await;
-    assert_eq!(billing.metrics.retried.get(), 0, "no attempt used up");
-    assert_eq!(billing.metrics.dead_lettered.get(), 0);
+    assert_eq!(billing.metrics().retried.get(), 0, "no attempt used up");
+    assert_eq!(billing.metrics().dead_lettered.get(), 0);
     assert_charged(&db.pool, event.order_id, 0).await;
 
     set_read_only(&admin, &db.name, false).await;
-    wait_handled(&billing.metrics, 1).await;
-    assert_eq!(billing.metrics.processed.get(), 1);
-    assert_eq!(billing.metrics.retried.get(), 0);
+    wait_handled(billing.metrics(), 1).await;
+    assert_eq!(billing.metrics().processed.get(), 1);
+    assert_eq!(billing.metrics().retried.get(), 0);
     assert_charged(&db.pool, event.order_id, 1).await;
     running.stop().await;
     admin.close().await;
@@ -444,11 +437,11 @@ async fn a_handler_failing_twice_then_succeeding_is_retried_and_charges_once() {
     );
 
     let running = start(&flaky);
-    wait_handled(&flaky.metrics, 1).await;
+    wait_handled(flaky.metrics(), 1).await;
 
-    assert_eq!(flaky.metrics.retried.get(), 2);
-    assert_eq!(flaky.metrics.processed.get(), 1);
-    assert_eq!(flaky.metrics.dead_lettered.get(), 0);
+    assert_eq!(flaky.metrics().retried.get(), 2);
+    assert_eq!(flaky.metrics().processed.get(), 1);
+    assert_eq!(flaky.metrics().dead_lettered.get(), 0);
     // Each refused attempt had written a ledger row and an order.confirmed
     // row in its transaction: both were rolled back.
     assert_charged(&db.pool, event.order_id, 1).await;
@@ -518,7 +511,7 @@ async fn a_handlers_outage_requeues_the_delivery_without_using_an_attempt() {
     send_event(&channel, &queues.main, &event).await;
     // More outages than there are retry queues: were an outage counted as
     // an attempt, the message would end in the DLQ.
-    let outages = amqp.retry_delays_ms.len() as u32 + 1;
+    let outages = amqp.retry_delays().len() as u32 + 1;
     let billing = consumer(
         GatewayDown {
             outages: AtomicU32::new(outages),
@@ -529,12 +522,12 @@ async fn a_handlers_outage_requeues_the_delivery_without_using_an_attempt() {
     );
 
     let running = start(&billing);
-    wait_handled(&billing.metrics, 1).await;
+    wait_handled(billing.metrics(), 1).await;
 
-    assert_eq!(billing.metrics.requeued.get(), u64::from(outages));
-    assert_eq!(billing.metrics.retried.get(), 0, "no attempt used up");
-    assert_eq!(billing.metrics.dead_lettered.get(), 0);
-    assert_eq!(billing.metrics.processed.get(), 1);
+    assert_eq!(billing.metrics().requeued.get(), u64::from(outages));
+    assert_eq!(billing.metrics().retried.get(), 0, "no attempt used up");
+    assert_eq!(billing.metrics().dead_lettered.get(), 0);
+    assert_eq!(billing.metrics().processed.get(), 1);
     assert_charged(&db.pool, event.order_id, 1).await;
     running.stop().await;
     assert!(
@@ -567,12 +560,12 @@ async fn an_always_failing_message_is_dead_lettered_after_the_last_attempt_and_r
     let running = start(&billing);
 
     eventually("the message to reach the DLQ", WAIT, || async {
-        (billing.metrics.dead_lettered.get() == 1).then_some(())
+        (billing.metrics().dead_lettered.get() == 1).then_some(())
     })
     .await;
 
     assert_eq!(
-        billing.metrics.retried.get(),
+        billing.metrics().retried.get(),
         2,
         "one retry per configured delay"
     );
@@ -595,11 +588,11 @@ async fn an_always_failing_message_is_dead_lettered_after_the_last_attempt_and_r
     assert_eq!(db.count("SELECT count(*) FROM processed_messages").await, 0);
 
     // The cause is fixed; replay.
-    billing.handler.failing.store(false, Ordering::SeqCst);
+    billing.handler().failing.store(false, Ordering::SeqCst);
     let replayed = dlq::replay(&amqp, &queues, 100, None).await.unwrap();
     assert_eq!((replayed.moved, replayed.too_old), (1, 0));
     eventually("the replayed message to be processed", WAIT, || async {
-        (billing.metrics.processed.get() == 1).then_some(())
+        (billing.metrics().processed.get() == 1).then_some(())
     })
     .await;
     assert_charged(&db.pool, event.order_id, 1).await;
@@ -637,10 +630,10 @@ async fn a_poison_message_goes_straight_to_the_dlq_and_the_next_one_is_processed
     let billing = consumer(Billing, &db.pool, &amqp, &metrics);
 
     let running = start(&billing);
-    wait_handled(&billing.metrics, 3).await;
+    wait_handled(billing.metrics(), 3).await;
 
-    assert_eq!(billing.metrics.dead_lettered.get(), 2);
-    assert_eq!(billing.metrics.retried.get(), 0, "poison is not retried");
+    assert_eq!(billing.metrics().dead_lettered.get(), 2);
+    assert_eq!(billing.metrics().retried.get(), 0, "poison is not retried");
     assert_charged(&db.pool, event.order_id, 1).await;
     running.stop().await;
     let dead = drain_queue(&channel, &queues.dlq).await;
@@ -689,10 +682,10 @@ async fn a_consumer_killed_before_its_ack_gets_the_message_again_and_charges_onc
     doomed_conn.close(320, "killed".into()).await.unwrap();
 
     let running = start(&billing);
-    wait_handled(&billing.metrics, 1).await;
+    wait_handled(billing.metrics(), 1).await;
 
     assert_eq!(
-        billing.metrics.duplicates.get(),
+        billing.metrics().duplicates.get(),
         1,
         "the redelivery was recognised"
     );
@@ -717,15 +710,14 @@ async fn a_consumer_resumes_after_the_broker_goes_away() {
     let amqp = test_amqp();
     let _queues = DeleteQueues::orders(&amqp);
     let mut proxied = amqp.clone();
-    proxied.amqp_url =
-        order_service::config::SecretUrl::new(via(&crate::helpers::amqp_url(), proxy.addr));
+    proxied = proxied.with_url(via(&crate::helpers::amqp_url(), proxy.addr));
     let (_conn, channel) = amqp_channel().await;
     let queues = declare(&channel, &amqp).await;
     let billing = consumer(Billing, &db.pool, &proxied, &metrics);
     let running = start(&billing);
     let first = order(&db.pool, 1).await;
     send_event(&channel, &queues.main, &first).await;
-    wait_handled(&billing.metrics, 1).await;
+    wait_handled(billing.metrics(), 1).await;
 
     proxy.cut();
     let mut later = Vec::new();
@@ -740,7 +732,7 @@ async fn a_consumer_resumes_after_the_broker_goes_away() {
     .await;
     proxy.restore();
 
-    wait_handled(&billing.metrics, 11).await;
+    wait_handled(billing.metrics(), 11).await;
     for event in &later {
         assert_charged(&db.pool, event.order_id, 1).await;
     }

@@ -10,15 +10,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use inbox::ConsumerMetrics;
+use inbox::{Applied, Consumer, Event, Handler, HandlerError, dlq, message};
 use lapin::BasicProperties;
 use lapin::options::ConfirmSelectOptions;
-use order_service::amqp::{QueueNames, Subscription};
 use order_service::config::{AmqpConfig, ConsumerConfig, RelayConfig};
-use order_service::inbox::{Applied, Consumer, Event, Handler, HandlerError, dlq, message};
-use order_service::metrics::{ConsumerMetrics, Metrics};
-use order_service::outbox::Relay;
-use order_service::outbox::store::{self, NewOutboxEvent};
+use order_service::orders::EVENTS;
 use order_service::startup::Roles;
+use outbox::{NewOutboxEvent, Relay};
+use outbox_common::amqp::{QueueNames, Subscription};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -170,17 +170,13 @@ impl Loyal {
 
     /// A relay with this test's subscription only.
     fn relay(&self) -> Relay {
-        Relay {
-            pool: self.roles.pool.clone(),
-            amqp: self.amqp.clone(),
-            config: RelayConfig {
-                poll_interval_ms: 100,
-                ..Default::default()
-            },
-            metrics: self.roles.metrics.clone(),
-            wake: self.roles.wake.clone(),
-            subscriptions: vec![LOYALTY],
-        }
+        Relay::new(self.roles.pool.clone(), EVENTS.clone(), self.amqp.clone())
+            .with_config(
+                RelayConfig::default().with_poll_interval(std::time::Duration::from_millis(100)),
+            )
+            .with_metrics(self.roles.metrics.relay.clone())
+            .with_wake(self.roles.wake.clone())
+            .with_subscriptions(vec![LOYALTY])
     }
 
     fn start_relay(&self) {
@@ -192,10 +188,7 @@ impl Loyal {
 
     /// Starts the consumer role, one transaction at a time.
     fn start_consumer(&self) {
-        let config = ConsumerConfig {
-            concurrency: 1,
-            ..Default::default()
-        };
+        let config = ConsumerConfig::default().with_concurrency(1);
         self.roles
             .start_handler(self.handler.clone(), &self.amqp, &config);
     }
@@ -207,8 +200,8 @@ impl Loyal {
     }
 
     /// The consumer role's metrics (shared by name with the role).
-    fn metrics(&self) -> Arc<ConsumerMetrics> {
-        self.roles.metrics.consumer(&self.queues.main)
+    fn metrics(&self) -> ConsumerMetrics {
+        self.roles.metrics.consumers.consumer(&self.queues.main)
     }
 
     /// Writes one `points.awarded` outbox row per award, in one transaction,
@@ -222,19 +215,20 @@ impl Loyal {
                 user_id: (*user).to_owned(),
                 points: *points,
             };
-            store::insert(
-                &mut tx,
-                &NewOutboxEvent {
-                    transaction_id: award.award_id,
-                    aggregate_type: "loyalty_account",
-                    aggregate_id: award.user_id.clone(),
-                    event_type: POINTS_AWARDED,
-                    payload: serde_json::to_value(&award).unwrap(),
-                    headers: serde_json::json!({}),
-                },
-            )
-            .await
-            .unwrap();
+            EVENTS
+                .insert(
+                    &mut tx,
+                    &NewOutboxEvent {
+                        transaction_id: award.award_id,
+                        aggregate_type: "loyalty_account",
+                        aggregate_id: award.user_id.clone(),
+                        event_type: POINTS_AWARDED,
+                        payload: serde_json::to_value(&award).unwrap(),
+                        headers: serde_json::json!({}),
+                    },
+                )
+                .await
+                .unwrap();
             written.push(award);
         }
         tx.commit().await.unwrap();
@@ -314,7 +308,7 @@ async fn a_new_event_type_is_applied_once_even_when_delivered_twice() {
         .with_content_type("application/json".into());
     message::publish_confirmed(
         &channel,
-        &loyal.amqp.exchange,
+        loyal.amqp.exchange(),
         POINTS_AWARDED,
         &serde_json::to_vec(&award).unwrap(),
         properties,
@@ -391,7 +385,7 @@ async fn a_new_event_always_refused_ends_in_the_dlq_with_nothing_applied() {
         .await;
 
     let metrics = loyal.metrics();
-    let retries = loyal.amqp.retry_delays_ms.len() as u64;
+    let retries = loyal.amqp.retry_delays().len() as u64;
     assert_eq!(metrics.retried.get(), retries, "one retry per delay queue");
     let attempts = loyal.handler.attempts(closed);
     assert_eq!(
@@ -454,7 +448,7 @@ async fn a_handler_panicking_on_one_event_dead_letters_it_and_the_consumer_role_
         .await;
 
     let metrics = loyal.metrics();
-    let retries = loyal.amqp.retry_delays_ms.len() as u64;
+    let retries = loyal.amqp.retry_delays().len() as u64;
     assert_eq!(
         metrics.retried.get(),
         retries,
@@ -501,13 +495,7 @@ async fn a_batch_whose_handler_panics_on_one_event_commits_the_others() {
     let db = TestDb::new().await;
     create_tables(&db.pool).await;
     let handler = Loyalty::default();
-    let consumer = Consumer::new(
-        handler.clone(),
-        db.pool.clone(),
-        test_amqp(),
-        ConsumerConfig::default(),
-        &Metrics::default(),
-    );
+    let consumer = Consumer::new(handler.clone(), db.pool.clone(), test_amqp());
     let events: Vec<Event<PointsAwarded>> = (0..10)
         .map(|i| {
             let body = PointsAwarded {

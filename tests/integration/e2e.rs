@@ -187,8 +187,11 @@ async fn every_posted_order_is_confirmed_charged_once_and_notified_twice() {
         drained.then_some(text)
     })
     .await;
-    let billing = format!("queue=\"{}billing_service\"", amqp.queue_prefix);
-    let email = format!("queue=\"{}email_notification_service\"", amqp.queue_prefix);
+    let billing = format!("queue=\"{}billing_service\"", amqp.queue_prefix());
+    let email = format!(
+        "queue=\"{}email_notification_service\"",
+        amqp.queue_prefix()
+    );
     assert_eq!(
         sample(&text, "consumer_processed_total", &billing).unwrap(),
         40.0

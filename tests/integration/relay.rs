@@ -4,12 +4,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use order_service::amqp::QueueNames;
 use order_service::config::{AmqpConfig, RelayConfig};
-use order_service::metrics::Metrics;
-use order_service::orders::{BILLING, OrderEvent, SUBSCRIPTIONS};
-use order_service::outbox::store::{self, NewOutboxEvent};
-use order_service::outbox::{Publisher, Relay, Wake, forward_wakes_as_notify};
+use order_service::orders::{BILLING, EVENTS, OrderEvent, SUBSCRIPTIONS};
+use outbox::{NewOutboxEvent, Publisher, Relay, RelayMetrics, Wake, forward_wakes_as_notify};
+use outbox_common::amqp::QueueNames;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -30,19 +28,20 @@ pub async fn insert_events(pool: &PgPool, n: usize, event_type: &'static str) ->
             amount: 100,
             timestamp: chrono::Utc::now(),
         };
-        store::insert(
-            &mut tx,
-            &NewOutboxEvent {
-                transaction_id: event.transaction_id,
-                aggregate_type: "order",
-                aggregate_id: event.order_id.to_string(),
-                event_type,
-                payload: serde_json::to_value(&event).unwrap(),
-                headers: serde_json::json!({}),
-            },
-        )
-        .await
-        .unwrap();
+        EVENTS
+            .insert(
+                &mut tx,
+                &NewOutboxEvent {
+                    transaction_id: event.transaction_id,
+                    aggregate_type: "order",
+                    aggregate_id: event.order_id.to_string(),
+                    event_type,
+                    payload: serde_json::to_value(&event).unwrap(),
+                    headers: serde_json::json!({}),
+                },
+            )
+            .await
+            .unwrap();
         ids.push(event.transaction_id);
     }
     tx.commit().await.unwrap();
@@ -50,14 +49,11 @@ pub async fn insert_events(pool: &PgPool, n: usize, event_type: &'static str) ->
 }
 
 fn relay(pool: &PgPool, amqp: &AmqpConfig, config: RelayConfig) -> Relay {
-    Relay {
-        pool: pool.clone(),
-        amqp: amqp.clone(),
-        config,
-        metrics: Arc::new(Metrics::default()),
-        wake: Wake::default(),
-        subscriptions: SUBSCRIPTIONS.to_vec(),
-    }
+    Relay::new(pool.clone(), EVENTS.clone(), amqp.clone())
+        .with_config(config)
+        .with_metrics(RelayMetrics::default())
+        .with_wake(Wake::default())
+        .with_subscriptions(SUBSCRIPTIONS.to_vec())
 }
 
 /// A publisher with the order subscriptions and the default relay's lanes,
@@ -131,14 +127,7 @@ async fn every_outbox_row_is_delivered_with_its_properties_and_marked() {
     let amqp = test_amqp();
     let _queues = DeleteQueues::orders(&amqp);
     let ids = insert_events(&db.pool, 120, "order.created").await;
-    let relay = relay(
-        &db.pool,
-        &amqp,
-        RelayConfig {
-            batch_size: 50,
-            ..Default::default()
-        },
-    );
+    let relay = relay(&db.pool, &amqp, RelayConfig::default().with_batch_size(50));
     let publisher = publisher(&amqp).await;
 
     let published = relay.drain(&publisher).await.unwrap();
@@ -287,11 +276,7 @@ async fn unroutable_rows_among_many_are_each_kept_pending_and_no_other() {
     }
     // Small batches, many open at once: on one shared channel, one ack
     // often spans several batches.
-    let config = RelayConfig {
-        batch_size: 40,
-        workers: 4,
-        ..Default::default()
-    };
+    let config = RelayConfig::default().with_batch_size(40).with_workers(4);
     let publisher = publisher_for(&amqp, &config).await;
     let relay = relay(&db.pool, &amqp, config);
 
@@ -332,10 +317,7 @@ async fn two_relays_over_2000_rows_deliver_each_exactly_once() {
     let amqp = test_amqp();
     let _queues = DeleteQueues::orders(&amqp);
     let ids = insert_events(&db.pool, 2000, "order.created").await;
-    let config = RelayConfig {
-        batch_size: 100,
-        ..Default::default()
-    };
+    let config = RelayConfig::default().with_batch_size(100);
     let (a, b) = (
         relay(&db.pool, &amqp, config.clone()),
         relay(&db.pool, &amqp, config),
@@ -366,16 +348,13 @@ async fn the_relay_loses_nothing_when_the_broker_goes_away_mid_stream() {
     let proxy = Proxy::start(target_of(&crate::helpers::amqp_url())).await;
     let mut amqp = test_amqp();
     let _queues = DeleteQueues::orders(&amqp);
-    amqp.amqp_url =
-        order_service::config::SecretUrl::new(via(&crate::helpers::amqp_url(), proxy.addr));
+    amqp = amqp.with_url(via(&crate::helpers::amqp_url(), proxy.addr));
     let relay = relay(
         &db.pool,
         &amqp,
-        RelayConfig {
-            batch_size: 20,
-            poll_interval_ms: 50,
-            ..Default::default()
-        },
+        RelayConfig::default()
+            .with_batch_size(20)
+            .with_poll_interval(std::time::Duration::from_millis(50)),
     );
     let cancel = CancellationToken::new();
     let running = tokio::spawn(relay.clone().run(cancel.clone()));
@@ -417,7 +396,7 @@ async fn the_relay_loses_nothing_when_the_broker_goes_away_mid_stream() {
         "every row arrived"
     );
     cancel.cancel();
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
     db.cleanup().await;
 }
 
@@ -436,10 +415,7 @@ async fn the_relay_catches_up_when_postgres_comes_back() {
     let relay = relay(
         &relay_pool,
         &amqp,
-        RelayConfig {
-            poll_interval_ms: 50,
-            ..Default::default()
-        },
+        RelayConfig::default().with_poll_interval(std::time::Duration::from_millis(50)),
     );
     let cancel = CancellationToken::new();
     let running = tokio::spawn(relay.clone().run(cancel.clone()));
@@ -468,7 +444,7 @@ async fn the_relay_catches_up_when_postgres_comes_back() {
     let distinct: HashSet<String> = message_ids(&deliveries).into_iter().collect();
     assert_eq!(distinct, ids.iter().map(Uuid::to_string).collect());
     cancel.cancel();
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
     db.cleanup().await;
 }
 
@@ -480,16 +456,13 @@ async fn a_notify_from_another_process_wakes_the_relay_long_before_its_poll() {
     let relay = relay(
         &db.pool,
         &amqp,
-        RelayConfig {
-            poll_interval_ms: 600_000,
-            ..Default::default()
-        },
+        RelayConfig::default().with_poll_interval(std::time::Duration::from_millis(600_000)),
     );
     let cancel = CancellationToken::new();
     // The relay's own process: its LISTEN task turns a NOTIFY into its wake-up.
-    let listening = tokio::spawn(order_service::outbox::wake::listen(
+    let listening = tokio::spawn(outbox_common::wake::listen(
         db.pool.clone(),
-        relay.wake.clone(),
+        relay.wake().clone(),
         cancel.clone(),
     ));
     let running = tokio::spawn(relay.run(cancel.clone()));
@@ -513,7 +486,7 @@ async fn a_notify_from_another_process_wakes_the_relay_long_before_its_poll() {
     )
     .await;
     cancel.cancel();
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
     listening.await.unwrap();
     db.cleanup().await;
 }
@@ -532,14 +505,12 @@ async fn published_rows_past_retention_are_pruned_and_pending_ones_kept() {
         .unwrap();
     let config = RelayConfig::default();
 
-    let pruned = order_service::retention::published(
-        &order_service::outbox::store::EVENTS,
-        config.retention(),
-    )
-    .with_batch(7)
-    .run_once(&db.pool)
-    .await
-    .unwrap();
+    let pruned = order_service::orders::EVENTS
+        .prune(config.retention())
+        .with_batch(7)
+        .run_once(&db.pool)
+        .await
+        .unwrap();
 
     assert_eq!(pruned, 20, "old published rows go, in batches of 7");
     assert_eq!(db.count("SELECT count(*) FROM outbox").await, 5);
@@ -557,12 +528,10 @@ async fn a_backlog_far_larger_than_the_confirm_window_is_published_once() {
     let amqp = test_amqp();
     let _queues = DeleteQueues::orders(&amqp);
     // Window 7 × 2 = 14 publishes awaiting confirms, 3 batches open.
-    let config = RelayConfig {
-        batch_size: 7,
-        workers: 2,
-        poll_interval_ms: 50,
-        ..Default::default()
-    };
+    let config = RelayConfig::default()
+        .with_batch_size(7)
+        .with_workers(2)
+        .with_poll_interval(std::time::Duration::from_millis(50));
     let relay = relay(&db.pool, &amqp, config);
     let mut ids = insert_events(&db.pool, 150, "order.created").await;
     let publisher = publisher(&amqp).await;
@@ -583,7 +552,7 @@ async fn a_backlog_far_larger_than_the_confirm_window_is_published_once() {
     )
     .await;
     cancel.cancel();
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
     publisher.close().await;
 
     let (_conn, channel) = amqp_channel().await;
@@ -670,12 +639,10 @@ async fn a_relay_batch_that_panics_leaves_its_rows_due_and_the_relay_carries_on(
     let relay = relay(
         &db.pool,
         &amqp,
-        RelayConfig {
-            batch_size: 10,
-            workers: 2,
-            poll_interval_ms: 50,
-            ..Default::default()
-        },
+        RelayConfig::default()
+            .with_batch_size(10)
+            .with_workers(2)
+            .with_poll_interval(std::time::Duration::from_millis(50)),
     );
     let cancel = CancellationToken::new();
     let running = tokio::spawn(relay.clone().run(cancel.clone()));
@@ -714,7 +681,7 @@ async fn a_relay_batch_that_panics_leaves_its_rows_due_and_the_relay_carries_on(
     }
     // Rows written after the panic are published as usual.
     let later = insert_events(&db.pool, 5, "order.created").await;
-    relay.wake.notify();
+    relay.wake().notify();
     all_published(&db.pool, "the later rows", Duration::from_secs(10)).await;
     let deliveries = message_ids(&drain_queue(&channel, &billing_queue(&amqp)).await);
     assert_eq!(
@@ -722,6 +689,6 @@ async fn a_relay_batch_that_panics_leaves_its_rows_due_and_the_relay_carries_on(
         later.iter().map(Uuid::to_string).collect()
     );
     cancel.cancel();
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
     db.cleanup().await;
 }

@@ -6,12 +6,12 @@
 use std::process::Command;
 use std::time::Duration;
 
+use inbox::dlq;
 use lapin::BasicProperties;
-use order_service::amqp::declare_consumer_queues;
 use order_service::config::RetentionConfig;
-use order_service::inbox::dlq;
 use order_service::orders::events::BILLING_SUBSCRIPTION;
 use order_service::retention;
+use outbox_common::amqp::declare_consumer_queues;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -56,7 +56,7 @@ async fn with_a_retention_of_seconds_dedup_rows_and_idempotency_keys_disappear()
     rows_aged(&db.pool, "billing_service", 30, Duration::ZERO).await;
     let retention = Duration::from_secs(2);
     let prunes = vec![
-        retention::dedup("billing_service", retention).with_batch(7),
+        inbox::dedup_prune("billing_service", retention).with_batch(7),
         retention::idempotency_keys(retention).with_batch(7),
     ];
     let cancel = CancellationToken::new();
@@ -83,7 +83,7 @@ async fn with_a_retention_of_seconds_dedup_rows_and_idempotency_keys_disappear()
 async fn a_stopping_role_prunes_no_further_batch() {
     let db = TestDb::new().await;
     rows_aged(&db.pool, "billing_service", 30, Duration::from_secs(3600)).await;
-    let prunes = vec![retention::dedup("billing_service", Duration::from_secs(1)).with_batch(7)];
+    let prunes = vec![inbox::dedup_prune("billing_service", Duration::from_secs(1)).with_batch(7)];
     // Cancelled before it starts, as in a shutdown that arrives mid-prune:
     // the task returns without deleting a batch.
     let cancel = CancellationToken::new();
@@ -123,7 +123,7 @@ async fn with_the_default_retention_nothing_young_is_pruned_and_the_old_goes() {
     )
     .await;
 
-    let dedup = retention::dedup("billing_service", defaults.dedup())
+    let dedup = inbox::dedup_prune("billing_service", defaults.dedup())
         .run_once(&db.pool)
         .await
         .unwrap();
@@ -167,7 +167,7 @@ async fn dlq_replay_leaves_letters_older_than_the_dedup_window_unless_forced() {
     let amqp = test_amqp();
     let _queues = DeleteQueues::orders(&amqp);
     let (connection, channel) = amqp_channel().await;
-    order_service::amqp::declare_exchange(&channel, &amqp)
+    outbox_common::amqp::declare_exchange(&channel, &amqp)
         .await
         .unwrap();
     let queues = declare_consumer_queues(&channel, &amqp, &BILLING_SUBSCRIPTION)

@@ -4,9 +4,9 @@
 
 use std::process::Command;
 
-use order_service::amqp::{declare_exchange, declare_topology};
 use order_service::config::QueueType;
 use order_service::orders::SUBSCRIPTIONS;
+use outbox_common::amqp::{declare_exchange, declare_topology};
 
 use crate::helpers::{DeleteQueues, amqp_channel, test_amqp};
 
@@ -35,7 +35,7 @@ fn queue_types(prefix: &str) -> Vec<(String, String)> {
 
 async fn declared(queue_type: QueueType) -> Vec<(String, String)> {
     let mut amqp = test_amqp();
-    amqp.queue_type = queue_type;
+    amqp = amqp.with_queue_type(queue_type);
     let _queues = DeleteQueues::orders(&amqp);
     let (connection, channel) = amqp_channel().await;
     declare_exchange(&channel, &amqp).await.unwrap();
@@ -43,7 +43,7 @@ async fn declared(queue_type: QueueType) -> Vec<(String, String)> {
         .await
         .unwrap();
     let _ = connection.close(200, "done".into()).await;
-    queue_types(&amqp.queue_prefix)
+    queue_types(amqp.queue_prefix())
 }
 
 #[tokio::test]

@@ -153,7 +153,10 @@ impl Fixture {
         let (db_name, db_url) = create_database().await;
         let db = DropDatabase(db_name.clone());
         let mut amqp = test_amqp();
-        amqp.retry_delays_ms = vec![200, 500];
+        amqp = amqp.with_retry_delays(vec![
+            std::time::Duration::from_millis(200),
+            std::time::Duration::from_millis(500),
+        ]);
         let queues = DeleteQueues::orders(&amqp);
         let dir = std::env::temp_dir().join(format!("mail_{tag}_{db_name}"));
         std::fs::create_dir_all(&dir).expect("creating the test directory");
@@ -162,7 +165,7 @@ impl Fixture {
         let smtp_port = free_port();
         eprintln!(
             "{tag}: database {db_name}, exchange {}, SMTP port {smtp_port}, files in {}",
-            amqp.exchange,
+            amqp.exchange(),
             dir.0.display()
         );
         let smtp = smtp_up.then(|| SmtpServer::start(smtp_port, &mailbox, &behaviour));

@@ -9,12 +9,12 @@ use std::time::Duration;
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use order_service::amqp::QueueNames;
 use order_service::config::{
     AmqpConfig, ConsumerConfig, DatabaseConfig, HttpConfig, MailConfig, RelayConfig,
 };
 use order_service::startup::{ConsumerKind, Roles};
 use order_service::telemetry;
+use outbox_common::amqp::QueueNames;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::layer::SubscriberExt as _;

@@ -210,7 +210,7 @@ async fn tls_front(
     cancel: CancellationToken,
 ) -> SocketAddr {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-    order_service::tls::install_provider();
+    outbox_common::tls::install_provider();
     let issued = ca.server("collector");
     let chain = CertificateDer::pem_file_iter(&issued.cert)
         .unwrap()

@@ -149,7 +149,7 @@ async fn one_post_makes_one_trace_through_both_events_and_both_consumers() {
     .await;
     let caller = Caller::random();
     let (email, billing) = (system.queue(EMAIL), system.queue(BILLING));
-    let exchange = system.amqp.exchange.clone();
+    let exchange = system.amqp.exchange().to_owned();
 
     let (order_id, created_id) = post_order(&system, &caller).await;
     // Billing's order.confirmed row: its id is derived from order.created's.

@@ -182,7 +182,7 @@ fn tls_parameters(host: &str, ca_file: Option<&Path>) -> Result<TlsParameters, M
     // The system's roots that rustls takes (one that does not parse is left
     // out, or lettre would refuse the whole set); none at all (an image
     // without ca-certificates) leaves only SMTP_CA_FILE.
-    for der in crate::tls::system_roots() {
+    for der in outbox_common::tls::system_roots() {
         let root = Certificate::from_der(der.to_vec())
             .map_err(|e| MailConfigError::Tls(format!("a system root: {e}")))?;
         builder = builder.add_root_certificate(root);
@@ -204,7 +204,7 @@ fn tls_parameters(host: &str, ca_file: Option<&Path>) -> Result<TlsParameters, M
 /// The certificates of `SMTP_CA_FILE` for lettre: at least one (lettre's
 /// `Certificate::from_pem` would take a file without any and trust nothing).
 fn ca_certificates(path: &Path) -> Result<Vec<Certificate>, MailConfigError> {
-    crate::tls::pem_certificates(path)
+    outbox_common::tls::pem_certificates(path)
         .map_err(MailConfigError::CaPem)?
         .into_iter()
         .map(|der| {

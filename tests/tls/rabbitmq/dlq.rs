@@ -7,13 +7,13 @@ use std::net::TcpListener;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
+use inbox::dlq;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use order_service::amqp::{QueueNames, confirm_channel, declare_topology};
 use order_service::config::AmqpConfig;
-use order_service::inbox::dlq;
 use order_service::orders::SUBSCRIPTIONS;
+use outbox_common::amqp::{QueueNames, confirm_channel, declare_topology};
 
 use super::fixture::{Proc, STOP_WITHIN, run_to_exit};
 use crate::certs::TempDir;

@@ -183,7 +183,7 @@ pub fn assert_stops(
 pub async fn connect(url: &str) -> anyhow::Result<()> {
     let config = AmqpConfig::new(url);
     let connection =
-        order_service::amqp::connect_once(&config, "tls test", &CancellationToken::new()).await?;
+        outbox_common::amqp::connect_once(&config, "tls test", &CancellationToken::new()).await?;
     let _ = connection.close(200, "test done".into()).await;
     Ok(())
 }

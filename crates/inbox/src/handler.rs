@@ -1,0 +1,110 @@
+//! What a consumer plugs into the inbox: a [`Handler`], Rust code that runs
+//! inside the dedup transaction on the events it has not seen before.
+
+use std::future::Future;
+
+use serde::de::DeserializeOwned;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use outbox_common::amqp::Subscription;
+use outbox_common::sqlstate::{ErrorKind, classify};
+
+/// One event handed to a handler, deserialized from the message body.
+#[derive(Debug, Clone)]
+pub struct Event<E> {
+    /// The dedup key: the message's `message_id` (the outbox row's
+    /// `transaction_id`), or the body's `transactionId` for publishers that
+    /// set none.
+    pub id: Uuid,
+    /// The AMQP `type`, or the routing key where the publisher set none.
+    pub event_type: String,
+    /// The body.
+    pub body: E,
+    /// Failed attempts before this one (0 on first delivery).
+    pub attempt: u32,
+    /// The W3C trace context of this delivery's CONSUMER span, as
+    /// `outbox.headers` stores it: an outbox row written for this event with
+    /// these headers joins the same trace.
+    pub trace_headers: serde_json::Value,
+}
+
+/// Why a handler did not apply its events. The framework rolls the
+/// transaction back (the dedup rows with it) in both cases.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// The events themselves are refused (a constraint, a bad value, a
+    /// business rule): retried through the delay queues, then dead-lettered.
+    /// In a batch, the events are tried again one by one, so only the
+    /// refused ones are retried.
+    #[error("{0}")]
+    Refused(String),
+    /// Something the handler depends on is down (Postgres, another
+    /// service): the deliveries go back to their queue without using up an
+    /// attempt, and come back once it is up.
+    #[error("outage: {0}")]
+    Outage(String),
+}
+
+impl HandlerError {
+    pub fn refused(reason: impl std::fmt::Display) -> Self {
+        Self::Refused(reason.to_string())
+    }
+
+    pub fn outage(reason: impl std::fmt::Display) -> Self {
+        Self::Outage(reason.to_string())
+    }
+}
+
+impl From<sqlx::Error> for HandlerError {
+    /// Only a refusal of the data ([`ErrorKind::Refused`]) refuses the
+    /// events; any other Postgres error is an outage, so a handler bug or a
+    /// read-only database leaves messages in their queue, not in the DLQ.
+    fn from(error: sqlx::Error) -> Self {
+        match classify(&error) {
+            ErrorKind::Refused => Self::Refused(error.to_string()),
+            _ => Self::Outage(error.to_string()),
+        }
+    }
+}
+
+/// A consumer's side effect, run by the inbox inside ONE Postgres
+/// transaction that already holds the dedup rows of `events`: whatever it
+/// writes on `tx` (rows of its own, outbox rows with
+/// the `outbox` crate's `Table::insert_many`) commits with them, or not at all.
+/// The framework owns BEGIN, COMMIT and the ack.
+///
+/// ```ignore
+/// impl Handler for Audit {
+///     type Event = MyEvent;
+///     fn subscription(&self) -> Subscription { AUDIT }
+///     async fn handle(&self, tx: &mut PgConnection, events: &[Event<MyEvent>]) -> Result<(), HandlerError> {
+///         for e in events { sqlx::query("INSERT ...").bind(e.id).execute(&mut *tx).await?; }
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait Handler: Send + Sync + 'static {
+    /// The message body, deserialized with serde. A body that does not
+    /// deserialize goes straight to the dead-letter queue.
+    type Event: DeserializeOwned + Clone + Send + Sync + 'static;
+
+    /// The consumer's name (its dedup key and queue base name) and the
+    /// routing keys its queue is bound to.
+    fn subscription(&self) -> Subscription;
+
+    /// What conversation an event belongs to (an order's id, say), recorded
+    /// as `messaging.message.conversation_id` on its CONSUMER span.
+    fn conversation_id(&self, _event: &Self::Event) -> Option<String> {
+        None
+    }
+
+    /// Applies `events`: one or more, each seen for the first time by this
+    /// consumer, in delivery order. A `?` on a `sqlx::Error` classifies it
+    /// ([`HandlerError::from`]). A panic counts as a refusal of the events.
+    fn handle(
+        &self,
+        tx: &mut PgConnection,
+        events: &[Event<Self::Event>],
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}

@@ -1,0 +1,214 @@
+//! Reading a delivery (id, event type, body, attempt count, trace context)
+//! and forwarding it to a delay queue or the dead-letter queue.
+
+use anyhow::Context;
+use lapin::message::Delivery;
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation};
+use serde::de::DeserializeOwned;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use uuid::Uuid;
+
+use outbox_common::amqp::headers::{
+    ATTEMPT_HEADER, ERROR_HEADER, ORIGIN_HEADER, PUBLISHED_AT_HEADER,
+};
+use outbox_common::propagation;
+
+/// The longest any single broker call (ack, publish, confirm) may take. On a
+/// dead connection lapin can leave a command unanswered; past this the call
+/// counts as failed and the message is left for redelivery.
+pub const AMQP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Acks a delivery, bounded by [`AMQP_TIMEOUT`].
+pub async fn ack(delivery: &Delivery) -> anyhow::Result<()> {
+    tokio::time::timeout(
+        AMQP_TIMEOUT,
+        delivery.ack(lapin::options::BasicAckOptions::default()),
+    )
+    .await
+    .context("ack timed out")?
+    .context("acking")?;
+    Ok(())
+}
+
+/// A delivery that parsed: everything of an [`super::Event`] but its trace
+/// context, which comes from the span opened for it.
+#[derive(Debug, Clone)]
+pub struct Parsed<E> {
+    pub id: Uuid,
+    pub event_type: String,
+    pub body: E,
+    pub attempt: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("body does not match the event type: {0}")]
+    Body(#[from] serde_json::Error),
+    #[error("message_id {0:?} is not a UUID")]
+    MessageId(String),
+    #[error("no message_id, and no transactionId in the body")]
+    NoId,
+}
+
+/// The body's own id, for publishers that set no `message_id`.
+#[derive(serde::Deserialize)]
+struct BodyId {
+    #[serde(rename = "transactionId")]
+    transaction_id: Option<Uuid>,
+}
+
+/// Parses a delivery: the id from `message_id`, falling back to the body's
+/// `transactionId`; the type from `type`, falling back to the routing key.
+pub fn parse<E: DeserializeOwned>(delivery: &Delivery) -> Result<Parsed<E>, ParseError> {
+    let body: E = serde_json::from_slice(&delivery.data)?;
+    let id = match delivery.properties.message_id() {
+        Some(id) => Uuid::parse_str(id.as_str())
+            .map_err(|_| ParseError::MessageId(id.as_str().to_owned()))?,
+        None => serde_json::from_slice::<BodyId>(&delivery.data)?
+            .transaction_id
+            .ok_or(ParseError::NoId)?,
+    };
+    let event_type = delivery
+        .properties
+        .kind()
+        .as_ref()
+        .map(|t| t.as_str().to_owned())
+        .unwrap_or_else(|| delivery.routing_key.as_str().to_owned());
+    Ok(Parsed {
+        id,
+        event_type,
+        body,
+        attempt: attempt(delivery),
+    })
+}
+
+/// The attempt count in the headers (0 when absent).
+pub fn attempt(delivery: &Delivery) -> u32 {
+    header(delivery.properties.headers().as_ref(), ATTEMPT_HEADER)
+        .and_then(|v| match v {
+            AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::LongUInt(n) => Some(*n),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+pub fn header<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<&'a AMQPValue> {
+    headers?.inner().get(&ShortString::from(name))
+}
+
+/// A header as text, if it is a string.
+pub fn header_str(headers: Option<&FieldTable>, name: &str) -> Option<String> {
+    match header(headers, name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// Republishes `delivery` to `queue` (through the default exchange) with its
+/// properties and trace headers, plus the attempt count and last error, and
+/// waits for the broker's confirm. The caller acks the original only after.
+pub async fn forward(
+    channel: &Channel,
+    delivery: &Delivery,
+    queue: &str,
+    attempt: u32,
+    error: &str,
+) -> anyhow::Result<()> {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        ATTEMPT_HEADER.into(),
+        AMQPValue::LongLongInt(attempt.into()),
+    );
+    let error: String = error.chars().take(1024).collect();
+    headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(error.into()));
+    if header(Some(&headers), ORIGIN_HEADER).is_none() {
+        headers.insert(
+            ORIGIN_HEADER.into(),
+            AMQPValue::LongString(delivery.routing_key.as_str().into()),
+        );
+    }
+    let properties = delivery.properties.clone().with_headers(headers);
+    publish_confirmed(channel, "", queue, &delivery.data, properties).await
+}
+
+/// Publishes one message, mandatory, and fails unless the broker confirms it
+/// as routed and stored.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> anyhow::Result<()> {
+    let publish = channel.basic_publish(
+        exchange.into(),
+        routing_key.into(),
+        BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        },
+        body,
+        properties.with_delivery_mode(2),
+    );
+    let confirm = tokio::time::timeout(AMQP_TIMEOUT, async {
+        publish
+            .await
+            .with_context(|| format!("publishing to {routing_key}"))?
+            .await
+            .with_context(|| format!("waiting for the confirm from {routing_key}"))
+    })
+    .await
+    .with_context(|| format!("no confirm from {routing_key} in time"))??;
+    match confirm {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(returned)) => anyhow::bail!(
+            "{routing_key} returned the message: {} {}",
+            returned.reply_code,
+            returned.reply_text
+        ),
+        other => anyhow::bail!("{routing_key} did not confirm the message: {other:?}"),
+    }
+}
+
+/// The CONSUMER span `<queue> process`, a child of the publisher's context.
+/// `attempt` and `conversation_id` (an order id, say) come from the parsed
+/// message when it parsed.
+pub fn process_span(
+    queue: &str,
+    delivery: &Delivery,
+    attempt: u32,
+    conversation_id: Option<String>,
+) -> tracing::Span {
+    let headers = delivery.properties.headers().as_ref();
+    let queue_wait_ms = header_str(headers, PUBLISHED_AT_HEADER)
+        .and_then(|v| v.parse::<i64>().ok())
+        .map(|published| chrono::Utc::now().timestamp_millis() - published);
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str().to_owned())
+        .unwrap_or_default();
+    let span = tracing::info_span!(
+        "consumer process",
+        otel.name = format!("{queue} process"),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "process",
+        messaging.destination.name = %queue,
+        messaging.rabbitmq.destination.routing_key = %delivery.routing_key,
+        messaging.message.id = %message_id,
+        messaging.message.conversation_id = conversation_id,
+        messaging.consumer.attempt = attempt,
+        messaging.queue_wait_ms = queue_wait_ms,
+        outcome = tracing::field::Empty,
+    );
+    let _ = span.set_parent(propagation::extract_amqp(headers));
+    span
+}

@@ -1,0 +1,156 @@
+//! The dedup transaction: ONE Postgres transaction per batch of events,
+//! holding their rows in `processed_messages` and, for the events not seen
+//! before, the handler's side effect. Nothing is acked here.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt;
+use uuid::Uuid;
+
+use crate::handler::{Event, Handler, HandlerError};
+use crate::{Consumer, InboxError};
+use outbox_common::shutdown::panic_text;
+use outbox_common::sqlstate::{ErrorKind, classify};
+use outbox_common::wake::Wake;
+
+/// What the dedup transaction did with one event id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// Its dedup row and the side effect were committed.
+    Committed,
+    /// Its dedup row existed: nothing was done.
+    Duplicate,
+    /// The handler refused it; everything was rolled back.
+    Refused(String),
+}
+
+/// Results by event id: an outage for an id leaves its deliveries for
+/// redelivery.
+pub type Results = HashMap<Uuid, Result<Applied, InboxError>>;
+
+impl<H: Handler> Consumer<H> {
+    /// The database half of handling `events`: ONE transaction holding their
+    /// dedup rows and, for the new ones, the handler's effect. Does not ack.
+    /// When the handler refuses a batch, each event is applied again on its
+    /// own, so only the refused ones fail. Two copies of one id in a batch
+    /// are applied once (the result is the id's).
+    pub async fn apply_batch(&self, events: &[Event<H::Event>]) -> Results {
+        let ids: HashSet<Uuid> = events.iter().map(|e| e.id).collect();
+        match self.transact(events).await {
+            Ok(Ok(fresh)) => ids
+                .into_iter()
+                .map(|id| (id, Ok(applied(fresh.contains(&id)))))
+                .collect(),
+            Ok(Err(reason)) if ids.len() == 1 => ids
+                .into_iter()
+                .map(|id| (id, Ok(Applied::Refused(reason.clone()))))
+                .collect(),
+            Ok(Err(reason)) => {
+                tracing::debug!(%reason, events = events.len(), "batch refused; applying one at a time");
+                let mut results = Results::new();
+                for event in events {
+                    if let Entry::Vacant(slot) = results.entry(event.id) {
+                        slot.insert(self.apply_one(event).await);
+                    }
+                }
+                results
+            }
+            Err(error) => ids.into_iter().map(|id| (id, Err(error.clone()))).collect(),
+        }
+    }
+
+    /// [`Consumer::apply_batch`] for one event.
+    pub async fn apply_one(&self, event: &Event<H::Event>) -> Result<Applied, InboxError> {
+        Ok(match self.transact(std::slice::from_ref(event)).await? {
+            Ok(fresh) => applied(fresh.contains(&event.id)),
+            Err(reason) => Applied::Refused(reason),
+        })
+    }
+
+    /// One transaction over `events`: `Ok(Ok(fresh ids))` once committed,
+    /// `Ok(Err(reason))` when the handler refused them and nothing was
+    /// written, `Err` on an outage.
+    async fn transact(
+        &self,
+        events: &[Event<H::Event>],
+    ) -> Result<Result<HashSet<Uuid>, String>, InboxError> {
+        let mut ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+        // Sorted, so two batches sharing ids cannot deadlock.
+        ids.sort_unstable();
+        ids.dedup();
+        let mut tx = self.pool.begin().await.map_err(InboxError::database)?;
+        let inserted = sqlx::query_scalar(
+            "INSERT INTO processed_messages (consumer, transaction_id) \
+             SELECT $1, id FROM unnest($2::uuid[]) AS t(id) \
+             ON CONFLICT DO NOTHING RETURNING transaction_id",
+        )
+        .bind(self.name())
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await;
+        let fresh: HashSet<Uuid> = match inserted {
+            Ok(fresh) => fresh.into_iter().collect(),
+            Err(error) => return refused_or_outage(error),
+        };
+        // The first copy of a new id is handed over; later copies are duplicates.
+        let mut handed = HashSet::new();
+        let new_events: Vec<Event<H::Event>> = events
+            .iter()
+            .filter(|e| fresh.contains(&e.id) && handed.insert(e.id))
+            .cloned()
+            .collect();
+        if !new_events.is_empty() {
+            let handled = AssertUnwindSafe(self.handler.handle(&mut tx, &new_events))
+                .catch_unwind()
+                .await;
+            match handled {
+                Ok(Ok(())) => {}
+                // Dropping `tx` rolls back the dedup rows with the effect.
+                Ok(Err(HandlerError::Refused(reason))) => return Ok(Err(reason)),
+                Ok(Err(HandlerError::Outage(reason))) => return Err(InboxError::Outage(reason)),
+                Err(panic) => {
+                    let reason = format!("the handler panicked: {}", panic_text(&*panic));
+                    tracing::error!(consumer = self.name(), %reason);
+                    return Ok(Err(reason));
+                }
+            }
+        }
+        // A handler that swallowed an error of its own statement returns Ok
+        // on an aborted transaction, whose COMMIT Postgres answers with a
+        // rollback and no error: this statement fails there (25P02), so the
+        // deliveries wait for a fixed handler instead of being acked unapplied.
+        if !new_events.is_empty()
+            && let Err(error) = sqlx::query("SELECT 1").execute(&mut *tx).await
+        {
+            return Err(InboxError::database(error));
+        }
+        if let Err(error) = tx.commit().await {
+            return refused_or_outage(error);
+        }
+        self.metrics.transactions.inc();
+        if !new_events.is_empty() {
+            self.wakes.iter().for_each(Wake::notify);
+        }
+        Ok(Ok(fresh))
+    }
+}
+
+fn applied(fresh: bool) -> Applied {
+    if fresh {
+        Applied::Committed
+    } else {
+        Applied::Duplicate
+    }
+}
+
+/// A Postgres error of the framework's own statements: a refusal of the data
+/// (a deferred constraint at commit, say) refuses the events; anything else
+/// is an outage.
+fn refused_or_outage<T>(error: sqlx::Error) -> Result<Result<T, String>, InboxError> {
+    match classify(&error) {
+        ErrorKind::Refused => Ok(Err(error.to_string())),
+        _ => Err(InboxError::database(error)),
+    }
+}

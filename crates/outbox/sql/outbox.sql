@@ -1,0 +1,24 @@
+-- The outbox table of the `outbox` crate, as the order service's migrations
+-- leave it. Copy this file into your own migrations (renaming `outbox`
+-- throughout for a second table), or build it with
+-- `outbox::schema::create_table("name")`.
+CREATE TABLE outbox (
+    id              bigserial   PRIMARY KEY,
+    transaction_id  uuid        NOT NULL CONSTRAINT outbox_transaction_id_key UNIQUE,
+    aggregate_type  text        NOT NULL,
+    aggregate_id    text        NOT NULL,
+    event_type      text        NOT NULL,
+    payload         jsonb       NOT NULL,
+    -- W3C trace context of the writer: traceparent, tracestate.
+    headers         jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    published_at    timestamptz,
+    attempts        integer     NOT NULL DEFAULT 0,
+    -- 'infinity' once given up on.
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    last_error      text
+) WITH (fillfactor = 50);
+-- The relay's claim: due rows, by id.
+CREATE INDEX outbox_unpublished_idx ON outbox (id) WHERE published_at IS NULL;
+-- Pruning: published rows, oldest first.
+CREATE INDEX outbox_published_at_idx ON outbox (published_at) WHERE published_at IS NOT NULL;

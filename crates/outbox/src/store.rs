@@ -1,0 +1,246 @@
+//! Writing and reading outbox rows. An outbox is a [`Table`] of rows with the
+//! same columns (the events' `outbox`, the e-mails' `mail_outbox`): written
+//! in the caller's transaction (writers take `&mut PgConnection`), claimed
+//! with `FOR UPDATE SKIP LOCKED`, marked published or failed with a growing
+//! backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{AssertSqlSafe, PgConnection, SqlSafeStr, SqlStr};
+use uuid::Uuid;
+
+use outbox_common::prune::Prune;
+
+use crate::confirms::Failed;
+use crate::rows::{FailedRow, NewOutboxEvent, OutboxRow, OutboxStatus};
+
+/// One outbox table and its statements, built once from its name.
+#[derive(Debug, Clone)]
+pub struct Table {
+    name: &'static str,
+    sql: Arc<Statements>,
+}
+
+#[derive(Debug)]
+struct Statements {
+    insert: SqlStr,
+    claim: SqlStr,
+    published: SqlStr,
+    failed: SqlStr,
+    given_up: SqlStr,
+    status: SqlStr,
+    failures: SqlStr,
+    prune: SqlStr,
+}
+
+impl Table {
+    /// The statements of the outbox table `name` (a constant of the code,
+    /// never input).
+    pub fn named(name: &'static str) -> Self {
+        let sql = |s: String| AssertSqlSafe(Arc::<str>::from(s)).into_sql_str();
+        let sql = Statements {
+            insert: sql(Self::insert_statement(name, 1)),
+            claim: sql(format!(
+                "SELECT id, transaction_id, event_type, payload::text AS payload, headers, created_at, attempts \
+                 FROM {name} WHERE published_at IS NULL AND next_attempt_at <= now() AND next_attempt_at < 'infinity' \
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+            )),
+            published: sql(format!(
+                "UPDATE {name} SET published_at = clock_timestamp(), last_error = NULL WHERE id = ANY($1)"
+            )),
+            // Found by transaction_id: a return may name a row of another
+            // batch, which that batch may have marked published already.
+            failed: sql(format!(
+                "UPDATE {name} AS o SET published_at = NULL, attempts = o.attempts + 1, last_error = f.error, \
+                     next_attempt_at = now() + make_interval(secs => least(power(2, least(o.attempts, 16)), 300)) \
+                 FROM unnest($1::uuid[], $2::text[]) AS f(transaction_id, error) \
+                 WHERE o.transaction_id = ANY($1) AND o.transaction_id = f.transaction_id"
+            )),
+            given_up: sql(format!(
+                "UPDATE {name} AS o SET attempts = o.attempts + 1, last_error = f.error, \
+                     next_attempt_at = 'infinity' \
+                 FROM unnest($1::uuid[], $2::text[]) AS f(transaction_id, error) \
+                 WHERE o.transaction_id = ANY($1) AND o.transaction_id = f.transaction_id"
+            )),
+            status: sql(format!(
+                "SELECT count(*) FILTER (WHERE next_attempt_at < 'infinity') AS pending, \
+                   extract(epoch FROM now() - min(created_at) FILTER (WHERE next_attempt_at < 'infinity'))::float8 \
+                     AS oldest_pending_age_secs, \
+                   count(*) FILTER (WHERE last_error IS NOT NULL) AS with_errors, \
+                   count(*) FILTER (WHERE next_attempt_at = 'infinity') AS given_up \
+                 FROM {name} WHERE published_at IS NULL"
+            )),
+            prune: sql(format!(
+                "DELETE FROM {name} WHERE id IN ( \
+                     SELECT id FROM {name} WHERE published_at IS NOT NULL \
+                       AND published_at < now() - make_interval(secs => $1) \
+                     ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
+            )),
+            failures: sql(format!(
+                "SELECT id, transaction_id, event_type, attempts, last_error, \
+                   NULLIF(next_attempt_at, 'infinity') AS next_attempt_at FROM {name} \
+                 WHERE published_at IS NULL AND last_error IS NOT NULL ORDER BY id DESC LIMIT $1"
+            )),
+        };
+        Self {
+            name,
+            sql: Arc::new(sql),
+        }
+    }
+
+    /// The table's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The `INSERT` of rows into the outbox table `name`, from six arrays
+    /// bound from `$first` on: transaction ids (`uuid[]`), aggregate types,
+    /// aggregate ids, event types (`text[]`), payloads and headers
+    /// (`jsonb[]`). For a writer that puts its own change and its outbox
+    /// rows in one statement (a CTE): [`Table::insert_many`] runs it alone.
+    ///
+    /// ```
+    /// let insert = outbox::Table::insert_statement("outbox", 3);
+    /// assert!(insert.starts_with("INSERT INTO outbox (transaction_id,"));
+    /// assert!(insert.contains("unnest($3::uuid[], $4::text[]"));
+    /// ```
+    pub fn insert_statement(name: &str, first: usize) -> String {
+        let [a, b, c, d, e, f] = std::array::from_fn(|i| first + i);
+        format!(
+            "INSERT INTO {name} (transaction_id, aggregate_type, aggregate_id, event_type, payload, headers) \
+             SELECT * FROM unnest(${a}::uuid[], ${b}::text[], ${c}::text[], ${d}::text[], ${e}::jsonb[], ${f}::jsonb[])"
+        )
+    }
+
+    /// Writes one row on `conn`, the caller's transaction.
+    pub async fn insert(
+        &self,
+        conn: &mut PgConnection,
+        event: &NewOutboxEvent,
+    ) -> sqlx::Result<()> {
+        self.insert_many(conn, std::slice::from_ref(event)).await
+    }
+
+    /// Writes rows on `conn`, in one statement: the caller's transaction (a
+    /// request's, or a consumer's dedup transaction) covers them together
+    /// with the change they describe.
+    pub async fn insert_many(
+        &self,
+        conn: &mut PgConnection,
+        events: &[NewOutboxEvent],
+    ) -> sqlx::Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(self.sql.insert.clone())
+            .bind(events.iter().map(|e| e.transaction_id).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.aggregate_type).collect::<Vec<_>>())
+            .bind(
+                events
+                    .iter()
+                    .map(|e| e.aggregate_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(events.iter().map(|e| e.event_type).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| &e.payload).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| &e.headers).collect::<Vec<_>>())
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Locks up to `limit` due rows, oldest first, skipping rows another
+    /// claimer holds. The locks last until the caller's transaction ends.
+    pub async fn claim_due(
+        &self,
+        conn: &mut PgConnection,
+        limit: i64,
+    ) -> sqlx::Result<Vec<OutboxRow>> {
+        sqlx::query_as(self.sql.claim.clone())
+            .bind(limit)
+            .fetch_all(conn)
+            .await
+    }
+
+    /// Marks the rows `ids` published.
+    pub async fn mark_published(&self, conn: &mut PgConnection, ids: &[i64]) -> sqlx::Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let result = sqlx::query(self.sql.published.clone())
+            .bind(ids)
+            .execute(conn)
+            .await?;
+        Ok(result.rows_affected())
+    }
+
+    /// Records a failed attempt for each row, found by its `transaction_id`.
+    /// The row becomes due again (`published_at` back to NULL, for a row its
+    /// own batch had marked published before the broker's return was
+    /// matched to it), with `attempts + 1`, `last_error`, and a retry time
+    /// that grows with the attempts (1 s, 2 s, 4 s … capped at 5 minutes).
+    pub async fn mark_failed(
+        &self,
+        conn: &mut PgConnection,
+        failures: &[Failed],
+    ) -> sqlx::Result<u64> {
+        self.record(conn, &self.sql.failed, failures).await
+    }
+
+    /// Gives up on rows refused for good (a permanent SMTP refusal, say):
+    /// `last_error` says why, and they are never due again.
+    pub async fn mark_given_up(
+        &self,
+        conn: &mut PgConnection,
+        failures: &[Failed],
+    ) -> sqlx::Result<u64> {
+        self.record(conn, &self.sql.given_up, failures).await
+    }
+
+    async fn record(
+        &self,
+        conn: &mut PgConnection,
+        statement: &SqlStr,
+        failures: &[Failed],
+    ) -> sqlx::Result<u64> {
+        if failures.is_empty() {
+            return Ok(0);
+        }
+        let (transaction_ids, errors): (Vec<Uuid>, Vec<String>) = failures
+            .iter()
+            .map(|f| (f.transaction_id, f.error.to_string()))
+            .unzip();
+        let result = sqlx::query(statement.clone())
+            .bind(&transaction_ids)
+            .bind(&errors)
+            .execute(conn)
+            .await?;
+        Ok(result.rows_affected())
+    }
+
+    /// The pruning of rows published more than `retention` ago, for
+    /// [`outbox_common::prune::run`].
+    pub fn prune(&self, retention: Duration) -> Prune {
+        Prune::new(self.name, self.sql.prune.clone(), retention)
+    }
+
+    /// The table's pending rows, lag, errors and given-up rows.
+    pub async fn status(&self, conn: &mut PgConnection) -> sqlx::Result<OutboxStatus> {
+        sqlx::query_as(self.sql.status.clone())
+            .fetch_one(conn)
+            .await
+    }
+
+    /// The `limit` newest rows with an error.
+    pub async fn recent_failures(
+        &self,
+        conn: &mut PgConnection,
+        limit: i64,
+    ) -> sqlx::Result<Vec<FailedRow>> {
+        sqlx::query_as(self.sql.failures.clone())
+            .bind(limit)
+            .fetch_all(conn)
+            .await
+    }
+}
