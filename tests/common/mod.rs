@@ -6,6 +6,7 @@
 
 pub mod database;
 pub mod ports;
+pub mod processes;
 pub mod rabbit_ctl;
 pub mod rabbit_node;
 pub mod roles;
