@@ -151,7 +151,7 @@ async fn a_mailer_killed_mid_send_loses_no_mail_and_resends_under_the_same_messa
             },
         )
         .await;
-    f.stack.kill(Role::Email);
+    f.stack.processes.kill(Role::Email);
     assert!(
         arrived_before < total,
         "killed after {arrived_before} of {total}"
@@ -180,7 +180,7 @@ async fn a_mailer_killed_mid_send_loses_no_mail_and_resends_under_the_same_messa
         "every row was published before the kill"
     );
 
-    f.stack.restart(Role::Email);
+    f.stack.processes.restart(Role::Email).await;
     let rows = f.until_delivered(total).await;
     let mails = f.mails();
     check_mails_name_their_orders(&rows, &orders, "bob");
