@@ -401,7 +401,13 @@ async fn a_550_gives_that_recipients_mails_up_and_the_others_arrive() {
 async fn outbox_status_lists_a_given_up_mail() {
     let (db_name, db_url) = common::create_database().await;
     let _db = common::DropDatabase(db_name);
-    stack::migrate(&db_url);
+    let dir = certs::TempDir::new("outbox_status");
+    common::roles::migrate(
+        &db_url,
+        &common::test_amqp(),
+        dir.path(),
+        "MAIL_TEST_RUST_LOG",
+    );
     let pool = sqlx::PgPool::connect(&db_url)
         .await
         .expect("the test database");

@@ -97,21 +97,3 @@ pub fn outbox_status(db_url: &str) -> Result<String, String> {
         ))
     }
 }
-
-/// `order-service migrate` on `db_url`.
-pub fn migrate(db_url: &str) {
-    let output = Command::new(env!("CARGO_BIN_EXE_order-service"))
-        .arg("migrate")
-        .env("DATABASE_URL", db_url)
-        .env("RUST_LOG", "warn")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .stdin(Stdio::null())
-        .output()
-        .expect("running order-service migrate");
-    assert!(
-        output.status.success(),
-        "order-service migrate: {}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
