@@ -166,7 +166,7 @@ async fn accepted_orders_survive_losing_the_leader_of_a_three_node_cluster() {
         (DOWN / 2).as_secs_f64(),
         stopped.elapsed().as_secs_f64(),
         connections_list(&connected_down),
-        stack.diagnostics()
+        stack.processes.diagnostics()
     );
 
     step.at("restarting the stopped node");
@@ -318,7 +318,7 @@ fn role_connections(stack: &Stack, ports: &[(String, u16)]) -> Vec<(&'static str
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    let pids = stack.pids();
+    let pids = stack.processes.pids();
     let mut found = Vec::new();
     for line in out.lines() {
         let columns: Vec<&str> = line.split_whitespace().collect();

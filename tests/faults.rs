@@ -270,7 +270,7 @@ impl Scenario {
             "{}: {}\n{}",
             self.title(),
             problems.join("\n"),
-            stack.diagnostics()
+            stack.processes.diagnostics()
         );
         drop(stack);
         Report {
@@ -291,7 +291,7 @@ async fn kill_each_role(stack: &mut Stack, load: &Load, faults: &mut Faults) {
         orders_flow(load, 150, "orders to flow before the kill").await;
         let api = role == Role::Api;
         faults.arm(stack, load, !api).await;
-        stack.kill(role);
+        stack.processes.kill(role);
         faults.injected += 1;
         if api {
             let refused = load.failed() + 5;
@@ -304,7 +304,7 @@ async fn kill_each_role(stack: &mut Stack, load: &Load, faults: &mut Faults) {
         } else {
             orders_flow(load, 100, "a backlog while the role is down").await;
         }
-        stack.restart(role).await;
+        stack.processes.restart(role).await;
     }
     orders_flow(load, 150, "orders to flow after the restarts").await;
 }
@@ -329,7 +329,7 @@ async fn stop_rabbitmq(stack: &Stack, load: &Load, faults: &mut Faults) {
 async fn memory_alarm(stack: &mut Stack, load: &Load, faults: &mut Faults) -> Alarmed {
     orders_flow(load, 200, "orders to flow before the alarm").await;
     faults.arm(stack, load, true).await;
-    let health = HealthWatch::start(&stack.http_addrs);
+    let health = HealthWatch::start(stack.processes.addrs());
     blocking(services::raise_memory_alarm)
         .await
         .expect("raising RabbitMQ's memory alarm");
@@ -360,7 +360,7 @@ async fn memory_alarm(stack: &mut Stack, load: &Load, faults: &mut Faults) -> Al
     .await
     .expect("counting rows published during the alarm");
     let accepted_during = load.accepted() - accepted_before;
-    let exited_during = stack.exited();
+    let exited_during = stack.processes.exited();
     let clearing = Instant::now();
     blocking(services::clear_memory_alarm)
         .await
@@ -380,7 +380,7 @@ async fn memory_alarm(stack: &mut Stack, load: &Load, faults: &mut Faults) -> Al
             "what was written before the alarm ended is not through within \
              {ALARM_DRAIN_DEADLINE:?} after it: (unpublished outbox rows, orders not through \
              the whole chain) = {backlog:?}\n{}",
-            stack.diagnostics()
+            stack.processes.diagnostics()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
@@ -420,7 +420,7 @@ async fn crash_postgres(stack: &mut Stack, load: &Load, faults: &mut Faults) -> 
         .expect("stopping Postgres with -m immediate");
     faults.injected += 1;
     tokio::time::sleep(PG_DOWN.saturating_sub(crashed.elapsed())).await;
-    let exited_during = stack.exited();
+    let exited_during = stack.processes.exited();
     let starting = Instant::now();
     let back = blocking(services::start_postgres)
         .await
@@ -458,7 +458,7 @@ async fn terminate_workers(stack: &mut Stack, load: &Load, faults: &mut Faults) 
     for roles in rounds {
         orders_flow(load, 150, "orders to flow before SIGTERM").await;
         faults.arm(stack, load, true).await;
-        for (role, status, log) in stack.terminate(roles).await {
+        for (role, status, log) in stack.processes.terminate(roles).await {
             faults.injected += 1;
             let (_, stopped) = role.started_and_stopped();
             assert!(
@@ -469,7 +469,7 @@ async fn terminate_workers(stack: &mut Stack, load: &Load, faults: &mut Faults) 
         }
         orders_flow(load, 100, "a backlog while stopped").await;
         for &role in roles {
-            stack.restart(role).await;
+            stack.processes.restart(role).await;
         }
     }
     orders_flow(load, 150, "orders to flow after the restarts").await;
@@ -491,7 +491,7 @@ async fn soak(stack: &Stack, load: &Load, faults: &mut Faults) -> Soaked {
     let depth_before = probe.depth().await;
     faults.in_flight += load.pending() as i64 + checks::unfinished(&stack.pool).await;
     let accepted_before = load.accepted();
-    let paused = stack.pause(Role::Billing);
+    let paused = stack.processes.pause(Role::Billing);
     faults.injected += 1;
     let until = Instant::now() + SOAK_PAUSE;
     let mut max_depth = depth_before;

@@ -151,7 +151,7 @@ async fn a_mailer_killed_mid_send_loses_no_mail_and_resends_under_the_same_messa
             },
         )
         .await;
-    f.stack.kill(Role::Email);
+    f.stack.processes.kill(Role::Email);
     assert!(
         arrived_before < total,
         "killed after {arrived_before} of {total}"
@@ -180,7 +180,7 @@ async fn a_mailer_killed_mid_send_loses_no_mail_and_resends_under_the_same_messa
         "every row was published before the kill"
     );
 
-    f.stack.restart(Role::Email);
+    f.stack.processes.restart(Role::Email).await;
     let rows = f.until_delivered(total).await;
     let mails = f.mails();
     check_mails_name_their_orders(&rows, &orders, "bob");
@@ -401,7 +401,13 @@ async fn a_550_gives_that_recipients_mails_up_and_the_others_arrive() {
 async fn outbox_status_lists_a_given_up_mail() {
     let (db_name, db_url) = common::create_database().await;
     let _db = common::DropDatabase(db_name);
-    stack::migrate(&db_url);
+    let dir = certs::TempDir::new("outbox_status");
+    common::roles::migrate(
+        &db_url,
+        &common::test_amqp(),
+        dir.path(),
+        "MAIL_TEST_RUST_LOG",
+    );
     let pool = sqlx::PgPool::connect(&db_url)
         .await
         .expect("the test database");

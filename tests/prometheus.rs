@@ -84,12 +84,12 @@ async fn prometheus_sees_every_role_and_the_orders_flow_through_the_metrics() {
         amqp.exchange(),
         amqp.queue_prefix()
     );
-    let mut roles = Roles::start(
+    let mut roles = roles::start(
         &db_url,
         &amqp,
         &std::env::temp_dir().join(format!("{db_name}_logs")),
     );
-    let prometheus = Prometheus::start(&roles.targets()).await;
+    let prometheus = Prometheus::start(&roles::targets(&roles)).await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()

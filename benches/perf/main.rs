@@ -14,6 +14,9 @@
 //! leaves the recorded figures alone).
 
 mod consumer;
+// Databases of the benchmark's own (the tests' helper).
+#[path = "../../tests/common/database.rs"]
+mod database;
 mod e2e;
 mod ingest;
 mod mail;

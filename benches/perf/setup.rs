@@ -2,8 +2,10 @@
 
 use anyhow::Context;
 use order_service::config::{AmqpConfig, DatabaseConfig};
-use sqlx::{Connection, Executor, PgPool};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+
+use crate::database;
 
 pub fn admin_url() -> String {
     std::env::var("BENCH_DATABASE_URL")
@@ -15,18 +17,6 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-/// `url` naming database `name` instead, its query (`?sslmode=...`) kept.
-fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, format!("?{query}")),
-        None => (url, String::new()),
-    };
-    format!(
-        "{}/{name}{query}",
-        base.rsplit_once('/').expect("a URL with a database").0
-    )
-}
-
 /// A fresh, migrated database; dropped by [`BenchDb::drop_db`].
 pub struct BenchDb {
     pub name: String,
@@ -36,15 +26,7 @@ pub struct BenchDb {
 
 impl BenchDb {
     pub async fn new(tag: &str, pool_size: u32) -> anyhow::Result<Self> {
-        let name = format!(
-            "osbench_{tag}_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
-        let mut admin = sqlx::PgConnection::connect(&admin_url()).await?;
-        admin
-            .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .await?;
-        let url = with_database(&admin_url(), &name);
+        let (name, url) = database::create(&admin_url(), &format!("osbench_{tag}")).await?;
         let mut config = DatabaseConfig::new(url.clone());
         config.pool_size = pool_size;
         let pool = order_service::db::connect(&config, &CancellationToken::new()).await?;
@@ -53,13 +35,7 @@ impl BenchDb {
 
     pub async fn drop_db(self) -> anyhow::Result<()> {
         self.pool.close().await;
-        let mut admin = sqlx::PgConnection::connect(&admin_url()).await?;
-        admin
-            .execute(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            )))
-            .await?;
+        database::remove(&admin_url(), &self.name).await?;
         Ok(())
     }
 

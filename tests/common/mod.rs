@@ -1,9 +1,12 @@
-//! Fixtures shared by the test binaries (integration, tracing, faults): the
-//! servers' URLs, a database and broker names of each test's own, and polling
-//! with a deadline instead of sleeping. Each binary uses a part of it.
+//! Fixtures shared by the test binaries (integration, tracing, faults,
+//! cluster, mail, prometheus, tls): the servers' URLs, a database and broker
+//! names of each test's own, the roles run as processes, and polling with a
+//! deadline instead of sleeping. Each binary uses a part of it.
 #![allow(dead_code)]
 
+pub mod database;
 pub mod ports;
+pub mod processes;
 pub mod rabbit_ctl;
 pub mod rabbit_node;
 pub mod roles;
@@ -18,7 +21,6 @@ use lapin::{Connection, ConnectionProperties};
 use order_service::config::AmqpConfig;
 use order_service::orders::SUBSCRIPTIONS;
 use outbox_common::amqp::QueueNames;
-use sqlx::{Connection as _, Executor as _, PgConnection};
 use uuid::Uuid;
 
 /// The server's admin database; tests create their own beside it.
@@ -32,33 +34,16 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-async fn admin() -> PgConnection {
-    PgConnection::connect(&admin_url())
-        .await
-        .expect("connecting to Postgres")
-}
-
 /// Creates an empty database `ostest_<uuid>`; returns its name and URL.
 pub async fn create_database() -> (String, String) {
-    let name = format!("ostest_{}", Uuid::new_v4().simple());
-    admin()
+    database::create(&admin_url(), "ostest")
         .await
-        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .await
-        .expect("creating the test database");
-    let admin_url = admin_url();
-    let base = admin_url.rsplit_once('/').expect("a URL with a database").0;
-    let url = format!("{base}/{name}");
-    (name, url)
+        .expect("creating the test database")
 }
 
+/// Drops database `name` (its sessions closed first), if it exists.
 pub async fn drop_database(name: &str) {
-    let _ = admin()
-        .await
-        .execute(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        )))
-        .await;
+    let _ = database::remove(&admin_url(), name).await;
 }
 
 /// AMQP settings with this test's own exchange and queue names, and short

@@ -1,8 +1,8 @@
 //! The real binary's roles as processes of their own, as docker compose runs
-//! them: what each role is, the command that starts one against a test's
-//! database and AMQP names, and the tail of their logs for a failure
-//! message. The harnesses (faults, cluster, mail, prometheus) keep their
-//! processes as they need them and start them with [`command`].
+//! them: what each role is, and the command that starts one against a
+//! test's database and AMQP names. [`super::processes`] runs them for the
+//! suites; a test that runs the binary once (a start that must fail, say)
+//! uses [`command`] itself.
 
 use std::fs::OpenOptions;
 use std::net::SocketAddr;
@@ -130,24 +130,6 @@ pub fn migrate(db_url: &str, amqp: &AmqpConfig, log_dir: &Path, rust_log_var: &s
         "order-service migrate failed:\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
-}
-
-/// The last warnings and errors of each role's log (`logs`: the role and
-/// its log text), for a failure message.
-pub fn diagnostics(log_dir: &Path, logs: impl IntoIterator<Item = (Role, String)>) -> String {
-    let mut out = format!("role logs in {}\n", log_dir.display());
-    for (role, log) in logs {
-        let lines: Vec<&str> = log
-            .lines()
-            .filter(|l| !l.contains(r#""level":"INFO""#))
-            .collect();
-        out.push_str(&format!("--- {} (last warnings and errors)\n", role.name()));
-        for line in &lines[lines.len().saturating_sub(15)..] {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    out
 }
 
 /// An address on 127.0.0.1 whose port was free a moment ago, outside the

@@ -384,11 +384,11 @@ pub async fn settle_and_verify(stack: &mut Stack, load: &LoadReport) -> Verdict 
     let started = Instant::now();
     let mut stable: Option<(Snapshot, Instant)> = None;
     let last = loop {
-        let crashed = stack.exited();
+        let crashed = stack.processes.exited();
         assert!(
             crashed.is_empty(),
             "a role crashed instead of recovering: {crashed:?}\n{}",
-            stack.diagnostics()
+            stack.processes.diagnostics()
         );
         match snapshot(stack).await {
             Ok(now) if now.settled() => {
@@ -404,14 +404,14 @@ pub async fn settle_and_verify(stack: &mut Stack, load: &LoadReport) -> Verdict 
                 assert!(
                     started.elapsed() < SETTLE_DEADLINE,
                     "the system did not settle within {SETTLE_DEADLINE:?}; last state: {now:#?}\n{}",
-                    stack.diagnostics()
+                    stack.processes.diagnostics()
                 );
             }
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let settled_in = started.elapsed() - QUIET;
-    let context = format!("{last:#?}\n{}", stack.diagnostics());
+    let context = format!("{last:#?}\n{}", stack.processes.diagnostics());
     let c = &last.counts;
 
     let lost: i64 = sqlx::query_scalar(

@@ -206,7 +206,7 @@ impl Fixture {
 
     /// Posts `count` orders of `user`; returns their ids.
     pub async fn post_orders(&self, user: &str, count: usize) -> Vec<Uuid> {
-        let api = self.stack.addr(Role::Api);
+        let api = self.stack.processes.addr(Role::Api);
         let mut ids = Vec::with_capacity(count);
         for i in 0..count {
             let response = self
@@ -229,7 +229,7 @@ impl Fixture {
 
     /// A role's `/metrics` text.
     pub async fn metrics(&self, role: Role) -> String {
-        let url = format!("http://{}/metrics", self.stack.addr(role));
+        let url = format!("http://{}/metrics", self.stack.processes.addr(role));
         self.client
             .get(url)
             .send()
@@ -260,12 +260,12 @@ impl Fixture {
                 Ok(value) => return value,
                 Err(last) => last,
             };
-            let exited = self.stack.exited();
+            let exited = self.stack.processes.exited();
             if !exited.is_empty() || started.elapsed() >= deadline {
                 panic!(
                     "{what}: not so after {:?}; exited roles: {exited:?}; last: {last}\n{}",
                     started.elapsed(),
-                    self.stack.diagnostics()
+                    self.stack.processes.diagnostics()
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -14,11 +14,12 @@
 //! role stops before it connects to anything.
 
 use std::path::Path;
-use std::process::{Child, ExitStatus};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use crate::certs::{TempDir, TestCa};
-use crate::common::{self, DeleteQueues, DropDatabase, create_database, roles};
+use crate::common::processes::Processes;
+use crate::common::{self, DeleteQueues, DropDatabase, create_database};
 use crate::smtp::{Behaviour, Event, SmtpServer, free_port, read_events};
 use crate::stack::Role;
 use crate::tls::{PASSWORD, USER, tls_server};
@@ -74,8 +75,8 @@ async fn a_bad_mailer_setting_stops_the_email_consumer_at_start_with_one_line_na
         ),
     ];
     for (i, (case, env, expected)) in cases.into_iter().enumerate() {
-        let log = dir.path().join(format!("email-consumer-{i}.log"));
-        stops_with_one_line(case, &env, &log, &expected, "");
+        let log_dir = dir.path().join(format!("case-{i}"));
+        stops_with_one_line(case, env, &log_dir, &expected, "");
     }
 }
 
@@ -150,26 +151,20 @@ async fn with_the_smtp_server_down_the_email_consumer_starts_and_keeps_running()
     let amqp = common::test_amqp();
     let _queues = DeleteQueues::orders(&amqp);
     let dir = TempDir::new("smtp_down_at_start");
-    roles::migrate(&db_url, &amqp, dir.path(), "MAIL_TEST_RUST_LOG");
-    let log = dir.path().join("email-consumer.log");
-    let addr = roles::free_addr();
     let env = trusted(&ca, required(PASSWORD, free_port()));
-    let mut command = roles::command(
-        Role::Email.args(),
-        &db_url,
-        &amqp,
-        addr,
-        &log,
-        "MAIL_TEST_RUST_LOG",
-    );
-    command.envs(env.iter().map(|(k, v)| (k, v)));
-    let mut child = KillOnDrop(command.spawn().expect("starting consume email"));
+    let mut processes =
+        Processes::new(&db_url, &amqp, dir.path(), RUST_LOG_VAR).role_env(Role::Email, env);
+    processes.migrate();
+    processes.spawn(Role::Email);
+    let addr = processes.addr(Role::Email);
     let client = reqwest::Client::new();
     let started = Instant::now();
     loop {
-        let output = || std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(status) = child.0.try_wait().expect("waiting for consume email") {
-            panic!("consume email exited with {status}:\n{}", output());
+        if let Some(status) = processes.try_wait(Role::Email) {
+            panic!(
+                "consume email exited with {status}:\n{}",
+                processes.log(Role::Email)
+            );
         }
         let healthz = client.get(format!("http://{addr}/healthz")).send().await;
         if healthz.is_ok_and(|r| r.status().is_success()) {
@@ -179,18 +174,18 @@ async fn with_the_smtp_server_down_the_email_consumer_starts_and_keeps_running()
             started.elapsed() < Duration::from_secs(60),
             "no /healthz 200 after {:?}:\n{}",
             started.elapsed(),
-            output()
+            processes.log(Role::Email)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    let output = processes.log(Role::Email);
     assert!(
         output.contains("SMTP server not reachable at start; mails wait"),
         "the warning:\n{output}"
     );
     assert!(!output.contains(PASSWORD), "the password shows:\n{output}");
     assert!(
-        child.0.try_wait().expect("waiting").is_none(),
+        processes.try_wait(Role::Email).is_none(),
         "consume email stopped:\n{output}"
     );
 }
@@ -221,23 +216,22 @@ fn stops_on_the_server(
     let mailbox = dir.path().join("mailbox.jsonl");
     let port = free_port();
     let _server = SmtpServer::start(port, &mailbox, &behaviour);
-    let log = dir.path().join("email-consumer.log");
-    stops_with_one_line(case, &env(port), &log, "error: SMTP_URL: ", cause);
+    let log_dir = dir.path().join("logs");
+    stops_with_one_line(case, env(port), &log_dir, "error: SMTP_URL: ", cause);
     read_events(&mailbox)
 }
 
 /// Runs `consume email` with `env` until it exits: non-zero, its one
 /// `error:` line starting with `expected` and containing `cause`, the
-/// password nowhere.
+/// password nowhere. It logs to `<log_dir>/email-consumer.log`.
 fn stops_with_one_line(
     case: &str,
-    env: &[(&str, String)],
-    log: &Path,
+    env: Vec<(&'static str, String)>,
+    log_dir: &Path,
     expected: &str,
     cause: &str,
 ) {
-    let (status, took) = run_until_exit(case, NO_DATABASE, env, log);
-    let output = std::fs::read_to_string(log).unwrap_or_default();
+    let (status, took, output) = run_until_exit(case, NO_DATABASE, env, log_dir);
     let errors: Vec<&str> = output.lines().filter(|l| l.starts_with("error:")).collect();
     eprintln!("{case}: {status} after {took:?}: {errors:?}");
     assert!(!output.contains(PASSWORD), "{case}: the password shows");
@@ -248,50 +242,35 @@ fn stops_with_one_line(
     );
 }
 
+/// The level `consume email` logs at, unless `info`.
+const RUST_LOG_VAR: &str = "MAIL_TEST_RUST_LOG";
+
 /// How long the e-mail consumer may take to stop on a bad setting.
 const STOP: Duration = Duration::from_secs(10);
 
 /// Runs `order-service consume email` with `env` against `db_url` until it
 /// exits (killed after [`STOP`], failing the test for `case`); returns its
-/// status and how long it ran.
+/// status, how long it ran and what it logged.
 fn run_until_exit(
     case: &str,
     db_url: &str,
-    env: &[(&str, String)],
-    log: &Path,
-) -> (ExitStatus, Duration) {
+    env: Vec<(&'static str, String)>,
+    log_dir: &Path,
+) -> (ExitStatus, Duration, String) {
     let amqp = common::test_amqp();
-    let addr = "127.0.0.1:0".parse().expect("an address");
-    let mut command = roles::command(
-        Role::Email.args(),
-        db_url,
-        &amqp,
-        addr,
-        log,
-        "MAIL_TEST_RUST_LOG",
-    );
-    command.envs(env.iter().map(|(k, v)| (k, v)));
+    let mut processes =
+        Processes::new(db_url, &amqp, log_dir, RUST_LOG_VAR).role_env(Role::Email, env);
     let started = Instant::now();
-    let mut child = KillOnDrop(command.spawn().expect("starting consume email"));
+    processes.spawn(Role::Email);
     loop {
-        if let Some(status) = child.0.try_wait().expect("waiting for consume email") {
-            return (status, started.elapsed());
+        if let Some(status) = processes.try_wait(Role::Email) {
+            return (status, started.elapsed(), processes.log(Role::Email));
         }
         assert!(
             started.elapsed() < STOP,
             "{case}: consume email still runs after {STOP:?}:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
+            processes.log(Role::Email)
         );
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A child process killed and reaped when dropped, even if the test fails.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }

@@ -226,7 +226,7 @@ async fn mails_wait_unsent(f: &mut Fixture, user: &str, error: &str) -> Vec<Even
 fn check_no_log_has_the_password(f: &Fixture) {
     for role in Role::ALL {
         assert!(
-            !f.stack.log(role).contains(PASSWORD),
+            !f.stack.processes.log(role).contains(PASSWORD),
             "the password is in the {} log",
             role.label()
         );

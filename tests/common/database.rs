@@ -1,0 +1,45 @@
+//! Databases of a test's (or a benchmark's) own on a Postgres server: the
+//! one place that creates and drops them. Shared by the test binaries and
+//! the benchmark (which includes this file), so it uses sqlx and uuid only.
+
+use sqlx::{Connection as _, Executor as _, PgConnection};
+use uuid::Uuid;
+
+/// Creates an empty database `<prefix>_<uuid>` on the server of
+/// `admin_url`; returns its name and URL (`admin_url` naming it instead,
+/// its query such as `?sslmode=...` kept).
+pub async fn create(admin_url: &str, prefix: &str) -> Result<(String, String), sqlx::Error> {
+    let name = format!("{prefix}_{}", Uuid::new_v4().simple());
+    let mut admin = PgConnection::connect(admin_url).await?;
+    // A name cannot be bound; this one is ours, made of [a-z0-9_].
+    admin
+        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await?;
+    let _ = admin.close().await;
+    let url = with_database(admin_url, &name);
+    Ok((name, url))
+}
+
+/// Drops database `name` on the server of `admin_url`, closing its
+/// sessions first; nothing if it is gone already.
+pub async fn remove(admin_url: &str, name: &str) -> Result<(), sqlx::Error> {
+    let mut admin = PgConnection::connect(admin_url).await?;
+    admin
+        .execute(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .await?;
+    admin.close().await
+}
+
+/// `url` naming database `name` instead, its query kept.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    format!(
+        "{}/{name}{query}",
+        base.rsplit_once('/').expect("a URL with a database").0
+    )
+}
