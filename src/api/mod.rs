@@ -4,7 +4,6 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
-pub mod health;
 pub mod idempotency;
 pub mod openapi;
 pub mod orders;
@@ -25,8 +24,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::config::{AmqpConfig, HttpConfig};
+use crate::config::HttpConfig;
 use crate::metrics::Metrics;
+use crate::probe::ProbeState;
 use crate::telemetry::propagation;
 use auth::Authenticator;
 use error::ApiError;
@@ -43,13 +43,16 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub body_limit: usize,
     pub request_timeout: Duration,
-    pub max_outbox_lag: Duration,
-    /// Checked by `/readyz` when set.
-    pub amqp: Option<AmqpConfig>,
-    /// The process's loops, for `/healthz`.
-    pub status: crate::probe::Status,
+    /// What `/healthz`, `/readyz` and `/metrics` check and read.
+    pub probe: ProbeState,
     /// Checks the bearer tokens of the order routes (off by default).
     pub auth: Authenticator,
+}
+
+impl FromRef<AppState> for ProbeState {
+    fn from_ref(state: &AppState) -> Self {
+        state.probe.clone()
+    }
 }
 
 impl FromRef<AppState> for Authenticator {
@@ -59,18 +62,17 @@ impl FromRef<AppState> for Authenticator {
 }
 
 impl AppState {
-    /// `wake` is signalled after each commit of new orders.
-    pub fn new(pool: PgPool, config: &HttpConfig, wake: Wake) -> Self {
+    /// `wake` is signalled after each commit of new orders; `probe` says
+    /// what the probes check, and holds the metrics.
+    pub fn new(pool: PgPool, config: &HttpConfig, wake: Wake, probe: ProbeState) -> Self {
         Self {
             writer: crate::orders::writer::OrderWriter::start(pool.clone(), wake.clone()),
             pool,
             wake,
-            metrics: Arc::default(),
+            metrics: probe.metrics.clone(),
             body_limit: config.body_limit,
             request_timeout: Duration::from_millis(config.request_timeout_ms),
-            max_outbox_lag: Duration::from_millis(config.max_outbox_lag_ms),
-            amqp: None,
-            status: crate::probe::Status::default(),
+            probe,
             auth: Authenticator::off(),
         }
     }
@@ -84,10 +86,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(openapi::base())
         .routes(routes!(orders::create_order))
         .routes(routes!(orders::get_order))
-        .routes(routes!(health::healthz))
-        .routes(routes!(health::readyz))
-        .routes(routes!(health::metrics))
         .routes(routes!(openapi::serve))
+        .merge(crate::probe::routes())
 }
 
 pub fn router(state: AppState) -> Router {

@@ -17,7 +17,7 @@ use crate::config::{AmqpConfig, DatabaseConfig};
 use crate::orders::EVENTS;
 use crate::orders::mailer::MAILS;
 use crate::retention;
-use crate::startup::{ConsumerKind, Probes, Roles};
+use crate::startup::{ConsumerKind, Roles};
 use crate::telemetry;
 
 /// How long roles get to finish their work after SIGTERM/Ctrl-C.
@@ -116,7 +116,7 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             roles.start_relay(&amqp, &relay, true);
             roles.start_retention(vec![EVENTS.prune(relay.retention())], &retention);
             roles
-                .start_probes(&http, Probes::relay(&amqp, &http))
+                .start_probes(&http, roles.relay_probes(&amqp, &http))
                 .await?;
             roles.wait(SHUTDOWN_DEADLINE).await
         }
@@ -146,7 +146,7 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             }
             roles.start_retention(prunes, &retention);
             roles
-                .start_probes(&http, Probes::consumer(&amqp, mailer))
+                .start_probes(&http, roles.consumer_probes(&amqp, mailer))
                 .await?;
             roles.wait(SHUTDOWN_DEADLINE).await
         }

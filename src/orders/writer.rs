@@ -5,17 +5,16 @@
 //! into a few larger ones. With one request at a time it is one transaction
 //! per order, as before.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, SqlSafeStr, SqlStr};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::db::ErrorKind;
-use crate::orders::{NewOrder, OrderEvent};
-use outbox::NewOutboxEvent;
-use outbox::Wake;
+use crate::orders::{EVENTS, NewOrder, OrderEvent};
+use outbox::{NewOutboxEvent, Table, Wake};
 
 /// Orders per shared transaction at most.
 const MAX_BATCH: usize = 64;
@@ -212,29 +211,37 @@ async fn write_together(conn: &mut PgConnection, rows: &[&NewRow]) -> Result<(),
         .iter()
         .map(|r| order_created(r.order_id, &r.order, now, r.trace_headers.clone()))
         .collect();
-    sqlx::query(
+    let orders = sqlx::query(WRITE_TOGETHER.clone())
+        .bind(rows.iter().map(|r| r.order_id).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.order.product_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.order.user_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.order.amount).collect::<Vec<_>>())
+        .bind(now);
+    Table::bind_events(orders, &events).execute(conn).await?;
+    Ok(())
+}
+
+/// The orders (`$1` to `$5`) in a CTE, then the outbox crate's own insert
+/// of their rows (`$6` on), built once.
+static WRITE_TOGETHER: LazyLock<SqlStr> = LazyLock::new(|| {
+    let sql = format!(
         "WITH new_orders AS ( \
              INSERT INTO orders (id, product_id, user_id, amount, created_at, updated_at) \
              SELECT id, product_id, user_id, amount, $5, $5 \
              FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[]) AS t(id, product_id, user_id, amount)) \
-         INSERT INTO outbox (transaction_id, aggregate_type, aggregate_id, event_type, payload, headers) \
-         SELECT * FROM unnest($6::uuid[], $7::text[], $8::text[], $9::text[], $10::jsonb[], $11::jsonb[])",
-    )
-    .bind(rows.iter().map(|r| r.order_id).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.order.product_id.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.order.user_id.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.order.amount).collect::<Vec<_>>())
-    .bind(now)
-    .bind(events.iter().map(|e| e.transaction_id).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.aggregate_type).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.aggregate_id.as_str()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.event_type).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| &e.payload).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| &e.headers).collect::<Vec<_>>())
-    .execute(conn)
-    .await?;
-    Ok(())
-}
+         {}",
+        Table::insert_statement(EVENTS.name(), 6)
+    );
+    AssertSqlSafe(sql).into_sql_str()
+});
 
 /// Writes one order and its outbox row on `conn` (the caller's transaction),
 /// with the same statement as the group commits.

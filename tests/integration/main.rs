@@ -12,6 +12,7 @@ mod custom_event;
 mod e2e;
 mod helpers;
 mod openapi;
+mod probes;
 mod proxy;
 mod relay;
 mod retention;

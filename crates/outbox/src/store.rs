@@ -7,7 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::{AssertSqlSafe, PgConnection, SqlSafeStr, SqlStr};
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::{AssertSqlSafe, PgConnection, Postgres, SqlSafeStr, SqlStr};
 use uuid::Uuid;
 
 use outbox_common::prune::Prune;
@@ -133,7 +135,20 @@ impl Table {
         if events.is_empty() {
             return Ok(());
         }
-        sqlx::query(self.sql.insert.clone())
+        Self::bind_events(sqlx::query(self.sql.insert.clone()), events)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Binds `events` to `query` as the six arrays that
+    /// [`Table::insert_statement`] reads, in its order: for a writer's own
+    /// statement, after its own parameters.
+    pub fn bind_events<'q>(
+        query: Query<'q, Postgres, PgArguments>,
+        events: &'q [NewOutboxEvent],
+    ) -> Query<'q, Postgres, PgArguments> {
+        query
             .bind(events.iter().map(|e| e.transaction_id).collect::<Vec<_>>())
             .bind(events.iter().map(|e| e.aggregate_type).collect::<Vec<_>>())
             .bind(
@@ -145,9 +160,6 @@ impl Table {
             .bind(events.iter().map(|e| e.event_type).collect::<Vec<_>>())
             .bind(events.iter().map(|e| &e.payload).collect::<Vec<_>>())
             .bind(events.iter().map(|e| &e.headers).collect::<Vec<_>>())
-            .execute(conn)
-            .await?;
-        Ok(())
     }
 
     /// Locks up to `limit` due rows, oldest first, skipping rows another

@@ -22,7 +22,9 @@ use crate::orders::billing::Billing;
 use crate::orders::email::Email;
 use crate::orders::mailer::{MAILS, MailConfigError, Smtp};
 pub use crate::probe::Probes;
-use crate::probe::{ProbeState, Status};
+use crate::probe::Status;
+
+mod probes;
 use inbox::{Consumer, Handler};
 use outbox::Dispatcher;
 use outbox::{Relay, Wake};
@@ -94,10 +96,8 @@ impl Roles {
             .await
             .with_context(|| format!("binding {}", http.http_addr))?;
         let addr = listener.local_addr()?;
-        let mut state = AppState::new(self.pool.clone(), http, self.wake.clone());
-        state.metrics = self.metrics.clone();
-        state.amqp = amqp;
-        state.status = self.status.clone();
+        let probe = self.probe_state(self.api_probes(http, amqp));
+        let mut state = AppState::new(self.pool.clone(), http, self.wake.clone(), probe);
         state.auth = auth;
         let app = api::router(state);
         let cancel = self.cancel.clone();
@@ -237,12 +237,7 @@ impl Roles {
         http: &HttpConfig,
         probes: Probes,
     ) -> anyhow::Result<SocketAddr> {
-        let state = ProbeState {
-            pool: self.pool.clone(),
-            metrics: self.metrics.clone(),
-            status: self.status.clone(),
-            probes,
-        };
+        let state = self.probe_state(probes);
         let (addr, server) =
             crate::probe::serve(http.http_addr, state, self.cancel.clone()).await?;
         self.tracker.spawn(server);
