@@ -101,6 +101,7 @@ impl AmqpSettings {
         AmqpConfig::new(self.amqp_url.expose())
             .with_queue_type(self.queue_type)
             .with_exchange(&self.exchange)
+            .with_app_id("order-service")
             .with_queue_prefix(&self.queue_prefix)
             .with_retry_delays(
                 self.retry_delays_ms

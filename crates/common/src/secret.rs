@@ -154,17 +154,17 @@ mod tests {
     #[test]
     fn passwords_are_redacted() {
         assert_eq!(
-            redact_url("postgres://app:hunter2@db:5432/orders"),
-            "postgres://app:***@db:5432/orders"
+            redact_url("postgres://app:hunter2@db:5432/app"),
+            "postgres://app:***@db:5432/app"
         );
         assert_eq!(
             redact_url("amqp://guest:p@ss@rabbit:5672/%2f"),
             "amqp://guest:***@rabbit:5672/%2f"
         );
-        assert_eq!(redact_url("postgres://db/orders"), "postgres://db/orders");
+        assert_eq!(redact_url("postgres://db/app"), "postgres://db/app");
         assert_eq!(
-            redact_url("postgres://app@db/orders?sslmode=disable&password=hunter2"),
-            "postgres://app@db/orders?sslmode=disable&password=***"
+            redact_url("postgres://app@db/app?sslmode=disable&password=hunter2"),
+            "postgres://app@db/app?sslmode=disable&password=***"
         );
         let s = SecretUrl::new("postgres://u:topsecret@h/d");
         assert!(!format!("{s:?} {s}").contains("topsecret"));

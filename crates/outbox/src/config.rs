@@ -1,4 +1,4 @@
-//! The relay's settings, with the defaults the order service ships.
+//! The relay's settings and their defaults.
 
 use std::time::Duration;
 

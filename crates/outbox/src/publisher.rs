@@ -42,6 +42,8 @@ pub struct Publisher {
     connection: Arc<Connection>,
     lanes: Arc<[Channel]>,
     lane: usize,
+    /// The messages' `app_id`.
+    app_id: Arc<str>,
     /// Set by [`Publisher::retire`]: no batch may start on it any more.
     retired: Arc<AtomicBool>,
 }
@@ -66,6 +68,7 @@ impl Publisher {
             connection: Arc::new(connection),
             lanes: channels.into(),
             lane: 0,
+            app_id: amqp.app_id().into(),
             retired: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -169,7 +172,7 @@ impl Publisher {
             .with_delivery_mode(2)
             .with_type(row.event_type.as_str().into())
             .with_timestamp(Utc::now().timestamp().max(0) as u64)
-            .with_app_id("order-service".into())
+            .with_app_id(self.app_id.as_ref().into())
             .with_headers(headers);
         self.lanes[self.lane]
             .basic_publish(

@@ -8,7 +8,7 @@ use uuid::Uuid;
 #[derive(Debug, Clone)]
 pub struct NewOutboxEvent {
     /// Unique id of this event; becomes the AMQP `message_id` and the
-    /// consumers' dedup key (or a mail's `Message-ID`).
+    /// consumers' dedup key (or, for another sink, the id it deduplicates on).
     pub transaction_id: Uuid,
     /// The kind of thing the event is about (`customer`, say).
     pub aggregate_type: &'static str,

@@ -46,10 +46,10 @@ mod tests {
 
     #[test]
     fn another_name_renames_the_table_its_constraint_and_indexes() {
-        let sql = create_table("mail_outbox");
-        assert!(sql.contains("CREATE TABLE mail_outbox ("));
-        assert!(sql.contains("CONSTRAINT mail_outbox_transaction_id_key UNIQUE"));
-        assert!(sql.contains("CREATE INDEX mail_outbox_published_at_idx ON mail_outbox"));
+        let sql = create_table("audit_outbox");
+        assert!(sql.contains("CREATE TABLE audit_outbox ("));
+        assert!(sql.contains("CONSTRAINT audit_outbox_transaction_id_key UNIQUE"));
+        assert!(sql.contains("CREATE INDEX audit_outbox_published_at_idx ON audit_outbox"));
         assert!(!sql.contains(" outbox"), "{sql}");
     }
 }

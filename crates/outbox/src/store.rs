@@ -1,5 +1,5 @@
 //! Writing and reading outbox rows. An outbox is a [`Table`] of rows with the
-//! same columns (the events' `outbox`, the e-mails' `mail_outbox`): written
+//! same columns (an `outbox` of events, say, and one of messages for another sink): written
 //! in the caller's transaction (writers take `&mut PgConnection`), claimed
 //! with `FOR UPDATE SKIP LOCKED`, marked published or failed with a growing
 //! backoff.
@@ -142,7 +142,7 @@ impl Table {
     }
 
     /// Binds `events` to `query` as the six arrays that
-    /// [`Table::insert_statement`] reads, in its order: for a writer's own
+    /// [`Table::insert_statement`] reads, in its sequence: for a writer's own
     /// statement, after its own parameters.
     pub fn bind_events<'q>(
         query: Query<'q, Postgres, PgArguments>,

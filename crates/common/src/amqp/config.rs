@@ -29,14 +29,15 @@ impl FromStr for QueueType {
 }
 
 /// RabbitMQ settings shared by relays, consumers and the DLQ tools. Built
-/// with [`AmqpConfig::new`] and the `with_` methods; the defaults are the
-/// order service's (exchange `order_events`, no queue prefix, quorum
-/// queues, retries after 1 s, 10 s and 60 s).
+/// with [`AmqpConfig::new`] and the `with_` methods; the defaults: exchange
+/// `events`, no queue prefix, quorum queues, retries after 1 s, 10 s and
+/// 60 s, and `outbox` as the messages' `app_id`.
 #[derive(Debug, Clone)]
 pub struct AmqpConfig {
     url: SecretUrl,
     queue_type: QueueType,
     exchange: String,
+    app_id: String,
     queue_prefix: String,
     retry_delays: Vec<Duration>,
 }
@@ -50,7 +51,8 @@ impl AmqpConfig {
         Self {
             url: SecretUrl::new(url),
             queue_type: QueueType::Quorum,
-            exchange: "order_events".into(),
+            exchange: "events".into(),
+            app_id: "outbox".into(),
             queue_prefix: String::new(),
             retry_delays: vec![
                 Duration::from_secs(1),
@@ -78,13 +80,20 @@ impl AmqpConfig {
         self
     }
 
+    /// The `app_id` property of the messages a relay publishes (the
+    /// publishing service's name).
+    pub fn with_app_id(mut self, app_id: impl Into<String>) -> Self {
+        self.app_id = app_id.into();
+        self
+    }
+
     /// A prefix for every queue name (lets tests and tenants share a vhost).
     pub fn with_queue_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.queue_prefix = prefix.into();
         self
     }
 
-    /// The delays of the retry queues: one retry per entry, in order.
+    /// The delays of the retry queues: one retry per entry, first to last.
     pub fn with_retry_delays(mut self, delays: Vec<Duration>) -> Self {
         self.retry_delays = delays;
         self
@@ -95,7 +104,7 @@ impl AmqpConfig {
         &self.url
     }
 
-    /// The broker URLs, in the order given.
+    /// The broker URLs, as given.
     pub fn urls(&self) -> Vec<&str> {
         // Split only before a new `scheme://`, so a comma in a password
         // stays in its URL.
@@ -116,12 +125,17 @@ impl AmqpConfig {
         &self.exchange
     }
 
+    /// The messages' `app_id`.
+    pub fn app_id(&self) -> &str {
+        &self.app_id
+    }
+
     /// The prefix of every queue name.
     pub fn queue_prefix(&self) -> &str {
         &self.queue_prefix
     }
 
-    /// The retry queues' delays, in order.
+    /// The retry queues' delays, first to last.
     pub fn retry_delays(&self) -> &[Duration] {
         &self.retry_delays
     }

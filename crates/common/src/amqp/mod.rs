@@ -72,7 +72,7 @@ impl<T> Doing<T> for Result<T, lapin::Error> {
 pub struct QueueNames {
     /// The queue bound to the exchange, which the consumer reads.
     pub main: String,
-    /// One per retry, in order, with its delay.
+    /// One per retry, first to last, with its delay.
     pub retries: Vec<(String, Duration)>,
     /// The dead-letter queue.
     pub dlq: String,

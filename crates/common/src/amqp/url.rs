@@ -132,13 +132,13 @@ mod tests {
     #[test]
     fn tls_parameters_are_taken_out_and_the_rest_passed_to_lapin() {
         let node = NodeUrl::parse(
-            "amqps://app:s3cret@mq.example.com:5671/orders?heartbeat=30&cacertfile=%2Fetc%2Fca.pem\
+            "amqps://app:s3cret@mq.example.com:5671/events?heartbeat=30&cacertfile=%2Fetc%2Fca.pem\
              &certfile=/c.pem&keyfile=/k.pem&verify=verify_none&server_name_indication=mq",
         )
         .unwrap();
         assert_eq!(node.uri.authority.host, "mq.example.com");
         assert_eq!(node.uri.authority.port, 5671);
-        assert_eq!(node.uri.vhost, "orders");
+        assert_eq!(node.uri.vhost, "events");
         assert_eq!(node.uri.query.heartbeat, Some(30));
         let tls = node.tls.unwrap();
         assert_eq!(tls.cacertfile, Some(PathBuf::from("/etc/ca.pem")));
