@@ -1,7 +1,7 @@
 //! Postgres pool and migrations, and the start on a database: the
 //! connect options of `DATABASE_URL` with libpq's TLS parameters
-//! ([`options`]), and the first connection that waits for a Postgres not up
-//! yet but stops on a misconfiguration ([`start`]).
+//! (`options`), and the first connection that waits for a Postgres not up
+//! yet but stops on a misconfiguration (`start`).
 
 mod options;
 mod start;

@@ -1,6 +1,6 @@
 //! The OpenAPI document of the HTTP API, served at `GET /openapi.json`. It
 //! is generated: the operations come from the handlers' `#[utoipa::path]`
-//! attributes as [`super::routes`] registers them (the same list the router
+//! attributes as [`super::routes()`] registers them (the same list the router
 //! serves), the schemas from the bodies' `ToSchema` derives. The integration
 //! tests hold the running API to it, and so does `.ci/fuzz.sh`.
 
@@ -66,7 +66,7 @@ impl utoipa::Modify for BearerScheme {
     }
 }
 
-/// The document without paths, for [`super::routes`] to add them to.
+/// The document without paths, for [`super::routes()`] to add them to.
 pub fn base() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }

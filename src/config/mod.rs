@@ -1,6 +1,6 @@
 //! Typed configuration, read once from flags and environment variables and
 //! passed down. No globals: tests build these structs directly. Secrets are
-//! [`SecretUrl`]s ([`secret`]); the retention and mail settings have files of
+//! [`SecretUrl`]s (`outbox_common::secret`); the retention and mail settings have files of
 //! their own.
 
 mod auth;

@@ -128,7 +128,7 @@ pub async fn check_at_start(
     Ok(())
 }
 
-/// Tries each URL once (each bounded by [`CONNECT_TIMEOUT`]), or until
+/// Tries each URL once (each bounded by `CONNECT_TIMEOUT`, 5 s), or until
 /// `cancel` fires: for the operator's commands, which fail rather than wait.
 pub async fn connect_once(
     config: &AmqpConfig,
