@@ -37,6 +37,8 @@ pub struct DemoConfig {
 /// What the demo saw at the end.
 #[derive(Debug, Clone)]
 pub struct Summary {
+    /// The database the demo made (and dropped).
+    pub database: String,
     /// The balances, by user.
     pub balances: Vec<(String, i64)>,
     /// Awards credited.
@@ -177,6 +179,7 @@ async fn play(
         .await?;
     let metrics = running.metrics();
     Ok(Summary {
+        database: String::new(),
         balances: balances(service).await?,
         processed: metrics.processed.get(),
         duplicates: metrics.duplicates.get(),
