@@ -15,4 +15,5 @@ mod openapi;
 mod proxy;
 mod relay;
 mod retention;
+mod shipped_sql;
 mod topology;
