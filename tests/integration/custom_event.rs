@@ -1,19 +1,20 @@
-//! A new event type and its consumer, defined in this file alone: the outbox
-//! and the inbox are generic. `points.awarded` events are written to the
-//! outbox with `outbox::store::insert`, published by a real relay with this
-//! file's subscription, and applied by a real consumer (a `Roles` consumer
-//! role) to a table the test creates: once per event, whatever the broker
-//! delivers; retried through the delay queues when refused; dead-lettered
-//! when refused to the end, or when the handler panics.
+//! A new event type and its consumer, defined in this file alone, run
+//! inside the order service's own roles: `points.awarded` events are
+//! written to the order service's `outbox`, published by its relay with
+//! this file's subscription, and applied by a handler started as a `Roles`
+//! consumer role (its metrics in the roles' families, its commits waking
+//! the roles' relay). What any service built on the core gets (published,
+//! applied once under a duplicate delivery, retried, dead-lettered) is
+//! shown by `examples/loyalty` and its tests; here only what the roles add:
+//! a handler that panics is dead-lettered and the role carries on, and the
+//! dedup transaction under such a panic.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use inbox::ConsumerMetrics;
-use inbox::{Applied, Consumer, Event, Handler, HandlerError, dlq, message};
-use lapin::BasicProperties;
-use lapin::options::ConfirmSelectOptions;
+use inbox::{Applied, Consumer, Event, Handler, HandlerError, dlq};
 use order_service::config::{AmqpConfig, ConsumerConfig, RelayConfig};
 use order_service::orders::EVENTS;
 use order_service::startup::Roles;
@@ -24,7 +25,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::helpers::{DeleteQueues, TestDb, amqp_channel, eventually, test_amqp};
+use crate::helpers::{DeleteQueues, TestDb, eventually, test_amqp};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -58,8 +59,7 @@ async fn create_tables(pool: &PgPool) {
     }
 }
 
-/// Credits points. Its rules, by user, are the test's: `flaky-*` is refused
-/// on the first attempt, `closed-*` always, and `panics-*` panics. It
+/// Credits points; `panics-*` users make it panic (the test's rule). It
 /// records the attempt of every event it is handed.
 #[derive(Debug, Clone, Default)]
 struct Loyalty {
@@ -105,14 +105,8 @@ impl Handler for Loyalty {
                 .or_default()
                 .push(event.attempt);
             // The rows of the events before this one are written already:
-            // a refusal or a panic must take them back with it.
+            // a panic must take them back with it.
             let user = award.user_id.as_str();
-            if user.starts_with("flaky-") && event.attempt == 0 {
-                return Err(HandlerError::refused("the points ledger is busy"));
-            }
-            if user.starts_with("closed-") {
-                return Err(HandlerError::refused(format!("account {user} is closed")));
-            }
             if user.starts_with("panics-") {
                 panic!("a bug in the points rules for {user}");
             }
@@ -191,12 +185,6 @@ impl Loyal {
         let config = ConsumerConfig::default().with_concurrency(1);
         self.roles
             .start_handler(self.handler.clone(), &self.amqp, &config);
-    }
-
-    fn start(self) -> Self {
-        self.start_relay();
-        self.start_consumer();
-        self
     }
 
     /// The consumer role's metrics (shared by name with the role).
@@ -281,137 +269,6 @@ impl Loyal {
             .expect("the roles stop in time");
         self.db.cleanup().await;
     }
-}
-
-#[tokio::test]
-async fn a_new_event_type_is_applied_once_even_when_delivered_twice() {
-    let loyal = Loyal::new().await.start();
-    let [award] = <[PointsAwarded; 1]>::try_from(loyal.award(&[("alice", 10)]).await).unwrap();
-    loyal
-        .wait_until("the award to be applied", |m| m.processed.get() == 1)
-        .await;
-    eventually("the relay to mark its row published", WAIT, || async {
-        (loyal.unpublished().await == 0).then_some(())
-    })
-    .await;
-
-    // The same message again, published by hand through the exchange, as a
-    // relay that crashed before marking its row would publish it.
-    let (_connection, channel) = amqp_channel().await;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let properties = BasicProperties::default()
-        .with_message_id(award.award_id.to_string().into())
-        .with_type(POINTS_AWARDED.into())
-        .with_content_type("application/json".into());
-    message::publish_confirmed(
-        &channel,
-        loyal.amqp.exchange(),
-        POINTS_AWARDED,
-        &serde_json::to_vec(&award).unwrap(),
-        properties,
-    )
-    .await
-    .unwrap();
-    loyal
-        .wait_until("the copy to be recognised", |m| m.duplicates.get() == 1)
-        .await;
-
-    let metrics = loyal.metrics();
-    assert_eq!((metrics.processed.get(), metrics.duplicates.get()), (1, 1));
-    assert_eq!(loyal.award_rows(award.award_id).await, 1, "applied once");
-    assert_eq!(loyal.balance("alice").await, Some(10), "credited once");
-    assert_eq!(loyal.dedup_rows().await, vec![award.award_id]);
-    assert_eq!(
-        loyal.handler.attempts(award.award_id),
-        vec![0],
-        "the copy never reached the handler"
-    );
-    loyal.stop().await;
-}
-
-#[tokio::test]
-async fn a_new_event_refused_on_its_first_attempt_is_retried_through_the_delay_queue() {
-    let loyal = Loyal::new().await.start();
-    let awards = loyal.award(&[("flaky-bob", 25), ("carol", 5)]).await;
-    let flaky = awards[0].award_id;
-    loyal
-        .wait_until("both awards to be applied", |m| m.processed.get() == 2)
-        .await;
-
-    let metrics = loyal.metrics();
-    assert_eq!(metrics.retried.get(), 1, "one trip through the delay queue");
-    assert_eq!(metrics.dead_lettered.get(), 0);
-    assert_eq!(metrics.requeued.get(), 0, "a refusal is not an outage");
-    // Handed over at attempt 0 (refused; perhaps also in a batch with the
-    // other award, then alone), then at attempt 1 from the delay queue.
-    let attempts = loyal.handler.attempts(flaky);
-    assert_eq!(attempts.last(), Some(&1), "{attempts:?}");
-    assert!(
-        attempts[..attempts.len() - 1].iter().all(|a| *a == 0),
-        "{attempts:?}"
-    );
-    let applied_at: i32 =
-        sqlx::query_scalar("SELECT attempt FROM loyalty_awards WHERE award_id = $1")
-            .bind(flaky)
-            .fetch_one(&loyal.db.pool)
-            .await
-            .unwrap();
-    assert_eq!(applied_at, 1, "the refused attempt left nothing behind");
-    assert_eq!(loyal.award_rows(flaky).await, 1);
-    assert_eq!(loyal.balance("flaky-bob").await, Some(25));
-    assert_eq!(loyal.balance("carol").await, Some(5));
-    assert_eq!(loyal.dedup_rows().await.len(), 2);
-    assert!(
-        dlq::list(&loyal.amqp, &loyal.queues, 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    loyal.stop().await;
-}
-
-#[tokio::test]
-async fn a_new_event_always_refused_ends_in_the_dlq_with_nothing_applied() {
-    let loyal = Loyal::new().await.start();
-    let awards = loyal.award(&[("closed-dave", 40), ("erin", 3)]).await;
-    let closed = awards[0].award_id;
-    loyal
-        .wait_until("the refused award to be dead-lettered", |m| {
-            m.dead_lettered.get() == 1 && m.processed.get() == 1
-        })
-        .await;
-
-    let metrics = loyal.metrics();
-    let retries = loyal.amqp.retry_delays().len() as u64;
-    assert_eq!(metrics.retried.get(), retries, "one retry per delay queue");
-    let attempts = loyal.handler.attempts(closed);
-    assert_eq!(
-        attempts.iter().max(),
-        Some(&(retries as u32)),
-        "tried at every attempt: {attempts:?}"
-    );
-    let letters = dlq::list(&loyal.amqp, &loyal.queues, 10).await.unwrap();
-    assert_eq!(letters.len(), 1);
-    assert_eq!(letters[0].message_id, closed.to_string());
-    assert_eq!(letters[0].event_type, POINTS_AWARDED);
-    assert_eq!(letters[0].attempts, retries as u32 + 1);
-    assert!(
-        letters[0].error.contains("account closed-dave is closed"),
-        "{}",
-        letters[0].error
-    );
-    assert_eq!(loyal.award_rows(closed).await, 0);
-    assert_eq!(loyal.balance("closed-dave").await, None);
-    assert_eq!(
-        loyal.balance("erin").await,
-        Some(3),
-        "the other award went through"
-    );
-    assert_eq!(loyal.dedup_rows().await, vec![awards[1].award_id]);
-    loyal.stop().await;
 }
 
 #[tokio::test]

@@ -16,4 +16,5 @@ mod probes;
 mod proxy;
 mod relay;
 mod retention;
+mod shipped_sql;
 mod topology;

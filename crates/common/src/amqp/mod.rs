@@ -19,7 +19,10 @@ pub use connect::{ConnectError, StartError, check_at_start, connect, connect_onc
 
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ExchangeKind};
 
@@ -136,6 +139,32 @@ pub async fn declare_exchange(channel: &Channel, config: &AmqpConfig) -> Result<
         )
         .await
         .doing(|| format!("declaring exchange {}", config.exchange()))
+}
+
+/// Deletes every subscription's queues (main, delay and dead-letter
+/// queues, with their messages) and then the exchange: the undoing of
+/// [`declare_topology`], for a test or a demo that declared a topology of
+/// its own under a unique exchange and queue prefix. RabbitMQ deletes a
+/// queue or an exchange that is not there without complaint.
+pub async fn delete_topology(
+    channel: &Channel,
+    config: &AmqpConfig,
+    subscriptions: &[Subscription],
+) -> Result<(), BrokerError> {
+    for subscription in subscriptions {
+        let names = QueueNames::new(config, subscription.consumer);
+        let retries = names.retries.into_iter().map(|(queue, _)| queue);
+        for queue in [names.main, names.dlq].into_iter().chain(retries) {
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .doing(|| format!("deleting queue {queue}"))?;
+        }
+    }
+    channel
+        .exchange_delete(config.exchange().into(), ExchangeDeleteOptions::default())
+        .await
+        .doing(|| format!("deleting exchange {}", config.exchange()))
 }
 
 /// The main queue (bound to the exchange), the delay queues that dead-letter
