@@ -21,9 +21,10 @@ pub use events::{
 
 /// Longest `productId`/`userId` accepted, in characters.
 /// The events' outbox: `order.created` and `order.confirmed`, published
-/// to RabbitMQ by the relay.
+/// to RabbitMQ by the relay, numbered within their order (`seq`), so that
+/// the e-mail consumer applies an order's events in sequence.
 pub static EVENTS: std::sync::LazyLock<outbox::Table> =
-    std::sync::LazyLock::new(|| outbox::Table::named("outbox"));
+    std::sync::LazyLock::new(|| outbox::Table::named("outbox").with_sequences());
 
 pub const MAX_ID_CHARS: usize = 128;
 /// Largest amount accepted, in minor units (ten billion in major units).

@@ -232,13 +232,12 @@ async fn write_together(conn: &mut PgConnection, rows: &[&NewRow]) -> Result<(),
 /// The orders (`$1` to `$5`) in a CTE, then the outbox crate's own insert
 /// of their rows (`$6` on), built once.
 static WRITE_TOGETHER: LazyLock<SqlStr> = LazyLock::new(|| {
-    let sql = format!(
-        "WITH new_orders AS ( \
+    let sql = EVENTS.insert_statement(
+        6,
+        "new_orders AS ( \
              INSERT INTO orders (id, product_id, user_id, amount, created_at, updated_at) \
              SELECT id, product_id, user_id, amount, $5, $5 \
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[]) AS t(id, product_id, user_id, amount)) \
-         {}",
-        Table::insert_statement(EVENTS.name(), 6)
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[]) AS t(id, product_id, user_id, amount))",
     );
     AssertSqlSafe(sql).into_sql_str()
 });

@@ -55,6 +55,7 @@ mod batch;
 mod config;
 pub mod confirms;
 mod dispatch;
+mod insert;
 mod metrics;
 mod publisher;
 mod relay;

@@ -19,7 +19,10 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
-use outbox_common::amqp::headers::{PUBLISHED_AT_HEADER, WRITTEN_AT_HEADER};
+use outbox_common::amqp::headers::{
+    AGGREGATE_ID_HEADER, AGGREGATE_TYPE_HEADER, PREVIOUS_HEADER, PUBLISHED_AT_HEADER,
+    SEQUENCE_HEADER, WRITTEN_AT_HEADER,
+};
 use outbox_common::amqp::{self, AmqpConfig, Subscription};
 use outbox_common::propagation;
 
@@ -166,6 +169,18 @@ impl Publisher {
             WRITTEN_AT_HEADER.into(),
             AMQPValue::LongString(row.created_at.timestamp_millis().to_string().into()),
         );
+        if let Some(seq) = row.seq {
+            let previous = row.previous.as_ref().map(|p| p.to_string());
+            let previous = previous.unwrap_or_else(|| "{}".to_owned());
+            for (name, value) in [
+                (AGGREGATE_TYPE_HEADER, long_string(&row.aggregate_type)),
+                (AGGREGATE_ID_HEADER, long_string(&row.aggregate_id)),
+                (SEQUENCE_HEADER, AMQPValue::LongLongInt(seq)),
+                (PREVIOUS_HEADER, long_string(&previous)),
+            ] {
+                headers.insert(name.into(), value);
+            }
+        }
         let properties = BasicProperties::default()
             .with_message_id(row.transaction_id.to_string().into())
             .with_content_type("application/json".into())
@@ -187,6 +202,10 @@ impl Publisher {
             )
             .await
     }
+}
+
+fn long_string(value: &str) -> AMQPValue {
+    AMQPValue::LongString(value.into())
 }
 
 fn failed(row: &OutboxRow, error: PublishFailure) -> Confirmed {

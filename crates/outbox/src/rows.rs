@@ -29,6 +29,10 @@ pub struct OutboxRow {
     pub id: i64,
     /// The event's id (the AMQP `message_id`).
     pub transaction_id: Uuid,
+    /// The kind of thing the event is about.
+    pub aggregate_type: String,
+    /// Which one.
+    pub aggregate_id: String,
     /// The routing key.
     pub event_type: String,
     /// The body, as JSON text: published as it is, never re-parsed.
@@ -39,6 +43,11 @@ pub struct OutboxRow {
     pub created_at: DateTime<Utc>,
     /// Failed publishes so far.
     pub attempts: i32,
+    /// Its place in its aggregate's history, in a table with sequences.
+    pub seq: Option<i64>,
+    /// For each event type, the place of the latest earlier event of that
+    /// type in the aggregate (`{}` for the first).
+    pub previous: Option<serde_json::Value>,
 }
 
 /// What an `outbox status` command and the metrics report. Reads only

@@ -15,12 +15,15 @@ use uuid::Uuid;
 use outbox_common::prune::Prune;
 
 use crate::confirms::Failed;
+use crate::insert;
 use crate::rows::{FailedRow, NewOutboxEvent, OutboxRow, OutboxStatus};
 
 /// One outbox table and its statements, built once from its name.
 #[derive(Debug, Clone)]
 pub struct Table {
     name: &'static str,
+    /// Whether its rows are numbered within their aggregate ([`Table::with_sequences`]).
+    sequenced: bool,
     sql: Arc<Statements>,
 }
 
@@ -34,17 +37,37 @@ struct Statements {
     status: SqlStr,
     failures: SqlStr,
     prune: SqlStr,
+    prune_counters: SqlStr,
 }
 
 impl Table {
     /// The statements of the outbox table `name` (a constant of the code,
     /// never input).
     pub fn named(name: &'static str) -> Self {
+        Self::build(name, false)
+    }
+
+    /// This table, its rows numbered within their aggregate (`seq`, and
+    /// `previous`: see the `insert` module), through its counter table
+    /// `<name>_aggregates`; the relay publishes them as headers, for the
+    /// consumers that apply an aggregate's events in sequence.
+    pub fn with_sequences(self) -> Self {
+        Self::build(self.name, true)
+    }
+
+    fn build(name: &'static str, sequenced: bool) -> Self {
         let sql = |s: String| AssertSqlSafe(Arc::<str>::from(s)).into_sql_str();
         let sql = Statements {
-            insert: sql(Self::insert_statement(name, 1)),
+            insert: sql(insert::statement(name, sequenced, 1, "")),
+            prune_counters: sql(format!(
+                "DELETE FROM {name}_aggregates WHERE (aggregate_type, aggregate_id) IN ( \
+                     SELECT aggregate_type, aggregate_id FROM {name}_aggregates \
+                     WHERE updated_at < now() - make_interval(secs => $1) \
+                     ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
+            )),
             claim: sql(format!(
-                "SELECT id, transaction_id, event_type, payload::text AS payload, headers, created_at, attempts \
+                "SELECT id, transaction_id, aggregate_type, aggregate_id, event_type, \
+                   payload::text AS payload, headers, created_at, attempts, seq, previous \
                  FROM {name} WHERE published_at IS NULL AND next_attempt_at <= now() AND next_attempt_at < 'infinity' \
                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
             )),
@@ -87,6 +110,7 @@ impl Table {
         };
         Self {
             name,
+            sequenced,
             sql: Arc::new(sql),
         }
     }
@@ -96,23 +120,25 @@ impl Table {
         self.name
     }
 
-    /// The `INSERT` of rows into the outbox table `name`, from six arrays
-    /// bound from `$first` on: transaction ids (`uuid[]`), aggregate types,
-    /// aggregate ids, event types (`text[]`), payloads and headers
-    /// (`jsonb[]`). For a writer that puts its own change and its outbox
-    /// rows in one statement (a CTE): [`Table::insert_many`] runs it alone.
+    /// The `INSERT` of rows into this table, from six arrays bound from
+    /// `$first` on: transaction ids (`uuid[]`), aggregate types, aggregate
+    /// ids, event types (`text[]`), payloads and headers (`jsonb[]`)
+    /// ([`Table::bind_events`] binds them); `with` is a list of common
+    /// table expressions of the writer's own to run first in the same
+    /// statement (`""` for none). For a writer that puts its own change and
+    /// its outbox rows in one statement: [`Table::insert_many`] runs it
+    /// alone.
     ///
     /// ```
-    /// let insert = outbox::Table::insert_statement("outbox", 3);
+    /// let outbox = outbox::Table::named("outbox");
+    /// let insert = outbox.insert_statement(3, "");
     /// assert!(insert.starts_with("INSERT INTO outbox (transaction_id,"));
     /// assert!(insert.contains("unnest($3::uuid[], $4::text[]"));
+    /// let with = outbox.insert_statement(2, "new_users AS (INSERT INTO users (id) VALUES ($1))");
+    /// assert!(with.starts_with("WITH new_users AS ("));
     /// ```
-    pub fn insert_statement(name: &str, first: usize) -> String {
-        let [a, b, c, d, e, f] = std::array::from_fn(|i| first + i);
-        format!(
-            "INSERT INTO {name} (transaction_id, aggregate_type, aggregate_id, event_type, payload, headers) \
-             SELECT * FROM unnest(${a}::uuid[], ${b}::text[], ${c}::text[], ${d}::text[], ${e}::jsonb[], ${f}::jsonb[])"
-        )
+    pub fn insert_statement(&self, first: usize, with: &str) -> String {
+        insert::statement(self.name, self.sequenced, first, with)
     }
 
     /// Writes one row on `conn`, the caller's transaction.
@@ -235,6 +261,15 @@ impl Table {
     /// [`outbox_common::prune::run`].
     pub fn prune(&self, retention: Duration) -> Prune {
         Prune::new(self.name, self.sql.prune.clone(), retention)
+    }
+
+    /// The pruning of the counters of aggregates written to no longer than
+    /// `retention` ago (a table [`Table::with_sequences`]); an aggregate
+    /// written to again after that starts again at 1, which a consumer
+    /// applies at once (it has no predecessor).
+    pub fn prune_counters(&self, retention: Duration) -> Option<Prune> {
+        self.sequenced
+            .then(|| Prune::new(self.name, self.sql.prune_counters.clone(), retention))
     }
 
     /// The table's pending rows, lag, errors and given-up rows.

@@ -22,3 +22,14 @@ pub const REPLAYED_AFTER_ATTEMPTS_HEADER: &str = "x-replayed-after-attempts";
 pub const TRACEPARENT_HEADER: &str = "traceparent";
 /// W3C trace context: vendor state, beside [`TRACEPARENT_HEADER`].
 pub const TRACESTATE_HEADER: &str = "tracestate";
+/// The kind of aggregate the event is about (the outbox row's
+/// `aggregate_type`), on the events of a table with sequences.
+pub const AGGREGATE_TYPE_HEADER: &str = "x-aggregate-type";
+/// Which aggregate (the row's `aggregate_id`).
+pub const AGGREGATE_ID_HEADER: &str = "x-aggregate-id";
+/// The event's place in its aggregate's history: 1, 2, 3...
+pub const SEQUENCE_HEADER: &str = "x-sequence";
+/// A JSON object: for each event type, the place of the latest earlier
+/// event of that type in the aggregate (`{}` for the first event). A
+/// consumer bound to some of the types waits for the greatest of theirs.
+pub const PREVIOUS_HEADER: &str = "x-previous";
