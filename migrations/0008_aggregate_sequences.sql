@@ -24,3 +24,8 @@ CREATE TABLE outbox_aggregates (
 );
 -- Pruning: aggregates not written to for a retention period.
 CREATE INDEX outbox_aggregates_updated_at_idx ON outbox_aggregates (updated_at);
+
+-- The mailer hands one order's mails over in their order: its claim skips a
+-- mail while an earlier one of the same order is pending, found here.
+CREATE INDEX mail_outbox_aggregate_pending_idx ON mail_outbox (aggregate_type, aggregate_id, id)
+    WHERE published_at IS NULL AND next_attempt_at < 'infinity';

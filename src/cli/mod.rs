@@ -85,7 +85,9 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
                 inbox::dedup_prune(ConsumerKind::Billing.name(), dedup),
                 MAILS.prune(mail.retention()),
             ];
-            let prunes = prunes.into_iter().chain(EVENTS.prune_counters(relay.retention()));
+            let prunes = prunes
+                .into_iter()
+                .chain(EVENTS.prune_counters(relay.retention()));
             roles.start_retention(prunes.collect(), &retention);
             roles.wait(SHUTDOWN_DEADLINE).await
         }
@@ -115,7 +117,10 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             let (amqp, relay) = (amqp.config(), relay.config());
             let roles = Roles::new(connect_both(&db, &amqp, &cancel).await?, cancel);
             roles.start_relay(&amqp, &relay, true);
-            let prunes = [Some(EVENTS.prune(relay.retention())), EVENTS.prune_counters(relay.retention())];
+            let prunes = [
+                Some(EVENTS.prune(relay.retention())),
+                EVENTS.prune_counters(relay.retention()),
+            ];
             roles.start_retention(prunes.into_iter().flatten().collect(), &retention);
             roles
                 .start_probes(&http, roles.relay_probes(&amqp, &http))

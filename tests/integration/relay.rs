@@ -4,10 +4,14 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lapin::types::AMQPValue;
 use order_service::config::{AmqpConfig, RelayConfig};
 use order_service::orders::{BILLING, EVENTS, OrderEvent, SUBSCRIPTIONS};
 use outbox::{NewOutboxEvent, Publisher, Relay, RelayMetrics, Wake, forward_wakes_as_notify};
 use outbox_common::amqp::QueueNames;
+use outbox_common::amqp::headers::{
+    AGGREGATE_ID_HEADER, AGGREGATE_TYPE_HEADER, PREVIOUS_HEADER, SEQUENCE_HEADER,
+};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -158,6 +162,19 @@ async fn every_outbox_row_is_delivered_with_its_properties_and_marked() {
         body.transaction_id.to_string(),
         first.properties.message_id().as_ref().unwrap().as_str()
     );
+    // Its place in its order's history: the first event, with no predecessor.
+    let headers = first.properties.headers().as_ref().unwrap().inner();
+    let text = |name: &str| match headers.get(name) {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        other => panic!("{name}: {other:?}"),
+    };
+    assert_eq!(text(AGGREGATE_TYPE_HEADER), "order");
+    assert_eq!(text(AGGREGATE_ID_HEADER), body.order_id.to_string());
+    assert_eq!(
+        headers.get(SEQUENCE_HEADER),
+        Some(&AMQPValue::LongLongInt(1))
+    );
+    assert_eq!(text(PREVIOUS_HEADER), "{}");
     publisher.close().await;
     db.cleanup().await;
 }

@@ -16,9 +16,26 @@ CREATE TABLE outbox (
     attempts        integer     NOT NULL DEFAULT 0,
     -- 'infinity' once given up on.
     next_attempt_at timestamptz NOT NULL DEFAULT now(),
-    last_error      text
+    last_error      text,
+    -- With Table::with_sequences: the event's place in its aggregate's
+    -- history, and for each event type the place of its latest earlier event.
+    seq             bigint,
+    previous        jsonb
 ) WITH (fillfactor = 50);
 -- The relay's claim: due rows, by id.
 CREATE INDEX outbox_unpublished_idx ON outbox (id) WHERE published_at IS NULL;
 -- Pruning: published rows, oldest first.
 CREATE INDEX outbox_published_at_idx ON outbox (published_at) WHERE published_at IS NOT NULL;
+-- With Table::with_sequences: one counter per aggregate, locked by the
+-- writing transaction (see the crate's insert module).
+CREATE TABLE outbox_aggregates (
+    aggregate_type  text        NOT NULL,
+    aggregate_id    text        NOT NULL,
+    last_seq        bigint      NOT NULL,
+    last_by_type    jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    prev_by_type    jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (aggregate_type, aggregate_id)
+);
+-- Pruning of the counters.
+CREATE INDEX outbox_aggregates_updated_at_idx ON outbox_aggregates (updated_at);

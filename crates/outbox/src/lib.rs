@@ -62,6 +62,7 @@ mod relay;
 mod rows;
 mod scheduler;
 pub mod schema;
+mod statements;
 mod store;
 
 pub use batch::{BatchOutcome, PublishedBatch};

@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use sqlx::postgres::PgArguments;
 use sqlx::query::Query;
-use sqlx::{AssertSqlSafe, PgConnection, Postgres, SqlSafeStr, SqlStr};
+use sqlx::{PgConnection, Postgres, SqlStr};
 use uuid::Uuid;
 
 use outbox_common::prune::Prune;
 
 use crate::confirms::Failed;
-use crate::insert;
 use crate::rows::{FailedRow, NewOutboxEvent, OutboxRow, OutboxStatus};
+use crate::statements::Statements;
 
 /// One outbox table and its statements, built once from its name.
 #[derive(Debug, Clone)]
@@ -25,19 +25,6 @@ pub struct Table {
     /// Whether its rows are numbered within their aggregate ([`Table::with_sequences`]).
     sequenced: bool,
     sql: Arc<Statements>,
-}
-
-#[derive(Debug)]
-struct Statements {
-    insert: SqlStr,
-    claim: SqlStr,
-    published: SqlStr,
-    failed: SqlStr,
-    given_up: SqlStr,
-    status: SqlStr,
-    failures: SqlStr,
-    prune: SqlStr,
-    prune_counters: SqlStr,
 }
 
 impl Table {
@@ -56,62 +43,10 @@ impl Table {
     }
 
     fn build(name: &'static str, sequenced: bool) -> Self {
-        let sql = |s: String| AssertSqlSafe(Arc::<str>::from(s)).into_sql_str();
-        let sql = Statements {
-            insert: sql(insert::statement(name, sequenced, 1, "")),
-            prune_counters: sql(format!(
-                "DELETE FROM {name}_aggregates WHERE (aggregate_type, aggregate_id) IN ( \
-                     SELECT aggregate_type, aggregate_id FROM {name}_aggregates \
-                     WHERE updated_at < now() - make_interval(secs => $1) \
-                     ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
-            )),
-            claim: sql(format!(
-                "SELECT id, transaction_id, aggregate_type, aggregate_id, event_type, \
-                   payload::text AS payload, headers, created_at, attempts, seq, previous \
-                 FROM {name} WHERE published_at IS NULL AND next_attempt_at <= now() AND next_attempt_at < 'infinity' \
-                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
-            )),
-            published: sql(format!(
-                "UPDATE {name} SET published_at = clock_timestamp(), last_error = NULL WHERE id = ANY($1)"
-            )),
-            // Found by transaction_id: a return may name a row of another
-            // batch, which that batch may have marked published already.
-            failed: sql(format!(
-                "UPDATE {name} AS o SET published_at = NULL, attempts = o.attempts + 1, last_error = f.error, \
-                     next_attempt_at = now() + make_interval(secs => least(power(2, least(o.attempts, 16)), 300)) \
-                 FROM unnest($1::uuid[], $2::text[]) AS f(transaction_id, error) \
-                 WHERE o.transaction_id = ANY($1) AND o.transaction_id = f.transaction_id"
-            )),
-            given_up: sql(format!(
-                "UPDATE {name} AS o SET attempts = o.attempts + 1, last_error = f.error, \
-                     next_attempt_at = 'infinity' \
-                 FROM unnest($1::uuid[], $2::text[]) AS f(transaction_id, error) \
-                 WHERE o.transaction_id = ANY($1) AND o.transaction_id = f.transaction_id"
-            )),
-            status: sql(format!(
-                "SELECT count(*) FILTER (WHERE next_attempt_at < 'infinity') AS pending, \
-                   extract(epoch FROM now() - min(created_at) FILTER (WHERE next_attempt_at < 'infinity'))::float8 \
-                     AS oldest_pending_age_secs, \
-                   count(*) FILTER (WHERE last_error IS NOT NULL) AS with_errors, \
-                   count(*) FILTER (WHERE next_attempt_at = 'infinity') AS given_up \
-                 FROM {name} WHERE published_at IS NULL"
-            )),
-            prune: sql(format!(
-                "DELETE FROM {name} WHERE id IN ( \
-                     SELECT id FROM {name} WHERE published_at IS NOT NULL \
-                       AND published_at < now() - make_interval(secs => $1) \
-                     ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
-            )),
-            failures: sql(format!(
-                "SELECT id, transaction_id, event_type, attempts, last_error, \
-                   NULLIF(next_attempt_at, 'infinity') AS next_attempt_at FROM {name} \
-                 WHERE published_at IS NULL AND last_error IS NOT NULL ORDER BY id DESC LIMIT $1"
-            )),
-        };
         Self {
             name,
             sequenced,
-            sql: Arc::new(sql),
+            sql: Arc::new(Statements::new(name, sequenced)),
         }
     }
 
@@ -138,7 +73,7 @@ impl Table {
     /// assert!(with.starts_with("WITH new_users AS ("));
     /// ```
     pub fn insert_statement(&self, first: usize, with: &str) -> String {
-        insert::statement(self.name, self.sequenced, first, with)
+        crate::insert::statement(self.name, self.sequenced, first, with)
     }
 
     /// Writes one row on `conn`, the caller's transaction.
@@ -196,6 +131,23 @@ impl Table {
         limit: i64,
     ) -> sqlx::Result<Vec<OutboxRow>> {
         sqlx::query_as(self.sql.claim.clone())
+            .bind(limit)
+            .fetch_all(conn)
+            .await
+    }
+
+    /// [`Table::claim_due`], taking of each aggregate only its first pending
+    /// row, and only when no earlier row of it is pending: a sink that
+    /// delivers each claimed row before the next claim then hands one
+    /// aggregate's rows over in their order (the rows of a handler that
+    /// wrote them in sequence), one at a time, while different aggregates
+    /// go in parallel. A row given up on holds back nothing.
+    pub async fn claim_due_in_aggregate_order(
+        &self,
+        conn: &mut PgConnection,
+        limit: i64,
+    ) -> sqlx::Result<Vec<OutboxRow>> {
+        sqlx::query_as(self.sql.claim_in_aggregate_order.clone())
             .bind(limit)
             .fetch_all(conn)
             .await

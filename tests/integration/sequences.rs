@@ -1,0 +1,122 @@
+//! Each event of a sequenced outbox carries its place in its aggregate's
+//! history, given in the writing transaction: for one aggregate, the order
+//! of the commits is the order of the numbers, even with writers at once.
+
+use std::time::Duration;
+
+use order_service::orders::EVENTS;
+use outbox::NewOutboxEvent;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::helpers::{TestDb, eventually};
+
+fn event(aggregate_id: &str, event_type: &'static str) -> NewOutboxEvent {
+    NewOutboxEvent {
+        transaction_id: Uuid::new_v4(),
+        aggregate_type: "cart",
+        aggregate_id: aggregate_id.to_owned(),
+        event_type,
+        payload: json!({}),
+        headers: json!({}),
+    }
+}
+
+/// `(seq, previous)` of `aggregate_id`'s rows, in id order.
+async fn numbers(pool: &PgPool, aggregate_id: &str) -> Vec<(i64, Value)> {
+    sqlx::query_as(
+        "SELECT seq, previous FROM outbox WHERE aggregate_type = 'cart' AND aggregate_id = $1 \
+         ORDER BY id",
+    )
+    .bind(aggregate_id)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn events_are_numbered_with_the_latest_earlier_event_of_each_type() {
+    let db = TestDb::new().await;
+    let mut tx = db.pool.begin().await.unwrap();
+    let burst = ["a", "b", "a", "c", "b"].map(|t| event("c-1", t));
+    EVENTS.insert_many(&mut tx, &burst).await.unwrap();
+    EVENTS.insert(&mut tx, &event("c-2", "a")).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    EVENTS.insert(&mut tx, &event("c-1", "a")).await.unwrap();
+    tx.commit().await.unwrap();
+
+    assert_eq!(
+        numbers(&db.pool, "c-1").await,
+        vec![
+            (1, json!({})),
+            (2, json!({"a": 1})),
+            (3, json!({"a": 1, "b": 2})),
+            (4, json!({"a": 3, "b": 2})),
+            (5, json!({"a": 3, "b": 2, "c": 4})),
+            (6, json!({"a": 3, "b": 5, "c": 4})),
+        ]
+    );
+    assert_eq!(numbers(&db.pool, "c-2").await, vec![(1, json!({}))]);
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_second_writer_of_an_aggregate_waits_and_numbers_after_the_first_commits() {
+    let db = TestDb::new().await;
+    let mut first = db.pool.begin().await.unwrap();
+    EVENTS.insert(&mut first, &event("c-1", "a")).await.unwrap();
+    let pool = db.pool.clone();
+    let second = tokio::spawn(async move {
+        let mut tx = pool.begin().await.unwrap();
+        EVENTS.insert(&mut tx, &event("c-1", "b")).await.unwrap();
+        tx.commit().await.unwrap();
+    });
+    // The second writer waits for the aggregate's counter's row lock.
+    eventually(
+        "the second writer to wait for a lock",
+        Duration::from_secs(10),
+        || {
+            let pool = db.pool.clone();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+                (waiting == 1).then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(!second.is_finished(), "the second writer did not wait");
+    first.commit().await.unwrap();
+    second.await.unwrap();
+
+    assert_eq!(
+        numbers(&db.pool, "c-1").await,
+        vec![(1, json!({})), (2, json!({"a": 1}))]
+    );
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_writer_that_rolls_back_leaves_no_gap() {
+    let db = TestDb::new().await;
+    let mut first = db.pool.begin().await.unwrap();
+    EVENTS.insert(&mut first, &event("c-1", "a")).await.unwrap();
+    let pool = db.pool.clone();
+    let second = tokio::spawn(async move {
+        let mut tx = pool.begin().await.unwrap();
+        EVENTS.insert(&mut tx, &event("c-1", "b")).await.unwrap();
+        tx.commit().await.unwrap();
+    });
+    first.rollback().await.unwrap();
+    second.await.unwrap();
+
+    assert_eq!(numbers(&db.pool, "c-1").await, vec![(1, json!({}))]);
+    db.cleanup().await;
+}
