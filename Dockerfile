@@ -12,24 +12,35 @@
 FROM rust:1.95-slim-bookworm AS builder
 WORKDIR /app
 
-# Dependency layer: build every dependency against a dummy crate, so that editing src/ does not
-# rebuild them. This layer is rebuilt only when Cargo.toml or Cargo.lock change.
+# Dependency layer: build every dependency against dummy crates, so that editing the code does
+# not rebuild them. This layer is rebuilt only when a Cargo.toml or Cargo.lock changes. The
+# workspace's manifests all come in (cargo reads every member's), each member with an empty
+# target; the root's benchmark target is stubbed too, or cargo refuses the manifest (`cargo
+# build` does not build benchmarks, so the stub is never compiled).
 COPY Cargo.toml Cargo.lock ./
-# Cargo.toml names a benchmark target (benches/perf/main.rs): stub it too, or cargo refuses
-# the manifest. `cargo build` does not build benchmarks, so the stub is never compiled.
-RUN mkdir -p src benches/perf \
+COPY crates/common/Cargo.toml crates/common/
+COPY crates/outbox/Cargo.toml crates/outbox/
+COPY crates/inbox/Cargo.toml crates/inbox/
+COPY examples/loyalty/Cargo.toml examples/loyalty/
+RUN mkdir -p src benches/perf crates/common/src crates/outbox/src crates/inbox/src \
+        examples/loyalty/src \
     && echo 'fn main() {}' > src/main.rs \
     && echo 'fn main() {}' > benches/perf/main.rs \
-    && touch src/lib.rs \
-    && cargo build --release --locked \
-    && rm -rf src
+    && echo 'fn main() {}' > examples/loyalty/src/main.rs \
+    && touch src/lib.rs crates/common/src/lib.rs crates/outbox/src/lib.rs crates/inbox/src/lib.rs \
+    && cargo build --release --locked -p order-service \
+    && rm -rf src crates examples
 
-# The real crate. COPY keeps the files' original mtimes, which can be older than the dummy
-# build's artifacts; touch them so cargo sees them as changed and rebuilds the crate.
+# The real code: the service, the core crates it depends on (with the SQL they ship) and the
+# example (a member the manifest names; not built here). COPY keeps the files' original mtimes,
+# which can be older than the dummy build's artifacts; touch them so cargo sees them as changed
+# and rebuilds the crates.
+COPY crates ./crates
+COPY examples ./examples
 COPY src ./src
 COPY migrations ./migrations
-RUN find src migrations -type f -exec touch {} + \
-    && cargo build --release --locked \
+RUN find src migrations crates examples -type f -exec touch {} + \
+    && cargo build --release --locked -p order-service \
     && cp target/release/order-service /usr/local/bin/order-service
 
 # ---- runtime ---------------------------------------------------------------------------------
