@@ -33,6 +33,16 @@ pub struct MailOutboxRow {
     pub last_error: Option<String>,
 }
 
+/// `rows` (in id order) split into the first pending row of each order and
+/// the rows waiting behind one: the mailer hands one order's mails over in
+/// their order, one at a time, so while the server refuses only the first
+/// of each order is tried.
+pub fn first_of_each_order(rows: &[MailOutboxRow]) -> (Vec<&MailOutboxRow>, Vec<&MailOutboxRow>) {
+    let mut seen = std::collections::HashSet::new();
+    rows.iter()
+        .partition(|row| seen.insert(row.aggregate_id.clone()))
+}
+
 /// The `Message-ID` a row's mail must carry.
 pub fn message_id(transaction_id: Uuid) -> String {
     format!("<{transaction_id}@order-service>")

@@ -14,7 +14,7 @@
 //!   refuses the password (535).
 
 use crate::certs::TestCa;
-use crate::fixture::{Fixture, mail_rows};
+use crate::fixture::{Fixture, first_of_each_order, mail_rows};
 use crate::smtp::{Behaviour, Event, ServerTls, read_events};
 use crate::stack::Role;
 use crate::{SETTLE, check_every_row_arrived, check_mails_name_their_orders};
@@ -187,31 +187,44 @@ async fn mails_wait_unsent(f: &mut Fixture, user: &str, error: &str) -> Vec<Even
     let total = 2 * orders.len();
     let (pool, mailbox) = (f.pool.clone(), f.mailbox.clone());
     let rows = f
-        .until("every mail tried twice, refused", SETTLE, async || {
-            let rows = mail_rows(&pool).await;
-            let retried = rows
-                .iter()
-                .filter(|r| r.attempts >= 2 && r.last_error.is_some())
-                .count();
-            let ehlos = read_events(&mailbox)
-                .iter()
-                .filter(|e| e.event == "ehlo")
-                .count();
-            if rows.len() == total && retried == total && ehlos >= total {
-                Ok(rows)
-            } else {
-                Err(format!(
-                    "{retried} of {} rows retried, {ehlos} EHLOs: {rows:#?}",
-                    rows.len()
-                ))
-            }
-        })
+        .until(
+            "each order's first mail tried twice, refused",
+            SETTLE,
+            async || {
+                let rows = mail_rows(&pool).await;
+                let (first, _) = first_of_each_order(&rows);
+                let retried = first
+                    .iter()
+                    .filter(|r| r.attempts >= 2 && r.last_error.is_some())
+                    .count();
+                let ehlos = read_events(&mailbox)
+                    .iter()
+                    .filter(|e| e.event == "ehlo")
+                    .count();
+                if rows.len() == total && retried == orders.len() && ehlos >= orders.len() {
+                    Ok(rows)
+                } else {
+                    Err(format!(
+                        "{retried} of {} first rows retried, {ehlos} EHLOs: {rows:#?}",
+                        first.len()
+                    ))
+                }
+            },
+        )
         .await;
-    for row in &rows {
+    // An order's second mail waits, untried, behind its first.
+    let (first, waiting) = first_of_each_order(&rows);
+    for row in first {
         let last_error = row.last_error.as_deref().unwrap_or_default();
         assert!(
             !row.published && !row.given_up && last_error.contains(error),
             "refused ({error}), still pending: {row:#?}"
+        );
+    }
+    for row in waiting {
+        assert!(
+            !row.published && row.attempts == 0 && row.last_error.is_none(),
+            "waiting behind its order's first mail: {row:#?}"
         );
     }
     eprintln!(
