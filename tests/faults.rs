@@ -52,8 +52,16 @@ mod common;
 mod health;
 #[path = "faults/load.rs"]
 mod load;
+#[path = "faults/order.rs"]
+mod order;
 #[path = "faults/services.rs"]
 mod services;
+// The mail suite's SMTP server fixture, reused; it takes its ports from
+// `crate::ports`.
+use common::ports;
+#[allow(dead_code)]
+#[path = "mail/smtp.rs"]
+mod smtp;
 #[path = "faults/stack.rs"]
 mod stack;
 
@@ -64,8 +72,8 @@ use std::time::{Duration, Instant};
 use common::eventually;
 use health::{Health, HealthWatch};
 use load::{Answer, Answers, Load, LoadReport};
-use order_service::orders::BILLING;
-use stack::{Role, Stack};
+use order_service::orders::{BILLING, EMAIL, ORDER_CONFIRMED, ORDER_CREATED};
+use stack::{EMAIL_ROLES, Role, Stack};
 
 /// Orders posted per second.
 const RATE: u32 = 100;
@@ -94,6 +102,14 @@ const ACCEPTED: Answer = Answer::Status(202);
 const UNAVAILABLE: Answer = Answer::Status(503);
 /// The API's own request timeout (`HTTP_REQUEST_TIMEOUT_MS`' default), answered 503.
 const API_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The poison scenario's product: the e-mail consumers refuse the
+/// `order.created` of its orders (`EMAIL_POISON_PRODUCT`).
+const POISON_PRODUCT: &str = "poison-product";
+/// How many orders of it are posted amid the load.
+const POISONED: usize = 5;
+/// How long the poison may take to reach the DLQ (after its retries), and
+/// the held orders to go on after the replay.
+const POISON_DEADLINE: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "stops and restarts the shared Postgres and RabbitMQ; run with --ignored --test-threads=1"]
@@ -122,8 +138,16 @@ async fn accepted_orders_survive_every_fault_and_are_applied_exactly_once() {
     };
     say(&format!(
         "faults: {} injected, {} orders accepted, {} confirmed and both mails sent, \
-         lost {}, applied twice {}{failures}",
-        totals.faults, totals.accepted, totals.confirmed, totals.lost, totals.applied_twice
+         lost {}, applied twice {}, order violations {}, mail-order violations {} \
+         ({} orders not checked for want of seq){failures}",
+        totals.faults,
+        totals.accepted,
+        totals.confirmed,
+        totals.lost,
+        totals.applied_twice,
+        totals.order_violations,
+        totals.mail_order_violations,
+        totals.unchecked
     ));
     assert!(
         failed.is_empty(),
@@ -135,8 +159,9 @@ async fn accepted_orders_survive_every_fault_and_are_applied_exactly_once() {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
-    /// SIGKILL the relay, the billing consumer, the email consumer and the
-    /// API, one after the other, each restarted after a backlog built up.
+    /// SIGKILL a relay, the billing consumer, an email consumer and the
+    /// API, one after the other, each restarted after a backlog built up
+    /// (the second relay and e-mail consumer keep running).
     Kill,
     /// `rabbitmqctl stop_app` mid-stream; the API keeps accepting orders;
     /// then `start_app`.
@@ -161,10 +186,18 @@ enum Scenario {
     /// (SIGSTOP) for [`SOAK_PAUSE`] in the middle: its queue must absorb
     /// the backlog and drain after SIGCONT while the load goes on.
     Soak,
+    /// A poison event in the middle of some orders' histories: the e-mail
+    /// consumers refuse the `order.created` of [`POISONED`] orders of
+    /// [`POISON_PRODUCT`], posted amid the load, so it goes through the
+    /// retries to the DLQ; those orders alone are held (their
+    /// `order.confirmed` not applied, not dead-lettered) while the others
+    /// flow. Then the e-mail consumers restart without the poison, `dlq
+    /// replay email` moves it back, and the held orders go on, in order.
+    Poison,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 7] = [
+    const ALL: [Scenario; 8] = [
         Scenario::Kill,
         Scenario::RabbitMq,
         Scenario::Alarm,
@@ -172,6 +205,7 @@ impl Scenario {
         Scenario::PgCrash,
         Scenario::Sigterm,
         Scenario::Soak,
+        Scenario::Poison,
     ];
 
     fn key(self) -> &'static str {
@@ -183,6 +217,7 @@ impl Scenario {
             Scenario::PgCrash => "pg-crash",
             Scenario::Sigterm => "sigterm",
             Scenario::Soak => "soak",
+            Scenario::Poison => "poison",
         }
     }
 
@@ -201,6 +236,9 @@ impl Scenario {
                 );
             }
             Scenario::Sigterm => "SIGTERM relay and consumers",
+            Scenario::Poison => {
+                return format!("poison event in {POISONED} orders, replayed");
+            }
             Scenario::Soak => {
                 return format!(
                     "soak {} s, billing paused {} s",
@@ -225,7 +263,13 @@ impl Scenario {
 
     async fn run(self) -> Report {
         let started = Instant::now();
-        let mut stack = Stack::start().await;
+        let mut stack = match self {
+            Scenario::Poison => {
+                let poison = ("EMAIL_POISON_PRODUCT", POISON_PRODUCT.to_owned());
+                Stack::start_with(vec![poison]).await
+            }
+            _ => Stack::start().await,
+        };
         let load = Load::start(stack.orders_url(), RATE);
         let mut faults = Faults::default();
         let mut measured = None;
@@ -245,6 +289,7 @@ impl Scenario {
             Scenario::Soak => {
                 measured = Some(Measured::Soak(soak(&stack, &load, &mut faults).await));
             }
+            Scenario::Poison => poison(&mut stack, &load, &mut faults).await,
         }
         let load = load.stop().await;
         // What the scenario itself demands (the answers while its fault
@@ -272,8 +317,9 @@ impl Scenario {
             problems.join("\n"),
             stack.processes.diagnostics()
         );
+        let diagnostics = stack.processes.diagnostics();
         drop(stack);
-        Report {
+        let report = Report {
             scenario: self,
             faults,
             accepted: load.accepted.len(),
@@ -282,7 +328,16 @@ impl Scenario {
             verdict,
             detail: measured.map(|m| m.detail(&load)),
             took: started.elapsed(),
-        }
+        };
+        let v = &report.verdict;
+        assert!(
+            v.in_order(),
+            "{}\nevents applied out of sequence: {:?}\nmails arrived out of sequence: {:?}\n{diagnostics}",
+            report.line(),
+            v.order.examples,
+            v.mail_order.examples
+        );
+        report
     }
 }
 
@@ -450,11 +505,17 @@ async fn restart_postgres(stack: &Stack, load: &Load, faults: &mut Faults) {
 }
 
 async fn terminate_workers(stack: &mut Stack, load: &Load, faults: &mut Faults) {
+    // One of each alone (a relay and an e-mail consumer with their second
+    // running), then every worker at once.
     let workers = [Role::Relay, Role::Billing, Role::Email];
-    let rounds = workers
-        .iter()
-        .map(std::slice::from_ref)
-        .chain([&workers[..]]);
+    let all = [
+        Role::Relay,
+        Role::Relay2,
+        Role::Billing,
+        Role::Email,
+        Role::Email2,
+    ];
+    let rounds = workers.iter().map(std::slice::from_ref).chain([&all[..]]);
     for roles in rounds {
         orders_flow(load, 150, "orders to flow before SIGTERM").await;
         faults.arm(stack, load, true).await;
@@ -525,6 +586,118 @@ async fn soak(stack: &Stack, load: &Load, faults: &mut Faults) -> Soaked {
         drained_in,
         ran: started.elapsed(),
     }
+}
+
+/// Posts [`POISONED`] orders of [`POISON_PRODUCT`] amid the load; waits
+/// until their `order.created` is in the e-mail DLQ (after its retries) and
+/// every other order written by then has both notifications; checks that
+/// the poisoned orders are held: `dlq list email` shows their
+/// `order.created` and not their `order.confirmed`, which is published but
+/// not applied. Then restarts the e-mail consumers without the poison
+/// (SIGTERM, exit 0), runs `order-service dlq replay email` as an operator
+/// would, and waits until each poisoned order has both notifications, its
+/// "order received" first.
+async fn poison(stack: &mut Stack, load: &Load, faults: &mut Faults) {
+    orders_flow(load, 150, "orders to flow before the poison").await;
+    load.burst_of(POISONED, POISON_PRODUCT);
+    faults.injected += 1;
+    faults.in_flight += POISONED as i64;
+    orders_flow(load, 150, "orders to flow after the poison").await;
+    eventually(
+        "the poisoned order.created to reach the e-mail DLQ",
+        POISON_DEADLINE,
+        || async { (checks::dlq_depth(stack, EMAIL).await >= POISONED as u32).then_some(()) },
+    )
+    .await;
+    let dead_at = checks::db_now(&stack.pool).await.expect("Postgres' clock");
+    eventually(
+        "every other order written by then to have both notifications",
+        POISON_DEADLINE,
+        || async {
+            let left = checks::others_unfinished(&stack.pool, POISON_PRODUCT, dead_at).await;
+            matches!(left, Ok(0)).then_some(())
+        },
+    )
+    .await;
+    let events = checks::events_of_product(&stack.pool, POISON_PRODUCT)
+        .await
+        .expect("reading the poisoned orders' events");
+    let ids = |event_type: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|(_, t, _)| t == event_type)
+            .map(|(id, _, _)| id.to_string())
+            .collect()
+    };
+    let (created, confirmed) = (ids(ORDER_CREATED), ids(ORDER_CONFIRMED));
+    assert_eq!(
+        (created.len(), confirmed.len()),
+        (POISONED, POISONED),
+        "each poisoned order has its order.created and (billing's) order.confirmed: {events:?}"
+    );
+    let (status, listed) = stack.run_tool(&["dlq", "list", "email"]).await;
+    assert!(status.success(), "dlq list email: {status}\n{listed}");
+    let dead_created = created.iter().filter(|id| listed.contains(*id)).count();
+    let dead_confirmed = confirmed.iter().filter(|id| listed.contains(*id)).count();
+    assert_eq!(
+        (dead_created, dead_confirmed),
+        (POISONED, 0),
+        "the e-mail DLQ holds the poisoned orders' order.created, not their order.confirmed \
+         (held, not dead-lettered):\n{listed}"
+    );
+    let applied = checks::applied_of_product(&stack.pool, POISON_PRODUCT)
+        .await
+        .expect("reading the poisoned orders' notifications");
+    let not_held: Vec<_> = applied
+        .iter()
+        .filter(|(_, types)| !types.is_empty())
+        .collect();
+    assert!(
+        not_held.is_empty(),
+        "held: a poisoned order's order.confirmed must wait for its order.created, in the DLQ; \
+         {} of {POISONED} poisoned orders have notifications already (order, types): {not_held:?}",
+        not_held.len()
+    );
+    for role in EMAIL_ROLES {
+        stack.processes.unset_role_env(role, "EMAIL_POISON_PRODUCT");
+    }
+    for (role, status, log) in stack.processes.terminate(&EMAIL_ROLES).await {
+        assert!(
+            status.success(),
+            "{} must exit 0 on SIGTERM; it exited with {status}:\n{log}",
+            role.name()
+        );
+    }
+    for role in EMAIL_ROLES {
+        stack.processes.restart(role).await;
+    }
+    let (status, replayed) = stack.run_tool(&["dlq", "replay", "email"]).await;
+    assert!(
+        status.success() && replayed.contains(&format!("replayed {POISONED} message(s)")),
+        "dlq replay email: {status}\n{replayed}"
+    );
+    let applied = eventually(
+        "the held orders to go on after the replay",
+        POISON_DEADLINE,
+        || async {
+            let applied = checks::applied_of_product(&stack.pool, POISON_PRODUCT).await;
+            applied
+                .ok()
+                .filter(|a| a.len() == POISONED && a.values().all(|types| types.len() == 2))
+        },
+    )
+    .await;
+    let expected = [ORDER_CREATED, ORDER_CONFIRMED];
+    let out_of_order: Vec<_> = applied
+        .iter()
+        .filter(|(_, types)| *types != &expected)
+        .collect();
+    assert!(
+        out_of_order.is_empty(),
+        "each held order goes on in order, \"order received\" first; (order, types in apply \
+         order): {out_of_order:?}"
+    );
+    orders_flow(load, 150, "orders to flow after the replay").await;
 }
 
 /// What a scenario measured besides the usual invariants.
@@ -605,7 +778,7 @@ impl Measured {
                  backlog peaked at {} unpublished rows ({} published during the alarm); after \
                  the default watermark was set, the relay published again in {}, caught up in \
                  {:.1}s, and everything written before was through the whole chain in {:.1}s; \
-                 /healthz: {} probes of 4 roles, {} failed, slowest {} ms",
+                 /healthz: {} probes of {} roles, {} failed, slowest {} ms",
                 (a.alarm.end - a.alarm.start).as_secs_f64(),
                 load.answers(a.alarm.clone()).total(),
                 load.answers(a.alarm.clone()),
@@ -617,6 +790,7 @@ impl Measured {
                 a.relay_caught_up_in.as_secs_f64(),
                 a.drained_in.as_secs_f64(),
                 a.health.polls(),
+                a.health.0.len(),
                 a.health.failed(),
                 a.health.slowest().as_millis()
             ),
@@ -754,18 +928,22 @@ impl Report {
         let v = &self.verdict;
         let outcome = format!(
             "{} orders written, {} order.confirmed published, processed billing {} / e-mail {} \
-             (2 x orders), notifications {} received + {} payment confirmed, {} ledger rows, \
-             lost {}, applied twice {}, {} dead letters, settled in {:.1}s, took {:.1}s",
+             (2 x orders), notifications {} received + {} payment confirmed, {} mails at the \
+             SMTP server ({} sent again), {} ledger rows, lost {}, applied twice {}, {} dead \
+             letters, {}, settled in {:.1}s, took {:.1}s",
             v.orders,
             v.confirmed,
             v.billing_processed,
             v.email_processed,
             v.received_mails,
             v.confirmed_mails,
+            v.mails_arrived,
+            v.mails_repeated,
             v.ledger_rows,
             v.lost,
             v.applied_twice,
             v.dead_letters,
+            v.ordering(),
             v.settled_in.as_secs_f64(),
             self.took.as_secs_f64()
         );
@@ -803,15 +981,25 @@ struct Totals {
     confirmed: i64,
     lost: i64,
     applied_twice: i64,
+    /// Orders whose events the e-mail consumer applied out of sequence, or
+    /// whose mails arrived out of sequence.
+    order_violations: usize,
+    mail_order_violations: usize,
+    /// Orders not checked: events without a sequence number.
+    unchecked: usize,
 }
 
 impl Totals {
     fn add(&mut self, report: &Report) {
+        let v = &report.verdict;
         self.faults += report.faults.injected;
         self.accepted += report.accepted;
-        self.confirmed += report.verdict.confirmed;
-        self.lost += report.verdict.lost;
-        self.applied_twice += report.verdict.applied_twice;
+        self.confirmed += v.confirmed;
+        self.lost += v.lost;
+        self.applied_twice += v.applied_twice;
+        self.order_violations += v.order.violations;
+        self.mail_order_violations += v.mail_order.violations;
+        self.unchecked += v.order.unchecked + v.mail_order.unchecked;
     }
 }
 
