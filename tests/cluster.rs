@@ -22,7 +22,8 @@
 //! ledger total = order total, one `order.created` and one `order.confirmed`
 //! outbox row per order and every row published, dedup rows billing =
 //! orders and e-mail = 2 × orders, two notifications per order, dead-letter
-//! queues empty or accounted for. And the failover itself: the orders
+//! queues empty or accounted for, each order's events applied by e-mail in
+//! sequence (`faults/order.rs`). And the failover itself: the orders
 //! written in the first half of the outage must be through the whole chain
 //! (relay, billing, `order.confirmed`, e-mail) before the node is restarted,
 //! i.e. on the two surviving nodes; after the settle every queue has its
@@ -48,8 +49,16 @@ mod common;
 #[allow(dead_code)]
 #[path = "faults/load.rs"]
 mod load;
+#[path = "faults/order.rs"]
+mod order;
+// The ordering checker reads an SMTP server's mailbox with the mail
+// suite's fixture (none runs here: the mails are not checked).
+use common::ports;
 #[path = "cluster/rabbit.rs"]
 mod rabbit;
+#[allow(dead_code, unused_imports)]
+#[path = "mail/smtp.rs"]
+mod smtp;
 #[path = "cluster/stack.rs"]
 mod stack;
 
@@ -204,8 +213,8 @@ async fn accepted_orders_survive_losing_the_leader_of_a_three_node_cluster() {
          when it went down, drained {:.1}s after; {accepted_down} accepted and {confirmed_down} \
          confirmed while it was down; roles on {before} before, on {during} during the outage; \
          restarted in {:.1}s (AMQP open), all its queue members online within {:.1}s, main \
-         queues led by {}; settled {:.1}s after the load stopped ({} orders, {} dead letters); \
-         cluster up in {:.1}s, took {:.1}s",
+         queues led by {}; settled {:.1}s after the load stopped ({} orders, {} dead letters, \
+         {}); cluster up in {:.1}s, took {:.1}s",
         stop_took.as_secs_f64(),
         down_for.as_secs_f64(),
         drained_in.as_secs_f64(),
@@ -215,9 +224,15 @@ async fn accepted_orders_survive_losing_the_leader_of_a_three_node_cluster() {
         verdict.settled_in.as_secs_f64(),
         verdict.orders,
         verdict.dead_letters,
+        verdict.order.summary("order", "events"),
         cluster.started_in.as_secs_f64(),
         started.elapsed().as_secs_f64(),
     ));
+    assert!(
+        verdict.in_order(),
+        "events applied out of sequence: {:?}",
+        verdict.order.examples
+    );
     step.done();
 }
 

@@ -1,6 +1,9 @@
 //! Fault injection: the real binary, its roles as separate processes (api,
-//! relay, `consume email`, `consume billing`, as docker compose runs them),
-//! the local Postgres and RabbitMQ, and orders posted at a steady rate while
+//! relay, `consume email`, `consume billing`, as docker compose runs them,
+//! with two relays and two e-mail consumers competing for the work; the
+//! e-mail consumers refuse 10% of their events, `EMAIL_FAILURE_RATE=0.1`,
+//! and send their mails to an SMTP server of the scenario's own), the local
+//! Postgres and RabbitMQ, and orders posted at a steady rate while
 //! roles are killed (SIGKILL) or stopped (SIGTERM), RabbitMQ is stopped and
 //! started or put under a memory alarm (its flow control: publishing
 //! connections are blocked), and Postgres is restarted or crashed. After
@@ -16,8 +19,21 @@
 //! e-mail each event of both types exactly once (dedup rows: billing =
 //! orders, e-mail = 2 × orders), there is one ledger row and two
 //! notifications per order (one per event type, each with its subject), the
-//! ledger total equals the order total, and the dead-letter queues are
-//! empty or accounted for.
+//! ledger total equals the order total, the dead-letter queues are
+//! empty or accounted for, every consumer process is subscribed, and each
+//! notification's mail reached the SMTP server (once, or again after a
+//! kill, under the same `Message-ID`).
+//!
+//! And the ordering checker (`faults/order.rs`, issue 23): for every order,
+//! the sequence numbers (`outbox.seq`) of its events as the e-mail consumer
+//! applied them (`notifications` in id order) and as their mails first
+//! reached the SMTP server must be 1, 2, ... with no gap: exactly `[1, 2]`,
+//! "order received" before "payment confirmed". The summary line says
+//! `order violations: N` and `mail-order violations: N`; any violation
+//! fails the scenario. Events without `seq` (before the migration that adds
+//! it) are reported as not checked, and fail only under
+//! `order::REQUIRE_SEQ`. Its pure part is tested in plain `cargo test --test
+//! faults` (a swapped pair, a gap).
 //!
 //! These tests stop and restart the SHARED Postgres and RabbitMQ, so they are
 //! `#[ignore]`d: plain `cargo test` skips them. Run them alone with
@@ -30,7 +46,13 @@
 //! runs only the named scenarios (`kill`, `rabbitmq`, `alarm`, `postgres`,
 //! `pg-crash`, `sigterm`, `soak`: a 60 s soak with the billing consumer
 //! stopped for 25 s, showing its queue absorbs the backlog and drains
-//! afterwards). `alarm` holds RabbitMQ's memory alarm for 40 s under load:
+//! afterwards; `poison`: the e-mail consumers refuse the `order.created` of
+//! a few orders (`EMAIL_POISON_PRODUCT`), which reaches the DLQ after its
+//! retries; those orders alone must be held, their `order.confirmed`
+//! neither applied nor dead-lettered, while the others flow; then the
+//! e-mail consumers restart without the poison, `order-service dlq replay
+//! email` runs, and the held orders go on, in order. It fails at "held"
+//! until the inbox holds out-of-sequence events). `alarm` holds RabbitMQ's memory alarm for 40 s under load:
 //! every order must still be answered 202 (no request talks to RabbitMQ),
 //! every role must stay alive with its `/healthz` answering 200 (every
 //! broker call is bounded in time), and the backlog must drain once the
@@ -52,8 +74,16 @@ mod common;
 mod health;
 #[path = "faults/load.rs"]
 mod load;
+#[path = "faults/order.rs"]
+mod order;
 #[path = "faults/services.rs"]
 mod services;
+// The mail suite's SMTP server fixture, reused; it takes its ports from
+// `crate::ports`.
+use common::ports;
+#[allow(dead_code)]
+#[path = "mail/smtp.rs"]
+mod smtp;
 #[path = "faults/stack.rs"]
 mod stack;
 
@@ -64,8 +94,8 @@ use std::time::{Duration, Instant};
 use common::eventually;
 use health::{Health, HealthWatch};
 use load::{Answer, Answers, Load, LoadReport};
-use order_service::orders::BILLING;
-use stack::{Role, Stack};
+use order_service::orders::{BILLING, EMAIL, ORDER_CONFIRMED, ORDER_CREATED};
+use stack::{EMAIL_ROLES, Role, Stack};
 
 /// Orders posted per second.
 const RATE: u32 = 100;
@@ -94,6 +124,16 @@ const ACCEPTED: Answer = Answer::Status(202);
 const UNAVAILABLE: Answer = Answer::Status(503);
 /// The API's own request timeout (`HTTP_REQUEST_TIMEOUT_MS`' default), answered 503.
 const API_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The poison scenario's product: the e-mail consumers refuse the
+/// `order.created` of its orders (`EMAIL_POISON_PRODUCT`).
+const POISON_PRODUCT: &str = "poison-product";
+/// How many orders of it are posted amid the load.
+const POISONED: usize = 5;
+/// How long the poison may take to reach the DLQ (after its retries), and
+/// the held orders to go on after the replay. Each retry goes back to the
+/// end of the e-mail queue, behind its backlog under the load (2 to 5 s a
+/// round here), and there are seven attempts.
+const POISON_DEADLINE: Duration = Duration::from_secs(90);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "stops and restarts the shared Postgres and RabbitMQ; run with --ignored --test-threads=1"]
@@ -122,8 +162,17 @@ async fn accepted_orders_survive_every_fault_and_are_applied_exactly_once() {
     };
     say(&format!(
         "faults: {} injected, {} orders accepted, {} confirmed and both mails sent, \
-         lost {}, applied twice {}{failures}",
-        totals.faults, totals.accepted, totals.confirmed, totals.lost, totals.applied_twice
+         lost {}, applied twice {}, order violations {}, mail-order violations {} (not \
+         checked for want of seq: the applies of {} orders, the mails of {}){failures}",
+        totals.faults,
+        totals.accepted,
+        totals.confirmed,
+        totals.lost,
+        totals.applied_twice,
+        totals.order_violations,
+        totals.mail_order_violations,
+        totals.unchecked_applies,
+        totals.unchecked_mails
     ));
     assert!(
         failed.is_empty(),
@@ -135,8 +184,9 @@ async fn accepted_orders_survive_every_fault_and_are_applied_exactly_once() {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
-    /// SIGKILL the relay, the billing consumer, the email consumer and the
-    /// API, one after the other, each restarted after a backlog built up.
+    /// SIGKILL a relay, the billing consumer, an email consumer and the
+    /// API, one after the other, each restarted after a backlog built up
+    /// (the second relay and e-mail consumer keep running).
     Kill,
     /// `rabbitmqctl stop_app` mid-stream; the API keeps accepting orders;
     /// then `start_app`.
@@ -161,10 +211,18 @@ enum Scenario {
     /// (SIGSTOP) for [`SOAK_PAUSE`] in the middle: its queue must absorb
     /// the backlog and drain after SIGCONT while the load goes on.
     Soak,
+    /// A poison event in the middle of some orders' histories: the e-mail
+    /// consumers refuse the `order.created` of [`POISONED`] orders of
+    /// [`POISON_PRODUCT`], posted amid the load, so it goes through the
+    /// retries to the DLQ; those orders alone are held (their
+    /// `order.confirmed` not applied, not dead-lettered) while the others
+    /// flow. Then the e-mail consumers restart without the poison, `dlq
+    /// replay email` moves it back, and the held orders go on, in order.
+    Poison,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 7] = [
+    const ALL: [Scenario; 8] = [
         Scenario::Kill,
         Scenario::RabbitMq,
         Scenario::Alarm,
@@ -172,6 +230,7 @@ impl Scenario {
         Scenario::PgCrash,
         Scenario::Sigterm,
         Scenario::Soak,
+        Scenario::Poison,
     ];
 
     fn key(self) -> &'static str {
@@ -183,6 +242,7 @@ impl Scenario {
             Scenario::PgCrash => "pg-crash",
             Scenario::Sigterm => "sigterm",
             Scenario::Soak => "soak",
+            Scenario::Poison => "poison",
         }
     }
 
@@ -201,6 +261,9 @@ impl Scenario {
                 );
             }
             Scenario::Sigterm => "SIGTERM relay and consumers",
+            Scenario::Poison => {
+                return format!("poison event in {POISONED} orders, replayed");
+            }
             Scenario::Soak => {
                 return format!(
                     "soak {} s, billing paused {} s",
@@ -225,7 +288,13 @@ impl Scenario {
 
     async fn run(self) -> Report {
         let started = Instant::now();
-        let mut stack = Stack::start().await;
+        let mut stack = match self {
+            Scenario::Poison => {
+                let poison = ("EMAIL_POISON_PRODUCT", POISON_PRODUCT.to_owned());
+                Stack::start_with(vec![poison]).await
+            }
+            _ => Stack::start().await,
+        };
         let load = Load::start(stack.orders_url(), RATE);
         let mut faults = Faults::default();
         let mut measured = None;
@@ -245,6 +314,7 @@ impl Scenario {
             Scenario::Soak => {
                 measured = Some(Measured::Soak(soak(&stack, &load, &mut faults).await));
             }
+            Scenario::Poison => poison(&mut stack, &load, &mut faults).await,
         }
         let load = load.stop().await;
         // What the scenario itself demands (the answers while its fault
@@ -272,8 +342,9 @@ impl Scenario {
             problems.join("\n"),
             stack.processes.diagnostics()
         );
+        let diagnostics = stack.processes.diagnostics();
         drop(stack);
-        Report {
+        let report = Report {
             scenario: self,
             faults,
             accepted: load.accepted.len(),
@@ -282,7 +353,16 @@ impl Scenario {
             verdict,
             detail: measured.map(|m| m.detail(&load)),
             took: started.elapsed(),
-        }
+        };
+        let v = &report.verdict;
+        assert!(
+            v.in_order(),
+            "{}\nevents applied out of sequence: {:?}\nmails arrived out of sequence: {:?}\n{diagnostics}",
+            report.line(),
+            v.order.examples,
+            v.mail_order.examples
+        );
+        report
     }
 }
 
@@ -450,11 +530,17 @@ async fn restart_postgres(stack: &Stack, load: &Load, faults: &mut Faults) {
 }
 
 async fn terminate_workers(stack: &mut Stack, load: &Load, faults: &mut Faults) {
+    // One of each alone (a relay and an e-mail consumer with their second
+    // running), then every worker at once.
     let workers = [Role::Relay, Role::Billing, Role::Email];
-    let rounds = workers
-        .iter()
-        .map(std::slice::from_ref)
-        .chain([&workers[..]]);
+    let all = [
+        Role::Relay,
+        Role::Relay2,
+        Role::Billing,
+        Role::Email,
+        Role::Email2,
+    ];
+    let rounds = workers.iter().map(std::slice::from_ref).chain([&all[..]]);
     for roles in rounds {
         orders_flow(load, 150, "orders to flow before SIGTERM").await;
         faults.arm(stack, load, true).await;
@@ -525,6 +611,118 @@ async fn soak(stack: &Stack, load: &Load, faults: &mut Faults) -> Soaked {
         drained_in,
         ran: started.elapsed(),
     }
+}
+
+/// Posts [`POISONED`] orders of [`POISON_PRODUCT`] amid the load; waits
+/// until their `order.created` is in the e-mail DLQ (after its retries) and
+/// every other order written by then has both notifications; checks that
+/// the poisoned orders are held: `dlq list email` shows their
+/// `order.created` and not their `order.confirmed`, which is published but
+/// not applied. Then restarts the e-mail consumers without the poison
+/// (SIGTERM, exit 0), runs `order-service dlq replay email` as an operator
+/// would, and waits until each poisoned order has both notifications, its
+/// "order received" first.
+async fn poison(stack: &mut Stack, load: &Load, faults: &mut Faults) {
+    orders_flow(load, 150, "orders to flow before the poison").await;
+    load.burst_of(POISONED, POISON_PRODUCT);
+    faults.injected += 1;
+    faults.in_flight += POISONED as i64;
+    orders_flow(load, 150, "orders to flow after the poison").await;
+    eventually(
+        "the poisoned order.created to reach the e-mail DLQ",
+        POISON_DEADLINE,
+        || async { (checks::dlq_depth(stack, EMAIL).await >= POISONED as u32).then_some(()) },
+    )
+    .await;
+    let dead_at = checks::db_now(&stack.pool).await.expect("Postgres' clock");
+    eventually(
+        "every other order written by then to have both notifications",
+        POISON_DEADLINE,
+        || async {
+            let left = checks::others_unfinished(&stack.pool, POISON_PRODUCT, dead_at).await;
+            matches!(left, Ok(0)).then_some(())
+        },
+    )
+    .await;
+    let events = checks::events_of_product(&stack.pool, POISON_PRODUCT)
+        .await
+        .expect("reading the poisoned orders' events");
+    let ids = |event_type: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|(_, t, _)| t == event_type)
+            .map(|(id, _, _)| id.to_string())
+            .collect()
+    };
+    let (created, confirmed) = (ids(ORDER_CREATED), ids(ORDER_CONFIRMED));
+    assert_eq!(
+        (created.len(), confirmed.len()),
+        (POISONED, POISONED),
+        "each poisoned order has its order.created and (billing's) order.confirmed: {events:?}"
+    );
+    let (status, listed) = stack.run_tool(&["dlq", "list", "email"]).await;
+    assert!(status.success(), "dlq list email: {status}\n{listed}");
+    let dead_created = created.iter().filter(|id| listed.contains(*id)).count();
+    let dead_confirmed = confirmed.iter().filter(|id| listed.contains(*id)).count();
+    assert_eq!(
+        (dead_created, dead_confirmed),
+        (POISONED, 0),
+        "the e-mail DLQ holds the poisoned orders' order.created, not their order.confirmed \
+         (held, not dead-lettered):\n{listed}"
+    );
+    let applied = checks::applied_of_product(&stack.pool, POISON_PRODUCT)
+        .await
+        .expect("reading the poisoned orders' notifications");
+    let not_held: Vec<_> = applied
+        .iter()
+        .filter(|(_, types)| !types.is_empty())
+        .collect();
+    assert!(
+        not_held.is_empty(),
+        "held: a poisoned order's order.confirmed must wait for its order.created, in the DLQ; \
+         {} of {POISONED} poisoned orders have notifications already (order, types): {not_held:?}",
+        not_held.len()
+    );
+    for role in EMAIL_ROLES {
+        stack.processes.unset_role_env(role, "EMAIL_POISON_PRODUCT");
+    }
+    for (role, status, log) in stack.processes.terminate(&EMAIL_ROLES).await {
+        assert!(
+            status.success(),
+            "{} must exit 0 on SIGTERM; it exited with {status}:\n{log}",
+            role.name()
+        );
+    }
+    for role in EMAIL_ROLES {
+        stack.processes.restart(role).await;
+    }
+    let (status, replayed) = stack.run_tool(&["dlq", "replay", "email"]).await;
+    assert!(
+        status.success() && replayed.contains(&format!("replayed {POISONED} message(s)")),
+        "dlq replay email: {status}\n{replayed}"
+    );
+    let applied = eventually(
+        "the held orders to go on after the replay",
+        POISON_DEADLINE,
+        || async {
+            let applied = checks::applied_of_product(&stack.pool, POISON_PRODUCT).await;
+            applied
+                .ok()
+                .filter(|a| a.len() == POISONED && a.values().all(|types| types.len() == 2))
+        },
+    )
+    .await;
+    let expected = [ORDER_CREATED, ORDER_CONFIRMED];
+    let out_of_order: Vec<_> = applied
+        .iter()
+        .filter(|(_, types)| *types != &expected)
+        .collect();
+    assert!(
+        out_of_order.is_empty(),
+        "each held order goes on in order, \"order received\" first; (order, types in apply \
+         order): {out_of_order:?}"
+    );
+    orders_flow(load, 150, "orders to flow after the replay").await;
 }
 
 /// What a scenario measured besides the usual invariants.
@@ -605,7 +803,7 @@ impl Measured {
                  backlog peaked at {} unpublished rows ({} published during the alarm); after \
                  the default watermark was set, the relay published again in {}, caught up in \
                  {:.1}s, and everything written before was through the whole chain in {:.1}s; \
-                 /healthz: {} probes of 4 roles, {} failed, slowest {} ms",
+                 /healthz: {} probes of {} roles, {} failed, slowest {} ms",
                 (a.alarm.end - a.alarm.start).as_secs_f64(),
                 load.answers(a.alarm.clone()).total(),
                 load.answers(a.alarm.clone()),
@@ -617,6 +815,7 @@ impl Measured {
                 a.relay_caught_up_in.as_secs_f64(),
                 a.drained_in.as_secs_f64(),
                 a.health.polls(),
+                a.health.0.len(),
                 a.health.failed(),
                 a.health.slowest().as_millis()
             ),
@@ -754,18 +953,22 @@ impl Report {
         let v = &self.verdict;
         let outcome = format!(
             "{} orders written, {} order.confirmed published, processed billing {} / e-mail {} \
-             (2 x orders), notifications {} received + {} payment confirmed, {} ledger rows, \
-             lost {}, applied twice {}, {} dead letters, settled in {:.1}s, took {:.1}s",
+             (2 x orders), notifications {} received + {} payment confirmed, {} mails at the \
+             SMTP server ({} sent again), {} ledger rows, lost {}, applied twice {}, {} dead \
+             letters, {}, settled in {:.1}s, took {:.1}s",
             v.orders,
             v.confirmed,
             v.billing_processed,
             v.email_processed,
             v.received_mails,
             v.confirmed_mails,
+            v.mails_arrived,
+            v.mails_repeated,
             v.ledger_rows,
             v.lost,
             v.applied_twice,
             v.dead_letters,
+            v.ordering(),
             v.settled_in.as_secs_f64(),
             self.took.as_secs_f64()
         );
@@ -803,15 +1006,28 @@ struct Totals {
     confirmed: i64,
     lost: i64,
     applied_twice: i64,
+    /// Orders whose events the e-mail consumer applied out of sequence, or
+    /// whose mails arrived out of sequence.
+    order_violations: usize,
+    mail_order_violations: usize,
+    /// Orders whose applies, and whose mails, were not checked: events
+    /// without a sequence number.
+    unchecked_applies: usize,
+    unchecked_mails: usize,
 }
 
 impl Totals {
     fn add(&mut self, report: &Report) {
+        let v = &report.verdict;
         self.faults += report.faults.injected;
         self.accepted += report.accepted;
-        self.confirmed += report.verdict.confirmed;
-        self.lost += report.verdict.lost;
-        self.applied_twice += report.verdict.applied_twice;
+        self.confirmed += v.confirmed;
+        self.lost += v.lost;
+        self.applied_twice += v.applied_twice;
+        self.order_violations += v.order.violations;
+        self.mail_order_violations += v.mail_order.violations;
+        self.unchecked_applies += v.order.unchecked;
+        self.unchecked_mails += v.mail_order.unchecked;
     }
 }
 

@@ -1,4 +1,5 @@
-//! The e-mail domain's settings: the mailer's, and the demo's failure rate.
+//! The e-mail domain's settings: the mailer's, and the demo's failure rate
+//! and poison product.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -50,6 +51,12 @@ pub struct MailConfig {
     /// retries and dead letters in a demo (before any mail is written).
     #[arg(long, env = "EMAIL_FAILURE_RATE", default_value_t = 0.0)]
     pub email_failure_rate: f64,
+    /// A product id whose orders' `order.created` the e-mail handler always
+    /// refuses: a poison event in a demo or a test, which goes through the
+    /// retries to the DLQ while the order's later events are accepted.
+    /// Unset: none.
+    #[arg(long, env = "EMAIL_POISON_PRODUCT")]
+    pub email_poison_product: Option<String>,
 }
 
 impl MailConfig {
@@ -69,6 +76,7 @@ impl Default for MailConfig {
             smtp_timeout_ms: 10_000,
             mail_retention_secs: WEEK_SECS,
             email_failure_rate: 0.0,
+            email_poison_product: None,
         }
     }
 }

@@ -12,10 +12,16 @@ use outbox_common::amqp::Subscription;
 
 /// Records the e-mail of each order event and, when the mailer is on,
 /// writes it to the mails' outbox in the same transaction. `failure_rate`
-/// makes a share of events fail, to watch retries and dead letters in a demo.
+/// makes a share of events fail, to watch retries and dead letters in a demo;
+/// `poison_product` makes some fail every time.
 #[derive(Debug, Default, Clone)]
 pub struct Email {
     pub failure_rate: f64,
+    /// The `order.created` of an order for this product is always refused:
+    /// a poison event, dead-lettered after its retries, with the order's
+    /// later events behind it (accepted, so they show whether the order's
+    /// history is held behind it).
+    pub poison_product: Option<String>,
     /// With the mailer on: mails go to `<userId>@<this domain>`.
     pub recipient_domain: Option<String>,
 }
@@ -69,6 +75,7 @@ impl Handler for Email {
         events: &[Event<OrderEvent>],
     ) -> Result<(), HandlerError> {
         self.simulate_failure(events.len())?;
+        self.refuse_poison(events)?;
         let mut mails = Vec::with_capacity(events.len());
         for event in events {
             let mail = Mail::for_event(&event.event_type, &event.body).ok_or_else(|| {
@@ -139,5 +146,67 @@ impl Email {
             return Err(HandlerError::refused("simulated SMTP failure"));
         }
         Ok(())
+    }
+
+    /// Refuses events holding a poison event; in a batch the inbox then
+    /// applies them one by one, so only the poison event itself is refused
+    /// again (and retried, then dead-lettered).
+    fn refuse_poison(&self, events: &[Event<OrderEvent>]) -> Result<(), HandlerError> {
+        let Some(product) = &self.poison_product else {
+            return Ok(());
+        };
+        let poisoned =
+            |e: &Event<OrderEvent>| e.event_type == ORDER_CREATED && e.body.product_id == *product;
+        match events.iter().find(|e| poisoned(e)) {
+            Some(e) => Err(HandlerError::refused(format!(
+                "poison event: order.created of product {product} (order {})",
+                e.body.order_id
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(event_type: &str, product: &str) -> Event<OrderEvent> {
+        let body = OrderEvent {
+            transaction_id: uuid::Uuid::new_v4(),
+            order_id: uuid::Uuid::new_v4(),
+            product_id: product.into(),
+            user_id: "user_1".into(),
+            amount: 500,
+            timestamp: chrono::Utc::now(),
+        };
+        Event {
+            id: body.transaction_id,
+            event_type: event_type.into(),
+            body,
+            attempt: 0,
+            trace_headers: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn only_the_poison_products_order_created_is_refused() {
+        let email = Email {
+            poison_product: Some("poison".into()),
+            ..Email::default()
+        };
+        let poison = event(ORDER_CREATED, "poison");
+        assert!(email.refuse_poison(std::slice::from_ref(&poison)).is_err());
+        // A batch holding it is refused whole (then applied one by one).
+        let batch = [event(ORDER_CREATED, "p1"), poison];
+        assert!(email.refuse_poison(&batch).is_err());
+        // Its order's later events, and other products' events, go through.
+        assert!(
+            email
+                .refuse_poison(&[event(ORDER_CONFIRMED, "poison")])
+                .is_ok()
+        );
+        assert!(email.refuse_poison(&[event(ORDER_CREATED, "p1")]).is_ok());
+        assert!(Email::default().refuse_poison(&batch).is_ok());
     }
 }

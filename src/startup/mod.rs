@@ -163,7 +163,8 @@ impl Roles {
 
     /// Starts a consumer of `kind`. The e-mail consumer, with `SMTP_URL` set,
     /// also writes each mail to the mails' outbox and starts the mailer; it
-    /// refuses `mail.email_failure_rate` of its events (a demo).
+    /// refuses `mail.email_failure_rate` of its events, and every
+    /// `order.created` of `mail.email_poison_product` (a demo).
     pub fn start_consumer(
         &self,
         kind: ConsumerKind,
@@ -179,6 +180,7 @@ impl Roles {
                 };
                 let handler = Email {
                     failure_rate: mail.email_failure_rate,
+                    poison_product: mail.email_poison_product.clone(),
                     recipient_domain: mailer.as_ref().map(|_| mail.email_recipient_domain.clone()),
                 };
                 self.start_handler(handler, amqp, config);

@@ -5,7 +5,8 @@
 //!
 //! It offers what the fault suite's checks (`tests/faults/checks.rs`, reused
 //! as is) need from their `crate::stack`: [`AMQP_URL`] and a [`Stack`] with
-//! `pool`, `amqp` and `processes`. Dropping it kills the roles and drops the
+//! `pool`, `amqp`, `processes` and [`Stack::mailbox`] (none: the mailer is
+//! off here). Dropping it kills the roles and drops the
 //! database; the queues and the exchange go with the cluster.
 
 use order_service::config::AmqpConfig;
@@ -68,5 +69,10 @@ impl Stack {
 
     pub fn orders_url(&self) -> String {
         format!("http://{}/orders", self.processes.addr(Role::Api))
+    }
+
+    /// No SMTP server runs here: the checks leave the mails out.
+    pub fn mailbox(&self) -> Option<&std::path::Path> {
+        None
     }
 }

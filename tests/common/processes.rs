@@ -1,7 +1,8 @@
 //! The real binary's roles as processes of their own, as docker compose runs
 //! them: one harness for every suite that runs them (faults, cluster, mail,
 //! prometheus). It starts a role with the suite's settings and its own
-//! HTTP_ADDR (kept across restarts), appends its output to its log file,
+//! HTTP_ADDR (kept across restarts), one process of each role or the
+//! roles it is given (two relays, say), appends its output to its log file,
 //! waits until it says it runs, kills (SIGKILL), stops (SIGTERM), pauses
 //! (SIGSTOP) and restarts it, names the roles that exited on their own,
 //! and quotes the logs' last warnings for a failure message. Dropping it
@@ -36,6 +37,9 @@ pub struct Processes {
     env: Vec<(&'static str, String)>,
     /// Set for one role only (the e-mail consumer's mailer, say).
     role_env: HashMap<Role, Vec<(&'static str, String)>>,
+    /// The roles this test runs: [`Role::ALL`] unless [`Processes::roles`]
+    /// says otherwise.
+    roles: Vec<Role>,
     /// Each role's HTTP address, drawn once: a restarted role binds the same
     /// one, so whatever watches it need not be told.
     addrs: HashMap<Role, SocketAddr>,
@@ -63,7 +67,8 @@ impl Processes {
             rust_log_var,
             env: Vec::new(),
             role_env: HashMap::new(),
-            addrs: free_addrs(),
+            roles: Role::ALL.to_vec(),
+            addrs: free_addrs(&Role::ALL),
             running: HashMap::new(),
             keep_logs_var: None,
         }
@@ -79,6 +84,27 @@ impl Processes {
     pub fn role_env(mut self, role: Role, vars: Vec<(&'static str, String)>) -> Self {
         self.role_env.entry(role).or_default().extend(vars);
         self
+    }
+
+    /// Runs `roles` instead of [`Role::ALL`] (e.g. [`Role::DOUBLED`]), each
+    /// on an HTTP address of its own.
+    pub fn roles(mut self, roles: &[Role]) -> Self {
+        self.roles = roles.to_vec();
+        self.addrs = free_addrs(roles);
+        self
+    }
+
+    /// The roles this test runs.
+    pub fn all(&self) -> &[Role] {
+        &self.roles
+    }
+
+    /// Removes `key` from what is set for `role` only: its next start runs
+    /// without it.
+    pub fn unset_role_env(&mut self, role: Role, key: &str) {
+        if let Some(vars) = self.role_env.get_mut(&role) {
+            vars.retain(|(k, _)| *k != key);
+        }
     }
 
     /// Removes the log directory when dropped, unless the test failed or the
@@ -125,14 +151,15 @@ impl Processes {
 
     /// Starts every role without waiting.
     pub fn spawn_all(&mut self) {
-        for role in Role::ALL {
+        for role in self.roles.clone() {
             self.spawn(role);
         }
     }
 
     /// Starts every role and waits until each one logs that it runs.
     pub async fn start_all(&mut self) {
-        let offsets = Role::ALL.map(|role| (role, self.spawn(role)));
+        let roles = self.roles.clone();
+        let offsets: Vec<(Role, u64)> = roles.into_iter().map(|r| (r, self.spawn(r))).collect();
         for (role, offset) in offsets {
             self.wait_started(role, offset).await;
         }
@@ -247,9 +274,9 @@ impl Processes {
 
     /// Each running role's pid.
     pub fn pids(&self) -> Vec<(Role, u32)> {
-        Role::ALL
-            .into_iter()
-            .filter_map(|role| Some((role, self.running.get(&role)?.id())))
+        self.roles
+            .iter()
+            .filter_map(|&role| Some((role, self.running.get(&role)?.id())))
             .collect()
     }
 
@@ -268,7 +295,7 @@ impl Processes {
     /// The roles that exited on their own (a crash), with their status.
     pub fn exited(&mut self) -> Vec<String> {
         let mut dead = Vec::new();
-        for role in Role::ALL {
+        for &role in &self.roles {
             if let Some(child) = self.running.get_mut(&role)
                 && let Ok(Some(status)) = child.try_wait()
             {
@@ -282,7 +309,7 @@ impl Processes {
     /// message.
     pub fn diagnostics(&self) -> String {
         let mut out = format!("role logs in {}\n", self.log_dir.display());
-        for role in Role::ALL {
+        for &role in &self.roles {
             let log = self.log(role);
             let lines: Vec<&str> = log
                 .lines()
@@ -351,12 +378,12 @@ fn signal(signal: &str, pid: u32) -> Result<(), String> {
 /// One address per role, each free a moment ago (outside the kernel's
 /// ephemeral range, so no outgoing connection takes it meanwhile) and all
 /// different.
-fn free_addrs() -> HashMap<Role, SocketAddr> {
+fn free_addrs(wanted: &[Role]) -> HashMap<Role, SocketAddr> {
     let mut addrs = HashMap::new();
-    while addrs.len() < Role::ALL.len() {
+    while addrs.len() < wanted.len() {
         let addr = roles::free_addr();
         if !addrs.values().any(|taken| *taken == addr) {
-            addrs.insert(Role::ALL[addrs.len()], addr);
+            addrs.insert(wanted[addrs.len()], addr);
         }
     }
     addrs

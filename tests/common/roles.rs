@@ -18,18 +18,45 @@ pub enum Role {
     Relay,
     Billing,
     Email,
+    /// A second relay beside [`Role::Relay`] (the same subcommand), for a
+    /// suite that runs two ([`Role::DOUBLED`]).
+    Relay2,
+    /// A second e-mail consumer beside [`Role::Email`], competing for the
+    /// same queue.
+    Email2,
 }
 
 impl Role {
+    /// One process of each role, as docker compose runs them.
     pub const ALL: [Role; 4] = [Role::Api, Role::Relay, Role::Billing, Role::Email];
+
+    /// Two relays and two e-mail consumers (the fault suite's deployment):
+    /// two of each role that competes for shared work, one of each other.
+    pub const DOUBLED: [Role; 6] = [
+        Role::Api,
+        Role::Relay,
+        Role::Relay2,
+        Role::Billing,
+        Role::Email,
+        Role::Email2,
+    ];
+
+    /// The role a second instance is one of (itself for the others).
+    pub fn kind(self) -> Role {
+        match self {
+            Role::Relay2 => Role::Relay,
+            Role::Email2 => Role::Email,
+            other => other,
+        }
+    }
 
     /// Its subcommand.
     pub fn args(self) -> &'static [&'static str] {
-        match self {
+        match self.kind() {
             Role::Api => &["api"],
             Role::Relay => &["relay"],
             Role::Billing => &["consume", "billing"],
-            Role::Email => &["consume", "email"],
+            _ => &["consume", "email"],
         }
     }
 
@@ -40,17 +67,22 @@ impl Role {
             Role::Relay => "relay",
             Role::Billing => "consume billing",
             Role::Email => "consume email",
+            Role::Relay2 => "relay (2nd)",
+            Role::Email2 => "consume email (2nd)",
         }
     }
 
     /// The compose service's name, which is also the `role` label that
-    /// prometheus.yml gives its targets, and its log file's name.
+    /// prometheus.yml gives its targets, and its log file's name (a second
+    /// instance's with `-2`).
     pub fn label(self) -> &'static str {
         match self {
             Role::Api => "api",
             Role::Relay => "relay",
             Role::Billing => "billing-consumer",
             Role::Email => "email-consumer",
+            Role::Relay2 => "relay-2",
+            Role::Email2 => "email-consumer-2",
         }
     }
 
@@ -61,10 +93,10 @@ impl Role {
 
     /// The log line a role writes once it is running and once it has stopped.
     pub fn started_and_stopped(self) -> (&'static str, &'static str) {
-        match self {
+        match self.kind() {
             Role::Api => ("HTTP API listening", "shutting down"),
             Role::Relay => ("relay started", "relay stopped"),
-            Role::Billing | Role::Email => ("consumer started", "consumer stopped"),
+            _ => ("consumer started", "consumer stopped"),
         }
     }
 }

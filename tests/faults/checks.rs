@@ -1,7 +1,10 @@
 //! After the faults: wait until the system has settled, then check that no
 //! accepted order was lost and no event was applied twice, along the whole
 //! chain: `order.created` (API) to billing and e-mail, billing's
-//! `order.confirmed` (written in its dedup transaction) to e-mail.
+//! `order.confirmed` (written in its dedup transaction) to e-mail, e-mail's
+//! mail (written in its dedup transaction) to the SMTP server; and that
+//! each order's events were applied, and its mails arrived, in sequence
+//! ([`crate::order`]).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -16,12 +19,14 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::load::LoadReport;
-use crate::stack::{AMQP_URL, Stack};
+use crate::order::{self, OrderCheck};
+use crate::smtp::read_mailbox;
+use crate::stack::{AMQP_URL, Role, Stack};
 
 /// How long the system may take to drain after the last fault.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(90);
 /// The settled state must hold unchanged this long: longer than the
-/// longest retry delay (500 ms), so a late redelivery would show.
+/// longest retry delay (600 ms), so a late redelivery would show.
 const QUIET: Duration = Duration::from_millis(1500);
 
 /// The counts every check is made of, read in one statement.
@@ -62,6 +67,11 @@ pub struct Counts {
     pub email_confirmed: i64,
     /// Dedup rows whose event is not in the outbox.
     pub orphans: i64,
+    /// Rows of the mails' outbox, those not yet sent, and those whose
+    /// event is a notification's (one mail per notification).
+    pub mail_rows: i64,
+    pub mail_rows_unpublished: i64,
+    pub mail_rows_matching: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +81,13 @@ struct Snapshot {
     processed: BTreeMap<String, i64>,
     /// Ready messages in each main and retry queue.
     queued: BTreeMap<String, u32>,
+    /// Consumers of each main queue, and how many there should be (one per
+    /// process of that consumer).
+    consumers: BTreeMap<String, u32>,
+    consumers_expected: BTreeMap<String, u32>,
+    /// Distinct `Message-ID`s the SMTP server accepted; `None` where no
+    /// SMTP server runs (the mailer is off: mails are not checked).
+    arrived: Option<usize>,
 }
 
 impl Snapshot {
@@ -80,7 +97,8 @@ impl Snapshot {
 
     /// Everything published, every order confirmed, billing through every
     /// `order.created`, e-mail through every event of both types, nothing
-    /// waiting in a queue.
+    /// waiting in a queue, every consumer process subscribed, every mail
+    /// sent and at the SMTP server.
     fn settled(&self) -> bool {
         let c = &self.counts;
         c.unpublished == 0
@@ -89,11 +107,17 @@ impl Snapshot {
             && self.processed(BILLING) == c.created
             && self.processed(EMAIL) == c.outbox
             && self.queued.values().all(|&n| n == 0)
+            && self.consumers == self.consumers_expected
+            && self.arrived.is_none_or(|arrived| {
+                c.mail_rows_unpublished == 0
+                    && c.mail_rows == c.notifications
+                    && arrived as i64 == c.mail_rows
+            })
     }
 }
 
 /// What a scenario's final check found.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Verdict {
     pub orders: i64,
     /// `order.confirmed` rows (all published).
@@ -109,6 +133,30 @@ pub struct Verdict {
     pub applied_twice: i64,
     pub dead_letters: usize,
     pub settled_in: Duration,
+    /// Mails the SMTP server accepted (one per notification), and how many
+    /// times one came again (a mailer killed mid-send sends it again).
+    pub mails_arrived: usize,
+    pub mails_repeated: usize,
+    /// The e-mail consumer's applies, in sequence per order?
+    pub order: OrderCheck,
+    /// The mails' arrivals at the SMTP server, in sequence per order?
+    pub mail_order: OrderCheck,
+}
+
+impl Verdict {
+    /// Both ordering checks passed.
+    pub fn in_order(&self) -> bool {
+        self.order.passed() && self.mail_order.passed()
+    }
+
+    /// The ordering part of the summary line.
+    pub fn ordering(&self) -> String {
+        format!(
+            "{}; {}",
+            self.order.summary("order", "events"),
+            self.mail_order.summary("mail-order", "mails")
+        )
+    }
 }
 
 pub async fn counts(pool: &PgPool) -> sqlx::Result<Counts> {
@@ -156,7 +204,12 @@ pub async fn counts(pool: &PgPool) -> sqlx::Result<Counts> {
            (SELECT count(*) FROM processed_messages p JOIN outbox x USING (transaction_id) \
             WHERE p.consumer = $2 AND x.event_type = 'order.confirmed') AS email_confirmed, \
            (SELECT count(*) FROM processed_messages p WHERE NOT EXISTS \
-              (SELECT 1 FROM outbox o WHERE o.transaction_id = p.transaction_id)) AS orphans",
+              (SELECT 1 FROM outbox o WHERE o.transaction_id = p.transaction_id)) AS orphans, \
+           (SELECT count(*) FROM mail_outbox) AS mail_rows, \
+           (SELECT count(*) FROM mail_outbox WHERE published_at IS NULL) AS mail_rows_unpublished, \
+           (SELECT count(*) FROM mail_outbox m JOIN notifications n \
+              ON n.transaction_id = m.transaction_id AND n.event_type = m.event_type \
+             AND n.order_id::text = m.aggregate_id) AS mail_rows_matching",
     )
     .bind(BILLING)
     .bind(EMAIL)
@@ -291,22 +344,53 @@ async fn snapshot(stack: &Stack) -> Result<Snapshot, String> {
     .await
     .map_err(|e| e.to_string())?;
     let mut queued = BTreeMap::new();
+    let mut consumers = BTreeMap::new();
     let depths = queue_depths(stack, false)
         .await
         .map_err(|e| e.to_string())?;
-    for (queue, n) in depths {
+    for (queue, n, subscribed) in depths {
+        if !queue.contains(".retry.") {
+            consumers.insert(queue.clone(), subscribed);
+        }
         queued.insert(queue, n);
     }
+    let arrived = stack.mailbox().map(|mailbox| {
+        read_mailbox(mailbox)
+            .into_iter()
+            .map(|m| m.message_id)
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    });
     Ok(Snapshot {
         counts,
         processed: processed.into_iter().collect(),
         queued,
+        consumers,
+        consumers_expected: consumers_expected(stack),
+        arrived,
     })
 }
 
-/// Ready messages per queue (a passive declare), main and retry queues, or
-/// the dead-letter queues.
-async fn queue_depths(stack: &Stack, dlq: bool) -> Result<Vec<(String, u32)>, lapin::Error> {
+/// One consumer per process of each consumer role the stack runs, on its
+/// main queue.
+fn consumers_expected(stack: &Stack) -> BTreeMap<String, u32> {
+    let mut expected = BTreeMap::new();
+    for &role in stack.processes.all() {
+        let consumer = match role.kind() {
+            Role::Billing => BILLING,
+            Role::Email => EMAIL,
+            _ => continue,
+        };
+        *expected
+            .entry(QueueNames::new(&stack.amqp, consumer).main)
+            .or_insert(0) += 1;
+    }
+    expected
+}
+
+/// Ready messages and consumers per queue (a passive declare), main and
+/// retry queues, or the dead-letter queues.
+async fn queue_depths(stack: &Stack, dlq: bool) -> Result<Vec<(String, u32, u32)>, lapin::Error> {
     let connection = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     let mut depths = Vec::new();
@@ -329,7 +413,7 @@ async fn queue_depths(stack: &Stack, dlq: bool) -> Result<Vec<(String, u32)>, la
                     FieldTable::default(),
                 )
                 .await?;
-            depths.push((queue, declared.message_count()));
+            depths.push((queue, declared.message_count(), declared.consumer_count()));
         }
     }
     let _ = connection.close(200, "faults check".into()).await;
@@ -487,6 +571,34 @@ pub async fn settle_and_verify(stack: &mut Stack, load: &LoadReport) -> Verdict 
         (2 * o, 2 * o),
         "two notifications per order, each for its own event with its subject\n{context}"
     );
+    assert_eq!(
+        stack.processes.pids().len(),
+        stack.processes.all().len(),
+        "every role's process runs (two relays, two e-mail consumers)\n{context}"
+    );
+    let (arrivals, mails_repeated) = match stack.mailbox() {
+        Some(mailbox) => {
+            assert_eq!(
+                (c.mail_rows, c.mail_rows_matching),
+                (2 * o, 2 * o),
+                "one mail per notification, under its event's id\n{context}"
+            );
+            let (arrivals, repeated) = order::arrived(&stack.pool, mailbox)
+                .await
+                .expect("reading the mailbox and the outbox");
+            let strangers = arrivals.iter().filter(|s| s.order.is_empty()).count();
+            assert_eq!(
+                (arrivals.len() as i64, strangers),
+                (c.mail_rows, 0),
+                "every mail reached the SMTP server, and no other\n{context}"
+            );
+            (arrivals, repeated)
+        }
+        None => (Vec::new(), 0),
+    };
+    let applied = order::applied(&stack.pool)
+        .await
+        .expect("reading the notifications in apply order");
     let dead_letters = check_dead_letters(stack, &context).await;
     Verdict {
         orders: o,
@@ -503,6 +615,10 @@ pub async fn settle_and_verify(stack: &mut Stack, load: &LoadReport) -> Verdict 
             + (c.confirmed_mails - c.confirmed_mail_orders),
         dead_letters,
         settled_in,
+        mails_arrived: arrivals.len(),
+        mails_repeated,
+        order: order::check(&applied),
+        mail_order: order::check(&arrivals),
     }
 }
 
@@ -513,7 +629,7 @@ async fn check_dead_letters(stack: &Stack, context: &str) -> usize {
     let depths = queue_depths(stack, true)
         .await
         .expect("counting dead letters");
-    let total: u32 = depths.iter().map(|(_, n)| n).sum();
+    let total: u32 = depths.iter().map(|(_, n, _)| n).sum();
     if total == 0 {
         return 0;
     }
@@ -554,4 +670,66 @@ async fn check_dead_letters(stack: &Stack, context: &str) -> usize {
         "dead letters not accounted for: {unaccounted:#?}\n{context}"
     );
     total as usize
+}
+
+/// Dead letters in `consumer`'s DLQ (a passive declare).
+pub async fn dlq_depth(stack: &Stack, consumer: &str) -> u32 {
+    let dlq = QueueNames::new(&stack.amqp, consumer).dlq;
+    queue_depths(stack, true)
+        .await
+        .expect("counting dead letters")
+        .into_iter()
+        .find(|(queue, _, _)| *queue == dlq)
+        .map_or(0, |(_, n, _)| n)
+}
+
+/// The events of the orders of `product`: (event id, event type, order).
+pub async fn events_of_product(
+    pool: &PgPool,
+    product: &str,
+) -> sqlx::Result<Vec<(Uuid, String, Uuid)>> {
+    sqlx::query_as(
+        "SELECT x.transaction_id, x.event_type, o.id FROM orders o \
+         JOIN outbox x ON x.aggregate_id = o.id::text \
+         WHERE o.product_id = $1 ORDER BY o.id, x.id",
+    )
+    .bind(product)
+    .fetch_all(pool)
+    .await
+}
+
+/// Orders of other products than `product`, written up to `until`
+/// (Postgres' clock), whose two notifications are not both there yet.
+pub async fn others_unfinished(
+    pool: &PgPool,
+    product: &str,
+    until: DateTime<Utc>,
+) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM orders o \
+         WHERE o.product_id <> $1 AND o.created_at <= $2 \
+           AND (SELECT count(*) FROM notifications n WHERE n.order_id = o.id) < 2",
+    )
+    .bind(product)
+    .bind(until)
+    .fetch_one(pool)
+    .await
+}
+
+/// The e-mail consumer's notifications of each order of `product`, their
+/// event types in apply order.
+pub async fn applied_of_product(
+    pool: &PgPool,
+    product: &str,
+) -> sqlx::Result<BTreeMap<Uuid, Vec<String>>> {
+    let rows: Vec<(Uuid, Vec<String>)> = sqlx::query_as(
+        "SELECT o.id, coalesce(array_agg(n.event_type ORDER BY n.id) \
+                  FILTER (WHERE n.id IS NOT NULL), '{}') \
+         FROM orders o LEFT JOIN notifications n ON n.order_id = o.id \
+         WHERE o.product_id = $1 GROUP BY o.id",
+    )
+    .bind(product)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
 }

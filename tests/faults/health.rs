@@ -81,9 +81,9 @@ impl HealthWatch {
             .timeout(ANSWER_WITHIN)
             .build()
             .expect("an HTTP client");
-        let urls: Vec<(&'static str, String)> = Role::ALL
-            .into_iter()
-            .map(|role| (role.name(), format!("http://{}/healthz", addrs[&role])))
+        let urls: Vec<(&'static str, String)> = addrs
+            .iter()
+            .map(|(role, addr)| (role.name(), format!("http://{addr}/healthz")))
             .collect();
         let stop = cancel.clone();
         let task = tokio::spawn(async move {

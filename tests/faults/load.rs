@@ -183,7 +183,7 @@ impl Load {
                     _ = ticks.tick() => {}
                 }
                 if pacer.tally.pending.load(Ordering::Relaxed) < MAX_PENDING {
-                    pacer.post(false);
+                    pacer.post(false, None);
                 }
             }
         });
@@ -204,7 +204,15 @@ impl Load {
     pub fn burst(&self, n: usize) {
         let poster = self.clone_parts();
         for _ in 0..n {
-            poster.post(true);
+            poster.post(true, None);
+        }
+    }
+
+    /// Posts `n` orders of `product` at once, amid the steady load.
+    pub fn burst_of(&self, n: usize, product: &str) {
+        let poster = self.clone_parts();
+        for _ in 0..n {
+            poster.post(true, Some(product));
         }
     }
 
@@ -255,10 +263,12 @@ struct Poster {
 }
 
 impl Poster {
-    fn post(&self, burst: bool) {
+    /// Posts one order, of `product` or one of 50 products.
+    fn post(&self, burst: bool, product: Option<&str>) {
         let n = self.tally.sequence.fetch_add(1, Ordering::Relaxed);
+        let product = product.map_or_else(|| format!("product-{}", n % 50), str::to_owned);
         let body = serde_json::json!({
-            "productId": format!("product-{}", n % 50),
+            "productId": product,
             "userId": format!("user_{}", n % 20),
             "amount": n % 997 + 1,
         });
