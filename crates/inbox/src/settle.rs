@@ -33,6 +33,19 @@ pub enum Outcome {
 /// One delivery's result; `Err` leaves it for redelivery.
 pub type Settled = Result<Outcome, InboxError>;
 
+/// What the batch decided for one delivery, before it is settled.
+#[derive(Debug)]
+enum Verdict {
+    /// The delivery did not parse: it goes to the dead-letter queue.
+    Unparseable(ParseError),
+    /// The transaction gave its event's id this result; `attempt` counts the
+    /// event's failed attempts before this one.
+    Applied { attempt: u32, applied: Applied },
+    /// An outage left its event's id without a result: it waits for
+    /// redelivery.
+    Outage(InboxError),
+}
+
 impl<H: Handler> Consumer<H> {
     /// Handles deliveries to the end, their database work in ONE transaction:
     /// commit, then ack each; or retry/dead-letter and ack. Results by
@@ -60,17 +73,26 @@ impl<H: Handler> Consumer<H> {
         // the first: it is a duplicate.
         let mut seen = HashSet::new();
         let settles = parsed.into_iter().map(|(delivery, event, span)| {
-            let result = event.map(|e| {
-                let first = seen.insert(e.id);
-                let applied = match result_for(&results, e.id) {
-                    Ok(Applied::Committed) if !first => Ok(Applied::Duplicate),
-                    other => other,
-                };
-                (e.attempt, applied)
-            });
+            let verdict = match event {
+                Err(error) => Verdict::Unparseable(error),
+                Ok(e) => {
+                    let first = seen.insert(e.id);
+                    match result_for(&results, e.id) {
+                        Ok(Applied::Committed) if !first => Verdict::Applied {
+                            attempt: e.attempt,
+                            applied: Applied::Duplicate,
+                        },
+                        Ok(applied) => Verdict::Applied {
+                            attempt: e.attempt,
+                            applied,
+                        },
+                        Err(error) => Verdict::Outage(error),
+                    }
+                }
+            };
             async move {
                 let outcome = self
-                    .settle(delivery, publish, result)
+                    .settle(delivery, publish, verdict)
                     .instrument(span.clone())
                     .await;
                 self.record(&outcome, &span);
@@ -134,17 +156,12 @@ impl<H: Handler> Consumer<H> {
     }
 
     /// Acks a delivery whose database work is done, or forwards it to a
-    /// delay queue or the DLQ first. `result` is the parse error, or the
-    /// event's attempt count and its id's result.
-    async fn settle(
-        &self,
-        delivery: &Delivery,
-        publish: &Channel,
-        result: Result<(u32, Result<Applied, InboxError>), ParseError>,
-    ) -> Settled {
-        let (attempt, applied) = match result {
-            Ok((attempt, applied)) => (attempt, applied?),
-            Err(error) => {
+    /// delay queue or the DLQ first, by its `verdict`.
+    async fn settle(&self, delivery: &Delivery, publish: &Channel, verdict: Verdict) -> Settled {
+        let (attempt, applied) = match verdict {
+            Verdict::Applied { attempt, applied } => (attempt, applied),
+            Verdict::Outage(error) => return Err(error),
+            Verdict::Unparseable(error) => {
                 let reason = format!("unparseable message: {error}");
                 let attempt = message::attempt(delivery);
                 self.forward(delivery, publish, &self.queues.dlq, attempt, &reason)
