@@ -16,6 +16,7 @@
 
 mod config;
 pub mod dlq;
+mod error;
 mod handler;
 pub mod message;
 mod metrics;
@@ -34,32 +35,12 @@ use outbox_common::wake::Wake;
 use sqlx::{PgPool, SqlStr};
 
 pub use config::ConsumerConfig;
-pub use handler::{Event, Handler, HandlerError};
+pub use error::InboxError;
+pub use handler::{BoxError, Event, Handler, HandlerError};
 pub use metrics::{ConsumerFamilies, ConsumerMetrics};
 pub use outbox_common::amqp::Subscription;
 pub use settle::Outcome;
 pub use transact::Applied;
-
-/// An infrastructure failure while handling deliveries (Postgres, the
-/// broker, a handler's outage): the deliveries are left for redelivery
-/// without using up an attempt.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum InboxError {
-    #[error("outage: {0}")]
-    Outage(String),
-    #[error("broker: {0}")]
-    Broker(String),
-}
-
-impl InboxError {
-    fn database(error: sqlx::Error) -> Self {
-        Self::Outage(format!("database: {error}"))
-    }
-
-    fn broker(error: anyhow::Error) -> Self {
-        Self::Broker(format!("{error:#}"))
-    }
-}
 
 /// One consumer: a handler, its queues and its connections.
 pub struct Consumer<H> {

@@ -10,6 +10,7 @@ use lapin::message::Delivery;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::error::report;
 use crate::handler::{Event, Handler};
 use crate::message::{self, ParseError, Parsed};
 use crate::transact::Applied;
@@ -150,6 +151,7 @@ impl<H: Handler> Consumer<H> {
             Err(error) => {
                 span.record("otel.status_code", "ERROR");
                 m.requeued.inc();
+                let error = report(error);
                 tracing::warn!(parent: span, %error, "delivery left for redelivery");
             }
         }
@@ -251,5 +253,5 @@ fn result_for(results: &super::transact::Results, id: Uuid) -> Result<Applied, I
     results
         .get(&id)
         .cloned()
-        .unwrap_or_else(|| Err(InboxError::Outage(format!("no result for event {id}"))))
+        .unwrap_or(Err(InboxError::NoResult(id)))
 }

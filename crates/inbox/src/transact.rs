@@ -5,10 +5,12 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 
 use futures_util::FutureExt;
 use uuid::Uuid;
 
+use crate::error::report;
 use crate::handler::{Event, Handler, HandlerError};
 use crate::{Consumer, InboxError};
 use outbox_common::shutdown::panic_text;
@@ -123,9 +125,13 @@ impl<H: Handler> Consumer<H> {
             match handled {
                 Ok(Ok(())) => {}
                 // Dropping `tx` rolls back the dedup rows with the effect.
-                Ok(Err(HandlerError::Refused(reason))) => return Transacted::Refused { reason },
-                Ok(Err(HandlerError::Outage(reason))) => {
-                    return Transacted::Outage(InboxError::Outage(reason));
+                Ok(Err(error @ HandlerError::Refused { .. })) => {
+                    return Transacted::Refused {
+                        reason: report(&error),
+                    };
+                }
+                Ok(Err(error @ HandlerError::Outage { .. })) => {
+                    return Transacted::Outage(InboxError::Handler(Arc::new(error)));
                 }
                 Err(panic) => {
                     let reason = format!("the handler panicked: {}", panic_text(&*panic));
