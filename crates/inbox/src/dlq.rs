@@ -25,13 +25,19 @@ pub enum DlqError {
     Publish(#[from] BrokerCallError),
 }
 
-/// One dead letter, as `order-service dlq list` prints it.
+/// One dead letter, as a `dlq list` command would print it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DeadLetter {
+    /// Its AMQP `message_id` (empty if the publisher set none).
     pub message_id: String,
+    /// Its AMQP `type` (empty if the publisher set none).
     pub event_type: String,
+    /// Why it was dead-lettered: the refusal or parse error of its last
+    /// attempt (cut to 1024 characters).
     pub error: String,
+    /// Failed attempts before it was dead-lettered.
     pub attempts: u32,
+    /// When it was first published (its AMQP `timestamp`), if known.
     pub published_at: Option<DateTime<Utc>>,
 }
 
@@ -102,6 +108,7 @@ pub async fn list_until(
 /// What a replay did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Replayed {
+    /// Letters moved back to the main queue.
     pub moved: usize,
     /// Letters left in the DLQ because they are older than the dedup window
     /// (or carry no timestamp to tell).

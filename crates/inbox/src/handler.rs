@@ -113,16 +113,52 @@ impl From<sqlx::Error> for HandlerError {
 
 /// A consumer's side effect, run by the inbox inside ONE Postgres
 /// transaction that already holds the dedup rows of `events`: whatever it
-/// writes on `tx` (rows of its own, outbox rows with
-/// the `outbox` crate's `Table::insert_many`) commits with them, or not at all.
-/// The framework owns BEGIN, COMMIT and the ack.
+/// writes on `tx` (rows of its own, outbox rows with the `outbox` crate's
+/// `Table::insert_many`) commits with them, or not at all. The framework
+/// owns BEGIN, COMMIT and the ack.
 ///
-/// ```ignore
-/// impl Handler for Audit {
-///     type Event = MyEvent;
-///     fn subscription(&self) -> Subscription { AUDIT }
-///     async fn handle(&self, tx: &mut PgConnection, events: &[Event<MyEvent>]) -> Result<(), HandlerError> {
-///         for e in events { sqlx::query("INSERT ...").bind(e.id).execute(&mut *tx).await?; }
+/// A handler that keeps an audit trail of redeemed rewards, one row per
+/// event, and names each event's member as its conversation:
+///
+/// ```
+/// use inbox::{Event, Handler, HandlerError, Subscription};
+/// use sqlx::PgConnection;
+///
+/// #[derive(Debug, Clone, serde::Deserialize)]
+/// struct RewardRedeemed {
+///     member_id: String,
+///     reward: String,
+/// }
+///
+/// struct RedemptionAudit;
+///
+/// impl Handler for RedemptionAudit {
+///     type Event = RewardRedeemed;
+///
+///     fn subscription(&self) -> Subscription {
+///         Subscription {
+///             consumer: "redemption_audit",
+///             routing_keys: &["reward.redeemed"],
+///         }
+///     }
+///
+///     fn conversation_id(&self, event: &RewardRedeemed) -> Option<String> {
+///         Some(event.member_id.clone())
+///     }
+///
+///     async fn handle(
+///         &self,
+///         tx: &mut PgConnection,
+///         events: &[Event<RewardRedeemed>],
+///     ) -> Result<(), HandlerError> {
+///         for event in events {
+///             sqlx::query("INSERT INTO redemptions (event_id, member_id, reward) VALUES ($1, $2, $3)")
+///                 .bind(event.id)
+///                 .bind(&event.body.member_id)
+///                 .bind(&event.body.reward)
+///                 .execute(&mut *tx)
+///                 .await?;
+///         }
 ///         Ok(())
 ///     }
 /// }
@@ -136,15 +172,16 @@ pub trait Handler: Send + Sync + 'static {
     /// routing keys its queue is bound to.
     fn subscription(&self) -> Subscription;
 
-    /// What conversation an event belongs to (an order's id, say), recorded
+    /// What conversation an event belongs to (an account's id, say), recorded
     /// as `messaging.message.conversation_id` on its CONSUMER span.
     fn conversation_id(&self, _event: &Self::Event) -> Option<String> {
         None
     }
 
     /// Applies `events`: one or more, each seen for the first time by this
-    /// consumer, in delivery order. A `?` on a `sqlx::Error` classifies it
-    /// ([`HandlerError::from`]). A panic counts as a refusal of the events.
+    /// consumer, in the sequence they were delivered. A `?` on a
+    /// `sqlx::Error` classifies it ([`HandlerError::from`]). A panic counts
+    /// as a refusal of the events.
     fn handle(
         &self,
         tx: &mut PgConnection,

@@ -75,18 +75,28 @@ pub async fn ack(delivery: &Delivery) -> Result<(), BrokerCallError> {
 /// context, which comes from the span opened for it.
 #[derive(Debug, Clone)]
 pub struct Parsed<E> {
+    /// The dedup key: `message_id`, or the body's `transactionId`.
     pub id: Uuid,
+    /// The AMQP `type`, or the routing key where the publisher set none.
     pub event_type: String,
+    /// The body, deserialized.
     pub body: E,
+    /// Failed attempts before this delivery (0 on the first).
     pub attempt: u32,
 }
 
+/// Why a delivery could not be read: such a delivery goes straight to the
+/// dead-letter queue, since no retry can change its bytes.
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
+    /// The body is not JSON of the handler's event type.
     #[error("body does not match the event type: {0}")]
     Body(#[from] serde_json::Error),
+    /// The `message_id` property is set but is not a UUID.
     #[error("message_id {0:?} is not a UUID")]
     MessageId(String),
+    /// Neither a `message_id` nor a `transactionId` in the body gives the
+    /// dedup key.
     #[error("no message_id, and no transactionId in the body")]
     NoId,
 }
@@ -135,6 +145,7 @@ pub fn attempt(delivery: &Delivery) -> u32 {
         .unwrap_or(0)
 }
 
+/// The header `name`, if the message has it.
 pub fn header<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<&'a AMQPValue> {
     headers?.inner().get(&ShortString::from(name))
 }
@@ -221,8 +232,8 @@ pub async fn publish_confirmed(
 }
 
 /// The CONSUMER span `<queue> process`, a child of the publisher's context.
-/// `attempt` and `conversation_id` (an order id, say) come from the parsed
-/// message when it parsed.
+/// `attempt` and `conversation_id` (an account's id, say) come from the
+/// parsed message when it parsed.
 pub fn process_span(
     queue: &str,
     delivery: &Delivery,

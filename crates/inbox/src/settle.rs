@@ -26,9 +26,16 @@ pub enum Outcome {
     /// Seen before: acked without doing anything.
     Duplicate,
     /// Refused; sent to the delay queue for attempt `attempt`.
-    Retried { attempt: u32 },
+    Retried {
+        /// The attempt the delay queue hands it back for (1 for the first
+        /// retry).
+        attempt: u32,
+    },
     /// Sent to `<queue>.dlq` (unparseable, or out of attempts).
-    DeadLettered { reason: String },
+    DeadLettered {
+        /// Why, as written into the letter's error header.
+        reason: String,
+    },
 }
 
 /// One delivery's result; `Err` leaves it for redelivery.
