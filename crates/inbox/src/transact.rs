@@ -24,7 +24,8 @@ pub enum Applied {
     Committed,
     /// Its dedup row existed: nothing was done.
     Duplicate,
-    /// The handler refused it; everything was rolled back.
+    /// The handler (or Postgres) refused it; everything was rolled back.
+    /// The text says why, its causes included: the dead letter carries it.
     Refused(String),
 }
 
