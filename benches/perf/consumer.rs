@@ -115,7 +115,7 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
     }
     let rate = MESSAGES as f64 / started.elapsed().as_secs_f64();
     cancel.cancel();
-    task.await??;
+    task.await?;
     anyhow::ensure!(
         db.scalar("SELECT count(*) FROM ledger").await == MESSAGES,
         "one charge per message"

@@ -72,13 +72,13 @@ async fn send_event(channel: &Channel, queue: &str, event: &OrderEvent) {
 
 struct Running {
     cancel: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
+    task: JoinHandle<()>,
 }
 
 impl Running {
     async fn stop(self) {
         self.cancel.cancel();
-        self.task.await.unwrap().unwrap();
+        self.task.await.unwrap();
     }
 }
 

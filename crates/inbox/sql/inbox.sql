@@ -1,4 +1,4 @@
--- The dedup table of the `inbox` crate, as the order service's migrations
+-- The dedup table of the `inbox` crate, as a service's migrations should
 -- leave it. Copy this file into your own migrations, or run
 -- `inbox::schema::SQL` from one.
 CREATE TABLE processed_messages (

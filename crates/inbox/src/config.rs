@@ -1,4 +1,4 @@
-//! A consumer's settings, with the defaults the order service ships.
+//! A consumer's settings, and their defaults.
 
 /// How a [`Consumer`](crate::Consumer) takes deliveries. `Default` gives a
 /// prefetch of 128, 4 transactions at once and up to 64 deliveries in one.

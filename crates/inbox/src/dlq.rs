@@ -1,24 +1,43 @@
 //! Dead letters: list them without consuming them, and replay them to the
 //! main queue (where the dedup table makes a replay safe).
 
-use anyhow::Context;
 use chrono::{DateTime, Utc};
 use lapin::options::{BasicAckOptions, BasicGetOptions, ConfirmSelectOptions};
 use lapin::types::AMQPValue;
 use tokio_util::sync::CancellationToken;
 
-use crate::message::{self, header, header_str};
-use outbox_common::amqp::AmqpConfig;
-use outbox_common::amqp::QueueNames;
+use crate::message::{self, BrokerCallError, header, header_str};
 use outbox_common::amqp::headers::{ATTEMPT_HEADER, ERROR_HEADER, REPLAYED_AFTER_ATTEMPTS_HEADER};
+use outbox_common::amqp::{AmqpConfig, BrokerError, Doing, QueueNames, StartError};
 
-/// One dead letter, as `order-service dlq list` prints it.
+/// Why listing or replaying dead letters failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    /// No broker could be connected to, or `cancel` fired while connecting.
+    #[error(transparent)]
+    Connect(#[from] StartError),
+    /// The broker failed a call: opening a channel, reading the queue,
+    /// acking a letter.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// A letter's copy was not published and confirmed.
+    #[error(transparent)]
+    Publish(#[from] BrokerCallError),
+}
+
+/// One dead letter, as a `dlq list` command would print it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DeadLetter {
+    /// Its AMQP `message_id` (empty if the publisher set none).
     pub message_id: String,
+    /// Its AMQP `type` (empty if the publisher set none).
     pub event_type: String,
+    /// Why it was dead-lettered: the refusal or parse error of its last
+    /// attempt (cut to 1024 characters).
     pub error: String,
+    /// Failed attempts before it was dead-lettered.
     pub attempts: u32,
+    /// When it was first published (its AMQP `timestamp`), if known.
     pub published_at: Option<DateTime<Utc>>,
 }
 
@@ -29,7 +48,7 @@ pub async fn list(
     amqp: &AmqpConfig,
     queues: &QueueNames,
     limit: usize,
-) -> anyhow::Result<Vec<DeadLetter>> {
+) -> Result<Vec<DeadLetter>, DlqError> {
     list_until(amqp, queues, limit, &CancellationToken::new()).await
 }
 
@@ -39,9 +58,12 @@ pub async fn list_until(
     queues: &QueueNames,
     limit: usize,
     cancel: &CancellationToken,
-) -> anyhow::Result<Vec<DeadLetter>> {
+) -> Result<Vec<DeadLetter>, DlqError> {
     let connection = outbox_common::amqp::connect_once(amqp, "dlq list", cancel).await?;
-    let channel = connection.create_channel().await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .doing(|| "opening a channel".into())?;
     let mut letters = Vec::new();
     while letters.len() < limit && !cancel.is_cancelled() {
         let Some(got) = channel
@@ -50,7 +72,7 @@ pub async fn list_until(
                 BasicGetOptions { no_ack: false },
             )
             .await
-            .with_context(|| format!("reading {}", queues.dlq))?
+            .doing(|| format!("reading {}", queues.dlq))?
         else {
             break;
         };
@@ -86,6 +108,7 @@ pub async fn list_until(
 /// What a replay did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Replayed {
+    /// Letters moved back to the main queue.
     pub moved: usize,
     /// Letters left in the DLQ because they are older than the dedup window
     /// (or carry no timestamp to tell).
@@ -103,7 +126,7 @@ pub async fn replay(
     queues: &QueueNames,
     limit: usize,
     window: Option<std::time::Duration>,
-) -> anyhow::Result<Replayed> {
+) -> Result<Replayed, DlqError> {
     replay_until(amqp, queues, limit, window, &CancellationToken::new()).await
 }
 
@@ -119,7 +142,7 @@ pub async fn replay_until(
     limit: usize,
     window: Option<std::time::Duration>,
     cancel: &CancellationToken,
-) -> anyhow::Result<Replayed> {
+) -> Result<Replayed, DlqError> {
     let connection = outbox_common::amqp::connect_once(amqp, "dlq replay", cancel).await?;
     let mut replayed = Replayed::default();
     let steps = replay_on(&connection, queues, limit, window, &mut replayed);
@@ -142,12 +165,19 @@ async fn replay_on(
     limit: usize,
     window: Option<std::time::Duration>,
     replayed: &mut Replayed,
-) -> anyhow::Result<()> {
-    let channel = connection.create_channel().await?;
-    let publish = connection.create_channel().await?;
+) -> Result<(), DlqError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .doing(|| "opening a channel".into())?;
+    let publish = connection
+        .create_channel()
+        .await
+        .doing(|| "opening a publish channel".into())?;
     publish
         .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+        .await
+        .doing(|| "selecting confirms".into())?;
     while replayed.moved < limit {
         let Some(got) = channel
             .basic_get(
@@ -155,7 +185,7 @@ async fn replay_on(
                 BasicGetOptions { no_ack: false },
             )
             .await
-            .with_context(|| format!("reading {}", queues.dlq))?
+            .doing(|| format!("reading {}", queues.dlq))?
         else {
             break;
         };
@@ -175,7 +205,9 @@ async fn replay_on(
         }
         let properties = d.properties.clone().with_headers(headers);
         message::publish_confirmed(&publish, "", &queues.main, &d.data, properties).await?;
-        d.ack(BasicAckOptions::default()).await?;
+        d.ack(BasicAckOptions::default())
+            .await
+            .doing(|| format!("acking a letter off {}", queues.dlq))?;
         replayed.moved += 1;
     }
     let _ = channel.close(200, "replayed".into()).await;
@@ -208,11 +240,12 @@ pub async fn publish(
     queue: &str,
     body: &[u8],
     properties: lapin::BasicProperties,
-) -> anyhow::Result<()> {
+) -> Result<(), BrokerCallError> {
     if !channel.status().confirm() {
         channel
             .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+            .await
+            .doing(|| "selecting confirms".into())?;
     }
     message::publish_confirmed(channel, "", queue, body, properties).await
 }

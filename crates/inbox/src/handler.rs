@@ -29,30 +29,72 @@ pub struct Event<E> {
     pub trace_headers: serde_json::Value,
 }
 
+/// A handler's error, with whatever caused it.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Why a handler did not apply its events. The framework rolls the
 /// transaction back (the dedup rows with it) in both cases.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
     /// The events themselves are refused (a constraint, a bad value, a
-    /// business rule): retried through the delay queues, then dead-lettered.
-    /// In a batch, the events are tried again one by one, so only the
-    /// refused ones are retried.
-    #[error("{0}")]
-    Refused(String),
+    /// business rule): retried through the delay queues, then dead-lettered
+    /// with this error's text (its sources included). In a batch, the
+    /// events are tried again one by one, so only the refused ones are
+    /// retried.
+    #[error("{reason}")]
+    Refused {
+        /// Why, in a few words.
+        reason: String,
+        /// What refused them, if an error did.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// Something the handler depends on is down (Postgres, another
     /// service): the deliveries go back to their queue without using up an
     /// attempt, and come back once it is up.
-    #[error("outage: {0}")]
-    Outage(String),
+    #[error("outage: {reason}")]
+    Outage {
+        /// What is down.
+        reason: String,
+        /// The error it failed with, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
 }
 
 impl HandlerError {
+    /// A refusal of the events, for `reason`.
     pub fn refused(reason: impl std::fmt::Display) -> Self {
-        Self::Refused(reason.to_string())
+        Self::Refused {
+            reason: reason.to_string(),
+            source: None,
+        }
     }
 
+    /// An outage of something the handler depends on, named by `reason`.
     pub fn outage(reason: impl std::fmt::Display) -> Self {
-        Self::Outage(reason.to_string())
+        Self::Outage {
+            reason: reason.to_string(),
+            source: None,
+        }
+    }
+
+    /// The same error, caused by `source`.
+    ///
+    /// ```
+    /// use inbox::HandlerError;
+    ///
+    /// let io = std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer");
+    /// let error = HandlerError::outage("the points service").with_source(io);
+    /// assert_eq!(error.to_string(), "outage: the points service");
+    /// assert!(std::error::Error::source(&error).is_some());
+    /// ```
+    pub fn with_source(self, source: impl Into<BoxError>) -> Self {
+        let source = Some(source.into());
+        match self {
+            Self::Refused { reason, .. } => Self::Refused { reason, source },
+            Self::Outage { reason, .. } => Self::Outage { reason, source },
+        }
     }
 }
 
@@ -62,24 +104,61 @@ impl From<sqlx::Error> for HandlerError {
     /// read-only database leaves messages in their queue, not in the DLQ.
     fn from(error: sqlx::Error) -> Self {
         match classify(&error) {
-            ErrorKind::Refused => Self::Refused(error.to_string()),
-            _ => Self::Outage(error.to_string()),
+            ErrorKind::Refused => Self::refused("Postgres refused the events"),
+            _ => Self::outage("database"),
         }
+        .with_source(error)
     }
 }
 
 /// A consumer's side effect, run by the inbox inside ONE Postgres
 /// transaction that already holds the dedup rows of `events`: whatever it
-/// writes on `tx` (rows of its own, outbox rows with
-/// the `outbox` crate's `Table::insert_many`) commits with them, or not at all.
-/// The framework owns BEGIN, COMMIT and the ack.
+/// writes on `tx` (rows of its own, outbox rows with the `outbox` crate's
+/// `Table::insert_many`) commits with them, or not at all. The framework
+/// owns BEGIN, COMMIT and the ack.
 ///
-/// ```ignore
-/// impl Handler for Audit {
-///     type Event = MyEvent;
-///     fn subscription(&self) -> Subscription { AUDIT }
-///     async fn handle(&self, tx: &mut PgConnection, events: &[Event<MyEvent>]) -> Result<(), HandlerError> {
-///         for e in events { sqlx::query("INSERT ...").bind(e.id).execute(&mut *tx).await?; }
+/// A handler that keeps an audit trail of redeemed rewards, one row per
+/// event, and names each event's member as its conversation:
+///
+/// ```
+/// use inbox::{Event, Handler, HandlerError, Subscription};
+/// use sqlx::PgConnection;
+///
+/// #[derive(Debug, Clone, serde::Deserialize)]
+/// struct RewardRedeemed {
+///     member_id: String,
+///     reward: String,
+/// }
+///
+/// struct RedemptionAudit;
+///
+/// impl Handler for RedemptionAudit {
+///     type Event = RewardRedeemed;
+///
+///     fn subscription(&self) -> Subscription {
+///         Subscription {
+///             consumer: "redemption_audit",
+///             routing_keys: &["reward.redeemed"],
+///         }
+///     }
+///
+///     fn conversation_id(&self, event: &RewardRedeemed) -> Option<String> {
+///         Some(event.member_id.clone())
+///     }
+///
+///     async fn handle(
+///         &self,
+///         tx: &mut PgConnection,
+///         events: &[Event<RewardRedeemed>],
+///     ) -> Result<(), HandlerError> {
+///         for event in events {
+///             sqlx::query("INSERT INTO redemptions (event_id, member_id, reward) VALUES ($1, $2, $3)")
+///                 .bind(event.id)
+///                 .bind(&event.body.member_id)
+///                 .bind(&event.body.reward)
+///                 .execute(&mut *tx)
+///                 .await?;
+///         }
 ///         Ok(())
 ///     }
 /// }
@@ -93,15 +172,16 @@ pub trait Handler: Send + Sync + 'static {
     /// routing keys its queue is bound to.
     fn subscription(&self) -> Subscription;
 
-    /// What conversation an event belongs to (an order's id, say), recorded
+    /// What conversation an event belongs to (an account's id, say), recorded
     /// as `messaging.message.conversation_id` on its CONSUMER span.
     fn conversation_id(&self, _event: &Self::Event) -> Option<String> {
         None
     }
 
     /// Applies `events`: one or more, each seen for the first time by this
-    /// consumer, in delivery order. A `?` on a `sqlx::Error` classifies it
-    /// ([`HandlerError::from`]). A panic counts as a refusal of the events.
+    /// consumer, in the sequence they were delivered. A `?` on a
+    /// `sqlx::Error` classifies it ([`HandlerError::from`]). A panic counts
+    /// as a refusal of the events.
     fn handle(
         &self,
         tx: &mut PgConnection,

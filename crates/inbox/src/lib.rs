@@ -1,21 +1,105 @@
-//! The inbox: an idempotent-consumer framework, generic over the event type.
-//! For each batch of deliveries, in ONE Postgres transaction: insert their
-//! `(consumer, transaction_id)` rows into `processed_messages`
-//! (`ON CONFLICT DO NOTHING`), run the [`Handler`] on the events that were
-//! new, commit; then ack each. A refused event is retried through delay
-//! queues, then dead-lettered; an outage leaves the deliveries for
-//! redelivery; nothing is dropped. It never names a domain's types: the
-//! domain plugs in its handlers.
+//! Idempotent RabbitMQ consumers on Postgres. A [`Consumer`] takes the
+//! deliveries of one queue and, for each batch, in ONE Postgres
+//! transaction: inserts their `(consumer, transaction_id)` rows into
+//! `processed_messages` (`ON CONFLICT DO NOTHING`), runs your [`Handler`] on
+//! the events that were new, commits; then acks each. A redelivered or
+//! republished event finds its row and is acked without effect. A refused
+//! event is retried through delay queues, then dead-lettered; an outage
+//! (Postgres, the broker, something the handler needs) leaves the
+//! deliveries for redelivery; nothing is dropped. The crate never names a
+//! domain's types: the domain plugs in its handlers.
 //!
-//! - [`handler`]: the [`Handler`] trait, [`Event`] and [`HandlerError`].
-//! - [`transact`]: the dedup transaction.
-//! - [`settle`]: ack, retry or dead-letter each delivery by its result.
-//! - [`session`]: the consume loop, with reconnects and shutdown.
-//! - [`message`]: parsing deliveries, forwarding them, their spans.
-//! - [`dlq`]: listing and replaying dead letters.
+//! A handler crediting loyalty points, and its consumer run until Ctrl-C
+//! (the `processed_messages` table comes from [`schema::SQL`], applied by
+//! the service's migrations):
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//!
+//! use inbox::{Consumer, ConsumerConfig, Event, Handler, HandlerError, Subscription};
+//! use outbox_common::amqp::AmqpConfig;
+//! use sqlx::PgConnection;
+//! use tokio_util::sync::CancellationToken;
+//!
+//! /// Points a member earned, as the publisher serialises them.
+//! #[derive(Debug, Clone, serde::Deserialize)]
+//! #[serde(rename_all = "camelCase")]
+//! struct PointsEarned {
+//!     member_id: String,
+//!     points: i64,
+//! }
+//!
+//! /// Credits each member's balance, once per event.
+//! struct Balances;
+//!
+//! impl Handler for Balances {
+//!     type Event = PointsEarned;
+//!
+//!     fn subscription(&self) -> Subscription {
+//!         Subscription {
+//!             consumer: "points_balance",
+//!             routing_keys: &["points.earned"],
+//!         }
+//!     }
+//!
+//!     async fn handle(
+//!         &self,
+//!         tx: &mut PgConnection,
+//!         events: &[Event<PointsEarned>],
+//!     ) -> Result<(), HandlerError> {
+//!         for event in events {
+//!             if event.body.points <= 0 {
+//!                 // Retried, then dead-lettered: no retry will make it valid.
+//!                 return Err(HandlerError::refused(format!(
+//!                     "{} points for {}",
+//!                     event.body.points, event.body.member_id
+//!                 )));
+//!             }
+//!             // A constraint violation refuses the events; any other
+//!             // Postgres error is an outage (`From<sqlx::Error>`).
+//!             sqlx::query(
+//!                 "INSERT INTO balances (member_id, points) VALUES ($1, $2) \
+//!                  ON CONFLICT (member_id) DO UPDATE SET points = balances.points + $2",
+//!             )
+//!             .bind(&event.body.member_id)
+//!             .bind(event.body.points)
+//!             .execute(&mut *tx)
+//!             .await?;
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), sqlx::Error> {
+//!     let pool = sqlx::PgPool::connect("postgres://postgres@localhost/loyalty").await?;
+//!     let amqp = AmqpConfig::new("amqp://guest:guest@localhost:5672/%2f")
+//!         .with_exchange("loyalty_events");
+//!     let consumer = Consumer::new(Balances, pool, amqp)
+//!         .with_config(ConsumerConfig::default().with_batch_size(16));
+//!
+//!     let cancel = CancellationToken::new();
+//!     let stop = cancel.clone();
+//!     tokio::spawn(async move {
+//!         let _ = tokio::signal::ctrl_c().await;
+//!         stop.cancel();
+//!     });
+//!     // Reconnects on its own; returns once the deliveries in hand are
+//!     // settled after the cancel.
+//!     Arc::new(consumer).run(cancel).await;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! Also here: [`dlq`], to list and replay dead letters; [`dedup_prune`], to
+//! keep the dedup table bounded; [`message`], to parse and publish messages
+//! the way the consumers do; [`ConsumerFamilies`], the consumers' metrics.
+
+#![warn(missing_docs)]
 
 mod config;
 pub mod dlq;
+mod error;
 mod handler;
 pub mod message;
 mod metrics;
@@ -34,32 +118,12 @@ use outbox_common::wake::Wake;
 use sqlx::{PgPool, SqlStr};
 
 pub use config::ConsumerConfig;
-pub use handler::{Event, Handler, HandlerError};
+pub use error::InboxError;
+pub use handler::{BoxError, Event, Handler, HandlerError};
 pub use metrics::{ConsumerFamilies, ConsumerMetrics};
 pub use outbox_common::amqp::Subscription;
-pub use settle::Outcome;
-pub use transact::Applied;
-
-/// An infrastructure failure while handling deliveries (Postgres, the
-/// broker, a handler's outage): the deliveries are left for redelivery
-/// without using up an attempt.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum InboxError {
-    #[error("outage: {0}")]
-    Outage(String),
-    #[error("broker: {0}")]
-    Broker(String),
-}
-
-impl InboxError {
-    fn database(error: sqlx::Error) -> Self {
-        Self::Outage(format!("database: {error}"))
-    }
-
-    fn broker(error: anyhow::Error) -> Self {
-        Self::Broker(format!("{error:#}"))
-    }
-}
+pub use settle::{Outcome, Settled};
+pub use transact::{Applied, Results};
 
 /// One consumer: a handler, its queues and its connections.
 pub struct Consumer<H> {
@@ -69,8 +133,8 @@ pub struct Consumer<H> {
     config: ConsumerConfig,
     queues: QueueNames,
     metrics: ConsumerMetrics,
-    /// Signalled after a commit that handled new events, so a relay (or a
-    /// mailer) in this process sends the outbox rows a handler wrote at once.
+    /// Signalled after a commit that handled new events, so a relay in this
+    /// process sends the outbox rows a handler wrote at once.
     wakes: Vec<Wake>,
     /// True while a session is subscribed to the queue (for `/readyz`).
     subscribed: Flag,
@@ -145,14 +209,25 @@ impl<H: Handler> Consumer<H> {
 /// `processed_messages` index on `(consumer, processed_at)` keeps it a
 /// range scan). A redelivery of a message older than that would be
 /// applied again: keep it longer than any message can wait in a queue.
+///
+/// ```
+/// use std::time::Duration;
+///
+/// // Pruned in batches of 500 by the service's retention task.
+/// let prune = inbox::dedup_prune("points_balance", Duration::from_secs(7 * 24 * 3600))
+///     .with_batch(500);
+/// # let _ = prune;
+/// ```
 pub fn dedup_prune(consumer: &'static str, retention: Duration) -> Prune {
     Prune::new(
         "dedup rows",
+        // No sort: every expired row goes in the end, so any batch of them
+        // will do, and the index scan bounds the work either way.
         SqlStr::from_static(
             "DELETE FROM processed_messages WHERE (consumer, transaction_id) IN ( \
              SELECT consumer, transaction_id FROM processed_messages \
              WHERE consumer = $3 AND processed_at < now() - make_interval(secs => $1) \
-             ORDER BY processed_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+             LIMIT $2 FOR UPDATE SKIP LOCKED)",
         ),
         retention,
     )

@@ -1,7 +1,6 @@
 //! Reading a delivery (id, event type, body, attempt count, trace context)
 //! and forwarding it to a delay queue or the dead-letter queue.
 
-use anyhow::Context;
 use lapin::message::Delivery;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -13,6 +12,7 @@ use uuid::Uuid;
 use outbox_common::amqp::headers::{
     ATTEMPT_HEADER, ERROR_HEADER, ORIGIN_HEADER, PUBLISHED_AT_HEADER,
 };
+use outbox_common::amqp::{BrokerError, Doing};
 use outbox_common::propagation;
 
 /// The longest any single broker call (ack, publish, confirm) may take. On a
@@ -20,15 +20,54 @@ use outbox_common::propagation;
 /// counts as failed and the message is left for redelivery.
 pub const AMQP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Why a broker call on a message (an ack, a publish, its confirm) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerCallError {
+    /// The broker or the connection failed the call.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The ack got no answer within [`AMQP_TIMEOUT`].
+    #[error("ack timed out")]
+    AckTimedOut(#[source] tokio::time::error::Elapsed),
+    /// The publish and its confirm took longer than [`AMQP_TIMEOUT`].
+    #[error("no confirm from {routing_key} in time")]
+    ConfirmTimedOut {
+        /// Where the message was published to.
+        routing_key: String,
+        /// The timeout.
+        #[source]
+        source: tokio::time::error::Elapsed,
+    },
+    /// The broker could not route the message anywhere (it was published
+    /// mandatory) and returned it.
+    #[error("{routing_key} returned the message: {reply_code} {reply_text}")]
+    Returned {
+        /// Where the message was published to.
+        routing_key: String,
+        /// The broker's reply code (`312 NO_ROUTE`, say).
+        reply_code: u16,
+        /// The broker's reply text.
+        reply_text: String,
+    },
+    /// The broker did not take the message (a nack).
+    #[error("{routing_key} did not confirm the message: {confirmation}")]
+    NotConfirmed {
+        /// Where the message was published to.
+        routing_key: String,
+        /// The broker's answer, as lapin prints it.
+        confirmation: String,
+    },
+}
+
 /// Acks a delivery, bounded by [`AMQP_TIMEOUT`].
-pub async fn ack(delivery: &Delivery) -> anyhow::Result<()> {
+pub async fn ack(delivery: &Delivery) -> Result<(), BrokerCallError> {
     tokio::time::timeout(
         AMQP_TIMEOUT,
         delivery.ack(lapin::options::BasicAckOptions::default()),
     )
     .await
-    .context("ack timed out")?
-    .context("acking")?;
+    .map_err(BrokerCallError::AckTimedOut)?
+    .doing(|| "acking".into())?;
     Ok(())
 }
 
@@ -36,18 +75,28 @@ pub async fn ack(delivery: &Delivery) -> anyhow::Result<()> {
 /// context, which comes from the span opened for it.
 #[derive(Debug, Clone)]
 pub struct Parsed<E> {
+    /// The dedup key: `message_id`, or the body's `transactionId`.
     pub id: Uuid,
+    /// The AMQP `type`, or the routing key where the publisher set none.
     pub event_type: String,
+    /// The body, deserialized.
     pub body: E,
+    /// Failed attempts before this delivery (0 on the first).
     pub attempt: u32,
 }
 
+/// Why a delivery could not be read: such a delivery goes straight to the
+/// dead-letter queue, since no retry can change its bytes.
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
+    /// The body is not JSON of the handler's event type.
     #[error("body does not match the event type: {0}")]
     Body(#[from] serde_json::Error),
+    /// The `message_id` property is set but is not a UUID.
     #[error("message_id {0:?} is not a UUID")]
     MessageId(String),
+    /// Neither a `message_id` nor a `transactionId` in the body gives the
+    /// dedup key.
     #[error("no message_id, and no transactionId in the body")]
     NoId,
 }
@@ -96,6 +145,7 @@ pub fn attempt(delivery: &Delivery) -> u32 {
         .unwrap_or(0)
 }
 
+/// The header `name`, if the message has it.
 pub fn header<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<&'a AMQPValue> {
     headers?.inner().get(&ShortString::from(name))
 }
@@ -118,7 +168,7 @@ pub async fn forward(
     queue: &str,
     attempt: u32,
     error: &str,
-) -> anyhow::Result<()> {
+) -> Result<(), BrokerCallError> {
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     headers.insert(
         ATTEMPT_HEADER.into(),
@@ -144,7 +194,7 @@ pub async fn publish_confirmed(
     routing_key: &str,
     body: &[u8],
     properties: BasicProperties,
-) -> anyhow::Result<()> {
+) -> Result<(), BrokerCallError> {
     let publish = channel.basic_publish(
         exchange.into(),
         routing_key.into(),
@@ -158,26 +208,32 @@ pub async fn publish_confirmed(
     let confirm = tokio::time::timeout(AMQP_TIMEOUT, async {
         publish
             .await
-            .with_context(|| format!("publishing to {routing_key}"))?
+            .doing(|| format!("publishing to {routing_key}"))?
             .await
-            .with_context(|| format!("waiting for the confirm from {routing_key}"))
+            .doing(|| format!("waiting for the confirm from {routing_key}"))
     })
     .await
-    .with_context(|| format!("no confirm from {routing_key} in time"))??;
+    .map_err(|source| BrokerCallError::ConfirmTimedOut {
+        routing_key: routing_key.to_owned(),
+        source,
+    })??;
     match confirm {
         Confirmation::Ack(None) => Ok(()),
-        Confirmation::Ack(Some(returned)) => anyhow::bail!(
-            "{routing_key} returned the message: {} {}",
-            returned.reply_code,
-            returned.reply_text
-        ),
-        other => anyhow::bail!("{routing_key} did not confirm the message: {other:?}"),
+        Confirmation::Ack(Some(returned)) => Err(BrokerCallError::Returned {
+            routing_key: routing_key.to_owned(),
+            reply_code: returned.reply_code,
+            reply_text: returned.reply_text.to_string(),
+        }),
+        other => Err(BrokerCallError::NotConfirmed {
+            routing_key: routing_key.to_owned(),
+            confirmation: format!("{other:?}"),
+        }),
     }
 }
 
 /// The CONSUMER span `<queue> process`, a child of the publisher's context.
-/// `attempt` and `conversation_id` (an order id, say) come from the parsed
-/// message when it parsed.
+/// `attempt` and `conversation_id` (an account's id, say) come from the
+/// parsed message when it parsed.
 pub fn process_span(
     queue: &str,
     delivery: &Delivery,

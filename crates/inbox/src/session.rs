@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -18,8 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::Consumer;
+use crate::error::report;
 use crate::handler::Handler;
 use crate::message::AMQP_TIMEOUT;
+use outbox_common::amqp::{BrokerError, Doing, StartError};
 use outbox_common::shutdown::{Backoff, sleep_or_cancel};
 
 /// How long deliveries left by an outage wait before they are requeued, so
@@ -27,6 +28,21 @@ use outbox_common::shutdown::{Backoff, sleep_or_cancel};
 const REQUEUE_PAUSE: Duration = Duration::from_millis(500);
 /// How often the dead-letter queue's depth is sampled.
 const DLQ_SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
+/// Why a session ended before `cancel`: the consumer reconnects.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Connect(#[from] StartError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("consumer was cancelled by the broker")]
+    CancelledByBroker,
+    #[error("the publish channel was closed")]
+    PublishChannelClosed,
+    #[error("consumer stream failed")]
+    Stream(#[source] lapin::Error),
+}
 
 /// The two channels of a session: deliveries come in on one, retries and
 /// dead letters go out on the other (confirm mode).
@@ -37,23 +53,23 @@ struct Channels {
 
 impl<H: Handler> Consumer<H> {
     /// Consumes until `cancel` fires, reconnecting with backoff when the
-    /// broker or Postgres goes away.
-    pub async fn run(self: Arc<Self>, cancel: CancellationToken) -> anyhow::Result<()> {
+    /// broker or Postgres goes away; returns once the deliveries in hand are
+    /// settled (or left for redelivery) and the connection is closed.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         let mut backoff = Backoff::default();
         while !cancel.is_cancelled() {
             match self.clone().session(&cancel, &mut backoff).await {
                 Ok(()) => {}
                 Err(error) if cancel.is_cancelled() => {
-                    tracing::debug!(error = format!("{error:#}"), "consumer stopped");
+                    tracing::debug!(error = report(&error), "consumer stopped");
                 }
                 Err(error) => {
-                    tracing::warn!(queue = %self.queues.main, error = format!("{error:#}"), "consumer lost its connection; reconnecting");
+                    tracing::warn!(queue = %self.queues.main, error = report(&error), "consumer lost its connection; reconnecting");
                     sleep_or_cancel(backoff.next_delay(), &cancel).await;
                 }
             }
         }
         tracing::info!(queue = %self.queues.main, "consumer stopped");
-        Ok(())
     }
 
     /// One connection's life: returns when the connection fails or on cancel.
@@ -61,7 +77,7 @@ impl<H: Handler> Consumer<H> {
         self: Arc<Self>,
         cancel: &CancellationToken,
         backoff: &mut Backoff,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), SessionError> {
         let name = format!("consumer {}", self.queues.main);
         let connection = outbox_common::amqp::connect(&self.amqp, &name, cancel).await?;
         let result = async {
@@ -84,11 +100,11 @@ impl<H: Handler> Consumer<H> {
     }
 
     /// Opens the channels and declares this consumer's queues.
-    async fn open(&self, connection: &Connection) -> anyhow::Result<Channels> {
+    async fn open(&self, connection: &Connection) -> Result<Channels, BrokerError> {
         let consume = connection
             .create_channel()
             .await
-            .context("opening the consume channel")?;
+            .doing(|| "opening the consume channel".into())?;
         let publish = outbox_common::amqp::confirm_channel(connection).await?;
         outbox_common::amqp::declare_exchange(&consume, &self.amqp).await?;
         outbox_common::amqp::declare_consumer_queues(
@@ -103,11 +119,11 @@ impl<H: Handler> Consumer<H> {
         })
     }
 
-    async fn subscribe(&self, consume: &Channel) -> anyhow::Result<Deliveries> {
+    async fn subscribe(&self, consume: &Channel) -> Result<Deliveries, BrokerError> {
         consume
             .basic_qos(self.config.prefetch(), BasicQosOptions::default())
             .await
-            .context("setting prefetch")?;
+            .doing(|| "setting prefetch".into())?;
         let deliveries = consume
             .basic_consume(
                 self.queues.main.as_str().into(),
@@ -116,7 +132,7 @@ impl<H: Handler> Consumer<H> {
                 FieldTable::default(),
             )
             .await
-            .context("starting to consume")?;
+            .doing(|| "starting to consume".into())?;
         tracing::info!(queue = %self.queues.main, "consumer started");
         Ok(deliveries)
     }
@@ -130,7 +146,7 @@ impl<H: Handler> Consumer<H> {
         deliveries: Deliveries,
         cancel: &CancellationToken,
         backoff: &mut Backoff,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), SessionError> {
         let tag = deliveries.tag();
         let mut batches = deliveries.ready_chunks(self.config.batch_size());
         let limit = Arc::new(Semaphore::new(self.config.concurrency()));
@@ -149,19 +165,17 @@ impl<H: Handler> Consumer<H> {
                 next = batches.next() => next,
             };
             let Some(items) = next else {
-                break Err(anyhow::anyhow!("consumer was cancelled by the broker"));
+                break Err(SessionError::CancelledByBroker);
             };
             // Without its publish channel no refused delivery can be
             // forwarded: start a new session rather than requeue forever.
             if !channels.publish.status().connected() {
-                break Err(anyhow::anyhow!("the publish channel was closed"));
+                break Err(SessionError::PublishChannelClosed);
             }
             // Unacked deliveries go back to the queue with a failed channel.
             let batch = match items.into_iter().collect::<Result<Vec<Delivery>, _>>() {
                 Ok(batch) => batch,
-                Err(error) => {
-                    break Err(anyhow::Error::new(error).context("consumer stream failed"));
-                }
+                Err(error) => break Err(SessionError::Stream(error)),
             };
             backoff.reset();
             let (this, publish) = (self.clone(), channels.publish.clone());

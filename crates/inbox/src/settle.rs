@@ -10,6 +10,7 @@ use lapin::message::Delivery;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::error::report;
 use crate::handler::{Event, Handler};
 use crate::message::{self, ParseError, Parsed};
 use crate::transact::Applied;
@@ -25,13 +26,33 @@ pub enum Outcome {
     /// Seen before: acked without doing anything.
     Duplicate,
     /// Refused; sent to the delay queue for attempt `attempt`.
-    Retried { attempt: u32 },
+    Retried {
+        /// The attempt the delay queue hands it back for (1 for the first
+        /// retry).
+        attempt: u32,
+    },
     /// Sent to `<queue>.dlq` (unparseable, or out of attempts).
-    DeadLettered { reason: String },
+    DeadLettered {
+        /// Why, as written into the letter's error header.
+        reason: String,
+    },
 }
 
 /// One delivery's result; `Err` leaves it for redelivery.
 pub type Settled = Result<Outcome, InboxError>;
+
+/// What the batch decided for one delivery, before it is settled.
+#[derive(Debug)]
+enum Verdict {
+    /// The delivery did not parse: it goes to the dead-letter queue.
+    Unparseable(ParseError),
+    /// The transaction gave its event's id this result; `attempt` counts the
+    /// event's failed attempts before this one.
+    Applied { attempt: u32, applied: Applied },
+    /// An outage left its event's id without a result: it waits for
+    /// redelivery.
+    Outage(InboxError),
+}
 
 impl<H: Handler> Consumer<H> {
     /// Handles deliveries to the end, their database work in ONE transaction:
@@ -60,17 +81,26 @@ impl<H: Handler> Consumer<H> {
         // the first: it is a duplicate.
         let mut seen = HashSet::new();
         let settles = parsed.into_iter().map(|(delivery, event, span)| {
-            let result = event.map(|e| {
-                let first = seen.insert(e.id);
-                let applied = match result_for(&results, e.id) {
-                    Ok(Applied::Committed) if !first => Ok(Applied::Duplicate),
-                    other => other,
-                };
-                (e.attempt, applied)
-            });
+            let verdict = match event {
+                Err(error) => Verdict::Unparseable(error),
+                Ok(e) => {
+                    let first = seen.insert(e.id);
+                    match result_for(&results, e.id) {
+                        Ok(Applied::Committed) if !first => Verdict::Applied {
+                            attempt: e.attempt,
+                            applied: Applied::Duplicate,
+                        },
+                        Ok(applied) => Verdict::Applied {
+                            attempt: e.attempt,
+                            applied,
+                        },
+                        Err(error) => Verdict::Outage(error),
+                    }
+                }
+            };
             async move {
                 let outcome = self
-                    .settle(delivery, publish, result)
+                    .settle(delivery, publish, verdict)
                     .instrument(span.clone())
                     .await;
                 self.record(&outcome, &span);
@@ -128,23 +158,19 @@ impl<H: Handler> Consumer<H> {
             Err(error) => {
                 span.record("otel.status_code", "ERROR");
                 m.requeued.inc();
+                let error = report(error);
                 tracing::warn!(parent: span, %error, "delivery left for redelivery");
             }
         }
     }
 
     /// Acks a delivery whose database work is done, or forwards it to a
-    /// delay queue or the DLQ first. `result` is the parse error, or the
-    /// event's attempt count and its id's result.
-    async fn settle(
-        &self,
-        delivery: &Delivery,
-        publish: &Channel,
-        result: Result<(u32, Result<Applied, InboxError>), ParseError>,
-    ) -> Settled {
-        let (attempt, applied) = match result {
-            Ok((attempt, applied)) => (attempt, applied?),
-            Err(error) => {
+    /// delay queue or the DLQ first, by its `verdict`.
+    async fn settle(&self, delivery: &Delivery, publish: &Channel, verdict: Verdict) -> Settled {
+        let (attempt, applied) = match verdict {
+            Verdict::Applied { attempt, applied } => (attempt, applied),
+            Verdict::Outage(error) => return Err(error),
+            Verdict::Unparseable(error) => {
                 let reason = format!("unparseable message: {error}");
                 let attempt = message::attempt(delivery);
                 self.forward(delivery, publish, &self.queues.dlq, attempt, &reason)
@@ -234,5 +260,5 @@ fn result_for(results: &super::transact::Results, id: Uuid) -> Result<Applied, I
     results
         .get(&id)
         .cloned()
-        .unwrap_or_else(|| Err(InboxError::Outage(format!("no result for event {id}"))))
+        .unwrap_or(Err(InboxError::NoResult(id)))
 }

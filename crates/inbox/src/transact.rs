@@ -5,10 +5,12 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 
 use futures_util::FutureExt;
 use uuid::Uuid;
 
+use crate::error::report;
 use crate::handler::{Event, Handler, HandlerError};
 use crate::{Consumer, InboxError};
 use outbox_common::shutdown::panic_text;
@@ -22,13 +24,28 @@ pub enum Applied {
     Committed,
     /// Its dedup row existed: nothing was done.
     Duplicate,
-    /// The handler refused it; everything was rolled back.
+    /// The handler (or Postgres) refused it; everything was rolled back.
+    /// The text says why, its causes included: the dead letter carries it.
     Refused(String),
 }
 
 /// Results by event id: an outage for an id leaves its deliveries for
 /// redelivery.
 pub type Results = HashMap<Uuid, Result<Applied, InboxError>>;
+
+/// What one dedup transaction over a batch of events did.
+#[derive(Debug)]
+enum Transacted {
+    /// Committed: the batch's dedup rows and the handler's effect on the
+    /// events first seen, whose ids are `new`.
+    Committed { new: HashSet<Uuid> },
+    /// The handler, or Postgres at the dedup insert or the commit, refused
+    /// the events: rolled back, nothing written.
+    Refused { reason: String },
+    /// Postgres or something the handler depends on is down: rolled back,
+    /// the deliveries wait for redelivery.
+    Outage(InboxError),
+}
 
 impl<H: Handler> Consumer<H> {
     /// The database half of handling `events`: ONE transaction holding their
@@ -39,15 +56,15 @@ impl<H: Handler> Consumer<H> {
     pub async fn apply_batch(&self, events: &[Event<H::Event>]) -> Results {
         let ids: HashSet<Uuid> = events.iter().map(|e| e.id).collect();
         match self.transact(events).await {
-            Ok(Ok(fresh)) => ids
+            Transacted::Committed { new } => ids
                 .into_iter()
-                .map(|id| (id, Ok(applied(fresh.contains(&id)))))
+                .map(|id| (id, Ok(applied(new.contains(&id)))))
                 .collect(),
-            Ok(Err(reason)) if ids.len() == 1 => ids
+            Transacted::Refused { reason } if ids.len() == 1 => ids
                 .into_iter()
                 .map(|id| (id, Ok(Applied::Refused(reason.clone()))))
                 .collect(),
-            Ok(Err(reason)) => {
+            Transacted::Refused { reason } => {
                 tracing::debug!(%reason, events = events.len(), "batch refused; applying one at a time");
                 let mut results = Results::new();
                 for event in events {
@@ -57,30 +74,31 @@ impl<H: Handler> Consumer<H> {
                 }
                 results
             }
-            Err(error) => ids.into_iter().map(|id| (id, Err(error.clone()))).collect(),
+            Transacted::Outage(error) => {
+                ids.into_iter().map(|id| (id, Err(error.clone()))).collect()
+            }
         }
     }
 
     /// [`Consumer::apply_batch`] for one event.
     pub async fn apply_one(&self, event: &Event<H::Event>) -> Result<Applied, InboxError> {
-        Ok(match self.transact(std::slice::from_ref(event)).await? {
-            Ok(fresh) => applied(fresh.contains(&event.id)),
-            Err(reason) => Applied::Refused(reason),
-        })
+        match self.transact(std::slice::from_ref(event)).await {
+            Transacted::Committed { new } => Ok(applied(new.contains(&event.id))),
+            Transacted::Refused { reason } => Ok(Applied::Refused(reason)),
+            Transacted::Outage(error) => Err(error),
+        }
     }
 
-    /// One transaction over `events`: `Ok(Ok(fresh ids))` once committed,
-    /// `Ok(Err(reason))` when the handler refused them and nothing was
-    /// written, `Err` on an outage.
-    async fn transact(
-        &self,
-        events: &[Event<H::Event>],
-    ) -> Result<Result<HashSet<Uuid>, String>, InboxError> {
+    /// One transaction over `events`, rolled back unless it commits.
+    async fn transact(&self, events: &[Event<H::Event>]) -> Transacted {
         let mut ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
         // Sorted, so two batches sharing ids cannot deadlock.
         ids.sort_unstable();
         ids.dedup();
-        let mut tx = self.pool.begin().await.map_err(InboxError::database)?;
+        let mut tx = match self.pool.begin().await {
+            Ok(tx) => tx,
+            Err(error) => return Transacted::Outage(InboxError::database(error)),
+        };
         let inserted = sqlx::query_scalar(
             "INSERT INTO processed_messages (consumer, transaction_id) \
              SELECT $1, id FROM unnest($2::uuid[]) AS t(id) \
@@ -90,15 +108,15 @@ impl<H: Handler> Consumer<H> {
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await;
-        let fresh: HashSet<Uuid> = match inserted {
-            Ok(fresh) => fresh.into_iter().collect(),
+        let new: HashSet<Uuid> = match inserted {
+            Ok(new) => new.into_iter().collect(),
             Err(error) => return refused_or_outage(error),
         };
         // The first copy of a new id is handed over; later copies are duplicates.
         let mut handed = HashSet::new();
         let new_events: Vec<Event<H::Event>> = events
             .iter()
-            .filter(|e| fresh.contains(&e.id) && handed.insert(e.id))
+            .filter(|e| new.contains(&e.id) && handed.insert(e.id))
             .cloned()
             .collect();
         if !new_events.is_empty() {
@@ -108,12 +126,18 @@ impl<H: Handler> Consumer<H> {
             match handled {
                 Ok(Ok(())) => {}
                 // Dropping `tx` rolls back the dedup rows with the effect.
-                Ok(Err(HandlerError::Refused(reason))) => return Ok(Err(reason)),
-                Ok(Err(HandlerError::Outage(reason))) => return Err(InboxError::Outage(reason)),
+                Ok(Err(error @ HandlerError::Refused { .. })) => {
+                    return Transacted::Refused {
+                        reason: report(&error),
+                    };
+                }
+                Ok(Err(error @ HandlerError::Outage { .. })) => {
+                    return Transacted::Outage(InboxError::Handler(Arc::new(error)));
+                }
                 Err(panic) => {
                     let reason = format!("the handler panicked: {}", panic_text(&*panic));
                     tracing::error!(consumer = self.name(), %reason);
-                    return Ok(Err(reason));
+                    return Transacted::Refused { reason };
                 }
             }
         }
@@ -124,7 +148,7 @@ impl<H: Handler> Consumer<H> {
         if !new_events.is_empty()
             && let Err(error) = sqlx::query("SELECT 1").execute(&mut *tx).await
         {
-            return Err(InboxError::database(error));
+            return Transacted::Outage(InboxError::database(error));
         }
         if let Err(error) = tx.commit().await {
             return refused_or_outage(error);
@@ -133,7 +157,7 @@ impl<H: Handler> Consumer<H> {
         if !new_events.is_empty() {
             self.wakes.iter().for_each(Wake::notify);
         }
-        Ok(Ok(fresh))
+        Transacted::Committed { new }
     }
 }
 
@@ -148,9 +172,11 @@ fn applied(fresh: bool) -> Applied {
 /// A Postgres error of the framework's own statements: a refusal of the data
 /// (a deferred constraint at commit, say) refuses the events; anything else
 /// is an outage.
-fn refused_or_outage<T>(error: sqlx::Error) -> Result<Result<T, String>, InboxError> {
+fn refused_or_outage(error: sqlx::Error) -> Transacted {
     match classify(&error) {
-        ErrorKind::Refused => Ok(Err(error.to_string())),
-        _ => Err(InboxError::database(error)),
+        ErrorKind::Refused => Transacted::Refused {
+            reason: error.to_string(),
+        },
+        _ => Transacted::Outage(InboxError::database(error)),
     }
 }

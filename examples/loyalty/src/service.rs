@@ -102,15 +102,9 @@ impl Service {
         let relay = self.relay();
         tracker.spawn(relay.run(cancel.clone()));
         let consumer = Arc::new(self.consumer(handler));
-        let (running, stop) = (consumer.clone(), cancel.clone());
-        tracker.spawn(async move {
-            // The consumer rides out outages itself; an error here is one
-            // it cannot (a refused login to the broker, say).
-            if let Err(error) = running.run(stop.clone()).await {
-                tracing::error!(%error, "the balances consumer stopped");
-                stop.cancel();
-            }
-        });
+        // The consumer rides out outages itself (it reconnects until
+        // cancelled), so it returns only on the stop.
+        tracker.spawn(consumer.clone().run(cancel.clone()));
         let prunes = vec![
             OUTBOX.prune(OUTBOX_RETENTION),
             inbox::dedup_prune(BALANCES.consumer, DEDUP_RETENTION),
