@@ -199,7 +199,7 @@ impl Roles {
         // SMTP timeout: a round in hand at shutdown ends within two of them.
         // One order's mails reach the SMTP server in their order.
         let dispatcher = Dispatcher::new(self.pool.clone(), MAILS.clone(), smtp)
-            .in_aggregate_order()
+            .in_sequence_per_aggregate()
             .with_concurrency(mail.mailer_concurrency)
             .with_wake(self.mail_wake.clone())
             .with_timeout(Duration::from_millis(mail.smtp_timeout_ms));

@@ -63,7 +63,7 @@ async fn one_aggregates_rows_are_handed_over_in_order_even_after_a_temporary_fai
     let sink = Recorder::default();
     *sink.flaky.lock().unwrap() = Some(rows[0].transaction_id);
     let dispatcher =
-        Dispatcher::new(db.pool.clone(), MAILS.clone(), sink.clone()).in_aggregate_order();
+        Dispatcher::new(db.pool.clone(), MAILS.clone(), sink.clone()).in_sequence_per_aggregate();
 
     // A's first row fails and waits for its backoff; B goes on, A waits.
     let mut rounds = Vec::new();
@@ -104,7 +104,7 @@ async fn different_aggregates_are_claimed_in_one_round() {
     let sink = Recorder::default();
     let dispatcher = Dispatcher::new(db.pool.clone(), MAILS.clone(), sink.clone())
         .with_concurrency(8)
-        .in_aggregate_order();
+        .in_sequence_per_aggregate();
 
     let round = dispatcher.run_once().await.unwrap();
 

@@ -62,8 +62,8 @@ pub struct Dispatcher<S> {
     wake: Wake,
     /// Longest one delivery may take; past it, it is retried (temporary).
     timeout: Duration,
-    /// Hands one aggregate's rows over one at a time, in their order.
-    in_aggregate_order: bool,
+    /// Hands one aggregate's rows over one at a time, in sequence.
+    in_sequence_per_aggregate: bool,
 }
 
 impl<S: Sink> Dispatcher<S> {
@@ -80,17 +80,17 @@ impl<S: Sink> Dispatcher<S> {
             poll: Duration::from_secs(1),
             wake: Wake::default(),
             timeout: Duration::from_secs(30),
-            in_aggregate_order: false,
+            in_sequence_per_aggregate: false,
         }
     }
 
-    /// Hands one aggregate's rows to the sink one at a time, in their
-    /// order: a row is delivered only after every earlier row of its
+    /// Hands one aggregate's rows to the sink one at a time, in sequence:
+    /// a row is delivered only after every earlier row of its
     /// aggregate was accepted (or given up on); different aggregates are
     /// still delivered in parallel
-    /// ([`Table::claim_due_in_aggregate_order`]).
-    pub fn in_aggregate_order(mut self) -> Self {
-        self.in_aggregate_order = true;
+    /// ([`Table::claim_due_in_sequence`]).
+    pub fn in_sequence_per_aggregate(mut self) -> Self {
+        self.in_sequence_per_aggregate = true;
         self
     }
 
@@ -130,10 +130,8 @@ impl<S: Sink> Dispatcher<S> {
     /// each by its own result, commit.
     pub async fn run_once(&self) -> sqlx::Result<Delivered> {
         let mut tx = self.pool.begin().await?;
-        let rows = if self.in_aggregate_order {
-            let claim = self
-                .table
-                .claim_due_in_aggregate_order(&mut tx, self.batch_size);
+        let rows = if self.in_sequence_per_aggregate {
+            let claim = self.table.claim_due_in_sequence(&mut tx, self.batch_size);
             claim.await?
         } else {
             self.table.claim_due(&mut tx, self.batch_size).await?

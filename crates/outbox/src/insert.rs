@@ -5,10 +5,10 @@
 //! aggregate: the last sequence number given, the latest number of each
 //! event type (`last_by_type`), and that map as it was before the last
 //! write (`prev_by_type`). One statement upserts the counters of the
-//! batch's aggregates, in key order, and holds their row locks until the
+//! batch's aggregates, sorted by key, and holds their row locks until the
 //! writer's transaction ends: a second writer of the same aggregate waits,
-//! so for one aggregate the order of the commits is the order of the
-//! numbers, which a `bigserial` is not. Each row gets its number and its
+//! so for one aggregate the commits follow one another as the numbers
+//! do, which a `bigserial` is not. Each row gets its number and its
 //! `previous` map (for each event type, the number of the latest earlier
 //! event of that type in the aggregate), from which a consumer bound to
 //! some of the types finds the event it must wait for.

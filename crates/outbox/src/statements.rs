@@ -10,7 +10,7 @@ use crate::insert;
 pub(crate) struct Statements {
     pub(crate) insert: SqlStr,
     pub(crate) claim: SqlStr,
-    pub(crate) claim_in_aggregate_order: SqlStr,
+    pub(crate) claim_in_sequence: SqlStr,
     pub(crate) published: SqlStr,
     pub(crate) failed: SqlStr,
     pub(crate) given_up: SqlStr,
@@ -37,7 +37,7 @@ impl Statements {
             // earlier row of its aggregate is pending (due later, or being
             // sent by another dispatcher: locked, but visible); a row given
             // up on holds nothing back.
-            claim_in_aggregate_order: sql(format!(
+            claim_in_sequence: sql(format!(
                 "SELECT id, transaction_id, aggregate_type, aggregate_id, event_type, \
                    payload::text AS payload, headers, created_at, attempts, seq, previous \
                  FROM {name} AS o WHERE published_at IS NULL AND next_attempt_at <= now() \

@@ -139,15 +139,15 @@ impl Table {
     /// [`Table::claim_due`], taking of each aggregate only its first pending
     /// row, and only when no earlier row of it is pending: a sink that
     /// delivers each claimed row before the next claim then hands one
-    /// aggregate's rows over in their order (the rows of a handler that
+    /// aggregate's rows over in sequence (the rows of a handler that
     /// wrote them in sequence), one at a time, while different aggregates
     /// go in parallel. A row given up on holds back nothing.
-    pub async fn claim_due_in_aggregate_order(
+    pub async fn claim_due_in_sequence(
         &self,
         conn: &mut PgConnection,
         limit: i64,
     ) -> sqlx::Result<Vec<OutboxRow>> {
-        sqlx::query_as(self.sql.claim_in_aggregate_order.clone())
+        sqlx::query_as(self.sql.claim_in_sequence.clone())
             .bind(limit)
             .fetch_all(conn)
             .await
