@@ -64,7 +64,9 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             mail,
             auth,
         } => {
-            let (amqp, relay, consumer) = (amqp.config(), relay.config(), consumer.config());
+            let (amqp, relay) = (amqp.config(), relay.config());
+            // An event held for its predecessor is dead-lettered past the dedup window.
+            let consumer = consumer.config().with_hold_limit(retention.dedup());
             retention.check(&amqp).map_err(anyhow::Error::msg)?;
             // Before connecting: a bad key or mail setting stops the process at once.
             let auth = Authenticator::from_config(&auth)?;
@@ -82,6 +84,7 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
                 EVENTS.prune(relay.retention()),
                 retention::idempotency_keys(retention.idempotency_keys()),
                 inbox::dedup_prune(ConsumerKind::Email.name(), dedup),
+                inbox::sequence_prune(ConsumerKind::Email.name(), dedup),
                 inbox::dedup_prune(ConsumerKind::Billing.name(), dedup),
                 MAILS.prune(mail.retention()),
             ];
@@ -136,7 +139,8 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             retention,
             mail,
         } => {
-            let (amqp, consumer) = (amqp.config(), consumer.config());
+            let amqp = amqp.config();
+            let consumer = consumer.config().with_hold_limit(retention.dedup());
             retention.check(&amqp).map_err(anyhow::Error::msg)?;
             if which == ConsumerKind::Email {
                 crate::orders::mailer::check(&mail)?;
@@ -147,7 +151,10 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             // Billing writes order.confirmed rows: wake the relay elsewhere.
             roles.start_notify_forwarder();
             let mailer = which == ConsumerKind::Email && mail.smtp_url.is_some();
-            let mut prunes = vec![inbox::dedup_prune(which.name(), retention.dedup())];
+            let mut prunes = vec![
+                inbox::dedup_prune(which.name(), retention.dedup()),
+                inbox::sequence_prune(which.name(), retention.dedup()),
+            ];
             if mailer {
                 prunes.push(MAILS.prune(mail.retention()));
             }

@@ -57,6 +57,11 @@ pub struct MailConfig {
     /// Unset: none.
     #[arg(long, env = "EMAIL_POISON_PRODUCT")]
     pub email_poison_product: Option<String>,
+    /// Whether the e-mail consumer applies one order's events in sequence
+    /// (holding one that comes before its predecessor); `false` applies
+    /// them as they arrive (to measure what the order costs).
+    #[arg(long, env = "EMAIL_IN_SEQUENCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub email_in_sequence: bool,
 }
 
 impl MailConfig {
@@ -77,6 +82,7 @@ impl Default for MailConfig {
             mail_retention_secs: WEEK_SECS,
             email_failure_rate: 0.0,
             email_poison_product: None,
+            email_in_sequence: true,
         }
     }
 }

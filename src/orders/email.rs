@@ -24,6 +24,10 @@ pub struct Email {
     pub poison_product: Option<String>,
     /// With the mailer on: mails go to `<userId>@<this domain>`.
     pub recipient_domain: Option<String>,
+    /// Applies one order's events in sequence (`EMAIL_IN_SEQUENCE`, on by
+    /// default): "Payment confirmed" is never written, nor mailed, before
+    /// "Order received".
+    pub in_sequence: bool,
 }
 
 /// One e-mail: its subject and body.
@@ -67,6 +71,10 @@ impl Handler for Email {
 
     fn conversation_id(&self, event: &OrderEvent) -> Option<String> {
         Some(event.order_id.to_string())
+    }
+
+    fn ordered(&self) -> bool {
+        self.in_sequence
     }
 
     async fn handle(
@@ -186,6 +194,7 @@ mod tests {
             body,
             attempt: 0,
             trace_headers: serde_json::Value::Null,
+            sequence: None,
         }
     }
 

@@ -182,6 +182,7 @@ impl Roles {
                     failure_rate: mail.email_failure_rate,
                     poison_product: mail.email_poison_product.clone(),
                     recipient_domain: mailer.as_ref().map(|_| mail.email_recipient_domain.clone()),
+                    in_sequence: mail.email_in_sequence,
                 };
                 self.start_handler(handler, amqp, config);
                 if let Some(smtp) = mailer {

@@ -675,6 +675,7 @@ async fn a_consumer_killed_before_its_ack_gets_the_message_again_and_charges_onc
         body: parsed.body,
         attempt: parsed.attempt,
         trace_headers: serde_json::json!({}),
+        sequence: None,
     };
     let applied = billing.apply_one(&incoming).await.unwrap();
     assert_eq!(applied, Applied::Committed);

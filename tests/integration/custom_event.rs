@@ -370,6 +370,7 @@ async fn a_batch_whose_handler_panics_on_one_event_commits_the_others() {
                 body,
                 attempt: 0,
                 trace_headers: serde_json::json!({}),
+                sequence: None,
             }
         })
         .collect();

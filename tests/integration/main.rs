@@ -12,6 +12,7 @@ mod custom_event;
 mod dispatch;
 mod e2e;
 mod helpers;
+mod in_sequence;
 mod openapi;
 mod probes;
 mod proxy;

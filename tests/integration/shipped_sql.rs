@@ -79,7 +79,13 @@ async fn the_shipped_sql_makes_the_tables_the_migrations_make() {
         .await
         .unwrap();
 
-    for table in ["outbox", "outbox_aggregates", "processed_messages"] {
+    for table in [
+        "outbox",
+        "outbox_aggregates",
+        "processed_messages",
+        "inbox_aggregates",
+        "inbox_held",
+    ] {
         let (want, got) = (
             shape(&migrated.pool, table).await,
             shape(&shipped, table).await,

@@ -1,5 +1,7 @@
 //! A consumer's settings, and their defaults.
 
+use std::time::Duration;
+
 /// How a [`Consumer`](crate::Consumer) takes deliveries. `Default` gives a
 /// prefetch of 128, 4 transactions at once and up to 64 deliveries in one.
 ///
@@ -15,6 +17,7 @@ pub struct ConsumerConfig {
     prefetch: u16,
     concurrency: usize,
     batch_size: usize,
+    hold_limit: Duration,
 }
 
 impl Default for ConsumerConfig {
@@ -23,6 +26,7 @@ impl Default for ConsumerConfig {
             prefetch: 128,
             concurrency: 4,
             batch_size: 64,
+            hold_limit: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -46,6 +50,19 @@ impl ConsumerConfig {
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {
         self.batch_size = batch_size.max(1);
         self
+    }
+
+    /// How long an ordered handler's event may wait for its predecessor
+    /// before it goes to the dead-letter queue (keep it to the dedup
+    /// window: a week by default).
+    pub fn with_hold_limit(mut self, limit: Duration) -> Self {
+        self.hold_limit = limit;
+        self
+    }
+
+    /// The hold limit.
+    pub fn hold_limit(&self) -> Duration {
+        self.hold_limit
     }
 
     /// The prefetch.

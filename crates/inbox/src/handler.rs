@@ -7,6 +7,7 @@ use serde::de::DeserializeOwned;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::sequence::Sequence;
 use outbox_common::amqp::Subscription;
 use outbox_common::sqlstate::{ErrorKind, classify};
 
@@ -27,6 +28,9 @@ pub struct Event<E> {
     /// `outbox.headers` stores it: an outbox row written for this event with
     /// these headers joins the same trace.
     pub trace_headers: serde_json::Value,
+    /// Its place in its aggregate's history, when its outbox numbers its
+    /// events: what an ordered handler's events are applied by.
+    pub sequence: Option<Sequence>,
 }
 
 /// A handler's error, with whatever caused it.
@@ -176,6 +180,16 @@ pub trait Handler: Send + Sync + 'static {
     /// as `messaging.message.conversation_id` on its CONSUMER span.
     fn conversation_id(&self, _event: &Self::Event) -> Option<String> {
         None
+    }
+
+    /// Whether this handler applies one aggregate's events in sequence
+    /// (the outbox must number them: `outbox::Table::with_sequences`): an
+    /// event that arrives before its predecessor (the latest earlier event
+    /// of its aggregate of a type this consumer takes) is held in Postgres
+    /// until that one is applied; other aggregates flow meanwhile. `false`
+    /// by default: events are applied as they arrive, at the fastest.
+    fn ordered(&self) -> bool {
+        false
     }
 
     /// Applies `events`: one or more, each seen for the first time by this

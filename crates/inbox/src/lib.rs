@@ -101,9 +101,13 @@ mod config;
 pub mod dlq;
 mod error;
 mod handler;
+mod held;
+mod hold;
 pub mod message;
 mod metrics;
+mod release;
 pub mod schema;
+mod sequence;
 mod session;
 mod settle;
 mod transact;
@@ -122,6 +126,7 @@ pub use error::InboxError;
 pub use handler::{BoxError, Event, Handler, HandlerError};
 pub use metrics::{ConsumerFamilies, ConsumerMetrics};
 pub use outbox_common::amqp::Subscription;
+pub use sequence::{Sequence, topic_matches};
 pub use settle::{Outcome, Settled};
 pub use transact::{Applied, Results};
 
@@ -140,6 +145,9 @@ pub struct Consumer<H> {
     subscribed: Flag,
     /// Held while a delivery is forwarded to a delay queue or the DLQ.
     forwarding: tokio::sync::Mutex<()>,
+    /// Signalled after a commit moved an aggregate on: its held events may
+    /// go ([`Handler::ordered`]).
+    release: tokio::sync::Notify,
 }
 
 impl<H: Handler> Consumer<H> {
@@ -157,6 +165,7 @@ impl<H: Handler> Consumer<H> {
             wakes: Vec::new(),
             subscribed: Flag::default(),
             forwarding: tokio::sync::Mutex::new(()),
+            release: tokio::sync::Notify::new(),
         }
     }
 
@@ -228,6 +237,26 @@ pub fn dedup_prune(consumer: &'static str, retention: Duration) -> Prune {
              SELECT consumer, transaction_id FROM processed_messages \
              WHERE consumer = $3 AND processed_at < now() - make_interval(secs => $1) \
              LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        ),
+        retention,
+    )
+    .with_key(consumer)
+}
+
+/// The pruning of `consumer`'s per-aggregate places ([`Handler::ordered`])
+/// not moved on for `retention`, unless the aggregate has held events:
+/// keep it to the dedup window. An aggregate pruned and written to again
+/// starts afresh, its first event new having no predecessor to wait for.
+pub fn sequence_prune(consumer: &'static str, retention: Duration) -> Prune {
+    Prune::new(
+        "per-aggregate places",
+        SqlStr::from_static(
+            "DELETE FROM inbox_aggregates AS a WHERE (consumer, aggregate_type, aggregate_id) IN ( \
+             SELECT consumer, aggregate_type, aggregate_id FROM inbox_aggregates \
+             WHERE consumer = $3 AND updated_at < now() - make_interval(secs => $1) \
+             LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             AND NOT EXISTS (SELECT 1 FROM inbox_held h WHERE h.consumer = a.consumer \
+               AND h.aggregate_type = a.aggregate_type AND h.aggregate_id = a.aggregate_id)",
         ),
         retention,
     )

@@ -12,6 +12,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct QueueLabel {
     queue: String,
@@ -32,6 +34,9 @@ pub struct ConsumerFamilies {
     handling: Histograms,
     event_age: Histograms,
     dead_letters: Family<QueueLabel, Gauge>,
+    held: Family<QueueLabel, Counter>,
+    held_events: Family<QueueLabel, Gauge>,
+    held_oldest: Family<QueueLabel, FloatGauge>,
 }
 
 impl Default for ConsumerFamilies {
@@ -47,6 +52,9 @@ impl Default for ConsumerFamilies {
             handling: Family::new_with_constructor(latency_histogram),
             event_age: Family::new_with_constructor(latency_histogram),
             dead_letters: Family::default(),
+            held: Family::default(),
+            held_events: Family::default(),
+            held_oldest: Family::default(),
         }
     }
 }
@@ -101,6 +109,21 @@ impl ConsumerFamilies {
             "Messages in a dead-letter queue, sampled",
             this.dead_letters.clone(),
         );
+        r.register(
+            "consumer_held",
+            "Deliveries that came before their predecessor and were held",
+            this.held.clone(),
+        );
+        r.register(
+            "inbox_held_events",
+            "Events held waiting for their predecessor, sampled",
+            this.held_events.clone(),
+        );
+        r.register(
+            "inbox_held_oldest_age_seconds",
+            "Age of the oldest held event, sampled",
+            this.held_oldest.clone(),
+        );
         this
     }
 
@@ -119,6 +142,9 @@ impl ConsumerFamilies {
             handling: self.handling.get_or_create(&label).clone(),
             event_age: self.event_age.get_or_create(&label).clone(),
             dead_letters: self.dead_letters.get_or_create(&label).clone(),
+            held: self.held.get_or_create(&label).clone(),
+            held_events: self.held_events.get_or_create(&label).clone(),
+            held_oldest: self.held_oldest.get_or_create(&label).clone(),
         }
     }
 }
@@ -144,4 +170,10 @@ pub struct ConsumerMetrics {
     pub event_age: Histogram,
     /// Messages in the consumer's dead-letter queue, sampled.
     pub dead_letters: Gauge,
+    /// Deliveries that came before their predecessor and were held.
+    pub held: Counter,
+    /// Events held now, sampled.
+    pub held_events: Gauge,
+    /// Age of the oldest held event in seconds, sampled.
+    pub held_oldest: FloatGauge,
 }

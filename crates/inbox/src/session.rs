@@ -155,6 +155,10 @@ impl<H: Handler> Consumer<H> {
         if let Ok(channel) = connection.create_channel().await {
             tracker.spawn(self.clone().sample_dead_letters(channel, sampling.clone()));
         }
+        if self.handler.ordered() {
+            let publish = channels.publish.clone();
+            tracker.spawn(self.clone().release_held(publish, sampling.clone()));
+        }
         let result = loop {
             let permit = tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),

@@ -12,7 +12,9 @@ use uuid::Uuid;
 
 use crate::error::report;
 use crate::handler::{Event, Handler};
+use crate::hold::Raw;
 use crate::message::{self, ParseError, Parsed};
+use crate::sequence::Sequence;
 use crate::transact::Applied;
 use crate::{Consumer, InboxError};
 use outbox_common::amqp::headers::WRITTEN_AT_HEADER;
@@ -25,6 +27,8 @@ pub enum Outcome {
     Processed,
     /// Seen before: acked without doing anything.
     Duplicate,
+    /// Came before its predecessor: held in Postgres, then acked.
+    Held,
     /// Refused; sent to the delay queue for attempt `attempt`.
     Retried {
         /// The attempt the delay queue hands it back for (1 for the first
@@ -76,7 +80,17 @@ impl<H: Handler> Consumer<H> {
             .iter()
             .filter_map(|(_, event, _)| event.as_ref().ok().cloned())
             .collect();
-        let results = self.apply_batch(&events).await;
+        let raw: HashMap<Uuid, Raw> = if self.handler.ordered() {
+            parsed
+                .iter()
+                .filter_map(|(delivery, event, _)| {
+                    Some((event.as_ref().ok()?.id, Raw::of(delivery)))
+                })
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        let results = self.apply_batch_holding(&events, &raw).await;
         // A second copy of an id in the batch found its effect committed by
         // the first: it is a duplicate.
         let mut seen = HashSet::new();
@@ -124,12 +138,19 @@ impl<H: Handler> Consumer<H> {
             Err(_) => (message::attempt(delivery), None),
         };
         let span = message::process_span(&self.queues.main, delivery, attempt, conversation);
+        let sequence = if self.handler.ordered() {
+            let keys = self.handler.subscription().routing_keys;
+            Sequence::read(delivery.properties.headers().as_ref(), keys)
+        } else {
+            None
+        };
         let event = parsed.map(|p| Event {
             id: p.id,
             event_type: p.event_type,
             body: p.body,
             attempt: p.attempt,
             trace_headers: propagation::span_context_headers(&span),
+            sequence,
         });
         (event, span)
     }
@@ -145,6 +166,9 @@ impl<H: Handler> Consumer<H> {
                     }
                     Outcome::Duplicate => {
                         m.duplicates.inc();
+                    }
+                    Outcome::Held => {
+                        m.held.inc();
                     }
                     Outcome::Retried { .. } => {
                         m.retried.inc();
@@ -184,6 +208,7 @@ impl<H: Handler> Consumer<H> {
                 self.ack(delivery, Outcome::Processed).await
             }
             Applied::Duplicate => self.ack(delivery, Outcome::Duplicate).await,
+            Applied::Held => self.ack(delivery, Outcome::Held).await,
             Applied::Refused(reason) => {
                 self.retry_or_dead_letter(delivery, publish, attempt, reason)
                     .await

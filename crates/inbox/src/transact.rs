@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::error::report;
 use crate::handler::{Event, Handler, HandlerError};
+use crate::hold::{self, Raw, SortedOut};
 use crate::{Consumer, InboxError};
 use outbox_common::shutdown::panic_text;
 use outbox_common::sqlstate::{ErrorKind, classify};
@@ -24,6 +25,9 @@ pub enum Applied {
     Committed,
     /// Its dedup row existed: nothing was done.
     Duplicate,
+    /// An ordered handler's event whose predecessor is not applied yet:
+    /// held in Postgres (committed), to be applied after it.
+    Held,
     /// The handler (or Postgres) refused it; everything was rolled back.
     /// The text says why, its causes included: the dead letter carries it.
     Refused(String),
@@ -38,7 +42,10 @@ pub type Results = HashMap<Uuid, Result<Applied, InboxError>>;
 enum Transacted {
     /// Committed: the batch's dedup rows and the handler's effect on the
     /// events first seen, whose ids are `new`.
-    Committed { new: HashSet<Uuid> },
+    Committed {
+        new: HashSet<Uuid>,
+        held: HashSet<Uuid>,
+    },
     /// The handler, or Postgres at the dedup insert or the commit, refused
     /// the events: rolled back, nothing written.
     Refused { reason: String },
@@ -54,11 +61,21 @@ impl<H: Handler> Consumer<H> {
     /// own, so only the refused ones fail. Two copies of one id in a batch
     /// are applied once (the result is the id's).
     pub async fn apply_batch(&self, events: &[Event<H::Event>]) -> Results {
+        self.apply_batch_holding(events, &HashMap::new()).await
+    }
+
+    /// [`Consumer::apply_batch`], with what the deliveries carried, for an
+    /// ordered handler to hold an event that comes before its predecessor.
+    pub(crate) async fn apply_batch_holding(
+        &self,
+        events: &[Event<H::Event>],
+        raw: &HashMap<Uuid, Raw>,
+    ) -> Results {
         let ids: HashSet<Uuid> = events.iter().map(|e| e.id).collect();
-        match self.transact(events).await {
-            Transacted::Committed { new } => ids
+        match self.transact(events, raw).await {
+            Transacted::Committed { new, held } => ids
                 .into_iter()
-                .map(|id| (id, Ok(applied(new.contains(&id)))))
+                .map(|id| (id, Ok(applied(new.contains(&id), held.contains(&id)))))
                 .collect(),
             Transacted::Refused { reason } if ids.len() == 1 => ids
                 .into_iter()
@@ -69,7 +86,7 @@ impl<H: Handler> Consumer<H> {
                 let mut results = Results::new();
                 for event in events {
                     if let Entry::Vacant(slot) = results.entry(event.id) {
-                        slot.insert(self.apply_one(event).await);
+                        slot.insert(self.apply_one_holding(event, raw).await);
                     }
                 }
                 results
@@ -82,15 +99,25 @@ impl<H: Handler> Consumer<H> {
 
     /// [`Consumer::apply_batch`] for one event.
     pub async fn apply_one(&self, event: &Event<H::Event>) -> Result<Applied, InboxError> {
-        match self.transact(std::slice::from_ref(event)).await {
-            Transacted::Committed { new } => Ok(applied(new.contains(&event.id))),
+        self.apply_one_holding(event, &HashMap::new()).await
+    }
+
+    async fn apply_one_holding(
+        &self,
+        event: &Event<H::Event>,
+        raw: &HashMap<Uuid, Raw>,
+    ) -> Result<Applied, InboxError> {
+        match self.transact(std::slice::from_ref(event), raw).await {
+            Transacted::Committed { new, held } => {
+                Ok(applied(new.contains(&event.id), held.contains(&event.id)))
+            }
             Transacted::Refused { reason } => Ok(Applied::Refused(reason)),
             Transacted::Outage(error) => Err(error),
         }
     }
 
     /// One transaction over `events`, rolled back unless it commits.
-    async fn transact(&self, events: &[Event<H::Event>]) -> Transacted {
+    async fn transact(&self, events: &[Event<H::Event>], raw: &HashMap<Uuid, Raw>) -> Transacted {
         let mut ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
         // Sorted, so two batches sharing ids cannot deadlock.
         ids.sort_unstable();
@@ -114,11 +141,23 @@ impl<H: Handler> Consumer<H> {
         };
         // The first copy of a new id is handed over; later copies are duplicates.
         let mut handed = HashSet::new();
-        let new_events: Vec<Event<H::Event>> = events
+        let mut new_events: Vec<Event<H::Event>> = events
             .iter()
             .filter(|e| new.contains(&e.id) && handed.insert(e.id))
             .cloned()
             .collect();
+        // An ordered handler's events wait for their predecessor.
+        let sorted = if self.handler.ordered() && !new_events.is_empty() {
+            match self.sort_out(&mut tx, &new_events, raw).await {
+                Ok((sorted, apply)) => {
+                    new_events = apply;
+                    Some(sorted)
+                }
+                Err(error) => return refused_or_outage(error),
+            }
+        } else {
+            None
+        };
         if !new_events.is_empty() {
             let handled = AssertUnwindSafe(self.handler.handle(&mut tx, &new_events))
                 .catch_unwind()
@@ -150,6 +189,11 @@ impl<H: Handler> Consumer<H> {
         {
             return Transacted::Outage(InboxError::database(error));
         }
+        if let Some(sorted) = &sorted
+            && let Err(error) = hold::advance(&mut tx, self.name(), sorted).await
+        {
+            return refused_or_outage(error);
+        }
         if let Err(error) = tx.commit().await {
             return refused_or_outage(error);
         }
@@ -157,15 +201,20 @@ impl<H: Handler> Consumer<H> {
         if !new_events.is_empty() {
             self.wakes.iter().for_each(Wake::notify);
         }
-        Transacted::Committed { new }
+        let held: HashSet<Uuid> = sorted.iter().flat_map(|s| s.hold.iter().copied()).collect();
+        if sorted.is_some_and(|s| !s.advanced.is_empty()) {
+            // Held events may follow what was applied now.
+            self.release.notify_one();
+        }
+        Transacted::Committed { new, held }
     }
 }
 
-fn applied(fresh: bool) -> Applied {
-    if fresh {
-        Applied::Committed
-    } else {
-        Applied::Duplicate
+fn applied(fresh: bool, held: bool) -> Applied {
+    match (fresh, held) {
+        (true, true) => Applied::Held,
+        (true, false) => Applied::Committed,
+        (false, _) => Applied::Duplicate,
     }
 }
 
@@ -178,5 +227,32 @@ fn refused_or_outage(error: sqlx::Error) -> Transacted {
             reason: error.to_string(),
         },
         _ => Transacted::Outage(InboxError::database(error)),
+    }
+}
+
+impl<H: Handler> Consumer<H> {
+    /// Sorts an ordered handler's new events out (locking their aggregates'
+    /// rows), holds those that come before their predecessor, and returns
+    /// the others, each aggregate's in sequence, to apply now.
+    async fn sort_out(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        events: &[Event<H::Event>],
+        raw: &HashMap<Uuid, Raw>,
+    ) -> sqlx::Result<(SortedOut, Vec<Event<H::Event>>)> {
+        let sorted = hold::sort_out(tx, self.name(), events).await?;
+        // A held event is published again from what its delivery carried.
+        if let Some(id) = sorted.hold.iter().find(|id| !raw.contains_key(id)) {
+            let why =
+                format!("event {id} must wait for its predecessor, but came without its delivery");
+            return Err(sqlx::Error::Protocol(why));
+        }
+        let by_id: HashMap<Uuid, &Event<H::Event>> = events.iter().map(|e| (e.id, e)).collect();
+        let held: Vec<&Event<H::Event>> = sorted.hold.iter().map(|id| by_id[id]).collect();
+        if !held.is_empty() {
+            hold::hold(tx, self.name(), &held, raw).await?;
+        }
+        let apply = sorted.apply.iter().map(|id| by_id[id].clone()).collect();
+        Ok((sorted, apply))
     }
 }

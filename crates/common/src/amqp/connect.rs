@@ -46,9 +46,12 @@ pub enum StartError {
     /// [`connect_once`], none answered).
     #[error("AMQP_URL: {0}")]
     Connect(ConnectError),
-    /// `cancel` fired first.
+    /// `cancel` fired first, while waiting for a broker.
     #[error("stopped while waiting for RabbitMQ at {0}")]
     Cancelled(String),
+    /// `cancel` fired during [`connect_once`]'s one try.
+    #[error("stopped while connecting to RabbitMQ")]
+    Stopped,
 }
 
 impl ConnectError {
@@ -137,7 +140,7 @@ pub async fn connect_once(
 ) -> Result<Connection, StartError> {
     tokio::select! {
         result = connect_any(config, name) => result.map_err(StartError::Connect),
-        _ = cancel.cancelled() => Err(StartError::Cancelled(config.url().redacted())),
+        _ = cancel.cancelled() => Err(StartError::Stopped),
     }
 }
 

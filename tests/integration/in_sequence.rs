@@ -1,0 +1,212 @@
+//! A handler that asks for per-aggregate order gets one aggregate's events
+//! in sequence, whatever fails in between: a domain of its own (carts),
+//! five events per cart written in one burst, two consumers sharing the
+//! queue, refusals injected, and one event type the consumer is not bound
+//! to, which never holds the events after it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use inbox::{Consumer, ConsumerConfig, Event, Handler, HandlerError};
+use order_service::config::RelayConfig;
+use order_service::orders::EVENTS;
+use outbox::{NewOutboxEvent, Relay};
+use outbox_common::amqp::Subscription;
+use serde_json::json;
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::helpers::{DeleteQueues, TestDb, eventually, test_amqp};
+
+const CARTS: usize = 12;
+/// Each cart's history, in sequence; `cart.shipped` is not the projection's.
+const HISTORY: [&str; 5] = [
+    "cart.opened",
+    "cart.item_added",
+    "cart.shipped",
+    "cart.item_added",
+    "cart.paid",
+];
+const PROJECTION: Subscription = Subscription {
+    consumer: "cart_projection",
+    routing_keys: &["cart.opened", "cart.item_added", "cart.paid"],
+};
+/// Takes every cart event, so that `cart.shipped` is routed somewhere.
+const AUDIT: Subscription = Subscription {
+    consumer: "cart_audit",
+    routing_keys: &["cart.#"],
+};
+
+/// Writes each event it applies into `cart_applied`; refuses the first
+/// attempt of each cart's first two events in every other cart, so that
+/// their successors arrive first and must wait.
+#[derive(Clone)]
+struct Projection {
+    subscription: Subscription,
+    ordered: bool,
+}
+
+impl Handler for Projection {
+    type Event = serde_json::Value;
+
+    fn subscription(&self) -> Subscription {
+        self.subscription
+    }
+
+    fn ordered(&self) -> bool {
+        self.ordered
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        events: &[Event<serde_json::Value>],
+    ) -> Result<(), HandlerError> {
+        for event in events {
+            let place = event.sequence.as_ref();
+            let seq = place.map(|p| p.seq);
+            let cart: usize = event.body["cart"].as_u64().unwrap_or_default() as usize;
+            if self.ordered && event.attempt == 0 && cart % 2 == 0 && seq.is_some_and(|s| s <= 2) {
+                return Err(HandlerError::refused("a refusal injected by the test"));
+            }
+            sqlx::query(
+                "INSERT INTO cart_applied (consumer, cart, seq, event_type) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(self.subscription.consumer)
+            .bind(cart as i64)
+            .bind(seq)
+            .bind(&event.event_type)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+async fn applied(pool: &PgPool, consumer: &str) -> BTreeMap<i64, Vec<i64>> {
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT cart, coalesce(seq, 0) FROM cart_applied WHERE consumer = $1 ORDER BY id",
+    )
+    .bind(consumer)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut by_cart = BTreeMap::<i64, Vec<i64>>::new();
+    for (cart, seq) in rows {
+        by_cart.entry(cart).or_default().push(seq);
+    }
+    by_cart
+}
+
+#[tokio::test]
+async fn an_ordered_handler_applies_each_aggregates_events_in_sequence() {
+    let db = TestDb::new().await;
+    sqlx::query(
+        "CREATE TABLE cart_applied (id bigserial PRIMARY KEY, consumer text NOT NULL, \
+           cart bigint NOT NULL, seq bigint, event_type text NOT NULL)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let amqp = test_amqp();
+    let _queues = DeleteQueues {
+        config: amqp.clone(),
+        consumers: vec![PROJECTION.consumer, AUDIT.consumer],
+    };
+    // Every cart's five events in one burst, then published.
+    let mut events = Vec::new();
+    for cart in 0..CARTS {
+        for event_type in HISTORY {
+            events.push(NewOutboxEvent {
+                transaction_id: Uuid::new_v4(),
+                aggregate_type: "cart",
+                aggregate_id: format!("cart-{cart}"),
+                event_type,
+                payload: json!({ "cart": cart }),
+                headers: json!({}),
+            });
+        }
+    }
+    let mut tx = db.pool.begin().await.unwrap();
+    EVENTS.insert_many(&mut tx, &events).await.unwrap();
+    tx.commit().await.unwrap();
+    let relay = Relay::new(db.pool.clone(), EVENTS.clone(), amqp.clone())
+        .with_config(RelayConfig::default().with_batch_size(7))
+        .with_subscriptions(vec![PROJECTION, AUDIT]);
+    let publisher = relay.publisher(&CancellationToken::new()).await.unwrap();
+    while relay.drain(&publisher).await.unwrap() > 0 {}
+    publisher.close().await;
+
+    // Two consumers share the projection's queue; each takes batches of up
+    // to 4 deliveries, so successors often come in before their predecessor.
+    let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
+    let config = ConsumerConfig::default()
+        .with_batch_size(4)
+        .with_concurrency(2);
+    let mut consumers = Vec::new();
+    for _ in 0..2 {
+        let handler = Projection {
+            subscription: PROJECTION,
+            ordered: true,
+        };
+        let consumer =
+            Consumer::new(handler, db.pool.clone(), amqp.clone()).with_config(config.clone());
+        consumers.push(Arc::new(consumer));
+    }
+    let audit = Projection {
+        subscription: AUDIT,
+        ordered: false,
+    };
+    consumers.iter().for_each(|c| {
+        tracker.spawn(c.clone().run(cancel.clone()));
+    });
+    tracker
+        .spawn(Arc::new(Consumer::new(audit, db.pool.clone(), amqp.clone())).run(cancel.clone()));
+
+    let pool = db.pool.clone();
+    let by_cart = eventually(
+        "every cart's four events applied",
+        Duration::from_secs(30),
+        || {
+            let pool = pool.clone();
+            async move {
+                let by_cart = applied(&pool, PROJECTION.consumer).await;
+                let done = by_cart.len() == CARTS && by_cart.values().all(|s| s.len() == 4);
+                done.then_some(by_cart)
+            }
+        },
+    )
+    .await;
+    // In sequence, every cart; the unbound cart.shipped (3) held nothing up.
+    for (cart, seqs) in &by_cart {
+        assert_eq!(seqs, &[1, 2, 4, 5], "cart {cart}");
+    }
+    let held: u64 = consumers.iter().map(|c| c.metrics().held.get()).sum();
+    let retried: u64 = consumers.iter().map(|c| c.metrics().retried.get()).sum();
+    assert!(
+        retried >= CARTS as u64,
+        "refusals injected: {retried} retried"
+    );
+    assert!(
+        held > 0,
+        "no event came before its predecessor: the test proved nothing"
+    );
+    let audited = applied(&db.pool, AUDIT.consumer).await;
+    assert_eq!(
+        audited.values().map(Vec::len).sum::<usize>(),
+        CARTS * HISTORY.len()
+    );
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox_held")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "held events left behind");
+
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+    db.cleanup().await;
+}
