@@ -69,7 +69,11 @@ impl Handler for Projection {
             let place = event.sequence.as_ref();
             let seq = place.map(|p| p.seq);
             let cart: usize = event.body["cart"].as_u64().unwrap_or_default() as usize;
-            if self.ordered && event.attempt == 0 && cart % 2 == 0 && seq.is_some_and(|s| s <= 2) {
+            if self.ordered
+                && event.attempt == 0
+                && cart.is_multiple_of(2)
+                && seq.is_some_and(|s| s <= 2)
+            {
                 return Err(HandlerError::refused("a refusal injected by the test"));
             }
             sqlx::query(
