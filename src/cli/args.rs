@@ -104,13 +104,28 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
-    /// List dead letters of a consumer (email or billing) without removing them.
+    /// List dead letters of a consumer (email or billing) without removing
+    /// them, and the orders whose later events it holds back (the e-mail
+    /// consumer applies an order's events in sequence).
     List {
         queue: String,
         #[arg(long, default_value_t = 100)]
         limit: usize,
         #[command(flatten)]
         amqp: AmqpSettings,
+        #[command(flatten)]
+        db: DatabaseConfig,
+    },
+    /// Let an order held back by the e-mail consumer go on without the
+    /// event it waits for (one in the DLQ that will not be replayed).
+    Skip {
+        queue: String,
+        /// The aggregate's type (`order`).
+        aggregate_type: String,
+        /// The aggregate's id (the order's id).
+        aggregate_id: String,
+        #[command(flatten)]
+        db: DatabaseConfig,
     },
     /// Move dead letters back to the consumer's main queue. Letters older
     /// than the dedup window are left (with a warning) unless --force.

@@ -47,6 +47,8 @@ const AUDIT: Subscription = Subscription {
 struct Projection {
     subscription: Subscription,
     ordered: bool,
+    /// A cart whose first event is refused every time (a poison event).
+    poison: Option<usize>,
 }
 
 impl Handler for Projection {
@@ -75,6 +77,9 @@ impl Handler for Projection {
                 && seq.is_some_and(|s| s <= 2)
             {
                 return Err(HandlerError::refused("a refusal injected by the test"));
+            }
+            if self.poison == Some(cart) && seq == Some(1) {
+                return Err(HandlerError::refused("poison"));
             }
             sqlx::query(
                 "INSERT INTO cart_applied (consumer, cart, seq, event_type) VALUES ($1, $2, $3, $4)",
@@ -155,6 +160,7 @@ async fn an_ordered_handler_applies_each_aggregates_events_in_sequence() {
         let handler = Projection {
             subscription: PROJECTION,
             ordered: true,
+            poison: None,
         };
         let consumer =
             Consumer::new(handler, db.pool.clone(), amqp.clone()).with_config(config.clone());
@@ -163,6 +169,7 @@ async fn an_ordered_handler_applies_each_aggregates_events_in_sequence() {
     let audit = Projection {
         subscription: AUDIT,
         ordered: false,
+        poison: None,
     };
     consumers.iter().for_each(|c| {
         tracker.spawn(c.clone().run(cancel.clone()));
@@ -212,5 +219,106 @@ async fn an_ordered_handler_applies_each_aggregates_events_in_sequence() {
     cancel.cancel();
     tracker.close();
     tracker.wait().await;
+    db.cleanup().await;
+}
+
+/// A poison event (refused every time) ends in the dead-letter queue and
+/// holds its own aggregate's later events only; the other aggregates flow.
+/// `dlq list`'s view shows the held aggregate, and an operator's skip lets
+/// it go on.
+#[tokio::test]
+async fn a_poison_event_holds_its_aggregate_only_until_it_is_skipped() {
+    let db = TestDb::new().await;
+    sqlx::query(
+        "CREATE TABLE cart_applied (id bigserial PRIMARY KEY, consumer text NOT NULL, \
+           cart bigint NOT NULL, seq bigint, event_type text NOT NULL)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let amqp = test_amqp();
+    let _queues = DeleteQueues {
+        config: amqp.clone(),
+        consumers: vec![PROJECTION.consumer],
+    };
+    let events: Vec<NewOutboxEvent> = (0..3)
+        .flat_map(|cart| {
+            ["cart.opened", "cart.item_added", "cart.paid"].map(|event_type| NewOutboxEvent {
+                transaction_id: Uuid::new_v4(),
+                aggregate_type: "cart",
+                aggregate_id: format!("cart-{cart}"),
+                event_type,
+                payload: json!({ "cart": cart }),
+                headers: json!({}),
+            })
+        })
+        .collect();
+    let mut tx = db.pool.begin().await.unwrap();
+    EVENTS.insert_many(&mut tx, &events).await.unwrap();
+    tx.commit().await.unwrap();
+    let relay = Relay::new(db.pool.clone(), EVENTS.clone(), amqp.clone())
+        .with_subscriptions(vec![PROJECTION]);
+    let publisher = relay.publisher(&CancellationToken::new()).await.unwrap();
+    while relay.drain(&publisher).await.unwrap() > 0 {}
+    publisher.close().await;
+    let handler = Projection {
+        subscription: PROJECTION,
+        ordered: true,
+        poison: Some(1),
+    };
+    let consumer = Arc::new(Consumer::new(handler, db.pool.clone(), amqp.clone()));
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn(consumer.clone().run(cancel.clone()));
+
+    // Carts 0 and 2 go through; cart 1's first event is dead-lettered after
+    // its retries, and its two later events are held.
+    let pool = db.pool.clone();
+    let held = eventually(
+        "cart 1 held behind its poison event",
+        Duration::from_secs(30),
+        || {
+            let pool = pool.clone();
+            async move {
+                let done = applied(&pool, PROJECTION.consumer).await;
+                let others = [0, 2]
+                    .iter()
+                    .all(|c| done.get(c).is_some_and(|s| s.len() == 3));
+                let held = inbox::waiting::list(&pool, PROJECTION.consumer, 10)
+                    .await
+                    .ok()?;
+                (others && !done.contains_key(&1) && held.first().is_some_and(|h| h.events == 2))
+                    .then_some(held)
+            }
+        },
+    )
+    .await;
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(
+        (
+            held[0].aggregate_id.as_str(),
+            held[0].waiting_for,
+            held[0].last_applied
+        ),
+        ("cart-1", 1, 0)
+    );
+    assert_eq!(consumer.metrics().dead_lettered.get(), 1);
+
+    let skipped = inbox::waiting::skip(&db.pool, PROJECTION.consumer, "cart", "cart-1").await;
+    assert_eq!(skipped.unwrap(), Some(1));
+    let pool = db.pool.clone();
+    let cart_1 = eventually("cart 1 to go on", Duration::from_secs(30), || {
+        let pool = pool.clone();
+        async move {
+            let done = applied(&pool, PROJECTION.consumer).await;
+            done.get(&1).filter(|s| s.len() == 2).cloned()
+        }
+    })
+    .await;
+    assert_eq!(cart_1, [2, 3]);
+    let nothing = inbox::waiting::skip(&db.pool, PROJECTION.consumer, "cart", "cart-1").await;
+    assert_eq!(nothing.unwrap(), None, "nothing held any more");
+
+    cancel.cancel();
+    running.await.unwrap();
     db.cleanup().await;
 }

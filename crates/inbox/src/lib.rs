@@ -111,6 +111,7 @@ mod sequence;
 mod session;
 mod settle;
 mod transact;
+pub mod waiting;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,4 +1,6 @@
-//! The operator's commands: `dlq list`, `dlq replay`, `outbox status`.
+//! The operator's commands: `dlq list`, `dlq skip`, `dlq replay`, `outbox status`.
+
+mod held;
 
 use tokio_util::sync::CancellationToken;
 
@@ -12,11 +14,17 @@ use outbox_common::amqp::QueueNames;
 pub(super) async fn dlq(command: DlqCommand, cancel: &CancellationToken) -> anyhow::Result<()> {
     use inbox::dlq;
     match command {
-        DlqCommand::List { queue, limit, amqp } => {
+        DlqCommand::List {
+            queue,
+            limit,
+            amqp,
+            db,
+        } => {
             let amqp = amqp.config();
             let queues = consumer_queues(&amqp, &queue)?;
             let letters = dlq::list_until(&amqp, &queues, limit, cancel).await?;
             anyhow::ensure!(!cancel.is_cancelled(), "dlq list stopped by a signal");
+            held::print(&db, consumer_name(&queue)?, cancel).await;
             println!("{} dead letter(s) in {}", letters.len(), queues.dlq);
             for l in letters {
                 let age = l
@@ -29,6 +37,21 @@ pub(super) async fn dlq(command: DlqCommand, cancel: &CancellationToken) -> anyh
                 );
             }
             Ok(())
+        }
+        DlqCommand::Skip {
+            queue,
+            aggregate_type,
+            aggregate_id,
+            db,
+        } => {
+            held::skip(
+                &db,
+                consumer_name(&queue)?,
+                &aggregate_type,
+                &aggregate_id,
+                cancel,
+            )
+            .await
         }
         DlqCommand::Replay {
             queue,
@@ -61,12 +84,16 @@ pub(super) async fn dlq(command: DlqCommand, cancel: &CancellationToken) -> anyh
 
 /// The queues of a consumer, named `email`/`billing` or in full.
 fn consumer_queues(amqp: &AmqpConfig, consumer: &str) -> anyhow::Result<QueueNames> {
-    let name = match consumer {
+    Ok(QueueNames::new(amqp, consumer_name(consumer)?))
+}
+
+/// A consumer's name, from `email`/`billing` or in full.
+fn consumer_name(consumer: &str) -> anyhow::Result<&'static str> {
+    Ok(match consumer {
         "email" | orders::EMAIL => orders::EMAIL,
         "billing" | orders::BILLING => orders::BILLING,
         other => anyhow::bail!("unknown consumer {other:?}: use email or billing"),
-    };
-    Ok(QueueNames::new(amqp, name))
+    })
 }
 
 pub(super) async fn outbox_status(
