@@ -23,10 +23,9 @@ use uuid::Uuid;
 
 use crate::smtp::read_mailbox;
 
-/// Whether an event without a sequence number fails the scenario. Off while
-/// the outbox has no `seq` column yet (issue 23 in progress): such events
-/// are only reported as not checked.
-pub const REQUIRE_SEQ: bool = false;
+/// Whether an event without a sequence number fails the scenario: the
+/// events' outbox numbers every event (`seq`), so one without is a fault.
+pub const REQUIRE_SEQ: bool = true;
 
 /// How many violations a failure message quotes.
 const EXAMPLES: usize = 5;
