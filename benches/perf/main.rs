@@ -14,6 +14,7 @@
 //! leaves the recorded figures alone).
 
 mod consumer;
+mod cpu;
 // Databases of the benchmark's own (the tests' helper).
 #[path = "../../tests/common/database.rs"]
 mod database;
