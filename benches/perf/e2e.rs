@@ -3,7 +3,9 @@
 //! and on to the "payment confirmed" e-mail (the `order.confirmed` event
 //! billing writes through the outbox, published by the relay, recorded by
 //! the e-mail consumer); whether both backlogs stay bounded, peak RSS and
-//! CPU per 1,000 orders.
+//! CPU per 1,000 orders; and the CPU each order costs Postgres, RabbitMQ and
+//! the service over the measured window (from the load's start until both
+//! backlogs are drained), read from /proc ([`crate::cpu`]).
 //!
 //! Knobs (tuning and smoke runs; the defaults are the measurement):
 //! `E2E_RATE` (base rate, 1,000/s), `E2E_SECONDS` (load per step, 15 s),
@@ -13,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::cpu::{Parties, PerOrder};
 use crate::report::Report;
 use crate::service::Service;
 use crate::setup::{BenchDb, bench_amqp, cleanup_amqp, percentile};
@@ -77,6 +80,8 @@ pub struct StepResult {
     pub mails_drained_in: Duration,
     pub peak_rss_mib: f64,
     pub cpu_per_1000: f64,
+    /// CPU per order of Postgres, RabbitMQ and the service, same window.
+    pub cpu: PerOrder,
     /// Latencies end at the commits (else at their transactions' start).
     pub exact: bool,
     /// (second, accepted, charged, payment-confirmed mails) per second of
@@ -144,7 +149,13 @@ async fn step(rate: u64) -> anyhow::Result<StepResult> {
     let commits = "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database \
                    WHERE datname = current_database()";
     let commits_before = db.scalar(commits).await;
+    let parties = Parties {
+        postgres: crate::cpu::postmaster(&db.pool).await?,
+        rabbitmq: crate::cpu::rabbitmq(),
+        service: service.child.id(),
+    };
     let cpu_before = service.cpu_seconds();
+    let parties_before = parties.sample();
     let started = Instant::now();
     let total = rate * seconds;
     let (mut max_backlog, mut max_mail_backlog) = (0, 0);
@@ -208,11 +219,13 @@ async fn step(rate: u64) -> anyhow::Result<StepResult> {
         mails_drained_in.unwrap_or_default(),
     );
     let cpu = service.cpu_seconds() - cpu_before;
+    let parties_after = parties.sample();
     let peak_rss_mib = service.peak_rss_mib();
     service.stop()?;
     // Counted once the service's connections are closed (and have reported).
     let transactions = db.scalar(commits).await - commits_before;
     let orders = db.scalar("SELECT count(*) FROM orders").await;
+    let cpu_per_order = PerOrder::between(parties_before, parties_after, orders);
     anyhow::ensure!(
         db.scalar("SELECT count(*) FROM ledger").await == orders,
         "one charge per order"
@@ -307,6 +320,7 @@ async fn step(rate: u64) -> anyhow::Result<StepResult> {
         mails_drained_in,
         peak_rss_mib,
         cpu_per_1000: cpu / orders.max(1) as f64 * 1000.0,
+        cpu: cpu_per_order,
         exact,
         timeline,
     })
@@ -325,7 +339,7 @@ fn describe(r: &StepResult) -> String {
     format!(
         "offered {}/s: accepted {:.0}/s, commit-to-billing {}, commit-to-payment-confirmed-mail {}, \
          max PENDING {}, max without payment-confirmed mail {}, drained {:.1} s (billing) and \
-         {:.1} s (mails) after the load, peak RSS {:.1} MiB, {:.2} CPU s per 1,000 orders",
+         {:.1} s (mails) after the load, peak RSS {:.1} MiB, {:.2} CPU s per 1,000 orders; {}",
         r.offered,
         r.accepted_rate,
         r.billing.summary(),
@@ -335,7 +349,8 @@ fn describe(r: &StepResult) -> String {
         r.drained_in.as_secs_f64(),
         r.mails_drained_in.as_secs_f64(),
         r.peak_rss_mib,
-        r.cpu_per_1000
+        r.cpu_per_1000,
+        r.cpu.summary()
     )
 }
 
@@ -382,7 +397,7 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
             base.mails_drained_in.as_secs_f64()
         ),
         f64::NAN,
-        "-",
+        "p99 at most 1.2x the code before issue 23's, same machine",
     );
     report.row(
         &format!("Resources at {base_rate} orders/s (`run`, all roles)"),
@@ -393,6 +408,16 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
         "-".into(),
         f64::NAN,
         "RSS < 64 MiB",
+    );
+    report.row(
+        &format!(
+            "CPU per order at {base_rate} orders/s, from /proc (Postgres: the whole cluster; \
+             RabbitMQ: beam.smp; the service: `run`)"
+        ),
+        base.cpu.summary(),
+        "-".into(),
+        f64::NAN,
+        "total at most 1.1x the code before issue 23's (then about 0.77 + 0.46 + 0.56 ms)",
     );
     report.note(format!("e2e {}", describe(&base)));
     // The highest offered load at which BOTH events keep up: billing and

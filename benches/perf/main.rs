@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo bench --bench perf               # everything
-//! cargo bench --bench perf -- relay      # or: ingest, consumer, e2e
+//! cargo bench --bench perf -- relay      # or: ingest, consumer, ordering, e2e, mail
 //! ```
 //!
 //! Needs Postgres and RabbitMQ as for the tests (BENCH_DATABASE_URL,
@@ -14,12 +14,14 @@
 //! leaves the recorded figures alone).
 
 mod consumer;
+mod cpu;
 // Databases of the benchmark's own (the tests' helper).
 #[path = "../../tests/common/database.rs"]
 mod database;
 mod e2e;
 mod ingest;
 mod mail;
+mod ordering;
 // Ports for the SMTP server of the mail step (the tests' fixture).
 #[path = "../../tests/common/ports.rs"]
 mod ports;
@@ -46,6 +48,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run("consumer") {
         consumer::run(&mut report).await?;
+    }
+    if run("ordering") {
+        ordering::run(&mut report).await?;
     }
     if run("e2e") {
         e2e::run(&mut report).await?;
