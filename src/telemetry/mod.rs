@@ -15,6 +15,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, SpanData, SpanExporter};
+use outbox_common::tls;
 use rustls::pki_types::CertificateDer;
 use tracing::Subscriber;
 use tracing_opentelemetry::OpenTelemetryLayer;
@@ -124,8 +125,7 @@ fn read_ca(config: &TelemetryConfig) -> anyhow::Result<CollectorCa> {
     let Some(path) = config.otlp_certificate.as_deref() else {
         return Ok(CollectorCa::default());
     };
-    let certs =
-        outbox_common::tls::pem_certificates(path).context("OTEL_EXPORTER_OTLP_CERTIFICATE")?;
+    let certs = tls::pem_certificates(path).context("OTEL_EXPORTER_OTLP_CERTIFICATE")?;
     let pem = std::fs::read(path).context("OTEL_EXPORTER_OTLP_CERTIFICATE")?;
     Ok(CollectorCa { certs, pem })
 }
@@ -158,8 +158,7 @@ fn http_exporter(
     ca: &CollectorCa,
 ) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
     use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
-    let tls =
-        outbox_common::tls::client_config(&ca.certs).context("OTEL_EXPORTER_OTLP_CERTIFICATE")?;
+    let tls = tls::client_config(&ca.certs).context("OTEL_EXPORTER_OTLP_CERTIFICATE")?;
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()

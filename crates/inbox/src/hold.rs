@@ -53,21 +53,13 @@ pub(crate) async fn sort_out<E>(
         return Ok(out);
     }
     let (types, ids): (Vec<&str>, Vec<&str>) = by_aggregate.keys().copied().unzip();
-    sqlx::query(
-        "INSERT INTO inbox_aggregates (consumer, aggregate_type, aggregate_id) \
-         SELECT $1, t, i FROM unnest($2::text[], $3::text[]) AS u(t, i) ORDER BY t, i \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(consumer)
-    .bind(&types)
-    .bind(&ids)
-    .execute(&mut *tx)
-    .await?;
+    // One round trip: a new aggregate's row is inserted, an existing one
+    // locked by a no-op update; both stay locked until the commit.
     let last: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT aggregate_type, aggregate_id, last_seq FROM inbox_aggregates \
-         WHERE consumer = $1 AND (aggregate_type, aggregate_id) IN \
-           (SELECT * FROM unnest($2::text[], $3::text[])) \
-         ORDER BY aggregate_type, aggregate_id FOR UPDATE",
+        "INSERT INTO inbox_aggregates AS a (consumer, aggregate_type, aggregate_id) \
+         SELECT $1, t, i FROM unnest($2::text[], $3::text[]) AS u(t, i) ORDER BY t, i \
+         ON CONFLICT (consumer, aggregate_type, aggregate_id) DO UPDATE SET last_seq = a.last_seq \
+         RETURNING aggregate_type, aggregate_id, last_seq",
     )
     .bind(consumer)
     .bind(&types)
@@ -164,8 +156,8 @@ pub(crate) async fn hold<E>(
     Ok(())
 }
 
-/// Records the aggregates moved on, and drops the held copies of events
-/// applied now (a held event's copy, published again, is applied).
+/// Records the aggregates moved on. (A held event's row is deleted by the
+/// release that published it again, not by the apply of its copy.)
 pub(crate) async fn advance(
     tx: &mut PgConnection,
     consumer: &str,
@@ -191,11 +183,6 @@ pub(crate) async fn advance(
         .execute(&mut *tx)
         .await?;
     }
-    sqlx::query("DELETE FROM inbox_held WHERE consumer = $1 AND transaction_id = ANY($2)")
-        .bind(consumer)
-        .bind(&sorted.apply)
-        .execute(&mut *tx)
-        .await?;
     Ok(())
 }
 

@@ -84,6 +84,14 @@ impl<H: Handler> Consumer<H> {
             Transacted::Refused { reason } => {
                 tracing::debug!(%reason, events = events.len(), "batch refused; applying one at a time");
                 let mut results = Results::new();
+                // Each aggregate's in sequence, so that a successor in the
+                // batch follows its predecessor rather than being held.
+                let mut events: Vec<&Event<H::Event>> = events.iter().collect();
+                events.sort_by_key(|e| {
+                    e.sequence
+                        .as_ref()
+                        .map(|s| (s.aggregate_type.clone(), s.aggregate_id.clone(), s.seq))
+                });
                 for event in events {
                     if let Entry::Vacant(slot) = results.entry(event.id) {
                         slot.insert(self.apply_one_holding(event, raw).await);
