@@ -66,14 +66,7 @@ pub async fn list_until(
         .doing(|| "opening a channel".into())?;
     let mut letters = Vec::new();
     while letters.len() < limit && !cancel.is_cancelled() {
-        let Some(got) = channel
-            .basic_get(
-                queues.dlq.as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await
-            .doing(|| format!("reading {}", queues.dlq))?
-        else {
+        let Some(got) = next_letter(&channel, queues).await? else {
             break;
         };
         let d = &got.delivery;
@@ -179,14 +172,7 @@ async fn replay_on(
         .await
         .doing(|| "selecting confirms".into())?;
     while replayed.moved < limit {
-        let Some(got) = channel
-            .basic_get(
-                queues.dlq.as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await
-            .doing(|| format!("reading {}", queues.dlq))?
-        else {
+        let Some(got) = next_letter(&channel, queues).await? else {
             break;
         };
         let d = got.delivery;
@@ -248,4 +234,19 @@ pub async fn publish(
             .doing(|| "selecting confirms".into())?;
     }
     message::publish_confirmed(channel, "", queue, body, properties).await
+}
+
+/// The next letter of the DLQ, unacked (it stays until acked or nacked),
+/// or `None` once it is empty.
+async fn next_letter(
+    channel: &lapin::Channel,
+    queues: &QueueNames,
+) -> Result<Option<lapin::message::BasicGetMessage>, BrokerError> {
+    channel
+        .basic_get(
+            queues.dlq.as_str().into(),
+            BasicGetOptions { no_ack: false },
+        )
+        .await
+        .doing(|| format!("reading {}", queues.dlq))
 }
