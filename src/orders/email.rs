@@ -73,7 +73,7 @@ impl Handler for Email {
         Some(event.order_id.to_string())
     }
 
-    fn ordered(&self) -> bool {
+    fn in_sequence(&self) -> bool {
         self.in_sequence
     }
 

@@ -58,7 +58,7 @@ impl Handler for Projection {
         self.subscription
     }
 
-    fn ordered(&self) -> bool {
+    fn in_sequence(&self) -> bool {
         self.ordered
     }
 
@@ -320,6 +320,93 @@ async fn a_poison_event_holds_its_aggregate_only_until_it_is_skipped() {
     let nothing = inbox::waiting::skip(&db.pool, PROJECTION.consumer, "cart", "cart-1").await;
     assert_eq!(nothing.unwrap(), None, "nothing held any more");
 
+    cancel.cancel();
+    running.await.unwrap();
+    db.cleanup().await;
+}
+
+/// Held events are bounded too: one held longer than the hold limit (the
+/// dedup window, in the service) goes to the dead-letter queue with the
+/// reason, rather than waiting for ever or being deleted unapplied.
+#[tokio::test]
+async fn an_event_held_past_the_hold_limit_is_dead_lettered() {
+    let db = TestDb::new().await;
+    sqlx::query(
+        "CREATE TABLE cart_applied (id bigserial PRIMARY KEY, consumer text NOT NULL, \
+           cart bigint NOT NULL, seq bigint, event_type text NOT NULL)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let amqp = test_amqp();
+    let _queues = DeleteQueues {
+        config: amqp.clone(),
+        consumers: vec![PROJECTION.consumer],
+    };
+    let events = ["cart.opened", "cart.paid"].map(|event_type| NewOutboxEvent {
+        transaction_id: Uuid::new_v4(),
+        aggregate_type: "cart",
+        aggregate_id: "cart-1".into(),
+        event_type,
+        payload: json!({ "cart": 1 }),
+        headers: json!({}),
+    });
+    let mut tx = db.pool.begin().await.unwrap();
+    EVENTS.insert_many(&mut tx, &events).await.unwrap();
+    tx.commit().await.unwrap();
+    let relay = Relay::new(db.pool.clone(), EVENTS.clone(), amqp.clone())
+        .with_subscriptions(vec![PROJECTION]);
+    let publisher = relay.publisher(&CancellationToken::new()).await.unwrap();
+    while relay.drain(&publisher).await.unwrap() > 0 {}
+    publisher.close().await;
+    let handler = Projection {
+        subscription: PROJECTION,
+        ordered: true,
+        poison: Some(1),
+    };
+    let config = ConsumerConfig::default().with_hold_limit(Duration::from_secs(2));
+    let consumer = Consumer::new(handler, db.pool.clone(), amqp.clone()).with_config(config);
+    let consumer = Arc::new(consumer);
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn(consumer.clone().run(cancel.clone()));
+
+    let (_conn, channel) = crate::helpers::amqp_channel().await;
+    let dlq = outbox_common::amqp::QueueNames::new(&amqp, PROJECTION.consumer).dlq;
+    eventually("both events in the DLQ", Duration::from_secs(30), || {
+        let (channel, dlq) = (channel.clone(), dlq.clone());
+        async move {
+            let declare = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            let queue = channel
+                .queue_declare(dlq.as_str().into(), declare, Default::default())
+                .await
+                .ok()?;
+            (queue.message_count() == 2).then_some(())
+        }
+    })
+    .await;
+    let reasons: Vec<String> = crate::helpers::drain_queue(&channel, &dlq)
+        .await
+        .iter()
+        .filter_map(|d| {
+            inbox::message::header_str(
+                d.properties.headers().as_ref(),
+                outbox_common::amqp::headers::ERROR_HEADER,
+            )
+        })
+        .collect();
+    assert!(reasons.iter().any(|r| r == "poison"), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.starts_with("held longer than")),
+        "{reasons:?}"
+    );
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox_held")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(held, 0);
     cancel.cancel();
     running.await.unwrap();
     db.cleanup().await;

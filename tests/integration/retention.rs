@@ -200,3 +200,57 @@ async fn dlq_replay_leaves_letters_older_than_the_dedup_window_unless_forced() {
     assert!(drain_queue(&channel, &queues.dlq).await.is_empty());
     let _ = connection.close(200, "done".into()).await;
 }
+
+/// Per-aggregate order keeps its state bounded by the same rules: a
+/// consumer's places not moved on within the window are pruned, except
+/// those whose aggregate still has held events (pruning them would let a
+/// held event's successors go first); the outbox's counters of aggregates
+/// not written to within the retention go too.
+#[tokio::test]
+async fn per_aggregate_places_and_counters_are_pruned_past_their_window_unless_held() {
+    let db = TestDb::new().await;
+    let old = "now() - interval '1 hour'";
+    for statement in [
+        format!(
+            "INSERT INTO inbox_aggregates (consumer, aggregate_type, aggregate_id, last_seq, updated_at) \
+             VALUES ('email_notification_service', 'order', 'old', 2, {old}), \
+                    ('email_notification_service', 'order', 'old-held', 1, {old}), \
+                    ('email_notification_service', 'order', 'young', 1, now())"
+        ),
+        "INSERT INTO inbox_held (consumer, transaction_id, aggregate_type, aggregate_id, seq, \
+           predecessor, event_type, routing_key, body) \
+         VALUES ('email_notification_service', gen_random_uuid(), 'order', 'old-held', 3, 2, \
+           'order.confirmed', 'order.confirmed', '\\x7b7d')"
+            .to_owned(),
+        format!(
+            "INSERT INTO outbox_aggregates (aggregate_type, aggregate_id, last_seq, updated_at) \
+             VALUES ('order', 'old', 2, {old}), ('order', 'young', 1, now())"
+        ),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    let window = Duration::from_secs(60);
+    let places = inbox::sequence_prune("email_notification_service", window);
+    let counters = order_service::orders::EVENTS
+        .prune_counters(window)
+        .expect("the events' outbox is sequenced");
+
+    assert_eq!(places.run_once(&db.pool).await.unwrap(), 1);
+    assert_eq!(counters.run_once(&db.pool).await.unwrap(), 1);
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT aggregate_id FROM inbox_aggregates ORDER BY aggregate_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, ["old-held", "young"]);
+    let counters_left: Vec<String> =
+        sqlx::query_scalar("SELECT aggregate_id FROM outbox_aggregates")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(counters_left, ["young"]);
+    db.cleanup().await;
+}

@@ -52,7 +52,7 @@ impl ConsumerConfig {
         self
     }
 
-    /// How long an ordered handler's event may wait for its predecessor
+    /// How long a handler in sequence's event may wait for its predecessor
     /// before it goes to the dead-letter queue (keep it to the dedup
     /// window: a week by default).
     pub fn with_hold_limit(mut self, limit: Duration) -> Self {

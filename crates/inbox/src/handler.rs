@@ -29,7 +29,7 @@ pub struct Event<E> {
     /// these headers joins the same trace.
     pub trace_headers: serde_json::Value,
     /// Its place in its aggregate's history, when its outbox numbers its
-    /// events: what an ordered handler's events are applied by.
+    /// events: what a handler in sequence's events are applied by.
     pub sequence: Option<Sequence>,
 }
 
@@ -188,7 +188,7 @@ pub trait Handler: Send + Sync + 'static {
     /// of its aggregate of a type this consumer takes) is held in Postgres
     /// until that one is applied; other aggregates flow meanwhile. `false`
     /// by default: events are applied as they arrive, at the fastest.
-    fn ordered(&self) -> bool {
+    fn in_sequence(&self) -> bool {
         false
     }
 

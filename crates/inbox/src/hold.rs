@@ -1,4 +1,4 @@
-//! Holding the events of an ordered handler that arrive before their
+//! Holding the events of a handler in sequence that arrive before their
 //! predecessor, durably, in Postgres.
 //!
 //! Per consumer and aggregate, `inbox_aggregates.last_seq` is the place of
@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::handler::Event;
 pub(crate) use crate::held::{HeldRow, Raw};
 
-/// The dedup transaction's decision for an ordered handler's new events.
+/// The dedup transaction's decision for a handler in sequence's new events.
 #[derive(Debug, Default)]
 pub(crate) struct SortedOut {
     /// To apply now, each aggregate's in sequence (events without a place

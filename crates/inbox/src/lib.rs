@@ -147,7 +147,7 @@ pub struct Consumer<H> {
     /// Held while a delivery is forwarded to a delay queue or the DLQ.
     forwarding: tokio::sync::Mutex<()>,
     /// Signalled after a commit moved an aggregate on: its held events may
-    /// go ([`Handler::ordered`]).
+    /// go ([`Handler::in_sequence`]).
     release: tokio::sync::Notify,
 }
 
@@ -244,7 +244,7 @@ pub fn dedup_prune(consumer: &'static str, retention: Duration) -> Prune {
     .with_key(consumer)
 }
 
-/// The pruning of `consumer`'s per-aggregate places ([`Handler::ordered`])
+/// The pruning of `consumer`'s per-aggregate places ([`Handler::in_sequence`])
 /// not moved on for `retention`, unless the aggregate has held events:
 /// keep it to the dedup window. An aggregate pruned and written to again
 /// starts afresh, its first event new having no predecessor to wait for.

@@ -155,7 +155,7 @@ impl<H: Handler> Consumer<H> {
         if let Ok(channel) = connection.create_channel().await {
             tracker.spawn(self.clone().sample_dead_letters(channel, sampling.clone()));
         }
-        if self.handler.ordered() {
+        if self.handler.in_sequence() {
             let publish = channels.publish.clone();
             tracker.spawn(self.clone().release_held(publish, sampling.clone()));
         }

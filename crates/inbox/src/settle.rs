@@ -80,7 +80,7 @@ impl<H: Handler> Consumer<H> {
             .iter()
             .filter_map(|(_, event, _)| event.as_ref().ok().cloned())
             .collect();
-        let raw: HashMap<Uuid, Raw> = if self.handler.ordered() {
+        let raw: HashMap<Uuid, Raw> = if self.handler.in_sequence() {
             parsed
                 .iter()
                 .filter_map(|(delivery, event, _)| {
@@ -138,7 +138,7 @@ impl<H: Handler> Consumer<H> {
             Err(_) => (message::attempt(delivery), None),
         };
         let span = message::process_span(&self.queues.main, delivery, attempt, conversation);
-        let sequence = if self.handler.ordered() {
+        let sequence = if self.handler.in_sequence() {
             let keys = self.handler.subscription().routing_keys;
             Sequence::read(delivery.properties.headers().as_ref(), keys)
         } else {

@@ -25,7 +25,7 @@ pub enum Applied {
     Committed,
     /// Its dedup row existed: nothing was done.
     Duplicate,
-    /// An ordered handler's event whose predecessor is not applied yet:
+    /// A handler in sequence's event whose predecessor is not applied yet:
     /// held in Postgres (committed), to be applied after it.
     Held,
     /// The handler (or Postgres) refused it; everything was rolled back.
@@ -65,7 +65,7 @@ impl<H: Handler> Consumer<H> {
     }
 
     /// [`Consumer::apply_batch`], with what the deliveries carried, for an
-    /// ordered handler to hold an event that comes before its predecessor.
+    /// handler in sequence to hold an event that comes before its predecessor.
     pub(crate) async fn apply_batch_holding(
         &self,
         events: &[Event<H::Event>],
@@ -154,8 +154,8 @@ impl<H: Handler> Consumer<H> {
             .filter(|e| new.contains(&e.id) && handed.insert(e.id))
             .cloned()
             .collect();
-        // An ordered handler's events wait for their predecessor.
-        let sorted = if self.handler.ordered() && !new_events.is_empty() {
+        // A handler in sequence's events wait for their predecessor.
+        let sorted = if self.handler.in_sequence() && !new_events.is_empty() {
             match self.sort_out(&mut tx, &new_events, raw).await {
                 Ok((sorted, apply)) => {
                     new_events = apply;
@@ -239,7 +239,7 @@ fn refused_or_outage(error: sqlx::Error) -> Transacted {
 }
 
 impl<H: Handler> Consumer<H> {
-    /// Sorts an ordered handler's new events out (locking their aggregates'
+    /// Sorts a handler in sequence's new events out (locking their aggregates'
     /// rows), holds those that come before their predecessor, and returns
     /// the others, each aggregate's in sequence, to apply now.
     async fn sort_out(

@@ -1,5 +1,5 @@
-//! The operator's view of the aggregates an ordered handler holds back
-//! ([`crate::Handler::ordered`]): which wait, for what, since when; and the
+//! The operator's view of the aggregates a handler in sequence holds back
+//! ([`crate::Handler::in_sequence`]): which wait, for what, since when; and the
 //! explicit skip of the event one waits for (one in the dead-letter queue
 //! that will not be replayed, say).
 
