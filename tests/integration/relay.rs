@@ -275,6 +275,66 @@ async fn a_retired_publisher_starts_no_batch_and_the_rows_stay_due() {
     db.cleanup().await;
 }
 
+/// A batch the broker nacked leaves its rows due with the error and retires
+/// the publisher: the rows are tried again on new channels, since a channel
+/// that nacks (after a cluster node went down, say) may keep nacking.
+/// A full queue with `reject-publish` overflow makes the broker nack.
+#[tokio::test]
+async fn a_nacked_batch_leaves_its_rows_due_and_retires_the_publisher() {
+    let db = TestDb::new().await;
+    let amqp = test_amqp();
+    let full = QueueNames::new(&amqp, "full").main;
+    let _queues = DeleteQueues {
+        config: amqp.clone(),
+        consumers: SUBSCRIPTIONS
+            .iter()
+            .map(|s| s.consumer)
+            .chain(["full"])
+            .collect(),
+    };
+    let publisher = publisher(&amqp).await;
+    let (_conn, channel) = amqp_channel().await;
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(full.as_str().into(), Default::default(), args)
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            full.as_str().into(),
+            amqp.exchange().into(),
+            "order.created".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    insert_events(&db.pool, 5, "order.created").await;
+    let relay = relay(&db.pool, &amqp, RelayConfig::default());
+
+    let outcome = relay.run_once(&publisher).await.unwrap();
+
+    assert_eq!(
+        (outcome.claimed, outcome.published, outcome.failed),
+        (5, 0, 5)
+    );
+    assert!(!publisher.is_usable(), "a nack retires the publisher");
+    let errors: Vec<String> =
+        sqlx::query_scalar("SELECT last_error FROM outbox WHERE published_at IS NULL")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(errors.len(), 5);
+    assert!(errors.iter().all(|e| e.contains("nacked")), "{errors:?}");
+    publisher.close().await;
+    db.cleanup().await;
+}
+
 /// The broker may confirm many publishes with one ack, and lapin hands a
 /// returned message to whichever confirm that ack completes first. Each
 /// row's fate must still be its own: the unroutable rows, and only they, stay

@@ -76,8 +76,17 @@ impl Relay {
             .await?;
         let settlement = &batch.settlement;
         // Their acks and returns may still come on this lane: no later
-        // batch may publish there (the relay reconnects first).
-        if !settlement.unconfirmed.is_empty() {
+        // batch may publish there (the relay reconnects first). A nack
+        // retires the channels too, so the rows are tried again on new ones:
+        // once, after a cluster node stopped, the relay's batches were still
+        // nacked 40 s later while other publishes got through (RabbitMQ
+        // 3.10, quorum queues), and a broker that nacks keeps nothing of a
+        // channel worth keeping.
+        let nacked = settlement
+            .failed
+            .iter()
+            .any(|f| f.error == PublishFailure::Nacked);
+        if !settlement.unconfirmed.is_empty() || nacked {
             publisher.retire();
         }
         // Kept before anything can fail: a later batch reopens them then.
