@@ -6,9 +6,9 @@
 //! batch's aggregates are locked (sorted, so two transactions cannot
 //! deadlock), and each new event is applied when its predecessor is
 //! (`predecessor <= last_seq`), else held in `inbox_held` with its body and
-//! headers, its delivery acked. Once a commit moves an aggregate on, its
-//! held events whose predecessor is now applied are published again to the
-//! consumer's queue (with a confirm, then deleted: a crash in between
+//! headers, its delivery acked. Once a commit moves on an aggregate with
+//! held events, those whose predecessor is now applied are published again
+//! to the consumer's queue (confirmed, then deleted: a crash in between
 //! publishes one twice, which the dedup rows absorb), and are applied like
 //! any delivery: retried, dead-lettered, never lost.
 
@@ -156,34 +156,41 @@ pub(crate) async fn hold<E>(
     Ok(())
 }
 
-/// Records the aggregates moved on. (A held event's row is deleted by the
-/// release that published it again, not by the apply of its copy.)
+/// Records the aggregates moved on, and says whether any of them has held
+/// events (which may follow now). Exact: a transaction holds an event only
+/// while it has its aggregate's row locked, as this one has, so every
+/// hold of these aggregates is committed or is this transaction's own.
+/// (A held event's row is deleted by the release that published it again,
+/// not by the apply of its copy.)
 pub(crate) async fn advance(
     tx: &mut PgConnection,
     consumer: &str,
     sorted: &SortedOut,
-) -> sqlx::Result<()> {
-    if !sorted.advanced.is_empty() {
-        let (types, rest): (Vec<&str>, Vec<(&str, i64)>) = sorted
-            .advanced
-            .iter()
-            .map(|(t, i, s)| (t.as_str(), (i.as_str(), *s)))
-            .unzip();
-        let (ids, seqs): (Vec<&str>, Vec<i64>) = rest.into_iter().unzip();
-        sqlx::query(
-            "UPDATE inbox_aggregates AS a SET last_seq = greatest(a.last_seq, u.last), \
-               updated_at = now() \
-             FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(t, i, last) \
-             WHERE a.consumer = $1 AND a.aggregate_type = u.t AND a.aggregate_id = u.i",
-        )
-        .bind(consumer)
-        .bind(&types)
-        .bind(&ids)
-        .bind(&seqs)
-        .execute(&mut *tx)
-        .await?;
+) -> sqlx::Result<bool> {
+    if sorted.advanced.is_empty() {
+        return Ok(false);
     }
-    Ok(())
+    let (types, rest): (Vec<&str>, Vec<(&str, i64)>) = sorted
+        .advanced
+        .iter()
+        .map(|(t, i, s)| (t.as_str(), (i.as_str(), *s)))
+        .unzip();
+    let (ids, seqs): (Vec<&str>, Vec<i64>) = rest.into_iter().unzip();
+    let waiting: Vec<bool> = sqlx::query_scalar(
+        "UPDATE inbox_aggregates AS a SET last_seq = greatest(a.last_seq, u.last), \
+           updated_at = now() \
+         FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(t, i, last) \
+         WHERE a.consumer = $1 AND a.aggregate_type = u.t AND a.aggregate_id = u.i \
+         RETURNING EXISTS (SELECT 1 FROM inbox_held h WHERE h.consumer = a.consumer \
+           AND h.aggregate_type = a.aggregate_type AND h.aggregate_id = a.aggregate_id)",
+    )
+    .bind(consumer)
+    .bind(&types)
+    .bind(&ids)
+    .bind(&seqs)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(waiting.into_iter().any(|w| w))
 }
 
 /// Held events whose predecessor is applied now, at most `limit`.

@@ -195,20 +195,9 @@ pub async fn publish_confirmed(
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<(), BrokerCallError> {
-    let publish = channel.basic_publish(
-        exchange.into(),
-        routing_key.into(),
-        BasicPublishOptions {
-            mandatory: true,
-            ..Default::default()
-        },
-        body,
-        properties.with_delivery_mode(2),
-    );
     let confirm = tokio::time::timeout(AMQP_TIMEOUT, async {
-        publish
-            .await
-            .doing(|| format!("publishing to {routing_key}"))?
+        publish(channel, exchange, routing_key, body, properties)
+            .await?
             .await
             .doing(|| format!("waiting for the confirm from {routing_key}"))
     })
@@ -217,6 +206,35 @@ pub async fn publish_confirmed(
         routing_key: routing_key.to_owned(),
         source,
     })??;
+    confirmed(routing_key, confirm)
+}
+
+/// Publishes one message, persistent and mandatory, and returns its confirm
+/// to wait for: several can be in flight on one channel.
+pub async fn publish(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<lapin::PublisherConfirm, BrokerError> {
+    channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            properties.with_delivery_mode(2),
+        )
+        .await
+        .doing(|| format!("publishing to {routing_key}"))
+}
+
+/// Whether a confirm says the message was routed and stored.
+pub fn confirmed(routing_key: &str, confirm: Confirmation) -> Result<(), BrokerCallError> {
     match confirm {
         Confirmation::Ack(None) => Ok(()),
         Confirmation::Ack(Some(returned)) => Err(BrokerCallError::Returned {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::Channel;
+use outbox_common::amqp::Doing;
 use outbox_common::amqp::headers::ERROR_HEADER;
 use tokio_util::sync::CancellationToken;
 
@@ -35,34 +36,45 @@ enum ReleaseError {
 }
 
 impl<H: Handler> Consumer<H> {
-    /// Releases held events after each commit that moved an aggregate on,
-    /// and every [`SWEEP_EVERY`], until `cancel`.
+    /// Releases held events after each commit that moved on an aggregate
+    /// with held events, and sweeps every [`SWEEP_EVERY`], until `cancel`.
     pub(crate) async fn release_held(
         self: Arc<Self>,
         publish: Arc<Channel>,
         cancel: CancellationToken,
     ) {
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if let Err(error) = self.release_round(&publish).await {
-                tracing::warn!(queue = %self.queues.main, error = report(&error), "releasing held events failed; will retry");
-            }
-            tokio::select! {
+            let swept = tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = self.release.notified() => {}
-                _ = tokio::time::sleep(SWEEP_EVERY) => {}
+                _ = self.release.notified() => false,
+                _ = sweep.tick() => true,
+            };
+            if let Err(error) = self.release_round(&publish, swept).await {
+                tracing::warn!(queue = %self.queues.main, error = report(&error), "releasing held events failed; will retry");
             }
         }
     }
 
-    async fn release_round(&self, publish: &Channel) -> Result<(), ReleaseError> {
+    /// Publishes again the held events whose predecessor is applied; on a
+    /// `sweep`, also dead-letters those held past the hold limit and
+    /// samples the held gauges.
+    async fn release_round(&self, publish: &Channel, sweep: bool) -> Result<(), ReleaseError> {
         let mut conn = self.pool.acquire().await?;
         loop {
             let rows = hold::releasable(&mut conn, self.name(), RELEASE_BATCH).await?;
+            if rows.is_empty() {
+                break;
+            }
             let done = self.publish_again(publish, &rows, None).await?;
             hold::released(&mut conn, self.name(), &done).await?;
             if (rows.len() as i64) < RELEASE_BATCH {
                 break;
             }
+        }
+        if !sweep {
+            return Ok(());
         }
         let limit = self.config.hold_limit();
         let expired = hold::expired(&mut conn, self.name(), limit.as_secs_f64(), RELEASE_BATCH);
@@ -80,33 +92,54 @@ impl<H: Handler> Consumer<H> {
     }
 
     /// Publishes `rows` to the main queue (or, with a `dead` reason, to the
-    /// DLQ), each confirmed; returns those the broker took.
+    /// DLQ), all of them before the first confirm is awaited; returns them
+    /// all once every confirm says routed and stored, or the first failure
+    /// (then none is deleted: the next round publishes them again, and the
+    /// dedup rows absorb the copies that did arrive).
     async fn publish_again(
         &self,
         publish: &Channel,
         rows: &[HeldRow],
         dead: Option<&str>,
     ) -> Result<HashSet<uuid::Uuid>, ReleaseError> {
-        let mut done = HashSet::new();
-        for row in rows {
-            let (queue, mut properties) = (&self.queues.main, row.properties());
-            let queue = match dead {
-                None => queue,
-                Some(reason) => {
+        let queue = match dead {
+            None => &self.queues.main,
+            Some(_) => &self.queues.dlq,
+        };
+        // Nothing else on the shared channel meanwhile (see `forward`): a
+        // return rides on whichever confirm comes next, so it must be one
+        // of these, and any failure fails them all.
+        let _one_at_a_time = self.forwarding.lock().await;
+        let confirms = async {
+            let mut pending = Vec::with_capacity(rows.len());
+            for row in rows {
+                let mut properties = row.properties();
+                if let Some(reason) = dead {
                     let mut headers = properties.headers().clone().unwrap_or_default();
                     headers.insert(
                         ERROR_HEADER.into(),
                         lapin::types::AMQPValue::LongString(reason.into()),
                     );
                     properties = properties.with_headers(headers);
-                    &self.queues.dlq
                 }
-            };
-            // One publish at a time on the shared channel (see `forward`).
-            let _one_at_a_time = self.forwarding.lock().await;
-            message::publish_confirmed(publish, "", queue, &row.body, properties).await?;
-            done.insert(row.transaction_id);
-        }
+                pending.push(message::publish(publish, "", queue, &row.body, properties).await?);
+            }
+            let mut done = HashSet::with_capacity(rows.len());
+            for (row, confirm) in rows.iter().zip(pending) {
+                let confirm = confirm
+                    .await
+                    .doing(|| format!("waiting for the confirm from {queue}"))?;
+                message::confirmed(queue, confirm)?;
+                done.insert(row.transaction_id);
+            }
+            Ok::<_, BrokerCallError>(done)
+        };
+        let done = tokio::time::timeout(message::AMQP_TIMEOUT, confirms)
+            .await
+            .map_err(|source| BrokerCallError::ConfirmTimedOut {
+                routing_key: queue.clone(),
+                source,
+            })??;
         Ok(done)
     }
 }

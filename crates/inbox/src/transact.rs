@@ -197,10 +197,12 @@ impl<H: Handler> Consumer<H> {
         {
             return Transacted::Outage(InboxError::database(error));
         }
-        if let Some(sorted) = &sorted
-            && let Err(error) = hold::advance(&mut tx, self.name(), sorted).await
-        {
-            return refused_or_outage(error);
+        let mut release = false;
+        if let Some(sorted) = &sorted {
+            match hold::advance(&mut tx, self.name(), sorted).await {
+                Ok(waiting) => release = waiting,
+                Err(error) => return refused_or_outage(error),
+            }
         }
         if let Err(error) = tx.commit().await {
             return refused_or_outage(error);
@@ -210,7 +212,7 @@ impl<H: Handler> Consumer<H> {
             self.wakes.iter().for_each(Wake::notify);
         }
         let held: HashSet<Uuid> = sorted.iter().flat_map(|s| s.hold.iter().copied()).collect();
-        if sorted.is_some_and(|s| !s.advanced.is_empty()) {
+        if release {
             // Held events may follow what was applied now.
             self.release.notify_one();
         }
