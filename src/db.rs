@@ -39,12 +39,18 @@ pub async fn connect(
 }
 
 /// [`connect`] for an operator's command: an unreachable Postgres is an
-/// error after [`COMMAND_PATIENCE`], not a wait without end.
+/// error after [`COMMAND_PATIENCE`], not a wait without end, and no
+/// migration is applied (`migrate` applies them itself; the tools only
+/// read and skip).
 pub async fn connect_for_command(
     config: &DatabaseConfig,
     cancel: &CancellationToken,
 ) -> anyhow::Result<PgPool> {
-    open(config, cancel, Some(COMMAND_PATIENCE)).await
+    let config = DatabaseConfig {
+        skip_migrations: true,
+        ..config.clone()
+    };
+    open(&config, cancel, Some(COMMAND_PATIENCE)).await
 }
 
 async fn open(

@@ -165,10 +165,6 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             roles.wait(SHUTDOWN_DEADLINE).await
         }
         Command::Migrate { db } => {
-            let db = DatabaseConfig {
-                skip_migrations: true,
-                ..db
-            };
             // Within seconds: an operator waits for the answer.
             let pool = crate::db::connect_for_command(&db, &cancel).await?;
             // sqlx waits on its advisory lock for as long as another process

@@ -8,12 +8,8 @@ use crate::config::DatabaseConfig;
 /// Prints the consumer's held aggregates; a Postgres it cannot read is a
 /// note, not a failure: the dead letters above were listed.
 pub(super) async fn print(db: &DatabaseConfig, consumer: &str, cancel: &CancellationToken) {
-    let db = DatabaseConfig {
-        skip_migrations: true,
-        ..db.clone()
-    };
     let held = async {
-        let pool = crate::db::connect_for_command(&db, cancel).await?;
+        let pool = crate::db::connect_for_command(db, cancel).await?;
         let held = inbox::waiting::list(&pool, consumer, 100).await;
         pool.close().await;
         anyhow::Ok(held?)
@@ -42,11 +38,7 @@ pub(super) async fn skip(
     aggregate_id: &str,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let db = DatabaseConfig {
-        skip_migrations: true,
-        ..db.clone()
-    };
-    let pool = crate::db::connect_for_command(&db, cancel).await?;
+    let pool = crate::db::connect_for_command(db, cancel).await?;
     let skipped = inbox::waiting::skip(&pool, consumer, aggregate_type, aggregate_id).await?;
     pool.close().await;
     match skipped {

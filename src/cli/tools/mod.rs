@@ -100,10 +100,6 @@ pub(super) async fn outbox_status(
     db: DatabaseConfig,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let db = DatabaseConfig {
-        skip_migrations: true,
-        ..db
-    };
     let pool = crate::db::connect_for_command(&db, cancel).await?;
     let mut conn = pool.acquire().await?;
     let tables = [
