@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use inbox::{Consumer, ConsumerConfig, Event, Handler, HandlerError};
-use order_service::config::RelayConfig;
+use order_service::config::{AmqpConfig, RelayConfig};
 use order_service::orders::EVENTS;
 use outbox::{NewOutboxEvent, Relay};
 use outbox_common::amqp::Subscription;
@@ -95,6 +95,71 @@ impl Handler for Projection {
     }
 }
 
+/// A test's database with the projection's table, and the subscriptions'
+/// queues of its own, deleted on drop.
+struct Carts {
+    db: TestDb,
+    amqp: AmqpConfig,
+    subscriptions: Vec<Subscription>,
+    _queues: DeleteQueues,
+}
+
+impl Carts {
+    async fn new(subscriptions: &[Subscription]) -> Self {
+        let db = TestDb::new().await;
+        sqlx::query(
+            "CREATE TABLE cart_applied (id bigserial PRIMARY KEY, consumer text NOT NULL, \
+               cart bigint NOT NULL, seq bigint, event_type text NOT NULL)",
+        )
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let amqp = test_amqp();
+        let _queues = DeleteQueues {
+            config: amqp.clone(),
+            consumers: subscriptions.iter().map(|s| s.consumer).collect(),
+        };
+        let subscriptions = subscriptions.to_vec();
+        Self {
+            db,
+            amqp,
+            subscriptions,
+            _queues,
+        }
+    }
+
+    /// Drops the database (the queues go when `self` is dropped).
+    async fn cleanup(self) {
+        self.db.cleanup().await;
+    }
+
+    /// Writes every cart's `history` through the outbox in one transaction,
+    /// then publishes it all, `batch` rows a relay batch.
+    async fn publish(&self, carts: std::ops::Range<usize>, history: &[&'static str], batch: i64) {
+        let events: Vec<NewOutboxEvent> = carts
+            .flat_map(|cart| {
+                history.iter().map(move |&event_type| NewOutboxEvent {
+                    transaction_id: Uuid::new_v4(),
+                    aggregate_type: "cart",
+                    aggregate_id: format!("cart-{cart}"),
+                    event_type,
+                    payload: json!({ "cart": cart }),
+                    headers: json!({}),
+                })
+            })
+            .collect();
+        let mut tx = self.db.pool.begin().await.unwrap();
+        EVENTS.insert_many(&mut tx, &events).await.unwrap();
+        tx.commit().await.unwrap();
+        let relay = Relay::new(self.db.pool.clone(), EVENTS.clone(), self.amqp.clone())
+            .with_config(RelayConfig::default().with_batch_size(batch))
+            .with_subscriptions(self.subscriptions.clone());
+        let publisher = relay.publisher(&CancellationToken::new()).await.unwrap();
+        while relay.drain(&publisher).await.unwrap() > 0 {}
+        publisher.close().await;
+    }
+}
+
 async fn applied(pool: &PgPool, consumer: &str) -> BTreeMap<i64, Vec<i64>> {
     let rows: Vec<(i64, i64)> = sqlx::query_as(
         "SELECT cart, coalesce(seq, 0) FROM cart_applied WHERE consumer = $1 ORDER BY id",
@@ -112,42 +177,10 @@ async fn applied(pool: &PgPool, consumer: &str) -> BTreeMap<i64, Vec<i64>> {
 
 #[tokio::test]
 async fn an_ordered_handler_applies_each_aggregates_events_in_sequence() {
-    let db = TestDb::new().await;
-    sqlx::query(
-        "CREATE TABLE cart_applied (id bigserial PRIMARY KEY, consumer text NOT NULL, \
-           cart bigint NOT NULL, seq bigint, event_type text NOT NULL)",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    let amqp = test_amqp();
-    let _queues = DeleteQueues {
-        config: amqp.clone(),
-        consumers: vec![PROJECTION.consumer, AUDIT.consumer],
-    };
     // Every cart's five events in one burst, then published.
-    let mut events = Vec::new();
-    for cart in 0..CARTS {
-        for event_type in HISTORY {
-            events.push(NewOutboxEvent {
-                transaction_id: Uuid::new_v4(),
-                aggregate_type: "cart",
-                aggregate_id: format!("cart-{cart}"),
-                event_type,
-                payload: json!({ "cart": cart }),
-                headers: json!({}),
-            });
-        }
-    }
-    let mut tx = db.pool.begin().await.unwrap();
-    EVENTS.insert_many(&mut tx, &events).await.unwrap();
-    tx.commit().await.unwrap();
-    let relay = Relay::new(db.pool.clone(), EVENTS.clone(), amqp.clone())
-        .with_config(RelayConfig::default().with_batch_size(7))
-        .with_subscriptions(vec![PROJECTION, AUDIT]);
-    let publisher = relay.publisher(&CancellationToken::new()).await.unwrap();
-    while relay.drain(&publisher).await.unwrap() > 0 {}
-    publisher.close().await;
+    let carts = Carts::new(&[PROJECTION, AUDIT]).await;
+    carts.publish(0..CARTS, &HISTORY, 7).await;
+    let (db, amqp) = (&carts.db, &carts.amqp);
 
     // Two consumers share the projection's queue; each takes batches of up
     // to 4 deliveries, so successors often come in before their predecessor.
@@ -219,7 +252,7 @@ async fn an_ordered_handler_applies_each_aggregates_events_in_sequence() {
     cancel.cancel();
     tracker.close();
     tracker.wait().await;
-    db.cleanup().await;
+    carts.cleanup().await;
 }
 
 /// A poison event (refused every time) ends in the dead-letter queue and
@@ -228,39 +261,12 @@ async fn an_ordered_handler_applies_each_aggregates_events_in_sequence() {
 /// it go on.
 #[tokio::test]
 async fn a_poison_event_holds_its_aggregate_only_until_it_is_skipped() {
-    let db = TestDb::new().await;
-    sqlx::query(
-        "CREATE TABLE cart_applied (id bigserial PRIMARY KEY, consumer text NOT NULL, \
-           cart bigint NOT NULL, seq bigint, event_type text NOT NULL)",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    let amqp = test_amqp();
-    let _queues = DeleteQueues {
-        config: amqp.clone(),
-        consumers: vec![PROJECTION.consumer],
-    };
-    let events: Vec<NewOutboxEvent> = (0..3)
-        .flat_map(|cart| {
-            ["cart.opened", "cart.item_added", "cart.paid"].map(|event_type| NewOutboxEvent {
-                transaction_id: Uuid::new_v4(),
-                aggregate_type: "cart",
-                aggregate_id: format!("cart-{cart}"),
-                event_type,
-                payload: json!({ "cart": cart }),
-                headers: json!({}),
-            })
-        })
-        .collect();
-    let mut tx = db.pool.begin().await.unwrap();
-    EVENTS.insert_many(&mut tx, &events).await.unwrap();
-    tx.commit().await.unwrap();
-    let relay = Relay::new(db.pool.clone(), EVENTS.clone(), amqp.clone())
-        .with_subscriptions(vec![PROJECTION]);
-    let publisher = relay.publisher(&CancellationToken::new()).await.unwrap();
-    while relay.drain(&publisher).await.unwrap() > 0 {}
-    publisher.close().await;
+    let carts = Carts::new(&[PROJECTION]).await;
+    let history = ["cart.opened", "cart.item_added", "cart.paid"];
+    carts
+        .publish(0..3, &history, RelayConfig::default().batch_size())
+        .await;
+    let (db, amqp) = (&carts.db, &carts.amqp);
     let handler = Projection {
         subscription: PROJECTION,
         ordered: true,
@@ -322,7 +328,7 @@ async fn a_poison_event_holds_its_aggregate_only_until_it_is_skipped() {
 
     cancel.cancel();
     running.await.unwrap();
-    db.cleanup().await;
+    carts.cleanup().await;
 }
 
 /// Held events are bounded too: one held longer than the hold limit (the
@@ -330,35 +336,12 @@ async fn a_poison_event_holds_its_aggregate_only_until_it_is_skipped() {
 /// reason, rather than waiting for ever or being deleted unapplied.
 #[tokio::test]
 async fn an_event_held_past_the_hold_limit_is_dead_lettered() {
-    let db = TestDb::new().await;
-    sqlx::query(
-        "CREATE TABLE cart_applied (id bigserial PRIMARY KEY, consumer text NOT NULL, \
-           cart bigint NOT NULL, seq bigint, event_type text NOT NULL)",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    let amqp = test_amqp();
-    let _queues = DeleteQueues {
-        config: amqp.clone(),
-        consumers: vec![PROJECTION.consumer],
-    };
-    let events = ["cart.opened", "cart.paid"].map(|event_type| NewOutboxEvent {
-        transaction_id: Uuid::new_v4(),
-        aggregate_type: "cart",
-        aggregate_id: "cart-1".into(),
-        event_type,
-        payload: json!({ "cart": 1 }),
-        headers: json!({}),
-    });
-    let mut tx = db.pool.begin().await.unwrap();
-    EVENTS.insert_many(&mut tx, &events).await.unwrap();
-    tx.commit().await.unwrap();
-    let relay = Relay::new(db.pool.clone(), EVENTS.clone(), amqp.clone())
-        .with_subscriptions(vec![PROJECTION]);
-    let publisher = relay.publisher(&CancellationToken::new()).await.unwrap();
-    while relay.drain(&publisher).await.unwrap() > 0 {}
-    publisher.close().await;
+    let carts = Carts::new(&[PROJECTION]).await;
+    let history = ["cart.opened", "cart.paid"];
+    carts
+        .publish(1..2, &history, RelayConfig::default().batch_size())
+        .await;
+    let (db, amqp) = (&carts.db, &carts.amqp);
     let handler = Projection {
         subscription: PROJECTION,
         ordered: true,
@@ -409,5 +392,5 @@ async fn an_event_held_past_the_hold_limit_is_dead_lettered() {
     assert_eq!(held, 0);
     cancel.cancel();
     running.await.unwrap();
-    db.cleanup().await;
+    carts.cleanup().await;
 }
