@@ -295,11 +295,12 @@ impl Scenario {
                 let poison = ("EMAIL_POISON_PRODUCT", POISON_PRODUCT.to_owned());
                 Stack::start_with(vec![poison]).await
             }
-            // In sequence, the e-mail consumers do not drain the alarm's
-            // backlog under the continuing load within the deadline on two
-            // cores (they drain at about a third of their rate without:
-            // `cargo bench --bench perf -- ordering`); this scenario runs
-            // them without order, and reports the order without failing on it.
+            // In sequence, one delivery a transaction, the two e-mail
+            // consumers apply about 150 events/s together on two cores
+            // shared with the rest, below the 200/s the load brings: the
+            // alarm's backlog only grows (17,351 ready in their queue
+            // 150 s after the alarm, measured). This scenario runs them
+            // without order, and reports the order without failing on it.
             Scenario::Alarm => {
                 let unordered = ("EMAIL_IN_SEQUENCE", "false".to_owned());
                 Stack::start_with(vec![unordered]).await
@@ -466,14 +467,17 @@ async fn memory_alarm(stack: &mut Stack, load: &Load, faults: &mut Faults) -> Al
                 break clearing.elapsed();
             }
         }
-        assert!(
-            clearing.elapsed() < ALARM_DRAIN_DEADLINE,
-            "what was written before the alarm ended is not through within \
-             {ALARM_DRAIN_DEADLINE:?} after it: (unpublished outbox rows, orders not through \
-             the whole chain) = {backlog:?}\n{}",
-            stack.processes.diagnostics()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        if clearing.elapsed() >= ALARM_DRAIN_DEADLINE {
+            let stuck = checks::stuck_orders(&stack.pool, clearing_at, 5).await;
+            let queues = blocking(services::queue_depths).await;
+            panic!(
+                "what was written before the alarm ended is not through within \
+                 {ALARM_DRAIN_DEADLINE:?} after it: (unpublished outbox rows, orders not through \
+                 the whole chain) = {backlog:?}\n{stuck}\nqueues: {queues}\n{}",
+                stack.processes.diagnostics()
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     };
     let health = health.stop().await;
     let resumed_in = checks::first_published_after(&stack.pool, clearing_at)

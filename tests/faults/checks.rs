@@ -314,6 +314,56 @@ pub async fn backlog_until(pool: &PgPool, until: DateTime<Utc>) -> sqlx::Result<
     .await
 }
 
+/// Up to `limit` orders written by `until` and not through the whole
+/// chain, each with its events: which consumers applied them, and what
+/// the in-sequence e-mail consumer holds or last applied of the order.
+pub async fn stuck_orders(pool: &PgPool, until: DateTime<Utc>, limit: i64) -> String {
+    let rows: sqlx::Result<
+        Vec<(
+            String,
+            String,
+            Option<i64>,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+        )>,
+    > = sqlx::query_as(
+        "WITH stuck AS ( \
+               SELECT o.id::text AS id FROM orders o \
+               JOIN outbox x ON x.aggregate_id = o.id::text \
+               LEFT JOIN processed_messages p ON p.transaction_id = x.transaction_id \
+               WHERE o.created_at <= $1 GROUP BY o.id \
+               HAVING count(p.consumer) FILTER (WHERE x.event_type = 'order.created') < 2 \
+                   OR count(p.consumer) FILTER (WHERE x.event_type = 'order.confirmed') < 1 \
+               LIMIT $2) \
+             SELECT s.id, x.event_type, x.seq, \
+               (SELECT string_agg(p.consumer, ',') FROM processed_messages p \
+                  WHERE p.transaction_id = x.transaction_id), \
+               (SELECT max(a.last_seq) FROM inbox_aggregates a \
+                  WHERE a.aggregate_id = s.id), \
+               (SELECT count(*) FROM inbox_held h WHERE h.transaction_id = x.transaction_id) \
+             FROM stuck s JOIN outbox x ON x.aggregate_id = s.id ORDER BY s.id, x.seq",
+    )
+    .bind(until)
+    .bind(limit)
+    .fetch_all(pool)
+    .await;
+    match rows {
+        Err(error) => format!("stuck orders not read: {error}"),
+        Ok(rows) => rows
+            .into_iter()
+            .map(|(order, event, seq, applied_by, last_seq, held)| {
+                format!(
+                    "order {order} {event} seq {seq:?}: applied by {}, e-mail place {last_seq:?}, held {}",
+                    applied_by.unwrap_or_else(|| "none".into()),
+                    held.unwrap_or(0)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+    }
+}
+
 /// `order.confirmed` rows whose id is not the one derived from their
 /// order's `order.created` id (UUIDv5 of it and "order.confirmed"), as
 /// `(created id, confirmed id)`; an order confirmed without its

@@ -258,3 +258,20 @@ pub fn restore() {
         eprintln!("faults: could not restore RabbitMQ's memory watermark: {error}");
     }
 }
+
+/// Every queue's name, ready and unacked messages, for a failure's message.
+pub fn queue_depths() -> String {
+    match Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_queues",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
+        .output()
+    {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).replace('\t', " "),
+        Err(error) => format!("rabbitmqctl list_queues: {error}"),
+    }
+}
