@@ -394,3 +394,64 @@ async fn an_event_held_past_the_hold_limit_is_dead_lettered() {
     running.await.unwrap();
     carts.cleanup().await;
 }
+
+/// Runs a statement that fails, swallows the error and returns Ok, on an
+/// aborted transaction.
+struct Swallower;
+
+impl Handler for Swallower {
+    type Event = serde_json::Value;
+
+    fn subscription(&self) -> Subscription {
+        PROJECTION
+    }
+
+    fn in_sequence(&self) -> bool {
+        true
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        _events: &[Event<serde_json::Value>],
+    ) -> Result<(), HandlerError> {
+        let _ = sqlx::query("SELECT 1 / 0").execute(&mut *tx).await;
+        Ok(())
+    }
+}
+
+/// A handler in sequence that swallows its statement's error returns Ok on
+/// an aborted transaction, whose COMMIT Postgres answers with a silent
+/// rollback: the event must come back as an outage (its delivery left for
+/// redelivery), not as applied, and neither its dedup row nor its
+/// aggregate's place may be written.
+#[tokio::test]
+async fn a_handler_in_sequence_that_swallows_an_error_is_not_taken_as_applied() {
+    let db = TestDb::new().await;
+    let consumer = Consumer::new(Swallower, db.pool.clone(), test_amqp());
+    let event = Event {
+        id: Uuid::new_v4(),
+        event_type: "cart.opened".into(),
+        body: json!({ "cart": 1 }),
+        attempt: 0,
+        trace_headers: json!({}),
+        sequence: Some(inbox::Sequence {
+            aggregate_type: "cart".into(),
+            aggregate_id: "cart-1".into(),
+            seq: 1,
+            predecessor: 0,
+        }),
+    };
+
+    let result = consumer.apply_one(&event).await;
+
+    assert!(result.is_err(), "an outage, not {result:?}");
+    let (dedup, places): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM processed_messages), (SELECT count(*) FROM inbox_aggregates)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((dedup, places), (0, 0));
+    db.cleanup().await;
+}

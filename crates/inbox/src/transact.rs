@@ -188,21 +188,26 @@ impl<H: Handler> Consumer<H> {
                 }
             }
         }
-        // A handler that swallowed an error of its own statement returns Ok
-        // on an aborted transaction, whose COMMIT Postgres answers with a
-        // rollback and no error: this statement fails there (25P02), so the
-        // deliveries wait for a fixed handler instead of being acked unapplied.
-        if !new_events.is_empty()
-            && let Err(error) = sqlx::query("SELECT 1").execute(&mut *tx).await
-        {
-            return Transacted::Outage(InboxError::database(error));
-        }
+        // Places moved on: the statement that records them also says whether
+        // an aggregate among them has held events to release.
         let mut release = false;
-        if let Some(sorted) = &sorted {
+        let advanced = sorted.as_ref().filter(|s| !s.advanced.is_empty());
+        if let Some(sorted) = advanced {
             match hold::advance(&mut tx, self.name(), sorted).await {
                 Ok(waiting) => release = waiting,
                 Err(error) => return refused_or_outage(error),
             }
+        }
+        // A handler that swallowed an error of its own statement returns Ok
+        // on an aborted transaction, whose COMMIT Postgres answers with a
+        // rollback and no error: a statement after it fails there (25P02,
+        // an outage), so the deliveries wait for a fixed handler instead of
+        // being acked unapplied. The advance above is such a statement.
+        if !new_events.is_empty()
+            && advanced.is_none()
+            && let Err(error) = sqlx::query("SELECT 1").execute(&mut *tx).await
+        {
+            return Transacted::Outage(InboxError::database(error));
         }
         if let Err(error) = tx.commit().await {
             return refused_or_outage(error);
