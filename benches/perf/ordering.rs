@@ -20,7 +20,9 @@
 //! confirmed" recorded before their "order received" (order off: about the
 //! displaced tenth; order on: must be 0), and the peak of the consumer's
 //! held-events metrics (every metric whose name has `held`), sampled
-//! during the drain.
+//! during the drain, and the drain's CPU per event, from /proc: the
+//! consumer process, Postgres (the whole cluster, this benchmark's own
+//! polling included) and RabbitMQ.
 //!
 //! `ORDERING_BENCH_N` (default 10,000 orders, so 20,000 events) and
 //! `ORDERING_BENCH_ROUNDS` (default 3).
@@ -36,6 +38,7 @@ use order_service::orders::{EVENTS, OrderConfirmed, OrderEvent};
 use outbox_common::amqp::QueueNames;
 use tokio_util::sync::CancellationToken;
 
+use crate::cpu::{Parties, PerOrder};
 use crate::report::Report;
 use crate::service::Service;
 use crate::setup::{BenchDb, bench_amqp, cleanup_amqp};
@@ -69,11 +72,23 @@ struct Drain {
     inverted: i64,
     /// Peak of each `held` series of the consumer's metrics.
     held: BTreeMap<String, f64>,
+    /// CPU per event, consumer start to drained (`_ms` fields: ms per event).
+    cpu: PerOrder,
 }
 
 impl Drain {
     fn side(&self) -> &'static str {
         if self.in_sequence { "on" } else { "off" }
+    }
+
+    fn cpu_summary(&self) -> String {
+        let c = &self.cpu;
+        format!(
+            "CPU per event: consumer {:.0} us, Postgres {:.0} us, RabbitMQ {:.0} us",
+            c.service_ms * 1000.0,
+            c.postgres_ms * 1000.0,
+            c.rabbitmq_ms * 1000.0
+        )
     }
 
     fn held_summary(&self) -> String {
@@ -228,6 +243,12 @@ async fn drain(n: usize, in_sequence: bool) -> anyhow::Result<Drain> {
     consumer_env.push(("EMAIL_IN_SEQUENCE", in_sequence.to_string()));
     consumer_env.push(("EMAIL_FAILURE_RATE", "0".into()));
     let consumer = Service::start(&["consume", "email"], &consumer_env).await?;
+    let parties = Parties {
+        postgres: crate::cpu::postmaster(&db.pool).await?,
+        rabbitmq: crate::cpu::rabbitmq(),
+        service: consumer.child.id(),
+    };
+    let cpu_before = parties.sample();
     let client = reqwest::Client::new();
     let mut held = BTreeMap::new();
     let (mut first, mut next_scrape) = (None, Instant::now());
@@ -254,6 +275,9 @@ async fn drain(n: usize, in_sequence: bool) -> anyhow::Result<Drain> {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
+    // The drain's CPU, per event: the consumer, Postgres (the whole cluster,
+    // this benchmark's own polling included) and RabbitMQ.
+    let cpu = PerOrder::between(cpu_before, parties.sample(), events);
     consumer.stop()?;
     let first = first.unwrap_or(started);
     anyhow::ensure!(
@@ -274,14 +298,16 @@ async fn drain(n: usize, in_sequence: bool) -> anyhow::Result<Drain> {
         rate: events as f64 / finished.duration_since(first).as_secs_f64(),
         inverted,
         held,
+        cpu,
     };
     println!(
         "ordering {}: {events} events ({displaced} orders' order.created published \
          {DISPLACEMENT} rows after their order.confirmed) drained at {:.0} events/s; \
-         {inverted} orders' payment-confirmed recorded before their order-received; {}",
+         {inverted} orders' payment-confirmed recorded before their order-received; {}; {}",
         drain.side(),
         drain.rate,
-        drain.held_summary()
+        drain.held_summary(),
+        drain.cpu_summary()
     );
     Ok(drain)
 }
@@ -306,14 +332,16 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
         let (on, off) = (on.expect("drained"), off.expect("drained"));
         let ratio = on.rate / off.rate;
         report.note(format!(
-            "ordering round {}: on {:.0} events/s ({} inverted, {}), off {:.0} events/s \
-             ({} inverted), ratio {ratio:.2}",
+            "ordering round {}: on {:.0} events/s ({} inverted, {}; {}), off {:.0} events/s \
+             ({} inverted; {}), ratio {ratio:.2}",
             round + 1,
             on.rate,
             on.inverted,
             on.held_summary(),
+            on.cpu_summary(),
             off.rate,
-            off.inverted
+            off.inverted,
+            off.cpu_summary()
         ));
         results.push((ratio, on, off));
     }
@@ -325,14 +353,17 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
              order.created published {DISPLACEMENT} rows late, order on (median of {rounds})"
         ),
         format!(
-            "{:.0} events/s, {} orders recorded out of order; {}",
+            "{:.0} events/s, {} orders recorded out of order; {}; {}",
             on.rate,
             on.inverted,
-            on.held_summary()
+            on.held_summary(),
+            on.cpu_summary()
         ),
         format!(
-            "same drain, order off: {:.0} events/s, {} orders recorded out of order",
-            off.rate, off.inverted
+            "same drain, order off: {:.0} events/s, {} orders recorded out of order; {}",
+            off.rate,
+            off.inverted,
+            off.cpu_summary()
         ),
         *ratio,
         ">= 0.8 (issue 23)",
