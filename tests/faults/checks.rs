@@ -314,20 +314,23 @@ pub async fn backlog_until(pool: &PgPool, until: DateTime<Utc>) -> sqlx::Result<
     .await
 }
 
+/// One event of a stuck order: the order, its type, its place, the
+/// consumers that applied it, the e-mail consumer's place for the order,
+/// and whether it is held.
+type StuckEvent = (
+    String,
+    String,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+);
+
 /// Up to `limit` orders written by `until` and not through the whole
 /// chain, each with its events: which consumers applied them, and what
 /// the in-sequence e-mail consumer holds or last applied of the order.
 pub async fn stuck_orders(pool: &PgPool, until: DateTime<Utc>, limit: i64) -> String {
-    let rows: sqlx::Result<
-        Vec<(
-            String,
-            String,
-            Option<i64>,
-            Option<String>,
-            Option<i64>,
-            Option<i64>,
-        )>,
-    > = sqlx::query_as(
+    let rows: sqlx::Result<Vec<StuckEvent>> = sqlx::query_as(
         "WITH stuck AS ( \
                SELECT o.id::text AS id FROM orders o \
                JOIN outbox x ON x.aggregate_id = o.id::text \

@@ -354,7 +354,7 @@ async fn an_event_held_past_the_hold_limit_is_dead_lettered() {
     let running = tokio::spawn(consumer.clone().run(cancel.clone()));
 
     let (_conn, channel) = crate::helpers::amqp_channel().await;
-    let dlq = outbox_common::amqp::QueueNames::new(&amqp, PROJECTION.consumer).dlq;
+    let dlq = outbox_common::amqp::QueueNames::new(amqp, PROJECTION.consumer).dlq;
     eventually("both events in the DLQ", Duration::from_secs(30), || {
         let (channel, dlq) = (channel.clone(), dlq.clone());
         async move {
