@@ -62,17 +62,23 @@ async fn events_are_numbered_with_the_latest_earlier_event_of_each_type() {
     db.cleanup().await;
 }
 
+/// Writes `event` in a transaction of its own, on a task: it waits while
+/// another transaction holds the aggregate's counter.
+fn second_writer(pool: &PgPool, event: NewOutboxEvent) -> tokio::task::JoinHandle<()> {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let mut tx = pool.begin().await.unwrap();
+        EVENTS.insert(&mut tx, &event).await.unwrap();
+        tx.commit().await.unwrap();
+    })
+}
+
 #[tokio::test]
 async fn a_second_writer_of_an_aggregate_waits_and_numbers_after_the_first_commits() {
     let db = TestDb::new().await;
     let mut first = db.pool.begin().await.unwrap();
     EVENTS.insert(&mut first, &event("c-1", "a")).await.unwrap();
-    let pool = db.pool.clone();
-    let second = tokio::spawn(async move {
-        let mut tx = pool.begin().await.unwrap();
-        EVENTS.insert(&mut tx, &event("c-1", "b")).await.unwrap();
-        tx.commit().await.unwrap();
-    });
+    let second = second_writer(&db.pool, event("c-1", "b"));
     // The second writer waits for the aggregate's counter's row lock.
     eventually(
         "the second writer to wait for a lock",
@@ -108,12 +114,7 @@ async fn a_writer_that_rolls_back_leaves_no_gap() {
     let db = TestDb::new().await;
     let mut first = db.pool.begin().await.unwrap();
     EVENTS.insert(&mut first, &event("c-1", "a")).await.unwrap();
-    let pool = db.pool.clone();
-    let second = tokio::spawn(async move {
-        let mut tx = pool.begin().await.unwrap();
-        EVENTS.insert(&mut tx, &event("c-1", "b")).await.unwrap();
-        tx.commit().await.unwrap();
-    });
+    let second = second_writer(&db.pool, event("c-1", "b"));
     first.rollback().await.unwrap();
     second.await.unwrap();
 
