@@ -36,15 +36,19 @@ impl Statements {
             // The first due row of each aggregate only: a row waits while an
             // earlier row of its aggregate is pending (due later, or being
             // sent by another dispatcher: locked, but visible); a row given
-            // up on holds nothing back.
+            // up on holds nothing back. A correlated subquery, not NOT
+            // EXISTS: Postgres turns that into an anti join, whose generic
+            // plan made while the table was empty scanned every pending row
+            // for each candidate (29 ms a claim at 8,000 pending mails,
+            // measured; 4.8 ms this way).
             claim_in_sequence: sql(format!(
                 "SELECT id, transaction_id, aggregate_type, aggregate_id, event_type, \
                    payload::text AS payload, headers, created_at, attempts, seq, previous \
                  FROM {name} AS o WHERE published_at IS NULL AND next_attempt_at <= now() \
                    AND next_attempt_at < 'infinity' \
-                   AND NOT EXISTS (SELECT 1 FROM {name} AS e \
+                   AND o.id = (SELECT min(e.id) FROM {name} AS e \
                      WHERE e.aggregate_type = o.aggregate_type AND e.aggregate_id = o.aggregate_id \
-                       AND e.id < o.id AND e.published_at IS NULL AND e.next_attempt_at < 'infinity') \
+                       AND e.published_at IS NULL AND e.next_attempt_at < 'infinity') \
                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
             )),
             claim: sql(format!(
