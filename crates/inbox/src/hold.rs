@@ -156,10 +156,11 @@ pub(crate) async fn hold<E>(
     Ok(())
 }
 
-/// Records the aggregates moved on, and says whether any of them has held
-/// events (which may follow now). Exact: a transaction holds an event only
-/// while it has its aggregate's row locked, as this one has, so every
-/// hold of these aggregates is committed or is this transaction's own.
+/// Records the aggregates moved on (`sorted.advanced`, not empty), and
+/// says whether any of them has held events (which may follow now).
+/// Exact: a transaction holds an event only while it has its aggregate's
+/// row locked, as this one has, so every hold of these aggregates is
+/// committed or is this transaction's own.
 /// (A held event's row is deleted by the release that published it again,
 /// not by the apply of its copy.)
 pub(crate) async fn advance(
@@ -167,9 +168,6 @@ pub(crate) async fn advance(
     consumer: &str,
     sorted: &SortedOut,
 ) -> sqlx::Result<bool> {
-    if sorted.advanced.is_empty() {
-        return Ok(false);
-    }
     let (types, rest): (Vec<&str>, Vec<(&str, i64)>) = sorted
         .advanced
         .iter()

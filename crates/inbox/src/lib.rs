@@ -146,8 +146,8 @@ pub struct Consumer<H> {
     subscribed: Flag,
     /// Held while a delivery is forwarded to a delay queue or the DLQ.
     forwarding: tokio::sync::Mutex<()>,
-    /// Signalled after a commit moved an aggregate on: its held events may
-    /// go ([`Handler::in_sequence`]).
+    /// Signalled after a commit moved on an aggregate with held events:
+    /// they may go now ([`Handler::in_sequence`]).
     release: tokio::sync::Notify,
 }
 

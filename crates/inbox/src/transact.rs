@@ -64,7 +64,7 @@ impl<H: Handler> Consumer<H> {
         self.apply_batch_holding(events, &HashMap::new()).await
     }
 
-    /// [`Consumer::apply_batch`], with what the deliveries carried, for an
+    /// [`Consumer::apply_batch`], with what the deliveries carried, for a
     /// handler in sequence to hold an event that comes before its predecessor.
     pub(crate) async fn apply_batch_holding(
         &self,
