@@ -294,24 +294,34 @@ pub async fn written_without_202(
     .await
 }
 
+/// The orders written by `$1` (Postgres' clock) and not yet through the
+/// whole chain: their `order.created` processed by both consumers, their
+/// `order.confirmed` written, published and processed by e-mail. One
+/// definition for the backlog and the stuck-order report.
+macro_rules! unfinished_orders_by {
+    () => {
+        "SELECT o.id FROM orders o \
+         JOIN outbox x ON x.aggregate_id = o.id::text \
+         LEFT JOIN processed_messages p ON p.transaction_id = x.transaction_id \
+         WHERE o.created_at <= $1 GROUP BY o.id \
+         HAVING count(p.consumer) FILTER (WHERE x.event_type = 'order.created') < 2 \
+             OR count(p.consumer) FILTER (WHERE x.event_type = 'order.confirmed') < 1"
+    };
+}
+
 /// The backlog left of what was written up to `until` (Postgres' clock):
 /// outbox rows written by then and not yet published (the relay's part), and
 /// orders written by then and not yet through the whole chain (their
 /// `order.created` processed by both consumers, their `order.confirmed`
 /// written, published and processed by e-mail).
 pub async fn backlog_until(pool: &PgPool, until: DateTime<Utc>) -> sqlx::Result<(i64, i64)> {
-    sqlx::query_as(
+    sqlx::query_as(concat!(
         "SELECT \
            (SELECT count(*) FROM outbox WHERE created_at <= $1 AND published_at IS NULL), \
-           (SELECT count(*) FROM ( \
-              SELECT o.id FROM orders o \
-              JOIN outbox x ON x.aggregate_id = o.id::text \
-              LEFT JOIN processed_messages p ON p.transaction_id = x.transaction_id \
-              WHERE o.created_at <= $1 \
-              GROUP BY o.id \
-              HAVING count(p.consumer) FILTER (WHERE x.event_type = 'order.created') < 2 \
-                  OR count(p.consumer) FILTER (WHERE x.event_type = 'order.confirmed') < 1) u)",
-    )
+           (SELECT count(*) FROM (",
+        unfinished_orders_by!(),
+        ") u)"
+    ))
     .bind(until)
     .fetch_one(pool)
     .await
@@ -333,23 +343,18 @@ type StuckEvent = (
 /// chain, each with its events: which consumers applied them, and what
 /// the in-sequence e-mail consumer holds or last applied of the order.
 pub async fn stuck_orders(pool: &PgPool, until: DateTime<Utc>, limit: i64) -> String {
-    let rows: sqlx::Result<Vec<StuckEvent>> = sqlx::query_as(
-        "WITH stuck AS ( \
-               SELECT o.id::text AS id FROM orders o \
-               JOIN outbox x ON x.aggregate_id = o.id::text \
-               LEFT JOIN processed_messages p ON p.transaction_id = x.transaction_id \
-               WHERE o.created_at <= $1 GROUP BY o.id \
-               HAVING count(p.consumer) FILTER (WHERE x.event_type = 'order.created') < 2 \
-                   OR count(p.consumer) FILTER (WHERE x.event_type = 'order.confirmed') < 1 \
-               LIMIT $2) \
+    let rows: sqlx::Result<Vec<StuckEvent>> = sqlx::query_as(concat!(
+        "WITH stuck AS (SELECT id::text AS id FROM (",
+        unfinished_orders_by!(),
+        " LIMIT $2) u) \
              SELECT s.id, x.event_type, x.seq, \
                (SELECT string_agg(p.consumer, ',') FROM processed_messages p \
                   WHERE p.transaction_id = x.transaction_id), \
                (SELECT max(a.last_seq) FROM inbox_aggregates a \
                   WHERE a.aggregate_id = s.id), \
                (SELECT count(*) FROM inbox_held h WHERE h.transaction_id = x.transaction_id) \
-             FROM stuck s JOIN outbox x ON x.aggregate_id = s.id ORDER BY s.id, x.seq",
-    )
+             FROM stuck s JOIN outbox x ON x.aggregate_id = s.id ORDER BY s.id, x.seq"
+    ))
     .bind(until)
     .bind(limit)
     .fetch_all(pool)

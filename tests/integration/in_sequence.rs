@@ -51,6 +51,18 @@ struct Projection {
     poison: Option<usize>,
 }
 
+impl Projection {
+    /// The projection in sequence, with `cart`'s first event refused every
+    /// time.
+    fn poisoned(cart: usize) -> Self {
+        Self {
+            subscription: PROJECTION,
+            ordered: true,
+            poison: Some(cart),
+        }
+    }
+}
+
 impl Handler for Projection {
     type Event = serde_json::Value;
 
@@ -267,11 +279,7 @@ async fn a_poison_event_holds_its_aggregate_only_until_it_is_skipped() {
         .publish(0..3, &history, RelayConfig::default().batch_size())
         .await;
     let (db, amqp) = (&carts.db, &carts.amqp);
-    let handler = Projection {
-        subscription: PROJECTION,
-        ordered: true,
-        poison: Some(1),
-    };
+    let handler = Projection::poisoned(1);
     let consumer = Arc::new(Consumer::new(handler, db.pool.clone(), amqp.clone()));
     let cancel = CancellationToken::new();
     let running = tokio::spawn(consumer.clone().run(cancel.clone()));
@@ -342,11 +350,7 @@ async fn an_event_held_past_the_hold_limit_is_dead_lettered() {
         .publish(1..2, &history, RelayConfig::default().batch_size())
         .await;
     let (db, amqp) = (&carts.db, &carts.amqp);
-    let handler = Projection {
-        subscription: PROJECTION,
-        ordered: true,
-        poison: Some(1),
-    };
+    let handler = Projection::poisoned(1);
     let config = ConsumerConfig::default().with_hold_limit(Duration::from_secs(2));
     let consumer = Consumer::new(handler, db.pool.clone(), amqp.clone()).with_config(config);
     let consumer = Arc::new(consumer);
