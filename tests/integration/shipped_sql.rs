@@ -82,6 +82,7 @@ async fn the_shipped_sql_makes_the_tables_the_migrations_make() {
     for table in [
         "outbox",
         "outbox_aggregates",
+        "outbox_wal_horizons",
         "processed_messages",
         "inbox_aggregates",
         "inbox_held",

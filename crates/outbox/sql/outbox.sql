@@ -39,3 +39,14 @@ CREATE TABLE outbox_aggregates (
 );
 -- Pruning of the counters.
 CREATE INDEX outbox_aggregates_updated_at_idx ON outbox_aggregates (updated_at);
+-- The WAL relay's horizons: which rows its slot has passed (see the
+-- crate's wal::horizons module). Unused by the polling relay.
+CREATE TABLE outbox_wal_horizons (
+    slot            text        NOT NULL,
+    taken_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
+    lsn             pg_lsn      NOT NULL,
+    max_id          bigint      NOT NULL,
+    oldest_xid      xid8        NOT NULL,
+    passed          boolean     NOT NULL DEFAULT false,
+    PRIMARY KEY (slot, taken_at)
+);

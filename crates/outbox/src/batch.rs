@@ -162,7 +162,7 @@ impl Relay {
     /// publish first takes one permit and gives it back with its confirm, so
     /// the publishes awaiting confirms never exceed the window, as in a raw
     /// confirmed-publish loop; without one, every confirm is in flight at once.
-    async fn publish_rows(
+    pub(crate) async fn publish_rows(
         &self,
         rows: &[OutboxRow],
         publisher: &Publisher,

@@ -64,6 +64,7 @@ mod scheduler;
 pub mod schema;
 mod statements;
 mod store;
+pub mod wal;
 
 pub use batch::{BatchOutcome, PublishedBatch};
 pub use config::RelayConfig;
