@@ -4,7 +4,10 @@
 //! yet but stops on a misconfiguration (`start`).
 
 mod options;
+mod replication;
 mod start;
+
+pub use self::replication::replication_config;
 
 use std::time::Duration;
 

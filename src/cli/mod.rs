@@ -64,6 +64,7 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             mail,
             auth,
         } => {
+            let wal = relay.wal(&db)?;
             let (amqp, relay) = (amqp.config(), relay.config());
             // An event held for its predecessor is dead-lettered past the dedup window.
             let consumer = consumer.config().with_hold_limit(retention.dedup());
@@ -77,11 +78,15 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
                 .start_api_with_auth(&http, Some(amqp.clone()), auth)
                 .await?;
             roles.start_relay(&amqp, &relay, false);
+            if let Some(source) = wal {
+                roles.start_wal_relay(&amqp, &relay, source).await?;
+            }
             roles.start_consumer(ConsumerKind::Email, &amqp, &consumer, &mail)?;
             roles.start_consumer(ConsumerKind::Billing, &amqp, &consumer, &mail)?;
             let dedup = retention.dedup();
             let prunes = vec![
                 EVENTS.prune(relay.retention()),
+                outbox::wal::horizons::prune(EVENTS.name(), relay.retention()),
                 retention::idempotency_keys(retention.idempotency_keys()),
                 inbox::dedup_prune(ConsumerKind::Email.name(), dedup),
                 inbox::sequence_prune(ConsumerKind::Email.name(), dedup),
@@ -117,16 +122,24 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             http,
             retention,
         } => {
+            let wal = relay.wal(&db)?;
             let (amqp, relay) = (amqp.config(), relay.config());
             let roles = Roles::new(connect_both(&db, &amqp, &cancel).await?, cancel);
-            roles.start_relay(&amqp, &relay, true);
+            // In WAL mode the polling relay takes only the rows handed to
+            // it: it needs no wake-up per order, its poll finds them.
+            roles.start_relay(&amqp, &relay, wal.is_none());
+            let in_wal_mode = wal.is_some();
+            if let Some(source) = wal {
+                roles.start_wal_relay(&amqp, &relay, source).await?;
+            }
             let prunes = [
                 Some(EVENTS.prune(relay.retention())),
+                Some(outbox::wal::horizons::prune(EVENTS.name(), relay.retention())),
                 EVENTS.prune_counters(relay.retention()),
             ];
             roles.start_retention(prunes.into_iter().flatten().collect(), &retention);
             roles
-                .start_probes(&http, roles.relay_probes(&amqp, &http))
+                .start_probes(&http, roles.relay_probes(&amqp, &http, in_wal_mode))
                 .await?;
             roles.wait(SHUTDOWN_DEADLINE).await
         }

@@ -157,6 +157,31 @@ pub struct RelaySettings {
     /// Published rows older than this are deleted (seconds).
     #[arg(long, env = "OUTBOX_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
     pub retention_secs: u64,
+    /// `poll`: claim due rows and mark them published. `wal`: publish from a
+    /// logical replication slot (Postgres's `wal_level = logical`), with the
+    /// polling relay beside it for the rows the broker refuses. See
+    /// docs/operations.md, "The WAL relay".
+    #[arg(long, env = "RELAY_MODE", default_value = "poll")]
+    pub mode: RelayMode,
+    /// The WAL relay's logical replication slot.
+    #[arg(long, env = "WAL_SLOT", default_value = "outbox_relay")]
+    pub wal_slot: String,
+    /// The WAL relay's publication of the outbox's inserts.
+    #[arg(long, env = "WAL_PUBLICATION", default_value = "outbox_relay")]
+    pub wal_publication: String,
+    /// How often the WAL relay records how far its slot got (seconds): what
+    /// retention may delete, and what a lost slot hands back.
+    #[arg(long, env = "WAL_HORIZON_INTERVAL_SECS", default_value_t = 60)]
+    pub wal_horizon_interval_secs: u64,
+}
+
+/// How the relay finds the rows to publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RelayMode {
+    /// Claim due rows (`FOR UPDATE SKIP LOCKED`) and mark them published.
+    Poll,
+    /// Read the outbox's inserts from a logical replication slot.
+    Wal,
 }
 
 impl RelaySettings {
@@ -168,6 +193,29 @@ impl RelaySettings {
             .with_poll_interval(Duration::from_millis(self.poll_interval_ms))
             .with_retention(Duration::from_secs(self.retention_secs))
     }
+
+    /// The WAL relay's source on `db`'s database, in `wal` mode.
+    pub fn wal(
+        &self,
+        db: &DatabaseConfig,
+    ) -> Result<Option<WalSource>, crate::db::StartError> {
+        if self.mode != RelayMode::Wal {
+            return Ok(None);
+        }
+        let replication =
+            crate::db::replication_config(&db.database_url, &self.wal_slot, &self.wal_publication)?;
+        Ok(Some(WalSource {
+            replication,
+            horizon_interval: Duration::from_secs(self.wal_horizon_interval_secs.max(1)),
+        }))
+    }
+}
+
+/// Where the WAL relay reads, and how often it records its progress.
+#[derive(Debug, Clone)]
+pub struct WalSource {
+    pub replication: outbox::wal::ReplicationConfig,
+    pub horizon_interval: Duration,
 }
 
 /// Consumer settings: the flags and variables of [`ConsumerConfig`].

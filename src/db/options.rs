@@ -35,23 +35,23 @@ const SSL_MODE: Param = Param {
     env: "PGSSLMODE",
 };
 /// The TLS files `DATABASE_URL` may name, likewise.
-const ROOT_CERT: Param = Param {
+pub(super) const ROOT_CERT: Param = Param {
     name: "sslrootcert",
     aliases: &["sslrootcert", "ssl-root-cert", "ssl-ca"],
     env: "PGSSLROOTCERT",
 };
-const CLIENT_CERT: Param = Param {
+pub(super) const CLIENT_CERT: Param = Param {
     name: "sslcert",
     aliases: &["sslcert", "ssl-cert"],
     env: "PGSSLCERT",
 };
-const CLIENT_KEY: Param = Param {
+pub(super) const CLIENT_KEY: Param = Param {
     name: "sslkey",
     aliases: &["sslkey", "ssl-key"],
     env: "PGSSLKEY",
 };
 
-struct Param {
+pub(super) struct Param {
     name: &'static str,
     aliases: &'static [&'static str],
     env: &'static str,
@@ -161,7 +161,7 @@ impl Param {
     /// The file this parameter names: the URL's, else the environment's.
     /// An inline PEM in the environment (which sqlx accepts) is no file to
     /// check.
-    fn file(&self, query: &[(String, String)]) -> Option<String> {
+    pub(super) fn file(&self, query: &[(String, String)]) -> Option<String> {
         self.in_url(query).or_else(|| {
             std::env::var(self.env)
                 .ok()
@@ -173,7 +173,7 @@ impl Param {
 /// The query of `url` as decoded key/value pairs (form encoding, as sqlx's
 /// URL parser reads it). By hand because the `url` crate is not a direct
 /// dependency; sqlx parses the same URL, this only finds the file names.
-fn query_pairs(url: &str) -> Vec<(String, String)> {
+pub(super) fn query_pairs(url: &str) -> Vec<(String, String)> {
     let Some((_, query)) = url.split_once('?') else {
         return Vec::new();
     };

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use inbox::ConsumerFamilies;
+use outbox::wal::WalMetrics;
 use outbox::{OutboxGauges, RelayMetrics};
 use outbox_common::metrics::{latency_histogram, seconds};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -34,6 +35,8 @@ pub struct Metrics {
     pub relay: RelayMetrics,
     /// The events' outbox table (outbox crate).
     pub outbox: OutboxGauges,
+    /// The WAL relay's (outbox crate; zero unless `RELAY_MODE=wal`).
+    pub wal: WalMetrics,
     /// Mails the SMTP server accepted.
     pub mail_sent: Counter,
     /// Sends that failed (temporary or permanent).
@@ -81,6 +84,7 @@ impl Default for Metrics {
         Self {
             relay: RelayMetrics::register(r),
             outbox: OutboxGauges::register(r, "outbox", "Outbox rows"),
+            wal: WalMetrics::register(r),
             mail_outbox: OutboxGauges::register(r, "mail_outbox", "Mails"),
             consumers: ConsumerFamilies::register(r),
             http_requests,

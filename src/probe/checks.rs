@@ -50,6 +50,14 @@ pub struct Readiness {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0)]
     pub outbox_lag_limit_seconds: Option<f64>,
+    /// With `RELAY_MODE=wal`: the age of the oldest transaction the WAL relay received and the broker has not confirmed (held to the outbox lag's limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub wal_lag_seconds: Option<f64>,
+    /// With `RELAY_MODE=wal`: WAL bytes between the server's position and the slot's confirmed one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub wal_lag_bytes: Option<i64>,
     /// The consumers of the process not subscribed to their queue now.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_subscribed: Vec<String>,
@@ -135,9 +143,11 @@ pub async fn readyz(State(state): State<ProbeState>) -> Response {
         .as_ref()
         .map(|(_, limit)| limit.as_secs_f64());
     let not_subscribed = state.status.unsubscribed();
+    let wal = &state.metrics.wal;
+    let wal_lag = state.probes.wal.then(|| wal.lag_seconds.get());
     let ready = postgres == PostgresCheck::Ok
         && matches!(rabbitmq, RabbitMqCheck::Ok | RabbitMqCheck::NotChecked)
-        && limit.is_none_or(|limit| lag <= limit)
+        && limit.is_none_or(|limit| lag <= limit && wal_lag.is_none_or(|wal| wal <= limit))
         && not_subscribed.is_empty();
     let (code, status) = if ready {
         (StatusCode::OK, Ready::Ready)
@@ -150,6 +160,8 @@ pub async fn readyz(State(state): State<ProbeState>) -> Response {
         rabbitmq,
         outbox_lag_seconds: limit.map(|_| lag),
         outbox_lag_limit_seconds: limit,
+        wal_lag_seconds: wal_lag,
+        wal_lag_bytes: state.probes.wal.then(|| wal.lag_bytes.get()),
         not_subscribed,
     };
     (code, Json(body)).into_response()

@@ -38,6 +38,9 @@ pub struct Probes {
     pub lag: Option<(Table, Duration)>,
     /// The outbox tables whose gauges `/metrics` sets.
     pub gauges: Vec<(Table, OutboxGauges)>,
+    /// The process runs the WAL relay: `/readyz` holds its lag to the
+    /// outbox lag's limit, and reports it.
+    pub wal: bool,
 }
 
 /// What the probe handlers share.

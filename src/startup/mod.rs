@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::auth::Authenticator;
 use crate::api::{self, AppState};
 use crate::config::{
-    AmqpConfig, ConsumerConfig, HttpConfig, MailConfig, RelayConfig, RetentionConfig,
+    AmqpConfig, ConsumerConfig, HttpConfig, MailConfig, RelayConfig, RetentionConfig, WalSource,
 };
 use crate::metrics::Metrics;
 use crate::orders::EVENTS;
@@ -27,6 +27,7 @@ use crate::probe::Status;
 mod probes;
 use inbox::{Consumer, Handler};
 use outbox::Dispatcher;
+use outbox::wal::WalRelay;
 use outbox::{Relay, Wake};
 use outbox_common::prune::Prune;
 
@@ -149,6 +150,33 @@ impl Roles {
             let _running = running;
             relay.run(cancel).await
         });
+    }
+
+    /// Starts the WAL relay on `source` (`RELAY_MODE=wal`), after its setup
+    /// (the publication, the slot, the table's default: see
+    /// `outbox::wal::setup`), which is a clear stop when it fails: a
+    /// `wal_level` that is not `logical`, a user without the right to
+    /// replicate. The polling relay runs beside it ([`Self::start_relay`]
+    /// without `listen`), for the rows the broker refuses and those written
+    /// before the switch.
+    pub async fn start_wal_relay(
+        &self,
+        amqp: &AmqpConfig,
+        config: &RelayConfig,
+        source: WalSource,
+    ) -> anyhow::Result<()> {
+        let relay = WalRelay::new(self.relay(amqp, config), source.replication)?
+            .with_horizon_interval(source.horizon_interval)
+            .with_metrics(self.metrics.wal.clone());
+        let setup = relay.setup().await.context("setting up the WAL relay")?;
+        tracing::info!(slot = relay.slot(), ?setup, "WAL relay set up");
+        let cancel = self.cancel.clone();
+        let running = self.status.running("wal relay");
+        self.tracker.spawn(async move {
+            let _running = running;
+            relay.run(cancel).await
+        });
+        Ok(())
     }
 
     /// Starts the pruning of `prunes` (see [`crate::retention`]).

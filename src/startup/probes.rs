@@ -35,15 +35,18 @@ impl Roles {
                 (EVENTS.clone(), self.metrics.outbox.clone()),
                 (MAILS.clone(), self.metrics.mail_outbox.clone()),
             ],
+            wal: false,
         }
     }
 
-    /// The relay's: Postgres, RabbitMQ, and its lag.
-    pub fn relay_probes(&self, amqp: &AmqpConfig, http: &HttpConfig) -> Probes {
+    /// The relay's: Postgres, RabbitMQ, and its lag (with `wal`, the WAL
+    /// relay's too).
+    pub fn relay_probes(&self, amqp: &AmqpConfig, http: &HttpConfig, wal: bool) -> Probes {
         Probes {
             amqp: Some(amqp.clone()),
             lag: Some((EVENTS.clone(), max_lag(http))),
             gauges: vec![(EVENTS.clone(), self.metrics.outbox.clone())],
+            wal,
         }
     }
 
@@ -55,6 +58,7 @@ impl Roles {
             amqp: Some(amqp.clone()),
             lag: None,
             gauges: mailer.then_some(mails).into_iter().collect(),
+            wal: false,
         }
     }
 }

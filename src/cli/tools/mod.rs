@@ -137,5 +137,28 @@ pub(super) async fn outbox_status(
             );
         }
     }
+    let slots = outbox::wal::slots(&pool, crate::orders::EVENTS.name()).await?;
+    if !slots.is_empty() {
+        println!("WAL relay slots (RELAY_MODE=wal)");
+    }
+    let secs = |s: Option<f64>| s.map(|s| format!("{s:.1}s")).unwrap_or_else(|| "-".into());
+    for slot in slots {
+        let reader = slot.reader_pid.map(|p| format!("pid {p}"));
+        println!("  {}", slot.slot);
+        println!(
+            "    read by:             {}",
+            reader.as_deref().unwrap_or("nobody (the WAL piles up)")
+        );
+        println!("    lag:                 {} bytes", slot.lag_bytes.unwrap_or(0));
+        println!("    flush lag:           {}", secs(slot.flush_lag_secs));
+        println!(
+            "    WAL kept:            {}",
+            slot.wal_status.as_deref().unwrap_or("-")
+        );
+        println!(
+            "    last passed horizon: {} ago",
+            secs(slot.passed_horizon_age_secs)
+        );
+    }
     Ok(())
 }
