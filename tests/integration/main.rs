@@ -21,3 +21,4 @@ mod retention;
 mod sequences;
 mod shipped_sql;
 mod topology;
+mod wal;
