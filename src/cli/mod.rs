@@ -77,9 +77,9 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             roles
                 .start_api_with_auth(&http, Some(amqp.clone()), auth)
                 .await?;
-            roles.start_relay(&amqp, &relay, false);
-            if let Some(source) = wal {
-                roles.start_wal_relay(&amqp, &relay, source).await?;
+            match wal {
+                Some(source) => roles.start_wal_relay(&amqp, &relay, source).await?,
+                None => roles.start_relay(&amqp, &relay, false),
             }
             roles.start_consumer(ConsumerKind::Email, &amqp, &consumer, &mail)?;
             roles.start_consumer(ConsumerKind::Billing, &amqp, &consumer, &mail)?;
@@ -125,16 +125,17 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
             let wal = relay.wal(&db)?;
             let (amqp, relay) = (amqp.config(), relay.config());
             let roles = Roles::new(connect_both(&db, &amqp, &cancel).await?, cancel);
-            // In WAL mode the polling relay takes only the rows handed to
-            // it: it needs no wake-up per order, its poll finds them.
-            roles.start_relay(&amqp, &relay, wal.is_none());
             let in_wal_mode = wal.is_some();
-            if let Some(source) = wal {
-                roles.start_wal_relay(&amqp, &relay, source).await?;
+            match wal {
+                Some(source) => roles.start_wal_relay(&amqp, &relay, source).await?,
+                None => roles.start_relay(&amqp, &relay, true),
             }
             let prunes = [
                 Some(EVENTS.prune(relay.retention())),
-                Some(outbox::wal::horizons::prune(EVENTS.name(), relay.retention())),
+                Some(outbox::wal::horizons::prune(
+                    EVENTS.name(),
+                    relay.retention(),
+                )),
                 EVENTS.prune_counters(relay.retention()),
             ];
             roles.start_retention(prunes.into_iter().flatten().collect(), &retention);

@@ -195,10 +195,7 @@ impl RelaySettings {
     }
 
     /// The WAL relay's source on `db`'s database, in `wal` mode.
-    pub fn wal(
-        &self,
-        db: &DatabaseConfig,
-    ) -> Result<Option<WalSource>, crate::db::StartError> {
+    pub fn wal(&self, db: &DatabaseConfig) -> Result<Option<WalSource>, crate::db::StartError> {
         if self.mode != RelayMode::Wal {
             return Ok(None);
         }

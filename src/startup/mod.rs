@@ -156,9 +156,9 @@ impl Roles {
     /// (the publication, the slot, the table's default: see
     /// `outbox::wal::setup`), which is a clear stop when it fails: a
     /// `wal_level` that is not `logical`, a user without the right to
-    /// replicate. The polling relay runs beside it ([`Self::start_relay`]
-    /// without `listen`), for the rows the broker refuses and those written
-    /// before the switch.
+    /// replicate. The polling relay runs beside it, for the rows the broker
+    /// refuses and those written before the switch, on its poll alone: a
+    /// wake-up per order would only find nothing due.
     pub async fn start_wal_relay(
         &self,
         amqp: &AmqpConfig,
@@ -170,6 +170,12 @@ impl Roles {
             .with_metrics(self.metrics.wal.clone());
         let setup = relay.setup().await.context("setting up the WAL relay")?;
         tracing::info!(slot = relay.slot(), ?setup, "WAL relay set up");
+        let polling = self.relay(amqp, config).with_wake(Wake::default());
+        let (cancel, running) = (self.cancel.clone(), self.status.running("relay"));
+        self.tracker.spawn(async move {
+            let _running = running;
+            polling.run(cancel).await
+        });
         let cancel = self.cancel.clone();
         let running = self.status.running("wal relay");
         self.tracker.spawn(async move {

@@ -39,7 +39,7 @@ impl Statements {
             // up on holds nothing back. A correlated subquery, not NOT
             // EXISTS: Postgres turns that into an anti join, whose generic
             // plan made while the table was empty scanned every pending row
-            // for each candidate (29 ms a claim at 8,000 pending mails,
+            // for each candidate (29 ms a claim at 8,000 pending rows,
             // measured; 4.8 ms this way).
             claim_in_sequence: sql(format!(
                 "SELECT id, transaction_id, aggregate_type, aggregate_id, event_type, \

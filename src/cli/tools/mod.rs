@@ -149,7 +149,10 @@ pub(super) async fn outbox_status(
             "    read by:             {}",
             reader.as_deref().unwrap_or("nobody (the WAL piles up)")
         );
-        println!("    lag:                 {} bytes", slot.lag_bytes.unwrap_or(0));
+        println!(
+            "    lag:                 {} bytes",
+            slot.lag_bytes.unwrap_or(0)
+        );
         println!("    flush lag:           {}", secs(slot.flush_lag_secs));
         println!(
             "    WAL kept:            {}",

@@ -1,7 +1,7 @@
 //! Which rows the slot has passed, without a mark on each row.
 //!
-//! A row does not know the LSN of its commit, and `id`s are not commit
-//! order. So the relay takes a *horizon* now and then (each
+//! A row does not know the LSN of its commit, and `id`s do not follow the
+//! commit sequence. So the relay takes a *horizon* now and then (each
 //! `horizon_interval`, a minute by default): in one statement, the oldest
 //! transaction still running (`pg_snapshot_xmin`, `X`), the WAL insert
 //! position (`L`) and the largest committed `id` (`W`). A transaction older

@@ -3,8 +3,8 @@
 //!
 //! It reads the slot through `pgwire-replication`, decodes each insert of
 //! the outbox table into the row the polling relay would have claimed
-//! ([`pgoutput`]), and publishes whole transactions on the polling relay's
-//! [`Publisher`]: the same lanes, confirm window, properties, headers and
+//! (the `pgoutput` module), and publishes whole transactions on the polling relay's
+//! [`Publisher`](crate::Publisher): the same lanes, confirm window, properties, headers and
 //! PRODUCER spans. A batch is the transactions received while the lanes
 //! were busy, so batches grow with the load. Postgres is told a position
 //! (the flush LSN) only at the end of a transaction all of whose rows, and
@@ -31,6 +31,7 @@ mod pgoutput;
 mod session;
 pub mod setup;
 mod status;
+mod stream;
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -142,7 +143,9 @@ impl WalRelay {
             setup::check_name("publication", publication)?;
         }
         if source.publication.names().len() != 1 {
-            return Err(WalError::Config("the WAL relay reads one publication".into()));
+            return Err(WalError::Config(
+                "the WAL relay reads one publication".into(),
+            ));
         }
         let source = source
             .with_options(SESSION_OPTIONS)
@@ -199,7 +202,11 @@ impl WalRelay {
     /// so a dropped slot is made again (and its rows handed back).
     pub async fn run(self, cancel: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        tracing::info!(slot = self.slot(), table = self.relay.table.name(), "WAL relay started");
+        tracing::info!(
+            slot = self.slot(),
+            table = self.relay.table.name(),
+            "WAL relay started"
+        );
         while !cancel.is_cancelled() {
             // A relay that waits for the slot opens nothing meanwhile.
             let result = match setup::slot_in_use(self.pool(), self.slot()).await {
@@ -213,7 +220,10 @@ impl WalRelay {
             match result {
                 Ok(()) => {}
                 Err(WalError::SlotBusy) => {
-                    tracing::debug!(slot = self.slot(), "another WAL relay reads the slot; waiting");
+                    tracing::debug!(
+                        slot = self.slot(),
+                        "another WAL relay reads the slot; waiting"
+                    );
                     sleep_or_cancel(Duration::from_secs(1), &cancel).await;
                 }
                 Err(error) => {

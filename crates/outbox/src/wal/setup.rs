@@ -100,10 +100,13 @@ async fn steps(
             .fetch_one(&mut *conn)
             .await?;
     if !exists {
-        let create = format!(
-            "CREATE PUBLICATION {publication} FOR TABLE {table} WITH (publish = 'insert')"
-        );
-        ignore_duplicate(sqlx::raw_sql(AssertSqlSafe(create)).execute(&mut *conn).await)?;
+        let create =
+            format!("CREATE PUBLICATION {publication} FOR TABLE {table} WITH (publish = 'insert')");
+        ignore_duplicate(
+            sqlx::raw_sql(AssertSqlSafe(create))
+                .execute(&mut *conn)
+                .await,
+        )?;
     }
     let taken_over = published_at_default(conn, table).await?;
     let mut created_slot = false;
@@ -130,9 +133,10 @@ async fn steps(
         );
     }
     if !taken_over {
-        let alter =
-            format!("ALTER TABLE {table} ALTER COLUMN published_at SET DEFAULT 'infinity'");
-        sqlx::raw_sql(AssertSqlSafe(alter)).execute(&mut *conn).await?;
+        let alter = format!("ALTER TABLE {table} ALTER COLUMN published_at SET DEFAULT 'infinity'");
+        sqlx::raw_sql(AssertSqlSafe(alter))
+            .execute(&mut *conn)
+            .await?;
         tracing::info!(
             table,
             "new rows default to published_at = 'infinity': the WAL relay's"
@@ -176,7 +180,10 @@ async fn usable_slot(conn: &mut PgConnection, slot: &str) -> Result<bool, WalErr
             "slot {slot} belongs to another database or is not a pgoutput slot: name another WAL_SLOT"
         ))),
         Some((true, Some(status), false)) if status == "lost" => {
-            tracing::warn!(slot, "the slot was invalidated (past max_slot_wal_keep_size): making it again");
+            tracing::warn!(
+                slot,
+                "the slot was invalidated (past max_slot_wal_keep_size): making it again"
+            );
             sqlx::query("SELECT pg_drop_replication_slot($1)")
                 .bind(slot)
                 .execute(&mut *conn)
@@ -210,7 +217,7 @@ fn ignore_duplicate<T>(result: sqlx::Result<T>) -> Result<Option<T>, WalError> {
     }
 }
 
-/// Undoes [`run`] for `table`: rows default to NULL again (the polling
+/// Undoes the setup for `table`: rows default to NULL again (the polling
 /// relay's), rows the slot has not passed are handed to the polling relay,
 /// and the slot is dropped (it must not be in use).
 pub async fn switch_to_polling(pool: &PgPool, table: &str, slot: &str) -> Result<u64, WalError> {
