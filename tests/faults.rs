@@ -44,7 +44,8 @@
 //!
 //! as root (for `pg_ctlcluster` and `rabbitmqctl`). `FAULT_SCENARIOS=kill,postgres`
 //! runs only the named scenarios (`kill`, `rabbitmq`, `alarm`, `postgres`,
-//! `pg-crash`, `sigterm`, `soak`: a 60 s soak with the billing consumer
+//! `pg-crash`, `sigterm`, `wal`: the relays in WAL mode, each killed, then
+//! Postgres restarted and RabbitMQ stopped and started; `soak`: a 60 s soak with the billing consumer
 //! stopped for 25 s, showing its queue absorbs the backlog and drains
 //! afterwards; `poison`: the e-mail consumers refuse the `order.created` of
 //! a few orders (`EMAIL_POISON_PRODUCT`), which reaches the DLQ after its
@@ -221,10 +222,15 @@ enum Scenario {
     /// flow. Then the e-mail consumers restart without the poison, `dlq
     /// replay email` moves it back, and the held orders go on, in order.
     Poison,
+    /// The relays in WAL mode (`RELAY_MODE=wal`, issue 24): both read one
+    /// slot, so one publishes and the other waits for it. SIGKILL of each
+    /// relay in turn (the other takes over), a Postgres restart and a
+    /// RabbitMQ stop/start, under load; the same invariants and order.
+    Wal,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 8] = [
+    const ALL: [Scenario; 9] = [
         Scenario::Kill,
         Scenario::RabbitMq,
         Scenario::Alarm,
@@ -233,6 +239,7 @@ impl Scenario {
         Scenario::Sigterm,
         Scenario::Soak,
         Scenario::Poison,
+        Scenario::Wal,
     ];
 
     fn key(self) -> &'static str {
@@ -245,6 +252,7 @@ impl Scenario {
             Scenario::Sigterm => "sigterm",
             Scenario::Soak => "soak",
             Scenario::Poison => "poison",
+            Scenario::Wal => "wal",
         }
     }
 
@@ -263,6 +271,7 @@ impl Scenario {
                 );
             }
             Scenario::Sigterm => "SIGTERM relay and consumers",
+            Scenario::Wal => "WAL relays: SIGKILL each, Postgres restart, RabbitMQ stop/start",
             Scenario::Poison => {
                 return format!("poison event in {POISONED} orders, replayed");
             }
@@ -309,6 +318,7 @@ impl Scenario {
                 ];
                 Stack::start_with(flow_only).await
             }
+            Scenario::Wal => Stack::start_wal().await,
             _ => Stack::start().await,
         };
         let load = Load::start(stack.orders_url(), RATE);
@@ -327,6 +337,25 @@ impl Scenario {
                 measured = Some(Measured::Crash(crashed));
             }
             Scenario::Sigterm => terminate_workers(&mut stack, &load, &mut faults).await,
+            Scenario::Wal => {
+                kill_each_relay(&mut stack, &load, &mut faults).await;
+                restart_postgres(&stack, &load, &mut faults).await;
+                stop_rabbitmq(&stack, &load, &mut faults).await;
+                // The WAL relays did the work: rows published from the slot
+                // keep published_at = 'infinity'; the polling relays beside
+                // them mark only the rows written before the switch and
+                // those the broker refused.
+                let (from_slot, polled) = checks::published_by_mode(&stack.pool)
+                    .await
+                    .expect("counting the outbox rows");
+                say(&format!(
+                    "faults[wal]: {from_slot} rows published from the slot, {polled} by the polling relays"
+                ));
+                assert!(
+                    from_slot > 10 * polled,
+                    "the WAL relays published {from_slot} rows, the polling relays {polled}"
+                );
+            }
             Scenario::Soak => {
                 measured = Some(Measured::Soak(soak(&stack, &load, &mut faults).await));
             }
@@ -400,6 +429,20 @@ async fn kill_each_role(stack: &mut Stack, load: &Load, faults: &mut Faults) {
         } else {
             orders_flow(load, 100, "a backlog while the role is down").await;
         }
+        stack.processes.restart(role).await;
+    }
+    orders_flow(load, 150, "orders to flow after the restarts").await;
+}
+
+/// SIGKILL each relay in turn, each restarted after a backlog built up: in
+/// WAL mode the one reading the slot dies once, and the other takes over.
+async fn kill_each_relay(stack: &mut Stack, load: &Load, faults: &mut Faults) {
+    for role in [Role::Relay, Role::Relay2] {
+        orders_flow(load, 150, "orders to flow before the kill").await;
+        faults.arm(stack, load, true).await;
+        stack.processes.kill(role);
+        faults.injected += 1;
+        orders_flow(load, 100, "a backlog while the relay is down").await;
         stack.processes.restart(role).await;
     }
     orders_flow(load, 150, "orders to flow after the restarts").await;

@@ -794,3 +794,14 @@ pub async fn applied_of_product(
     .await?;
     Ok(rows.into_iter().collect())
 }
+
+/// Outbox rows published from a WAL relay's slot (`published_at` stays
+/// `'infinity'`) and rows the polling relays marked published.
+pub async fn published_by_mode(pool: &PgPool) -> sqlx::Result<(i64, i64)> {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE published_at = 'infinity'), \
+           count(*) FILTER (WHERE published_at < 'infinity') FROM outbox",
+    )
+    .fetch_one(pool)
+    .await
+}

@@ -75,6 +75,23 @@ impl Stack {
     /// [`Stack::start`], with `email_env` set on the e-mail consumers too.
     pub async fn start_with(email_env: Vec<(&'static str, String)>) -> Self {
         let (db_name, db_url) = common::create_database().await;
+        Self::start_on(db_name, db_url, email_env, false).await
+    }
+
+    /// [`Stack::start`], its relays in WAL mode (`RELAY_MODE=wal`) on a
+    /// slot named after the database (slots are the server's; the
+    /// database's guard drops it).
+    pub async fn start_wal() -> Self {
+        let (db_name, db_url) = common::create_database().await;
+        Self::start_on(db_name, db_url, Vec::new(), true).await
+    }
+
+    async fn start_on(
+        db_name: String,
+        db_url: String,
+        email_env: Vec<(&'static str, String)>,
+        wal: bool,
+    ) -> Self {
         let id = Uuid::new_v4().simple().to_string();
         let mut amqp = AmqpConfig::new(AMQP_URL);
         amqp = amqp.with_exchange(format!("osf{}_order_events", &id[..12]));
@@ -100,6 +117,17 @@ impl Stack {
         env.extend(email_env);
         for role in EMAIL_ROLES {
             processes = processes.role_env(role, env.clone());
+        }
+        if wal {
+            let wal_env = vec![
+                ("RELAY_MODE", "wal".to_owned()),
+                ("WAL_SLOT", db_name.clone()),
+                ("WAL_PUBLICATION", db_name.clone()),
+                ("WAL_HORIZON_INTERVAL_SECS", "1".to_owned()),
+            ];
+            for role in [Role::Relay, Role::Relay2] {
+                processes = processes.role_env(role, wal_env.clone());
+            }
         }
         let mut stack = Self {
             pool: PgPoolOptions::new()

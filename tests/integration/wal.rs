@@ -159,7 +159,12 @@ impl Wal {
 }
 
 fn message_id(delivery: &lapin::message::Delivery) -> String {
-    delivery.properties.message_id().as_ref().unwrap().to_string()
+    delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .unwrap()
+        .to_string()
 }
 
 async fn count(pool: &PgPool, sql: &'static str) -> i64 {
@@ -195,9 +200,16 @@ async fn inserts_are_published_from_the_slot_and_the_rows_never_updated() {
     // No claim, no mark: no row was ever locked or updated (xmax 0), and
     // each is the WAL relay's by its default.
     let pool = &wal.db.pool;
-    assert_eq!(count(pool, "SELECT count(*) FROM outbox WHERE xmax <> 0").await, 0);
     assert_eq!(
-        count(pool, "SELECT count(*) FROM outbox WHERE published_at = 'infinity'").await,
+        count(pool, "SELECT count(*) FROM outbox WHERE xmax <> 0").await,
+        0
+    );
+    assert_eq!(
+        count(
+            pool,
+            "SELECT count(*) FROM outbox WHERE published_at = 'infinity'"
+        )
+        .await,
         120
     );
     relay.stop().await;
@@ -266,7 +278,11 @@ async fn a_second_wal_relay_waits_and_takes_over_when_the_first_stops() {
     let second = wal.start().await;
     let more = insert_events(&wal.db.pool, 10, "order.created").await;
     wal.delivered(&more).await;
-    assert_eq!(wal.reader().await, reader, "the first relay still reads the slot");
+    assert_eq!(
+        wal.reader().await,
+        reader,
+        "the first relay still reads the slot"
+    );
 
     first.stop().await;
     let later = insert_events(&wal.db.pool, 10, "order.created").await;
@@ -328,7 +344,10 @@ async fn a_lost_slot_hands_the_rows_it_had_not_passed_to_the_polling_relay() {
     .await
     .unwrap();
     for id in &orphans {
-        assert!(handed.contains(id), "{id} written without a slot is handed over");
+        assert!(
+            handed.contains(id),
+            "{id} written without a slot is handed over"
+        );
     }
     assert_eq!(setup.handed_back as usize, handed.len());
 }
@@ -365,5 +384,8 @@ async fn retention_deletes_only_rows_a_passed_horizon_covers() {
         .fetch_all(pool)
         .await
         .unwrap();
-    assert_eq!(left, later, "rows written after the last passed horizon stay");
+    assert_eq!(
+        left, later,
+        "rows written after the last passed horizon stay"
+    );
 }
