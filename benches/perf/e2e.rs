@@ -9,7 +9,8 @@
 //!
 //! Knobs (tuning and smoke runs; the defaults are the measurement):
 //! `E2E_RATE` (base rate, 1,000/s), `E2E_SECONDS` (load per step, 15 s),
-//! `E2E_LADDER=0` (the base rate only).
+//! `E2E_LADDER=0` (the base rate only), `E2E_RELAY_MODE=wal` (the relay in
+//! WAL mode: `RELAY_MODE=wal`, a slot of the step's database).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -127,6 +128,11 @@ async fn backlogs(db: &BenchDb) -> anyhow::Result<(i64, i64)> {
     .await?)
 }
 
+/// The relay's mode (`E2E_RELAY_MODE`: `poll`, the default, or `wal`).
+fn relay_mode() -> String {
+    std::env::var("E2E_RELAY_MODE").unwrap_or_else(|_| "poll".into())
+}
+
 /// Offers `rate` orders per second for `seconds()`, open loop.
 async fn step(rate: u64) -> anyhow::Result<StepResult> {
     let seconds = seconds();
@@ -139,6 +145,12 @@ async fn step(rate: u64) -> anyhow::Result<StepResult> {
         ("AMQP_QUEUE_PREFIX", amqp.queue_prefix().to_owned()),
         ("DATABASE_POOL_SIZE", "20".into()),
     ];
+    let mut env = env;
+    if relay_mode() == "wal" {
+        env.push(("RELAY_MODE", "wal".into()));
+        env.push(("WAL_SLOT", db.name.clone()));
+        env.push(("WAL_PUBLICATION", db.name.clone()));
+    }
     let service = Service::start(&["run"], &env).await?;
     let url = format!("http://{}/orders", service.addr);
     let client = reqwest::Client::builder()
@@ -378,7 +390,10 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
         )
     };
     report.row(
-        &format!("End to end at {base_rate} orders/s ({to_billing})"),
+        &format!(
+            "End to end at {base_rate} orders/s, RELAY_MODE={} ({to_billing})",
+            relay_mode()
+        ),
         base.billing.summary(),
         format!(
             "max PENDING {}, drained {:.1} s after the load",
@@ -389,7 +404,10 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
         "p50 <= 10 ms, p99 <= 50 ms",
     );
     report.row(
-        &format!("End to end at {base_rate} orders/s, through order.confirmed ({to_mail})"),
+        &format!(
+            "End to end at {base_rate} orders/s, RELAY_MODE={}, through order.confirmed ({to_mail})",
+            relay_mode()
+        ),
         base.mail.summary(),
         format!(
             "max orders without it {}, drained {:.1} s after the load",
@@ -411,8 +429,9 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
     );
     report.row(
         &format!(
-            "CPU per order at {base_rate} orders/s, from /proc (Postgres: the whole cluster; \
-             RabbitMQ: beam.smp; the service: `run`)"
+            "CPU per order at {base_rate} orders/s, RELAY_MODE={}, from /proc (Postgres: the \
+             whole cluster; RabbitMQ: beam.smp; the service: `run`)",
+            relay_mode()
         ),
         base.cpu.summary(),
         "-".into(),

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo bench --bench perf               # everything
-//! cargo bench --bench perf -- relay      # or: ingest, consumer, ordering, e2e, mail
+//! cargo bench --bench perf -- relay      # or: ingest, wal, consumer, ordering, e2e, mail
 //! ```
 //!
 //! Needs Postgres and RabbitMQ as for the tests (BENCH_DATABASE_URL,
@@ -29,6 +29,7 @@ mod relay;
 mod report;
 mod service;
 mod setup;
+mod wal;
 
 use report::Report;
 
@@ -45,6 +46,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run("relay") {
         relay::run(&mut report).await?;
+    }
+    if run("wal") {
+        wal::run(&mut report).await?;
     }
     if run("consumer") {
         consumer::run(&mut report).await?;

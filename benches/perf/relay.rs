@@ -19,13 +19,18 @@ use tokio_util::sync::CancellationToken;
 use crate::report::Report;
 use crate::setup::{BenchDb, bench_amqp, cleanup_amqp, percentile};
 
-const ROWS: i64 = 50_000;
+pub(crate) const ROWS: i64 = 50_000;
 const ROUNDS: usize = 5;
 /// Rounds on classic queues, for the figure beside the quorum one.
 const CLASSIC_ROUNDS: usize = 3;
 
 /// Fills the outbox with `ROWS` order events shaped like the API's.
-async fn fill(db: &BenchDb) -> anyhow::Result<usize> {
+pub(crate) async fn fill(db: &BenchDb) -> anyhow::Result<usize> {
+    fill_rows(db, ROWS).await
+}
+
+/// Writes `rows` order events shaped like the API's, in one statement.
+pub(crate) async fn fill_rows(db: &BenchDb, rows: i64) -> anyhow::Result<usize> {
     sqlx::query(
         "INSERT INTO outbox (transaction_id, aggregate_type, aggregate_id, event_type, payload, headers) \
          SELECT t, 'order', o::text, 'order.created', \
@@ -34,7 +39,7 @@ async fn fill(db: &BenchDb) -> anyhow::Result<usize> {
            jsonb_build_object('traceparent', '00-' || md5(t::text) || '-' || left(md5(o::text), 16) || '-01') \
          FROM (SELECT gen_random_uuid() AS t, gen_random_uuid() AS o FROM generate_series(1, $1)) s",
     )
-    .bind(ROWS)
+    .bind(rows)
     .execute(&db.pool)
     .await?;
     // The relay publishes the stored JSON text as it is.
@@ -47,13 +52,13 @@ async fn fill(db: &BenchDb) -> anyhow::Result<usize> {
 /// The raw side: confirm-mode channels on a connection of their own, as
 /// many as the relay's publisher lanes (messages go round them in turn), like
 /// the relay's publisher.
-struct Raw {
+pub(crate) struct Raw {
     connection: Connection,
     channels: Vec<Channel>,
 }
 
 impl Raw {
-    async fn open(amqp: &AmqpConfig, lanes: usize) -> anyhow::Result<Self> {
+    pub(crate) async fn open(amqp: &AmqpConfig, lanes: usize) -> anyhow::Result<Self> {
         let connection =
             outbox_common::amqp::connect(amqp, "bench raw publish", &CancellationToken::new())
                 .await?;
@@ -67,7 +72,7 @@ impl Raw {
         })
     }
 
-    async fn close(self) {
+    pub(crate) async fn close(self) {
         for channel in &self.channels {
             let _ = channel.close(200, "done".into()).await;
         }
@@ -76,7 +81,7 @@ impl Raw {
 }
 
 /// Publishes `n` messages of `size` bytes with up to `window` confirms in flight.
-async fn raw_publish(
+pub(crate) async fn raw_publish(
     raw: &Raw,
     exchange: &str,
     n: i64,
@@ -211,7 +216,7 @@ async fn wal_lsn(db: &BenchDb) -> anyhow::Result<f64> {
     )
 }
 
-async fn purge(raw: &Raw, amqp: &AmqpConfig) -> anyhow::Result<()> {
+pub(crate) async fn purge(raw: &Raw, amqp: &AmqpConfig) -> anyhow::Result<()> {
     for subscription in SUBSCRIPTIONS {
         let q = QueueNames::new(amqp, subscription.consumer).main;
         raw.channels[0]
