@@ -32,6 +32,7 @@ mod session;
 pub mod setup;
 mod status;
 mod stream;
+mod visible;
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;

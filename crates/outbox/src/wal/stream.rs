@@ -41,6 +41,10 @@ pub(super) struct Stream<'a> {
     pub(super) decoder: Decoder,
     /// Rows of the transaction being received.
     pub(super) in_tx: Option<Vec<OutboxRow>>,
+    /// Its transaction id (32 bits, as the stream gives it).
+    pub(super) in_tx_xid: u32,
+    /// The ids of the gathered batch's transactions with rows.
+    pub(super) gathering_xids: Vec<i64>,
     /// Rows of the batch being gathered (number `next`).
     pub(super) gathering: Vec<OutboxRow>,
     pub(super) next: u64,
@@ -62,6 +66,8 @@ impl<'a> Stream<'a> {
             window: Arc::new(Semaphore::new(relay.relay.config.confirm_window())),
             decoder: Decoder::new(table),
             in_tx: None,
+            in_tx_xid: 0,
+            gathering_xids: Vec::new(),
             gathering: Vec::new(),
             next: 0,
             commits: VecDeque::new(),
@@ -74,7 +80,10 @@ impl<'a> Stream<'a> {
 
     pub(super) fn receive(&mut self, event: ReplicationEvent) -> Result<(), WalError> {
         match event {
-            ReplicationEvent::Begin { .. } => self.in_tx = Some(Vec::new()),
+            ReplicationEvent::Begin { xid, .. } => {
+                self.in_tx = Some(Vec::new());
+                self.in_tx_xid = xid;
+            }
             ReplicationEvent::XLogData { data, .. } => {
                 if let Change::Row(row) = self.decoder.decode(&data)? {
                     self.in_tx.get_or_insert_with(Vec::new).push(*row);
@@ -86,6 +95,9 @@ impl<'a> Stream<'a> {
                 ..
             } => {
                 let rows = self.in_tx.take().unwrap_or_default();
+                if !rows.is_empty() {
+                    self.gathering_xids.push(i64::from(self.in_tx_xid));
+                }
                 let committed_at =
                     DateTime::from_timestamp_micros(commit_time_micros + POSTGRES_EPOCH_MICROS)
                         .unwrap_or_else(Utc::now);
@@ -128,11 +140,16 @@ impl<'a> Stream<'a> {
             return;
         };
         let (number, rows) = (self.next, std::mem::take(&mut self.gathering));
+        let xids = std::mem::take(&mut self.gathering_xids);
         self.next += 1;
         let relay = self.relay.relay.clone();
         let publisher = self.publisher.on_lane(lane);
         let window = self.window.clone();
         self.in_flight.push(Box::pin(async move {
+            if let Err(error) = super::visible::wait_until_visible(&relay.pool, &xids).await {
+                tracing::warn!(%error, "WAL relay: the batch's transactions are not known visible");
+                return (number, lane, not_sent(&rows));
+            }
             let published = relay.publish_rows(&rows, &publisher, Some(&window)).await;
             (number, lane, published)
         }));
@@ -198,4 +215,15 @@ impl<'a> Stream<'a> {
         self.acked = lsn;
         Some(lsn)
     }
+}
+
+/// A batch not published: every row unconfirmed, so the session ends and
+/// the next one sends them again.
+fn not_sent(rows: &[OutboxRow]) -> PublishedBatch {
+    let mut batch = PublishedBatch {
+        claimed: rows.len(),
+        ..PublishedBatch::default()
+    };
+    batch.settlement.unconfirmed = rows.iter().map(|r| r.transaction_id).collect();
+    batch
 }
