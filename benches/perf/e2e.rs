@@ -85,6 +85,9 @@ pub struct StepResult {
     pub cpu: PerOrder,
     /// Latencies end at the commits (else at their transactions' start).
     pub exact: bool,
+    /// Executor time per order by statement, when the server loads
+    /// `pg_stat_statements`.
+    pub statements: Option<Vec<crate::statements::Statement>>,
     /// (second, accepted, charged, payment-confirmed mails) per second of
     /// the run.
     pub timeline: Vec<(i64, i64, i64, i64)>,
@@ -166,6 +169,7 @@ async fn step(rate: u64) -> anyhow::Result<StepResult> {
         rabbitmq: crate::cpu::rabbitmq(),
         service: service.child.id(),
     };
+    let with_statements = crate::statements::prepare(&db.pool).await?;
     let cpu_before = service.cpu_seconds();
     let parties_before = parties.sample();
     let started = Instant::now();
@@ -238,6 +242,10 @@ async fn step(rate: u64) -> anyhow::Result<StepResult> {
     let transactions = db.scalar(commits).await - commits_before;
     let orders = db.scalar("SELECT count(*) FROM orders").await;
     let cpu_per_order = PerOrder::between(parties_before, parties_after, orders);
+    let statements = match with_statements {
+        true => Some(crate::statements::per_order(&db.pool, orders).await?),
+        false => None,
+    };
     anyhow::ensure!(
         db.scalar("SELECT count(*) FROM ledger").await == orders,
         "one charge per order"
@@ -278,35 +286,44 @@ async fn step(rate: u64) -> anyhow::Result<StepResult> {
     };
     let billing = Latencies::new(sqlx::query_scalar(billing_sql).fetch_all(&db.pool).await?);
     let mail = Latencies::new(sqlx::query_scalar(mail_sql).fetch_all(&db.pool).await?);
-    let (outbox_p50, outbox_p99, queue_p50, queue_p99): (f64, f64, f64, f64) = sqlx::query_as(
-        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM x.published_at - x.created_at) * 1000)::float8, \
-                percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM x.published_at - x.created_at) * 1000)::float8, \
-                percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM l.charged_at - x.published_at) * 1000)::float8, \
-                percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM l.charged_at - x.published_at) * 1000)::float8 \
-         FROM outbox x JOIN ledger l ON l.transaction_id = x.transaction_id",
-    )
-    .fetch_one(&db.pool)
-    .await?;
-    // The second hop: billing's order.confirmed row to its publish, and on
-    // to the e-mail consumer's transaction.
-    let (confirmed_p50, confirmed_p99, mail_p50, mail_p99): (f64, f64, f64, f64) = sqlx::query_as(
-        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM x.published_at - x.created_at) * 1000)::float8, \
-                percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM x.published_at - x.created_at) * 1000)::float8, \
-                percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM n.sent_at - x.published_at) * 1000)::float8, \
-                percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM n.sent_at - x.published_at) * 1000)::float8 \
-         FROM outbox x JOIN notifications n ON n.transaction_id = x.transaction_id \
-         WHERE x.event_type = 'order.confirmed' AND n.event_type = 'order.confirmed'",
-    )
-    .fetch_one(&db.pool)
-    .await?;
-    println!(
-        "  breakdown at {rate}/s: commit to publish confirmed (mark) p50 {outbox_p50:.1} ms p99 {outbox_p99:.1} ms; \
-         mark to billing p50 {queue_p50:.1} ms p99 {queue_p99:.1} ms; \
-         billing to order.confirmed marked p50 {confirmed_p50:.1} ms p99 {confirmed_p99:.1} ms; \
-         mark to payment-confirmed mail p50 {mail_p50:.1} ms p99 {mail_p99:.1} ms; \
-         {:.1} Postgres transactions per order",
-        transactions as f64 / orders.max(1) as f64
-    );
+    // The hops by the relay's mark; in WAL mode rows keep no publish time.
+    if relay_mode() != "wal" {
+        let (outbox_p50, outbox_p99, queue_p50, queue_p99): (f64, f64, f64, f64) = sqlx::query_as(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM x.published_at - x.created_at) * 1000)::float8, \
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM x.published_at - x.created_at) * 1000)::float8, \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM l.charged_at - x.published_at) * 1000)::float8, \
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM l.charged_at - x.published_at) * 1000)::float8 \
+             FROM outbox x JOIN ledger l ON l.transaction_id = x.transaction_id",
+        )
+        .fetch_one(&db.pool)
+        .await?;
+        // The second hop: billing's order.confirmed row to its publish, and on
+        // to the e-mail consumer's transaction.
+        let (confirmed_p50, confirmed_p99, mail_p50, mail_p99): (f64, f64, f64, f64) = sqlx::query_as(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM x.published_at - x.created_at) * 1000)::float8, \
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM x.published_at - x.created_at) * 1000)::float8, \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM n.sent_at - x.published_at) * 1000)::float8, \
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM n.sent_at - x.published_at) * 1000)::float8 \
+             FROM outbox x JOIN notifications n ON n.transaction_id = x.transaction_id \
+             WHERE x.event_type = 'order.confirmed' AND n.event_type = 'order.confirmed'",
+        )
+        .fetch_one(&db.pool)
+        .await?;
+        println!(
+            "  breakdown at {rate}/s: commit to publish confirmed (mark) p50 {outbox_p50:.1} ms p99 {outbox_p99:.1} ms; \
+             mark to billing p50 {queue_p50:.1} ms p99 {queue_p99:.1} ms; \
+             billing to order.confirmed marked p50 {confirmed_p50:.1} ms p99 {confirmed_p99:.1} ms; \
+             mark to payment-confirmed mail p50 {mail_p50:.1} ms p99 {mail_p99:.1} ms; \
+             {:.1} Postgres transactions per order",
+            transactions as f64 / orders.max(1) as f64
+        );
+    } else {
+        println!(
+            "  breakdown at {rate}/s: none by the mark (the WAL relay marks no row); \
+             {:.1} Postgres transactions per order",
+            transactions as f64 / orders.max(1) as f64
+        );
+    }
     let timeline: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
         "WITH t0 AS (SELECT min(created_at) AS t FROM orders) \
          SELECT s::bigint, \
@@ -334,6 +351,7 @@ async fn step(rate: u64) -> anyhow::Result<StepResult> {
         cpu_per_1000: cpu / orders.max(1) as f64 * 1000.0,
         cpu: cpu_per_order,
         exact,
+        statements,
         timeline,
     })
 }
@@ -439,6 +457,32 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
         "total at most 1.1x the code before issue 23's (then about 0.77 + 0.46 + 0.56 ms)",
     );
     report.note(format!("e2e {}", describe(&base)));
+    match &base.statements {
+        Some(statements) => {
+            let (relay, total, top) = crate::statements::summary(statements);
+            report.row(
+                &format!(
+                    "Postgres executor time per order at {base_rate} orders/s, RELAY_MODE={} \
+                     (pg_stat_statements), the relay's statements",
+                    relay_mode()
+                ),
+                format!("{relay:.0} µs"),
+                format!("all statements {total:.0} µs per order"),
+                f64::NAN,
+                "WAL mode: at most 60 µs (polling about 250 µs)",
+            );
+            report.note(format!(
+                "Executor time per order, RELAY_MODE={}, top statements: {}",
+                relay_mode(),
+                top.join("; ")
+            ));
+        }
+        None => report.note(
+            "No executor time by statement: the server does not load pg_stat_statements \
+             (ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements', then restart)"
+                .to_owned(),
+        ),
+    }
     // The highest offered load at which BOTH events keep up: billing and
     // the payment-confirmed mails, each with its backlog drained and its
     // latency sane.

@@ -29,6 +29,7 @@ mod relay;
 mod report;
 mod service;
 mod setup;
+mod statements;
 mod wal;
 
 use report::Report;
