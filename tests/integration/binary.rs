@@ -136,3 +136,128 @@ fn retry_delays(amqp: &order_service::config::AmqpConfig) -> String {
         .collect();
     delays.join(",")
 }
+
+/// `order-service <args>` with the test's database and broker names, its
+/// JSON log lines collected; killed if the test ends first.
+fn spawn_role(
+    args: &[&str],
+    db: &TestDb,
+    amqp: &order_service::config::AmqpConfig,
+    env: &[(&str, &str)],
+) -> (KillOnDrop, Arc<Mutex<String>>) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_order-service"));
+    command
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .env("AMQP_URL", amqp.url().expose())
+        .env("AMQP_EXCHANGE", amqp.exchange())
+        .env("AMQP_QUEUE_PREFIX", amqp.queue_prefix())
+        .env("RETRY_DELAYS_MS", retry_delays(amqp))
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().expect("starting order-service");
+    let logs = Arc::new(Mutex::new(String::new()));
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let logs = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let mut logs = logs.lock().unwrap();
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
+    }
+    (KillOnDrop(Mutex::new(child)), logs)
+}
+
+#[tokio::test]
+async fn the_relay_role_in_wal_mode_reports_its_slot_in_readyz_metrics_and_outbox_status() {
+    let db = TestDb::new().await;
+    let amqp = test_amqp();
+    let _queues = DeleteQueues::orders(&amqp);
+    let slot = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    let wal = [
+        ("RELAY_MODE", "wal"),
+        ("WAL_SLOT", slot.as_str()),
+        ("WAL_PUBLICATION", slot.as_str()),
+    ];
+    let (relay, logs) = spawn_role(&["relay"], &db, &amqp, &wal);
+    let addr: String = eventually("the probes to listen", Duration::from_secs(30), || async {
+        let logs = logs.lock().unwrap();
+        logs.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["message"] == "probes listening")
+            .and_then(|l| l["addr"].as_str().map(str::to_owned))
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let ready: Value = eventually(
+        "/readyz with the WAL lag",
+        Duration::from_secs(30),
+        || async {
+            let response = client
+                .get(format!("http://{addr}/readyz"))
+                .send()
+                .await
+                .ok()?;
+            let body: Value = response.json().await.ok()?;
+            (body["status"] == "ready" && body.get("walLagSeconds").is_some()).then_some(body)
+        },
+    )
+    .await;
+    assert!(ready["walLagBytes"].as_i64().is_some(), "{ready}");
+    let metrics = client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("outbox_wal_lag_bytes"), "{metrics}");
+
+    let status = Command::new(env!("CARGO_BIN_EXE_order-service"))
+        .args(["outbox", "status"])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{printed}");
+    assert!(
+        printed.contains("WAL relay slots") && printed.contains(&slot),
+        "{printed}"
+    );
+    assert!(printed.contains("read by:             pid"), "{printed}");
+    drop(relay);
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_wal_slot_name_that_is_no_identifier_is_a_clear_stop() {
+    let db = TestDb::new().await;
+    let amqp = test_amqp();
+    let _queues = DeleteQueues::orders(&amqp);
+    let wal = [("RELAY_MODE", "wal"), ("WAL_SLOT", "Bad-Slot; DROP")];
+    let (relay, logs) = spawn_role(&["relay"], &db, &amqp, &wal);
+    let exit = eventually("the relay to stop", Duration::from_secs(30), || async {
+        relay.0.lock().unwrap().try_wait().unwrap()
+    })
+    .await;
+    assert!(!exit.success());
+    let logs = logs.lock().unwrap().clone();
+    assert!(
+        logs.contains("slot \"Bad-Slot; DROP\" is not a plain identifier"),
+        "{logs}"
+    );
+    db.cleanup().await;
+}
