@@ -81,9 +81,9 @@ impl Stack {
     /// [`Stack::start`], its relays in WAL mode (`RELAY_MODE=wal`) on a
     /// slot named after the database (slots are the server's; the
     /// database's guard drops it).
-    pub async fn start_wal() -> Self {
+    pub async fn start_wal(email_env: Vec<(&'static str, String)>) -> Self {
         let (db_name, db_url) = common::create_database().await;
-        Self::start_on(db_name, db_url, Vec::new(), true).await
+        Self::start_on(db_name, db_url, email_env, true).await
     }
 
     async fn start_on(
