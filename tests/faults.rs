@@ -46,15 +46,15 @@
 //! runs only the named scenarios (`kill`, `rabbitmq`, `alarm`, `postgres`,
 //! `pg-crash`, `sigterm`, `wal`: the relays in WAL mode, each killed, then
 //! Postgres restarted, RabbitMQ stopped and started and its memory alarm
-//! raised for 15 s; `soak`: a 60 s soak with the billing consumer
-//! stopped for 25 s, showing its queue absorbs the backlog and drains
+//! raised for 15 s; `soak`: a 40 s soak with the billing consumer
+//! stopped for 15 s, showing its queue absorbs the backlog and drains
 //! afterwards; `poison`: the e-mail consumers refuse the `order.created` of
 //! a few orders (`EMAIL_POISON_PRODUCT`), which reaches the DLQ after its
 //! retries; those orders alone must be held, their `order.confirmed`
 //! neither applied nor dead-lettered, while the others flow; then the
 //! e-mail consumers restart without the poison, `order-service dlq replay
 //! email` runs, and the held orders go on, in order. It fails at "held"
-//! until the inbox holds out-of-sequence events). `alarm` holds RabbitMQ's memory alarm for 40 s under load:
+//! until the inbox holds out-of-sequence events). `alarm` holds RabbitMQ's memory alarm for 25 s under load:
 //! every order must still be answered 202 (no request talks to RabbitMQ),
 //! every role must stay alive with its `/healthz` answering 200 (every
 //! broker call is bounded in time), and the backlog must drain once the
@@ -104,17 +104,17 @@ const RATE: u32 = 100;
 /// Orders posted at once right before a fault, so it lands mid-batch.
 const BURST: usize = 100;
 /// The soak: this long at [`RATE`] at least (longer if the drain is slow),
-const SOAK: Duration = Duration::from_secs(60);
+const SOAK: Duration = Duration::from_secs(40);
 /// with the billing consumer stopped (SIGSTOP) this long, well inside the
 /// 60 s AMQP heartbeat its connection negotiates with RabbitMQ,
-const SOAK_PAUSE: Duration = Duration::from_secs(25);
+const SOAK_PAUSE: Duration = Duration::from_secs(15);
 /// this long after the load started.
-const SOAK_PAUSE_AT: Duration = Duration::from_secs(15);
+const SOAK_PAUSE_AT: Duration = Duration::from_secs(10);
 /// After SIGCONT, the billing queue must be empty again within this long,
 /// while the load goes on.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(60);
 /// How long RabbitMQ's memory alarm lasts, under load.
-const ALARM: Duration = Duration::from_secs(40);
+const ALARM: Duration = Duration::from_secs(25);
 /// Once the default watermark is back, everything written before must be
 /// through the whole chain within this long, while the load goes on (with
 /// the e-mail consumers injecting no failures: see [`Scenario::run`]).
@@ -228,7 +228,8 @@ enum Scenario {
     Poison,
     /// The relays in WAL mode (`RELAY_MODE=wal`, issue 24): both read one
     /// slot, so one publishes and the other waits for it. SIGKILL of each
-    /// relay in turn (the other takes over), a Postgres restart, a
+    /// relay in turn (the other takes over), a Postgres restart while orders
+    /// are written, a
     /// RabbitMQ stop/start and a [`WAL_ALARM`] memory alarm, under load;
     /// the same invariants and order. Its e-mail consumers inject no
     /// failures and take their default batches, as in [`Scenario::Alarm`]:
@@ -342,7 +343,7 @@ impl Scenario {
             Scenario::Sigterm => terminate_workers(&mut stack, &load, &mut faults).await,
             Scenario::Wal => {
                 kill_each_relay(&mut stack, &load, &mut faults).await;
-                restart_postgres(&stack, &load, &mut faults).await;
+                restart_postgres_at(&stack, &load, &mut faults, &[false]).await;
                 stop_rabbitmq(&stack, &load, &mut faults).await;
                 alarm_briefly(&stack, &load, &mut faults).await;
                 // The WAL relays did the work: rows published from the slot
@@ -612,7 +613,14 @@ async fn crash_postgres(stack: &mut Stack, load: &Load, faults: &mut Faults) -> 
 }
 
 async fn restart_postgres(stack: &Stack, load: &Load, faults: &mut Faults) {
-    for burst_answered in [false, true] {
+    restart_postgres_at(stack, load, faults, &[false, true]).await;
+}
+
+/// A Postgres restart for each of `bursts`: while a burst of orders is
+/// being written (false), or once it was answered and the consumers are
+/// busy with it (true).
+async fn restart_postgres_at(stack: &Stack, load: &Load, faults: &mut Faults, bursts: &[bool]) {
+    for &burst_answered in bursts {
         orders_flow(load, 200, "orders to flow before the restart").await;
         faults.arm(stack, load, burst_answered).await;
         blocking(services::restart_postgres)
