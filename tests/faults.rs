@@ -310,9 +310,15 @@ impl Scenario {
     async fn run(self) -> Report {
         let started = Instant::now();
         let mut stack = match self {
+            // The poison alone refuses events: with the 10 % injected
+            // refusals and one delivery a transaction besides, the e-mail
+            // consumers in sequence kept up with the load only just, and
+            // in a CI run (with wal_level = logical, more WAL per write)
+            // the held orders had not gone on 180 s after the replay.
             Scenario::Poison => {
-                let poison = ("EMAIL_POISON_PRODUCT", POISON_PRODUCT.to_owned());
-                Stack::start_with(vec![poison]).await
+                let mut env = flow_only();
+                env.push(("EMAIL_POISON_PRODUCT", POISON_PRODUCT.to_owned()));
+                Stack::start_with(env).await
             }
             // This scenario is about flow control: its e-mail consumers
             // inject no failures and take their default batches. With one
