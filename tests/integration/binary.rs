@@ -25,46 +25,9 @@ async fn the_binary_serves_orders_exits_zero_on_sigterm_and_never_logs_the_passw
         url_with_password.contains(PASSWORD),
         "the test URL carries a password"
     );
-    let child = Command::new(env!("CARGO_BIN_EXE_order-service"))
-        .arg("run")
-        .env("DATABASE_URL", &url_with_password)
-        .env("AMQP_URL", amqp.url().expose())
-        .env("AMQP_EXCHANGE", amqp.exchange())
-        .env("AMQP_QUEUE_PREFIX", amqp.queue_prefix())
-        // The test's delays, so that the queue guard finds the retry queues.
-        .env("RETRY_DELAYS_MS", retry_delays(&amqp))
-        .env("HTTP_ADDR", "127.0.0.1:0")
-        .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", "debug,h2=info,hyper=info")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting order-service");
-    let mut child = KillOnDrop(Mutex::new(child));
-    let child_mut = child.0.get_mut().unwrap();
-    let logs = Arc::new(Mutex::new(String::new()));
-    for stream in [
-        Box::new(child_mut.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child_mut.stderr.take().unwrap()),
-    ] {
-        let logs = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let mut logs = logs.lock().unwrap();
-                logs.push_str(&line);
-                logs.push('\n');
-            }
-        });
-    }
-    let addr: String = eventually("the API to listen", Duration::from_secs(30), || async {
-        let logs = logs.lock().unwrap();
-        logs.lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|l| l["message"] == "HTTP API listening")
-            .and_then(|l| l["addr"].as_str().map(str::to_owned))
-    })
-    .await;
+    let debug = [("RUST_LOG", "debug,h2=info,hyper=info")];
+    let (child, logs) = spawn_role(&["run"], &url_with_password, &amqp, &debug);
+    let addr = listening_addr(&logs, "HTTP API listening").await;
     let client = reqwest::Client::new();
 
     let response = client
@@ -141,14 +104,14 @@ fn retry_delays(amqp: &order_service::config::AmqpConfig) -> String {
 /// JSON log lines collected; killed if the test ends first.
 fn spawn_role(
     args: &[&str],
-    db: &TestDb,
+    database_url: &str,
     amqp: &order_service::config::AmqpConfig,
     env: &[(&str, &str)],
 ) -> (KillOnDrop, Arc<Mutex<String>>) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_order-service"));
     command
         .args(args)
-        .env("DATABASE_URL", &db.url)
+        .env("DATABASE_URL", database_url)
         .env("AMQP_URL", amqp.url().expose())
         .env("AMQP_EXCHANGE", amqp.exchange())
         .env("AMQP_QUEUE_PREFIX", amqp.queue_prefix())
@@ -180,6 +143,18 @@ fn spawn_role(
     (KillOnDrop(Mutex::new(child)), logs)
 }
 
+/// The address a role logged with `message` once it listens.
+async fn listening_addr(logs: &Mutex<String>, message: &str) -> String {
+    eventually("the role to listen", Duration::from_secs(30), || async {
+        let logs = logs.lock().unwrap();
+        logs.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["message"] == message)
+            .and_then(|l| l["addr"].as_str().map(str::to_owned))
+    })
+    .await
+}
+
 #[tokio::test]
 async fn the_relay_role_in_wal_mode_reports_its_slot_in_readyz_metrics_and_outbox_status() {
     let db = TestDb::new().await;
@@ -191,15 +166,8 @@ async fn the_relay_role_in_wal_mode_reports_its_slot_in_readyz_metrics_and_outbo
         ("WAL_SLOT", slot.as_str()),
         ("WAL_PUBLICATION", slot.as_str()),
     ];
-    let (relay, logs) = spawn_role(&["relay"], &db, &amqp, &wal);
-    let addr: String = eventually("the probes to listen", Duration::from_secs(30), || async {
-        let logs = logs.lock().unwrap();
-        logs.lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|l| l["message"] == "probes listening")
-            .and_then(|l| l["addr"].as_str().map(str::to_owned))
-    })
-    .await;
+    let (relay, logs) = spawn_role(&["relay"], &db.url, &amqp, &wal);
+    let addr = listening_addr(&logs, "probes listening").await;
     let client = reqwest::Client::new();
     let ready: Value = eventually(
         "/readyz with the WAL lag",
@@ -248,7 +216,7 @@ async fn a_wal_slot_name_that_is_no_identifier_is_a_clear_stop() {
     let amqp = test_amqp();
     let _queues = DeleteQueues::orders(&amqp);
     let wal = [("RELAY_MODE", "wal"), ("WAL_SLOT", "Bad-Slot; DROP")];
-    let (relay, logs) = spawn_role(&["relay"], &db, &amqp, &wal);
+    let (relay, logs) = spawn_role(&["relay"], &db.url, &amqp, &wal);
     let exit = eventually("the relay to stop", Duration::from_secs(30), || async {
         relay.0.lock().unwrap().try_wait().unwrap()
     })
