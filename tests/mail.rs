@@ -64,7 +64,7 @@ use fixture::{
     Fixture, MailOutboxRow, first_of_each_order, locked, mail_rows, message_id, sample, section,
     unlocked,
 };
-use smtp::{Behaviour, read_mailbox};
+use smtp::{Behaviour, open_connections, read_mailbox};
 use stack::Role;
 
 /// How long the mails of a test may take to arrive (or the state to settle).
@@ -164,6 +164,18 @@ async fn a_mailer_killed_mid_send_loses_no_mail_and_resends_under_the_same_messa
     f.until("the killed mailer's claims released", SETTLE, async || {
         unlocked(&pool).await
     })
+    .await;
+    // And the SMTP server has closed its connections: a mail whose DATA it
+    // had finished before it saw the connection go is in the mailbox now,
+    // one it had not is dropped; none can arrive later.
+    f.until(
+        "the killed mailer's SMTP sessions ended",
+        SETTLE,
+        async || match open_connections(&mailbox) {
+            0 => Ok(()),
+            n => Err(format!("{n} connections open")),
+        },
+    )
     .await;
     let at_kill = f.mails();
     let rows_at_kill = mail_rows(&f.pool).await;

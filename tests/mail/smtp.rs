@@ -91,7 +91,9 @@ impl SmtpServer {
             .arg("--delay-ms")
             .arg(behaviour.delay_ms.to_string())
             .arg("--events")
-            .arg(events_file(mailbox));
+            .arg(events_file(mailbox))
+            .arg("--connections")
+            .arg(mailbox.with_extension("connections"));
         if let Some(reject) = &behaviour.reject {
             command.arg("--reject").arg(reject);
         }
@@ -161,6 +163,14 @@ pub fn events_file(mailbox: &Path) -> PathBuf {
 /// What clients did so far, as the server of `mailbox` recorded it.
 pub fn read_events(mailbox: &Path) -> Vec<Event> {
     read_lines(&events_file(mailbox))
+}
+
+/// How many client connections the server of `mailbox` has open: once
+/// none, no session is left that could still write a message.
+pub fn open_connections(mailbox: &Path) -> usize {
+    let text = std::fs::read_to_string(mailbox.with_extension("connections")).unwrap_or_default();
+    let count = |what: &str| text.lines().filter(|l| *l == what).count();
+    count("open").saturating_sub(count("closed"))
 }
 
 /// The complete JSON lines of a file (none if there is no file yet).

@@ -4,6 +4,7 @@
     python3 tests/smtp/server.py PORT MAILBOX [--reject SUBSTRING] [--delay-ms MS]
         [--tls-cert CERT --tls-key KEY (--starttls | --implicit-tls)]
         [--auth USER:PASSWORD [--auth-without-tls]] [--events FILE]
+        [--connections FILE]
 
 Listens on 127.0.0.1:PORT (plain SMTP, no AUTH, no TLS unless asked) and
 appends each accepted message to MAILBOX as one JSON line, flushed per
@@ -26,7 +27,11 @@ one JSON line each, flushed: {"event": "ehlo" | "auth_command" | "auth" |
 every AUTH and MAIL command that reaches its handler, before its checks
 (only --starttls's refusal of commands before STARTTLS comes first; AUTH
 with its mechanism only), "auth" for every login checked (with the login and
-whether it was accepted; never the password).
+whether it was accepted; never the password). --connections FILE gets a
+line "open" when a client connects and "closed" once its connection is gone
+and whatever it had in hand was written or dropped: as many "closed" as
+"open" lines means no client session is left that could still write a
+message.
 
 --reject SUBSTRING answers 550 to every RCPT TO containing SUBSTRING (a
 permanent refusal; a mail with no accepted recipient is then refused at DATA
@@ -100,9 +105,20 @@ class Authenticator:
 class RecordingSMTP(SMTP):
     """Records every AUTH and MAIL command before aiosmtpd checks it."""
 
-    def __init__(self, *args, events, **kwargs):
+    def __init__(self, *args, events, connections, **kwargs):
         super().__init__(*args, **kwargs)
         self.events = events
+        self.connections = connections
+
+    def connection_made(self, transport):
+        self.connections.write("open")
+        super().connection_made(transport)
+
+    def connection_lost(self, error):
+        # After this the session's handler is cancelled: a message whose
+        # DATA it was still sleeping in is never written.
+        super().connection_lost(error)
+        self.connections.write("closed")
 
     async def smtp_AUTH(self, arg):
         # The mechanism only: the rest may be the password, base64-encoded.
@@ -115,13 +131,31 @@ class RecordingSMTP(SMTP):
         await super().smtp_MAIL(arg)
 
 
+class Lines:
+    """Appends lines to a file, flushed each (nothing if there is no file)."""
+
+    def __init__(self, path):
+        self.file = open(path, "a", encoding="utf-8") if path else None
+        self.lock = threading.Lock()
+
+    def write(self, line):
+        if self.file is None:
+            return
+        with self.lock:
+            self.file.write(line + "\n")
+            self.file.flush()
+
+
 class RecordingController(Controller):
-    def __init__(self, *args, events, **kwargs):
+    def __init__(self, *args, events, connections, **kwargs):
         super().__init__(*args, **kwargs)
         self.events = events
+        self.connections = connections
 
     def factory(self):
-        return RecordingSMTP(self.handler, events=self.events, **self.SMTP_kwargs)
+        return RecordingSMTP(
+            self.handler, events=self.events, connections=self.connections, **self.SMTP_kwargs
+        )
 
 
 class Recorder:
@@ -186,6 +220,7 @@ def main():
     parser.add_argument("--auth", help="USER:PASSWORD, the one login accepted (and required)")
     parser.add_argument("--auth-without-tls", action="store_true", help="offer AUTH in the clear")
     parser.add_argument("--events", help="file recording EHLO, AUTH and MAIL (JSON lines)")
+    parser.add_argument("--connections", help="file recording each connection opened and closed")
     args = parser.parse_args()
 
     events = Events(args.events)
@@ -214,6 +249,7 @@ def main():
         port=args.port,
         ssl_context=context if args.implicit_tls else None,
         events=events,
+        connections=Lines(args.connections),
         **smtp,
     )
     controller.start()
