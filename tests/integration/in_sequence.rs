@@ -260,6 +260,27 @@ async fn an_ordered_handler_applies_each_aggregates_events_in_sequence() {
         .await
         .unwrap();
     assert_eq!(left, 0, "held events left behind");
+    // Every place at the last event, and no longer marked waiting once
+    // the sweep found none of its events held.
+    let pool = db.pool.clone();
+    eventually(
+        "every cart's place at 5, none waiting",
+        Duration::from_secs(30),
+        || {
+            let pool = pool.clone();
+            async move {
+                let places: Vec<(i64, bool)> = sqlx::query_as(
+                    "SELECT last_seq, waiting FROM inbox_aggregates WHERE consumer = $1",
+                )
+                .bind(PROJECTION.consumer)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+                (places.len() == CARTS && places.iter().all(|p| *p == (5, false))).then_some(())
+            }
+        },
+    )
+    .await;
 
     cancel.cancel();
     tracker.close();

@@ -10,18 +10,24 @@ CREATE TABLE processed_messages (
 -- Pruning: one consumer's rows, oldest first.
 CREATE INDEX processed_messages_processed_at_idx ON processed_messages (consumer, processed_at);
 -- For a handler that applies one aggregate's events in sequence
--- (Handler::ordered): each consumer's last applied place per aggregate, and
--- the events held until their predecessor is applied.
+-- (Handler::in_sequence): each consumer's last applied place per aggregate,
+-- and the events held until their predecessor is applied.
 CREATE TABLE inbox_aggregates (
     consumer        text        NOT NULL,
     aggregate_type  text        NOT NULL,
     aggregate_id    text        NOT NULL,
     last_seq        bigint      NOT NULL DEFAULT 0,
     updated_at      timestamptz NOT NULL DEFAULT now(),
+    -- The place before the last transaction that moved it.
+    prior_seq       bigint      NOT NULL DEFAULT 0,
+    -- The consumer may hold events of the aggregate (cleared by the sweep).
+    waiting         boolean     NOT NULL DEFAULT false,
     PRIMARY KEY (consumer, aggregate_type, aggregate_id)
 );
 -- Pruning: a consumer's aggregates not moved on for the dedup window.
 CREATE INDEX inbox_aggregates_updated_at_idx ON inbox_aggregates (consumer, updated_at);
+-- The sweep's clearing of the waiting marks.
+CREATE INDEX inbox_aggregates_waiting_idx ON inbox_aggregates (consumer) WHERE waiting;
 
 CREATE TABLE inbox_held (
     consumer        text        NOT NULL,

@@ -1,8 +1,12 @@
-//! What is kept of a held delivery, and the message it becomes again.
+//! What is kept of a held delivery, the message it becomes again, and the
+//! queries of the release and the sweep over the held events.
+
+use std::collections::HashSet;
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 /// What of a delivery is kept while it is held, to publish it again.
@@ -73,4 +77,112 @@ impl HeldRow {
             .with_delivery_mode(2)
             .with_headers(headers)
     }
+}
+
+/// Held events whose predecessor is applied now, at most `limit`.
+pub(crate) async fn releasable(
+    conn: &mut PgConnection,
+    consumer: &str,
+    limit: i64,
+) -> sqlx::Result<Vec<HeldRow>> {
+    sqlx::query_as(
+        // Driven from the held events (few), each aggregate's place found by
+        // its primary key: never a scan of every place.
+        "SELECT h.transaction_id, h.event_type, h.body, h.headers FROM inbox_held h \
+         WHERE h.consumer = $1 AND h.predecessor <= (SELECT a.last_seq FROM inbox_aggregates a \
+           WHERE a.consumer = h.consumer AND a.aggregate_type = h.aggregate_type \
+             AND a.aggregate_id = h.aggregate_id) \
+         ORDER BY h.aggregate_type, h.aggregate_id, h.seq LIMIT $2",
+    )
+    .bind(consumer)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Held events older than `secs` seconds, at most `limit`: past the dedup
+/// window they go to the dead-letter queue, so the table stays bounded.
+pub(crate) async fn expired(
+    conn: &mut PgConnection,
+    consumer: &str,
+    secs: f64,
+    limit: i64,
+) -> sqlx::Result<Vec<HeldRow>> {
+    sqlx::query_as(
+        "SELECT transaction_id, event_type, body, headers FROM inbox_held \
+         WHERE consumer = $1 AND held_at < now() - make_interval(secs => $2) \
+         ORDER BY held_at LIMIT $3",
+    )
+    .bind(consumer)
+    .bind(secs)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Deletes held events once they were published again (or dead-lettered).
+pub(crate) async fn released(
+    conn: &mut PgConnection,
+    consumer: &str,
+    ids: &HashSet<Uuid>,
+) -> sqlx::Result<()> {
+    let ids: Vec<Uuid> = ids.iter().copied().collect();
+    sqlx::query("DELETE FROM inbox_held WHERE consumer = $1 AND transaction_id = ANY($2)")
+        .bind(consumer)
+        .bind(&ids)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Clears `waiting` on the consumer's places that hold no event any more;
+/// returns how many. The places are locked first and checked again in a
+/// statement of their own: a hold committed while this waited for a lock
+/// is seen then, and its mark kept.
+pub(crate) async fn clear_waiting(conn: &mut PgConnection, consumer: &str) -> sqlx::Result<u64> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let (types, ids): (Vec<String>, Vec<String>) = sqlx::query_as::<_, (String, String)>(
+        "SELECT aggregate_type, aggregate_id FROM inbox_aggregates a \
+         WHERE consumer = $1 AND waiting AND NOT EXISTS (SELECT 1 FROM inbox_held h \
+           WHERE h.consumer = a.consumer AND h.aggregate_type = a.aggregate_type \
+             AND h.aggregate_id = a.aggregate_id) \
+         ORDER BY aggregate_type, aggregate_id FOR UPDATE",
+    )
+    .bind(consumer)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .unzip();
+    if types.is_empty() {
+        return Ok(0);
+    }
+    let cleared = sqlx::query(
+        "UPDATE inbox_aggregates a SET waiting = false \
+         FROM unnest($2::text[], $3::text[]) AS k(t, i) \
+         WHERE a.consumer = $1 AND a.aggregate_type = k.t AND a.aggregate_id = k.i \
+           AND NOT EXISTS (SELECT 1 FROM inbox_held h WHERE h.consumer = a.consumer \
+             AND h.aggregate_type = a.aggregate_type AND h.aggregate_id = a.aggregate_id)",
+    )
+    .bind(consumer)
+    .bind(&types)
+    .bind(&ids)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(cleared)
+}
+
+/// How many events `consumer` holds, and the age of the oldest in seconds.
+pub(crate) async fn held_count(
+    conn: &mut PgConnection,
+    consumer: &str,
+) -> sqlx::Result<(i64, f64)> {
+    sqlx::query_as(
+        "SELECT count(*), coalesce(extract(epoch FROM now() - min(held_at))::float8, 0) \
+         FROM inbox_held WHERE consumer = $1",
+    )
+    .bind(consumer)
+    .fetch_one(conn)
+    .await
 }

@@ -2,23 +2,25 @@
 //! predecessor, durably, in Postgres.
 //!
 //! Per consumer and aggregate, `inbox_aggregates.last_seq` is the place of
-//! the last event applied. In the dedup transaction, the rows of the
-//! batch's aggregates are locked (sorted, so two transactions cannot
-//! deadlock), and each new event is applied when its predecessor is
-//! (`predecessor <= last_seq`), else held in `inbox_held` with its body and
-//! headers, its delivery acked. Once a commit moves on an aggregate with
-//! held events, those whose predecessor is now applied are published again
+//! the last event applied. In the dedup transaction, one statement locks
+//! the rows of the batch's aggregates (sorted, so two transactions cannot
+//! deadlock) and moves them on: each new event is applied when its
+//! predecessor is (`predecessor <= last_seq`), else held in `inbox_held`
+//! with its body and headers, its delivery acked, and its aggregate marked
+//! `waiting`. Once a commit moves on a waiting aggregate, its held events
+//! whose predecessor is now applied are published again
 //! to the consumer's queue (confirmed, then deleted: a crash in between
 //! publishes one twice, which the dedup rows absorb), and are applied like
 //! any delivery: retried, dead-lettered, never lost.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::chain::Chain;
 use crate::handler::Event;
-pub(crate) use crate::held::{HeldRow, Raw};
+pub(crate) use crate::held::{Raw, clear_waiting, expired, held_count, releasable, released};
 
 /// The dedup transaction's decision for a handler in sequence's new events.
 #[derive(Debug, Default)]
@@ -28,23 +30,33 @@ pub(crate) struct SortedOut {
     pub apply: Vec<Uuid>,
     /// To hold until their predecessor is applied.
     pub hold: Vec<Uuid>,
-    /// The aggregates moved on, and their new last place.
-    pub advanced: Vec<(String, String, i64)>,
+    /// An aggregate moved on that has held events, which may follow now.
+    pub release: bool,
 }
 
-/// Locks the batch's aggregates' rows and sorts `events` out.
+/// Locks, reads and moves on the batch's aggregates' places in one
+/// statement, and sorts `events` out by where each place stood.
+///
+/// The places are upserted in key order (two transactions cannot
+/// deadlock); each keeps the transaction's lock to its end, so a second
+/// transaction of the same aggregate waits and then reads the place this
+/// one left. The statement computes the new place from the current one
+/// with [`Chain::steps`], keeps the place it found in `prior_seq`, and
+/// sets `waiting` when it holds an event; it returns all three from the
+/// row as it stands after any wait, so the decision is exact.
 pub(crate) async fn sort_out<E>(
     tx: &mut PgConnection,
     consumer: &str,
     events: &[Event<E>],
 ) -> sqlx::Result<SortedOut> {
-    let mut by_aggregate: BTreeMap<(&str, &str), Vec<&Event<E>>> = BTreeMap::new();
+    let mut by_aggregate: BTreeMap<(&str, &str), Chain<'_, E>> = BTreeMap::new();
     let mut out = SortedOut::default();
     for event in events {
         match &event.sequence {
             Some(s) => by_aggregate
                 .entry((&s.aggregate_type, &s.aggregate_id))
-                .or_default()
+                .or_insert_with(|| Chain { events: Vec::new() })
+                .events
                 .push(event),
             None => out.apply.push(event.id),
         }
@@ -52,39 +64,85 @@ pub(crate) async fn sort_out<E>(
     if by_aggregate.is_empty() {
         return Ok(out);
     }
-    let (types, ids): (Vec<&str>, Vec<&str>) = by_aggregate.keys().copied().unzip();
-    // One round trip: a new aggregate's row is inserted, an existing one
-    // locked by a no-op update; both stay locked until the commit.
-    let last: Vec<(String, String, i64)> = sqlx::query_as(
-        "INSERT INTO inbox_aggregates AS a (consumer, aggregate_type, aggregate_id) \
-         SELECT $1, t, i FROM unnest($2::text[], $3::text[]) AS u(t, i) ORDER BY t, i \
-         ON CONFLICT (consumer, aggregate_type, aggregate_id) DO UPDATE SET last_seq = a.last_seq \
-         RETURNING aggregate_type, aggregate_id, last_seq",
+    let mut keys = (Vec::new(), Vec::new());
+    // A new place starts at 0.
+    let mut new = (Vec::new(), Vec::new());
+    let mut steps = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for ((aggregate_type, aggregate_id), chain) in &mut by_aggregate {
+        chain.events.sort_by_key(|e| Chain::place(e).seq);
+        keys.0.push(*aggregate_type);
+        keys.1.push(*aggregate_id);
+        let (last, applied) = chain.run(0);
+        new.0.push(last);
+        new.1.push(!applied.iter().all(|a| *a));
+        for (from, to, complete) in chain.steps() {
+            steps.0.push(*aggregate_type);
+            steps.1.push(*aggregate_id);
+            steps.2.push(from);
+            steps.3.push(to);
+            steps.4.push(complete);
+        }
+    }
+    let places: Vec<(String, String, i64, i64, bool)> = sqlx::query_as(
+        "WITH steps AS (SELECT * FROM unnest($6::text[], $7::text[], $8::bigint[], \
+           $9::bigint[], $10::boolean[]) AS s(t, i, from_seq, to_seq, complete)) \
+         INSERT INTO inbox_aggregates AS a \
+           (consumer, aggregate_type, aggregate_id, last_seq, prior_seq, waiting) \
+         SELECT $1, t, i, last, 0, waiting \
+         FROM unnest($2::text[], $3::text[], $4::bigint[], $5::boolean[]) AS k(t, i, last, waiting) \
+         ORDER BY t, i \
+         ON CONFLICT (consumer, aggregate_type, aggregate_id) DO UPDATE SET \
+           prior_seq = a.last_seq, \
+           last_seq = greatest(a.last_seq, (SELECT max(s.to_seq) FROM steps s \
+             WHERE s.t = a.aggregate_type AND s.i = a.aggregate_id AND s.from_seq <= a.last_seq)), \
+           waiting = a.waiting OR NOT EXISTS (SELECT 1 FROM steps s \
+             WHERE s.t = a.aggregate_type AND s.i = a.aggregate_id AND s.from_seq <= a.last_seq \
+               AND s.complete), \
+           updated_at = now() \
+         RETURNING aggregate_type, aggregate_id, prior_seq, last_seq, waiting",
     )
     .bind(consumer)
-    .bind(&types)
-    .bind(&ids)
+    .bind(&keys.0)
+    .bind(&keys.1)
+    .bind(&new.0)
+    .bind(&new.1)
+    .bind(&steps.0)
+    .bind(&steps.1)
+    .bind(&steps.2)
+    .bind(&steps.3)
+    .bind(&steps.4)
     .fetch_all(&mut *tx)
     .await?;
-    let last: BTreeMap<(String, String), i64> =
-        last.into_iter().map(|(t, i, s)| ((t, i), s)).collect();
-    for ((aggregate_type, aggregate_id), mut events) in by_aggregate {
-        let key = (aggregate_type.to_owned(), aggregate_id.to_owned());
-        let before = last.get(&key).copied().unwrap_or(0);
-        let mut now = before;
-        events.sort_by_key(|e| e.sequence.as_ref().map(|s| s.seq));
-        for event in events {
-            let place = event.sequence.as_ref().expect("sorted by their place");
-            if place.predecessor <= now {
-                out.apply.push(event.id);
-                now = now.max(place.seq);
+    if places.len() != by_aggregate.len() {
+        return Err(sqlx::Error::Protocol(format!(
+            "{} places moved for {} aggregates",
+            places.len(),
+            by_aggregate.len()
+        )));
+    }
+    for (aggregate_type, aggregate_id, prior, last, waiting) in places {
+        let key = (aggregate_type.as_str(), aggregate_id.as_str());
+        let Some(chain) = by_aggregate.get(&key) else {
+            return Err(sqlx::Error::Protocol(format!(
+                "a place of {aggregate_type} {aggregate_id}, not in the batch, moved"
+            )));
+        };
+        let (now, applied) = chain.run(prior);
+        if now != last {
+            return Err(sqlx::Error::Protocol(format!(
+                "the place of {aggregate_type} {aggregate_id} moved from {prior} to {last}, \
+                 where its events lead to {now}"
+            )));
+        }
+        for (event, applies) in chain.events.iter().zip(applied) {
+            if applies {
+                &mut out.apply
             } else {
-                out.hold.push(event.id);
+                &mut out.hold
             }
+            .push(event.id);
         }
-        if now != before {
-            out.advanced.push((key.0, key.1, now));
-        }
+        out.release |= waiting && last > prior;
     }
     Ok(out)
 }
@@ -154,115 +212,4 @@ pub(crate) async fn hold<E>(
         .execute(&mut *tx)
         .await?;
     Ok(())
-}
-
-/// Records the aggregates moved on (`sorted.advanced`, not empty), and
-/// says whether any of them has held events (which may follow now).
-/// Exact: a transaction holds an event only while it has its aggregate's
-/// row locked, as this one has, so every hold of these aggregates is
-/// committed or is this transaction's own.
-/// (A held event's row is deleted by the release that published it again,
-/// not by the apply of its copy.)
-pub(crate) async fn advance(
-    tx: &mut PgConnection,
-    consumer: &str,
-    sorted: &SortedOut,
-) -> sqlx::Result<bool> {
-    let (types, rest): (Vec<&str>, Vec<(&str, i64)>) = sorted
-        .advanced
-        .iter()
-        .map(|(t, i, s)| (t.as_str(), (i.as_str(), *s)))
-        .unzip();
-    let (ids, seqs): (Vec<&str>, Vec<i64>) = rest.into_iter().unzip();
-    // The rows exist (locked by `sort_out`): written through the conflict
-    // path, so each is found by the primary key whatever plan is cached.
-    // (An UPDATE ... FROM unnest(...) planned while the table was small
-    // keeps a hash join over every row of the consumer's: 2 ms a statement
-    // at 10,000 aggregates, measured.)
-    let waiting: Vec<bool> = sqlx::query_scalar(
-        "INSERT INTO inbox_aggregates AS a (consumer, aggregate_type, aggregate_id, last_seq) \
-         SELECT $1, t, i, last FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(t, i, last) \
-         ORDER BY t, i \
-         ON CONFLICT (consumer, aggregate_type, aggregate_id) DO UPDATE \
-           SET last_seq = greatest(a.last_seq, excluded.last_seq), updated_at = now() \
-         RETURNING EXISTS (SELECT 1 FROM inbox_held h WHERE h.consumer = a.consumer \
-           AND h.aggregate_type = a.aggregate_type AND h.aggregate_id = a.aggregate_id)",
-    )
-    .bind(consumer)
-    .bind(&types)
-    .bind(&ids)
-    .bind(&seqs)
-    .fetch_all(&mut *tx)
-    .await?;
-    Ok(waiting.into_iter().any(|w| w))
-}
-
-/// Held events whose predecessor is applied now, at most `limit`.
-pub(crate) async fn releasable(
-    conn: &mut PgConnection,
-    consumer: &str,
-    limit: i64,
-) -> sqlx::Result<Vec<HeldRow>> {
-    sqlx::query_as(
-        // Driven from the held events (few), each aggregate's place found by
-        // its primary key: never a scan of every place.
-        "SELECT h.transaction_id, h.event_type, h.body, h.headers FROM inbox_held h \
-         WHERE h.consumer = $1 AND h.predecessor <= (SELECT a.last_seq FROM inbox_aggregates a \
-           WHERE a.consumer = h.consumer AND a.aggregate_type = h.aggregate_type \
-             AND a.aggregate_id = h.aggregate_id) \
-         ORDER BY h.aggregate_type, h.aggregate_id, h.seq LIMIT $2",
-    )
-    .bind(consumer)
-    .bind(limit)
-    .fetch_all(conn)
-    .await
-}
-
-/// Held events older than `secs` seconds, at most `limit`: past the dedup
-/// window they go to the dead-letter queue, so the table stays bounded.
-pub(crate) async fn expired(
-    conn: &mut PgConnection,
-    consumer: &str,
-    secs: f64,
-    limit: i64,
-) -> sqlx::Result<Vec<HeldRow>> {
-    sqlx::query_as(
-        "SELECT transaction_id, event_type, body, headers FROM inbox_held \
-         WHERE consumer = $1 AND held_at < now() - make_interval(secs => $2) \
-         ORDER BY held_at LIMIT $3",
-    )
-    .bind(consumer)
-    .bind(secs)
-    .bind(limit)
-    .fetch_all(conn)
-    .await
-}
-
-/// Deletes held events once they were published again (or dead-lettered).
-pub(crate) async fn released(
-    conn: &mut PgConnection,
-    consumer: &str,
-    ids: &HashSet<Uuid>,
-) -> sqlx::Result<()> {
-    let ids: Vec<Uuid> = ids.iter().copied().collect();
-    sqlx::query("DELETE FROM inbox_held WHERE consumer = $1 AND transaction_id = ANY($2)")
-        .bind(consumer)
-        .bind(&ids)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// How many events `consumer` holds, and the age of the oldest in seconds.
-pub(crate) async fn held_count(
-    conn: &mut PgConnection,
-    consumer: &str,
-) -> sqlx::Result<(i64, f64)> {
-    sqlx::query_as(
-        "SELECT count(*), coalesce(extract(epoch FROM now() - min(held_at))::float8, 0) \
-         FROM inbox_held WHERE consumer = $1",
-    )
-    .bind(consumer)
-    .fetch_one(conn)
-    .await
 }

@@ -97,6 +97,7 @@
 
 #![warn(missing_docs)]
 
+mod chain;
 mod config;
 pub mod dlq;
 mod error;

@@ -85,6 +85,9 @@ impl<H: Handler> Consumer<H> {
             let done = self.publish_again(publish, &expired, Some(&reason)).await?;
             hold::released(&mut conn, self.name(), &done).await?;
         }
+        // A place marked waiting whose held events are all gone: a commit
+        // that moves it on need not look for events to release.
+        hold::clear_waiting(&mut conn, self.name()).await?;
         let (count, oldest) = hold::held_count(&mut conn, self.name()).await?;
         self.metrics.held_events.set(count);
         self.metrics.held_oldest.set(oldest);

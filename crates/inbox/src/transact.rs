@@ -188,23 +188,12 @@ impl<H: Handler> Consumer<H> {
                 }
             }
         }
-        // Places moved on: the statement that records them also says whether
-        // an aggregate among them has held events to release.
-        let mut release = false;
-        let advanced = sorted.as_ref().filter(|s| !s.advanced.is_empty());
-        if let Some(sorted) = advanced {
-            match hold::advance(&mut tx, self.name(), sorted).await {
-                Ok(waiting) => release = waiting,
-                Err(error) => return refused_or_outage(error),
-            }
-        }
         // A handler that swallowed an error of its own statement returns Ok
         // on an aborted transaction, whose COMMIT Postgres answers with a
         // rollback and no error: a statement after it fails there (25P02,
         // an outage), so the deliveries wait for a fixed handler instead of
-        // being acked unapplied. The advance above is such a statement.
+        // being acked unapplied.
         if !new_events.is_empty()
-            && advanced.is_none()
             && let Err(error) = sqlx::query("SELECT 1").execute(&mut *tx).await
         {
             return Transacted::Outage(InboxError::database(error));
@@ -217,7 +206,7 @@ impl<H: Handler> Consumer<H> {
             self.wakes.iter().for_each(Wake::notify);
         }
         let held: HashSet<Uuid> = sorted.iter().flat_map(|s| s.hold.iter().copied()).collect();
-        if release {
+        if sorted.as_ref().is_some_and(|s| s.release) {
             // Held events may follow what was applied now.
             self.release.notify_one();
         }
