@@ -10,7 +10,8 @@ use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use order_service::config::{
-    AmqpConfig, ConsumerConfig, DatabaseConfig, HttpConfig, MailConfig, RelayConfig,
+    AmqpConfig, ConsumerConfig, DatabaseConfig, HttpConfig, MailConfig, RelayConfig, SecretUrl,
+    WalSource,
 };
 use order_service::startup::{ConsumerKind, Roles};
 use order_service::telemetry;
@@ -96,12 +97,29 @@ pub struct System {
     _database: common::DropDatabase,
 }
 
+/// Which relay publishes the outbox.
+#[derive(Debug, Clone, Copy)]
+pub enum RelayMode {
+    /// The polling relay (claim and mark).
+    Poll,
+    /// The WAL relay, on a logical slot of the test's own.
+    Wal,
+}
+
 impl System {
     pub async fn start(consumers: &[ConsumerKind], mail: &MailConfig) -> Self {
+        Self::start_with(consumers, mail, RelayMode::Poll).await
+    }
+
+    pub async fn start_with(
+        consumers: &[ConsumerKind],
+        mail: &MailConfig,
+        relay: RelayMode,
+    ) -> Self {
         finished_spans(); // the subscriber must be in place before any span opens
         let (db_name, url) = common::create_database().await;
         let database = common::DropDatabase(db_name);
-        let db = DatabaseConfig::new(url);
+        let db = DatabaseConfig::new(url.clone());
         let pool = order_service::db::connect(&db, &CancellationToken::new())
             .await
             .expect("connecting to the test database");
@@ -114,7 +132,26 @@ impl System {
             .start_api(&HttpConfig::default(), None)
             .await
             .expect("starting the API");
-        roles.start_relay(&amqp, &RelayConfig::default(), false);
+        match relay {
+            RelayMode::Poll => roles.start_relay(&amqp, &RelayConfig::default(), false),
+            RelayMode::Wal => {
+                // The slot goes with the database (see `common::DropDatabase`).
+                let slot = format!("t{}", &Uuid::new_v4().simple().to_string()[..16]);
+                let source = WalSource {
+                    replication: order_service::db::replication_config(
+                        &SecretUrl::new(url.clone()),
+                        &slot,
+                        &slot,
+                    )
+                    .expect("a replication config"),
+                    horizon_interval: Duration::from_secs(60),
+                };
+                roles
+                    .start_wal_relay(&amqp, &RelayConfig::default(), source)
+                    .await
+                    .expect("starting the WAL relay");
+            }
+        }
         // The mailer stays off (no SMTP_URL): the spans end at the consumers.
         for kind in consumers {
             roles

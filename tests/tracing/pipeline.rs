@@ -15,7 +15,7 @@ use order_service::startup::ConsumerKind;
 use reqwest::StatusCode;
 use uuid::Uuid;
 
-use crate::fixtures::{Caller, System, eventually, finished_spans};
+use crate::fixtures::{Caller, RelayMode, System, eventually, finished_spans};
 
 /// The CONSUMER span attribute naming the order.
 const CONVERSATION_ID: &str = "messaging.message.conversation_id";
@@ -152,9 +152,21 @@ impl Journey {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_post_makes_one_trace_through_both_events_and_both_consumers() {
-    let system = System::start(
+    one_trace_through_both_events(RelayMode::Poll).await;
+}
+
+/// The same trace with the WAL relay publishing: its PRODUCER spans take
+/// their parent from the row's trace context, as the polling relay's do.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_wal_relay_keeps_the_trace_through_both_events() {
+    one_trace_through_both_events(RelayMode::Wal).await;
+}
+
+async fn one_trace_through_both_events(relay: RelayMode) {
+    let system = System::start_with(
         &[ConsumerKind::Email, ConsumerKind::Billing],
         &MailConfig::default(),
+        relay,
     )
     .await;
     let caller = Caller::random();
@@ -196,6 +208,19 @@ async fn one_post_makes_one_trace_through_both_events_and_both_consumers() {
         stored, confirmed_id,
         "order.confirmed's id is UUIDv5(order.created's)"
     );
+    if let RelayMode::Wal = relay {
+        // Published from the slot: the polling relay never marked them.
+        let polled: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT transaction_id FROM outbox WHERE published_at IS DISTINCT FROM 'infinity'",
+        )
+        .fetch_all(&system.pool)
+        .await
+        .expect("reading the outbox");
+        assert!(
+            polled.is_empty(),
+            "rows published by the polling relay: {polled:?}"
+        );
+    }
     let (journey, confirmed) = eventually(
         "the server, create_order, both publish spans and the three process spans",
         Duration::from_secs(30),
