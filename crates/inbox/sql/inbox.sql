@@ -18,13 +18,13 @@ CREATE TABLE inbox_aggregates (
     aggregate_id    text        NOT NULL,
     last_seq        bigint      NOT NULL DEFAULT 0,
     updated_at      timestamptz NOT NULL DEFAULT now(),
-    -- The place before the last transaction that moved it.
+    -- The place before the last transaction that locked it.
     prior_seq       bigint      NOT NULL DEFAULT 0,
     -- The consumer may hold events of the aggregate (cleared by the sweep).
     waiting         boolean     NOT NULL DEFAULT false,
     PRIMARY KEY (consumer, aggregate_type, aggregate_id)
 );
--- Pruning: a consumer's aggregates not moved on for the dedup window.
+-- Pruning: a consumer's aggregates not written for the dedup window.
 CREATE INDEX inbox_aggregates_updated_at_idx ON inbox_aggregates (consumer, updated_at);
 -- The sweep's clearing of the waiting marks.
 CREATE INDEX inbox_aggregates_waiting_idx ON inbox_aggregates (consumer) WHERE waiting;

@@ -135,10 +135,12 @@ pub(crate) async fn released(
     Ok(())
 }
 
-/// Clears `waiting` on the consumer's places that hold no event any more;
-/// returns how many. The places are locked first and checked again in a
-/// statement of their own: a hold committed while this waited for a lock
-/// is seen then, and its mark kept.
+/// Clears `waiting` on the consumer's places that hold no event any more,
+/// at most [`CLEAR_AT_ONCE`] a sweep; returns how many. The places are
+/// locked first, skipping those a transaction has (the sweep never waits
+/// on a handler; a skipped mark is only kept, which is safe), and checked
+/// again in a statement of their own: a hold committed before the lock is
+/// seen then, and its mark kept.
 pub(crate) async fn clear_waiting(conn: &mut PgConnection, consumer: &str) -> sqlx::Result<u64> {
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     let (types, ids): (Vec<String>, Vec<String>) = sqlx::query_as::<_, (String, String)>(
@@ -146,9 +148,10 @@ pub(crate) async fn clear_waiting(conn: &mut PgConnection, consumer: &str) -> sq
          WHERE consumer = $1 AND waiting AND NOT EXISTS (SELECT 1 FROM inbox_held h \
            WHERE h.consumer = a.consumer AND h.aggregate_type = a.aggregate_type \
              AND h.aggregate_id = a.aggregate_id) \
-         ORDER BY aggregate_type, aggregate_id FOR UPDATE",
+         ORDER BY aggregate_type, aggregate_id LIMIT $2 FOR UPDATE SKIP LOCKED",
     )
     .bind(consumer)
+    .bind(CLEAR_AT_ONCE)
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
@@ -156,10 +159,12 @@ pub(crate) async fn clear_waiting(conn: &mut PgConnection, consumer: &str) -> sq
     if types.is_empty() {
         return Ok(0);
     }
+    // `waiting` in the filter: the marked places only (a partial index),
+    // whatever plan is cached, never a join over every place.
     let cleared = sqlx::query(
         "UPDATE inbox_aggregates a SET waiting = false \
          FROM unnest($2::text[], $3::text[]) AS k(t, i) \
-         WHERE a.consumer = $1 AND a.aggregate_type = k.t AND a.aggregate_id = k.i \
+         WHERE a.consumer = $1 AND a.waiting AND a.aggregate_type = k.t AND a.aggregate_id = k.i \
            AND NOT EXISTS (SELECT 1 FROM inbox_held h WHERE h.consumer = a.consumer \
              AND h.aggregate_type = a.aggregate_type AND h.aggregate_id = a.aggregate_id)",
     )
@@ -172,6 +177,9 @@ pub(crate) async fn clear_waiting(conn: &mut PgConnection, consumer: &str) -> sq
     tx.commit().await?;
     Ok(cleared)
 }
+
+/// The most waiting marks one sweep clears.
+const CLEAR_AT_ONCE: i64 = 1_000;
 
 /// How many events `consumer` holds, and the age of the oldest in seconds.
 pub(crate) async fn held_count(

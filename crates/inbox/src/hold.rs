@@ -30,14 +30,15 @@ pub(crate) struct SortedOut {
     pub apply: Vec<Uuid>,
     /// To hold until their predecessor is applied.
     pub hold: Vec<Uuid>,
-    /// An aggregate moved on that has held events, which may follow now.
+    /// An aggregate moved on while marked `waiting` (it may have held
+    /// events, which may follow now).
     pub release: bool,
 }
 
 /// Locks, reads and moves on the batch's aggregates' places in one
 /// statement, and sorts `events` out by where each place stood.
 ///
-/// The places are upserted in key order (two transactions cannot
+/// The places are upserted sorted by key (two transactions cannot
 /// deadlock); each keeps the transaction's lock to its end, so a second
 /// transaction of the same aggregate waits and then reads the place this
 /// one left. The statement computes the new place from the current one

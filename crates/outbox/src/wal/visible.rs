@@ -1,11 +1,11 @@
 //! A transaction's commit reaches the replication stream as soon as its
 //! commit record is flushed, a moment before the committing session takes
 //! it out of the running transactions: a consumer that reads the same
-//! database on receipt (billing reads the order its event names) could
-//! still miss the writer's rows. So a batch is published only once its
+//! database on receipt (reads the row its event names, say) could still
+//! miss the writer's rows. So a batch is published only once its
 //! transactions are visible in a new snapshot: one statement per batch,
-//! which almost always says yes at once (seen once in 15,000 orders at
-//! 1,000/s on two busy cores without it: the order stayed PENDING).
+//! which almost always says yes at once (missed once in about 15,000
+//! events at 1,000/s on two busy cores without it).
 
 use std::time::Duration;
 
