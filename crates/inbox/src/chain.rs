@@ -12,7 +12,13 @@ pub(crate) struct Chain<'a, E> {
     pub events: Vec<&'a Event<E>>,
 }
 
-impl<E> Chain<'_, E> {
+impl<'a, E> Chain<'a, E> {
+    /// The chain of `events`, each with a place, put in sequence.
+    pub fn new(mut events: Vec<&'a Event<E>>) -> Self {
+        events.sort_by_key(|e| Self::place(e).seq);
+        Self { events }
+    }
+
     pub fn place(event: &Event<E>) -> &Sequence {
         event.sequence.as_ref().expect("only events with a place")
     }
@@ -102,10 +108,7 @@ mod tests {
         ];
         for batch in batches {
             let events: Vec<Event<()>> = batch.iter().map(|&(s, p)| event(s, p)).collect();
-            let mut chain = Chain {
-                events: events.iter().collect(),
-            };
-            chain.events.sort_by_key(|e| Chain::place(e).seq);
+            let chain = Chain::new(events.iter().collect());
             let steps = chain.steps();
             for before in 0..9 {
                 let (now, applied) = chain.run(before);
@@ -121,15 +124,10 @@ mod tests {
     #[test]
     fn an_event_applies_once_its_predecessor_has() {
         let events = [event(1, 0), event(2, 1), event(4, 2), event(5, 4)];
-        let mut chain = Chain {
-            events: events.iter().collect(),
-        };
-        chain.events.sort_by_key(|e| Chain::place(e).seq);
+        let chain = Chain::new(events.iter().collect());
         assert_eq!(chain.run(0), (5, vec![true; 4]));
         let later = [event(4, 2), event(5, 4)];
-        let chain = Chain {
-            events: later.iter().collect(),
-        };
+        let chain = Chain::new(later.iter().collect());
         assert_eq!(chain.run(1), (1, vec![false, false]));
         assert_eq!(chain.run(2), (5, vec![true, true]));
     }

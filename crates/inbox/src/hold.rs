@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::chain::Chain;
 use crate::handler::Event;
-pub(crate) use crate::held::{Raw, clear_waiting, expired, held_count, releasable, released};
+pub(crate) use crate::held::Raw;
 
 /// The dedup transaction's decision for a handler in sequence's new events.
 #[derive(Debug, Default)]
@@ -50,18 +50,21 @@ pub(crate) async fn sort_out<E>(
     consumer: &str,
     events: &[Event<E>],
 ) -> sqlx::Result<SortedOut> {
-    let mut by_aggregate: BTreeMap<(&str, &str), Chain<'_, E>> = BTreeMap::new();
+    let mut grouped: BTreeMap<(&str, &str), Vec<&Event<E>>> = BTreeMap::new();
     let mut out = SortedOut::default();
     for event in events {
         match &event.sequence {
-            Some(s) => by_aggregate
+            Some(s) => grouped
                 .entry((&s.aggregate_type, &s.aggregate_id))
-                .or_insert_with(|| Chain { events: Vec::new() })
-                .events
+                .or_default()
                 .push(event),
             None => out.apply.push(event.id),
         }
     }
+    let by_aggregate: BTreeMap<(&str, &str), Chain<'_, E>> = grouped
+        .into_iter()
+        .map(|(key, events)| (key, Chain::new(events)))
+        .collect();
     if by_aggregate.is_empty() {
         return Ok(out);
     }
@@ -69,8 +72,7 @@ pub(crate) async fn sort_out<E>(
     // A new place starts at 0.
     let mut new = (Vec::new(), Vec::new());
     let mut steps = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for ((aggregate_type, aggregate_id), chain) in &mut by_aggregate {
-        chain.events.sort_by_key(|e| Chain::place(e).seq);
+    for ((aggregate_type, aggregate_id), chain) in &by_aggregate {
         keys.0.push(*aggregate_type);
         keys.1.push(*aggregate_id);
         let (last, applied) = chain.run(0);

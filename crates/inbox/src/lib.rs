@@ -246,8 +246,8 @@ pub fn dedup_prune(consumer: &'static str, retention: Duration) -> Prune {
 }
 
 /// The pruning of `consumer`'s per-aggregate places ([`Handler::in_sequence`])
-/// not written (moved on, or locked to hold an event) for `retention`, unless the aggregate has held events:
-/// keep it to the dedup window. An aggregate pruned and written to again
+/// not written (moved on, or locked to hold an event) for `retention`,
+/// unless the aggregate has held events: keep it to the dedup window. An aggregate pruned and written to again
 /// starts afresh, its first event new having no predecessor to wait for.
 pub fn sequence_prune(consumer: &'static str, retention: Duration) -> Prune {
     Prune::new(

@@ -17,8 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Consumer;
 use crate::error::report;
 use crate::handler::Handler;
-use crate::held::HeldRow;
-use crate::hold;
+use crate::held::{self, HeldRow};
 use crate::message::{self, BrokerCallError};
 
 /// How often the held events are swept when no commit wakes the sweep.
@@ -63,12 +62,12 @@ impl<H: Handler> Consumer<H> {
     async fn release_round(&self, publish: &Channel, sweep: bool) -> Result<(), ReleaseError> {
         let mut conn = self.pool.acquire().await?;
         loop {
-            let rows = hold::releasable(&mut conn, self.name(), RELEASE_BATCH).await?;
+            let rows = held::releasable(&mut conn, self.name(), RELEASE_BATCH).await?;
             if rows.is_empty() {
                 break;
             }
             let done = self.publish_again(publish, &rows, None).await?;
-            hold::released(&mut conn, self.name(), &done).await?;
+            held::released(&mut conn, self.name(), &done).await?;
             if (rows.len() as i64) < RELEASE_BATCH {
                 break;
             }
@@ -77,18 +76,18 @@ impl<H: Handler> Consumer<H> {
             return Ok(());
         }
         let limit = self.config.hold_limit();
-        let expired = hold::expired(&mut conn, self.name(), limit.as_secs_f64(), RELEASE_BATCH);
+        let expired = held::expired(&mut conn, self.name(), limit.as_secs_f64(), RELEASE_BATCH);
         let expired = expired.await?;
         if !expired.is_empty() {
             let reason = format!("held longer than {limit:?} waiting for its predecessor");
             tracing::warn!(queue = %self.queues.main, events = expired.len(), %reason, "dead-lettering held events");
             let done = self.publish_again(publish, &expired, Some(&reason)).await?;
-            hold::released(&mut conn, self.name(), &done).await?;
+            held::released(&mut conn, self.name(), &done).await?;
         }
         // A place marked waiting whose held events are all gone: a commit
         // that moves it on need not look for events to release.
-        hold::clear_waiting(&mut conn, self.name()).await?;
-        let (count, oldest) = hold::held_count(&mut conn, self.name()).await?;
+        held::clear_waiting(&mut conn, self.name()).await?;
+        let (count, oldest) = held::held_count(&mut conn, self.name()).await?;
         self.metrics.held_events.set(count);
         self.metrics.held_oldest.set(oldest);
         Ok(())
