@@ -335,7 +335,10 @@ impl Scenario {
         let mut faults = Faults::default();
         let mut measured = None;
         match self {
-            Scenario::Kill => kill_each_role(&mut stack, &load, &mut faults).await,
+            Scenario::Kill => {
+                let roles = [Role::Relay, Role::Billing, Role::Email, Role::Api];
+                kill_each(&roles, &mut stack, &load, &mut faults).await
+            }
             Scenario::RabbitMq => stop_rabbitmq(&stack, &load, &mut faults).await,
             Scenario::Alarm => {
                 let alarmed = memory_alarm(&mut stack, &load, &mut faults).await;
@@ -348,7 +351,8 @@ impl Scenario {
             }
             Scenario::Sigterm => terminate_workers(&mut stack, &load, &mut faults).await,
             Scenario::Wal => {
-                kill_each_relay(&mut stack, &load, &mut faults).await;
+                // In WAL mode the one reading the slot dies once, and the other takes over.
+                kill_each(&[Role::Relay, Role::Relay2], &mut stack, &load, &mut faults).await;
                 restart_postgres_at(&stack, &load, &mut faults, &[false]).await;
                 stop_rabbitmq(&stack, &load, &mut faults).await;
                 alarm_briefly(&stack, &load, &mut faults).await;
@@ -422,8 +426,10 @@ impl Scenario {
     }
 }
 
-async fn kill_each_role(stack: &mut Stack, load: &Load, faults: &mut Faults) {
-    for role in [Role::Relay, Role::Billing, Role::Email, Role::Api] {
+/// SIGKILL each of `roles` in turn under load, each restarted after a
+/// backlog built up (the API once requests are refused).
+async fn kill_each(roles: &[Role], stack: &mut Stack, load: &Load, faults: &mut Faults) {
+    for &role in roles {
         orders_flow(load, 150, "orders to flow before the kill").await;
         let api = role == Role::Api;
         faults.arm(stack, load, !api).await;
@@ -471,20 +477,6 @@ fn flow_only() -> Vec<(&'static str, String)> {
         ("EMAIL_FAILURE_RATE", "0".to_owned()),
         ("CONSUMER_BATCH_SIZE", "64".to_owned()),
     ]
-}
-
-/// SIGKILL each relay in turn, each restarted after a backlog built up: in
-/// WAL mode the one reading the slot dies once, and the other takes over.
-async fn kill_each_relay(stack: &mut Stack, load: &Load, faults: &mut Faults) {
-    for role in [Role::Relay, Role::Relay2] {
-        orders_flow(load, 150, "orders to flow before the kill").await;
-        faults.arm(stack, load, true).await;
-        stack.processes.kill(role);
-        faults.injected += 1;
-        orders_flow(load, 100, "a backlog while the relay is down").await;
-        stack.processes.restart(role).await;
-    }
-    orders_flow(load, 150, "orders to flow after the restarts").await;
 }
 
 async fn stop_rabbitmq(stack: &Stack, load: &Load, faults: &mut Faults) {
