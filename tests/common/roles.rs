@@ -120,6 +120,28 @@ pub fn command(
         .open(log)
         .expect("opening a role log");
     let err = out.try_clone().expect("cloning a file handle");
+    let mut command = base_command(args, db_url, amqp);
+    command
+        .env("RELAY_POLL_INTERVAL_MS", "200")
+        .env("HTTP_ADDR", addr.to_string())
+        .env(
+            "RUST_LOG",
+            std::env::var(rust_log_var).unwrap_or_else(|_| "info".into()),
+        )
+        .env_remove("SMTP_URL")
+        .env_remove("EMAIL_RECIPIENT_DOMAIN")
+        .env_remove("MAILER_CONCURRENCY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err));
+    command
+}
+
+/// `order-service <args>` against `db_url` and `amqp` (its URL, exchange,
+/// queue prefix and retry delays), logging JSON, trace export off: what
+/// every role a test starts shares; the caller adds its address, log level
+/// and where the output goes.
+pub fn base_command(args: &[&str], db_url: &str, amqp: &AmqpConfig) -> Command {
     let delays: Vec<String> = amqp
         .retry_delays()
         .iter()
@@ -133,20 +155,8 @@ pub fn command(
         .env("AMQP_EXCHANGE", amqp.exchange())
         .env("AMQP_QUEUE_PREFIX", amqp.queue_prefix())
         .env("RETRY_DELAYS_MS", delays.join(","))
-        .env("RELAY_POLL_INTERVAL_MS", "200")
-        .env("HTTP_ADDR", addr.to_string())
         .env("LOG_FORMAT", "json")
-        .env(
-            "RUST_LOG",
-            std::env::var(rust_log_var).unwrap_or_else(|_| "info".into()),
-        )
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("SMTP_URL")
-        .env_remove("EMAIL_RECIPIENT_DOMAIN")
-        .env_remove("MAILER_CONCURRENCY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err));
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
     command
 }
 

@@ -91,15 +91,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn retry_delays(amqp: &order_service::config::AmqpConfig) -> String {
-    let delays: Vec<String> = amqp
-        .retry_delays()
-        .iter()
-        .map(|d| d.as_millis().to_string())
-        .collect();
-    delays.join(",")
-}
-
 /// `order-service <args>` with the test's database and broker names, its
 /// JSON log lines collected; killed if the test ends first.
 fn spawn_role(
@@ -108,18 +99,10 @@ fn spawn_role(
     amqp: &order_service::config::AmqpConfig,
     env: &[(&str, &str)],
 ) -> (KillOnDrop, Arc<Mutex<String>>) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_order-service"));
+    let mut command = crate::common::roles::base_command(args, database_url, amqp);
     command
-        .args(args)
-        .env("DATABASE_URL", database_url)
-        .env("AMQP_URL", amqp.url().expose())
-        .env("AMQP_EXCHANGE", amqp.exchange())
-        .env("AMQP_QUEUE_PREFIX", amqp.queue_prefix())
-        .env("RETRY_DELAYS_MS", retry_delays(amqp))
         .env("HTTP_ADDR", "127.0.0.1:0")
-        .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     for (name, value) in env {
