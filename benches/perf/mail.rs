@@ -36,7 +36,7 @@ use order_service::orders::mailer::{MAILS, Smtp};
 use outbox::{Delivered, Dispatcher};
 
 use crate::report::Report;
-use crate::setup::{BenchDb, percentile};
+use crate::setup::{BenchDb, median_round};
 
 /// Rows claimed per round, as `Roles::start_mailer` sets it: two waves.
 fn batch_size(concurrency: usize) -> i64 {
@@ -201,14 +201,8 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     outcome?;
 
-    let mut ratios: Vec<f64> = results.iter().map(|(bare, mailer)| mailer / bare).collect();
-    ratios.sort_by(f64::total_cmp);
-    let median = percentile(&ratios, 50.0);
-    let (bare, mailer) = results
-        .iter()
-        .copied()
-        .find(|(bare, mailer)| mailer / bare == median)
-        .expect("the median is one of the rounds");
+    let (bare, mailer) = *median_round(&results, |(bare, mailer)| mailer / bare);
+    let median = mailer / bare;
     report.row(
         &format!("Mailer drain, {n} pending mails, aiosmtpd (median of {rounds} rounds)"),
         format!("{mailer:.0} mails/s"),

@@ -345,8 +345,7 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
         ));
         results.push((ratio, on, off));
     }
-    results.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let (ratio, on, off) = &results[results.len() / 2];
+    let (ratio, on, off) = crate::setup::median_round(&results, |r| r.0);
     report.row(
         &format!(
             "E-mail consumer backlog drain, {n} orders' two events, every {DISPLACED_EVERY}th \

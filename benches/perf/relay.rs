@@ -245,16 +245,9 @@ impl Round {
     }
 }
 
-/// The round whose ratio is the median: pairs adjacent in time, robust to
-/// one round's drift.
+/// The round whose ratio is the median (see [`crate::setup::median_round`]).
 fn median_round(rounds: &[Round]) -> Round {
-    let mut ratios: Vec<f64> = rounds.iter().map(Round::ratio).collect();
-    ratios.sort_by(f64::total_cmp);
-    let median = percentile(&ratios, 50.0);
-    *rounds
-        .iter()
-        .find(|r| r.ratio() == median)
-        .expect("the median is one of the rounds")
+    *crate::setup::median_round(rounds, Round::ratio)
 }
 
 pub async fn run(report: &mut Report) -> anyhow::Result<()> {

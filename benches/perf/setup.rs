@@ -115,6 +115,19 @@ pub fn pgbench(db_url: &str, script: &str, clients: u32, seconds: u32) -> anyhow
         .ok_or_else(|| anyhow::anyhow!("no tps in pgbench output: {stdout}"))
 }
 
+/// The round whose `ratio` is the median of the rounds' ([`percentile`]'s
+/// 50th): the figures of one round, adjacent in time, robust to one
+/// round's drift.
+pub fn median_round<T>(rounds: &[T], ratio: impl Fn(&T) -> f64) -> &T {
+    let mut ratios: Vec<f64> = rounds.iter().map(&ratio).collect();
+    ratios.sort_by(f64::total_cmp);
+    let median = percentile(&ratios, 50.0);
+    rounds
+        .iter()
+        .find(|r| ratio(r) == median)
+        .expect("the median is one of the rounds")
+}
+
 /// p-th percentile (0..=100) of sorted values.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::relay::{ROWS, Raw, fill_rows, purge, raw_publish};
 use crate::report::Report;
-use crate::setup::{BenchDb, bench_amqp, cleanup_amqp, percentile};
+use crate::setup::{BenchDb, bench_amqp, cleanup_amqp, median_round};
 
 const ROUNDS: usize = 3;
 const PER_TRANSACTION: i64 = 500;
@@ -40,13 +40,8 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
     purge(&raw, &amqp).await?;
     raw.close().await;
     cleanup_amqp(&amqp).await?;
-    let mut ratios: Vec<f64> = rounds.iter().map(|(raw, wal)| wal / raw).collect();
-    ratios.sort_by(f64::total_cmp);
-    let median = percentile(&ratios, 50.0);
-    let (raw_rate, wal_rate) = *rounds
-        .iter()
-        .find(|(raw, wal)| wal / raw == median)
-        .expect("the median is a round");
+    let (raw_rate, wal_rate) = *median_round(&rounds, |(raw, wal)| wal / raw);
+    let median = wal_rate / raw_rate;
     report.row(
         &format!(
             "WAL relay drain, 50,000-row backlog in {PER_TRANSACTION}-row transactions, quorum queues (median of {ROUNDS} rounds)"
