@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::db::ErrorKind;
 use crate::orders::{EVENTS, NewOrder, OrderEvent};
-use outbox::{NewOutboxEvent, Table, Wake};
+use outbox::{NewOutboxEvent, Wake};
 
 /// Orders per shared transaction at most.
 const MAX_BATCH: usize = 64;
@@ -195,10 +195,12 @@ fn same_kind(error: &sqlx::Error) -> sqlx::Error {
     }
 }
 
-/// The orders' primary key refused an id: on a retry, the earlier try's.
+/// The orders' primary key, or their events' places (the first of each
+/// new order), refused an id: on a retry, the earlier try's.
 fn already_written(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db)
-        if db.is_unique_violation() && db.constraint() == Some("orders_pkey"))
+        if db.is_unique_violation()
+            && matches!(db.constraint(), Some("orders_pkey" | "outbox_aggregate_seq_key")))
 }
 
 /// The orders and their outbox rows in ONE statement: on a pooled
@@ -225,14 +227,18 @@ async fn write_together(conn: &mut PgConnection, rows: &[&NewRow]) -> Result<(),
         )
         .bind(rows.iter().map(|r| r.order.amount).collect::<Vec<_>>())
         .bind(now);
-    Table::bind_events(orders, &events).execute(conn).await?;
+    EVENTS
+        .bind_new_aggregates(orders, &events)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
 /// The orders (`$1` to `$5`) in a CTE, then the outbox crate's own insert
-/// of their rows (`$6` on), built once.
+/// of their rows (`$6` on), built once. Each order is new, and so is its
+/// aggregate: its `order.created` is numbered 1 with no counter to write.
 static WRITE_TOGETHER: LazyLock<SqlStr> = LazyLock::new(|| {
-    let sql = EVENTS.insert_statement(
+    let sql = EVENTS.new_aggregates_statement(
         6,
         "new_orders AS ( \
              INSERT INTO orders (id, product_id, user_id, amount, created_at, updated_at) \

@@ -75,7 +75,28 @@ fn second_writer(pool: &PgPool, event: NewOutboxEvent) -> tokio::task::JoinHandl
 
 #[tokio::test]
 async fn a_second_writer_of_an_aggregate_waits_and_numbers_after_the_first_commits() {
+    second_writer_waits(false).await;
+}
+
+/// The same for an aggregate opened as new: it has no counter, and both
+/// writers go on from its latest row.
+#[tokio::test]
+async fn a_second_writer_of_an_aggregate_opened_as_new_waits_too() {
+    second_writer_waits(true).await;
+}
+
+/// Two writers of one aggregate at once (after an opening row `o` when
+/// `opened`): the second waits, and numbers after the first.
+async fn second_writer_waits(opened: bool) {
     let db = TestDb::new().await;
+    if opened {
+        let mut tx = db.pool.begin().await.unwrap();
+        EVENTS
+            .insert_new_aggregates(&mut tx, &[event("c-1", "o")])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
     let mut first = db.pool.begin().await.unwrap();
     EVENTS.insert(&mut first, &event("c-1", "a")).await.unwrap();
     let second = second_writer(&db.pool, event("c-1", "b"));
@@ -102,10 +123,16 @@ async fn a_second_writer_of_an_aggregate_waits_and_numbers_after_the_first_commi
     first.commit().await.unwrap();
     second.await.unwrap();
 
-    assert_eq!(
-        numbers(&db.pool, "c-1").await,
+    let want = if opened {
+        vec![
+            (1, json!({})),
+            (2, json!({"o": 1})),
+            (3, json!({"o": 1, "a": 2})),
+        ]
+    } else {
         vec![(1, json!({})), (2, json!({"a": 1}))]
-    );
+    };
+    assert_eq!(numbers(&db.pool, "c-1").await, want);
     db.cleanup().await;
 }
 
@@ -119,5 +146,93 @@ async fn a_writer_that_rolls_back_leaves_no_gap() {
     second.await.unwrap();
 
     assert_eq!(numbers(&db.pool, "c-1").await, vec![(1, json!({}))]);
+    db.cleanup().await;
+}
+
+/// The counters' rows, as `(aggregate_id, last_seq)`.
+async fn counters(pool: &PgPool) -> Vec<(String, i64)> {
+    sqlx::query_as("SELECT aggregate_id, last_seq FROM outbox_aggregates ORDER BY aggregate_id")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn new_aggregates_are_numbered_without_a_counter_and_later_writers_go_on_from_them() {
+    let db = TestDb::new().await;
+    let mut tx = db.pool.begin().await.unwrap();
+    let opening = [("c-1", "a"), ("c-2", "a"), ("c-1", "b")].map(|(id, t)| event(id, t));
+    EVENTS
+        .insert_new_aggregates(&mut tx, &opening)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        counters(&db.pool).await,
+        vec![],
+        "a new aggregate wrote a counter"
+    );
+
+    let mut tx = db.pool.begin().await.unwrap();
+    EVENTS.insert(&mut tx, &event("c-1", "a")).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        numbers(&db.pool, "c-1").await,
+        vec![
+            (1, json!({})),
+            (2, json!({"a": 1})),
+            (3, json!({"a": 1, "b": 2})),
+        ]
+    );
+    assert_eq!(numbers(&db.pool, "c-2").await, vec![(1, json!({}))]);
+    assert_eq!(counters(&db.pool).await, vec![("c-1".to_owned(), 3)]);
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_aggregate_with_rows_is_refused_as_new_and_nothing_is_written() {
+    let db = TestDb::new().await;
+    let mut tx = db.pool.begin().await.unwrap();
+    EVENTS.insert(&mut tx, &event("c-1", "a")).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let again = [event("c-2", "a"), event("c-1", "b")];
+    let error = EVENTS
+        .insert_new_aggregates(&mut tx, &again)
+        .await
+        .unwrap_err();
+    drop(tx);
+    let db_error = error.as_database_error().expect("a database error");
+    assert!(db_error.is_unique_violation(), "{error}");
+    assert_eq!(db_error.constraint(), Some("outbox_aggregate_seq_key"));
+    assert_eq!(numbers(&db.pool, "c-1").await, vec![(1, json!({}))]);
+    assert_eq!(numbers(&db.pool, "c-2").await, vec![]);
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_pruned_counter_goes_on_from_the_aggregates_latest_row() {
+    let db = TestDb::new().await;
+    for t in ["a", "b"] {
+        let mut tx = db.pool.begin().await.unwrap();
+        EVENTS.insert(&mut tx, &event("c-1", t)).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    sqlx::query("DELETE FROM outbox_aggregates")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    EVENTS.insert(&mut tx, &event("c-1", "a")).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        numbers(&db.pool, "c-1").await,
+        vec![
+            (1, json!({})),
+            (2, json!({"a": 1})),
+            (3, json!({"a": 1, "b": 2})),
+        ]
+    );
     db.cleanup().await;
 }

@@ -26,6 +26,10 @@ CREATE TABLE outbox (
 CREATE INDEX outbox_unpublished_idx ON outbox (id) WHERE published_at IS NULL;
 -- Pruning: published rows, oldest first.
 CREATE INDEX outbox_published_at_idx ON outbox (published_at) WHERE published_at IS NOT NULL;
+-- With Table::with_sequences: an event's place is unique in its aggregate,
+-- and its latest row is where a writer without a counter goes on from.
+CREATE UNIQUE INDEX outbox_aggregate_seq_key ON outbox (aggregate_type, aggregate_id, seq)
+    WHERE seq IS NOT NULL;
 -- With Table::with_sequences: one counter per aggregate, locked by the
 -- writing transaction (see the crate's insert module).
 CREATE TABLE outbox_aggregates (

@@ -1,59 +1,103 @@
 //! The `INSERT` of outbox rows, and for a table with sequences, the
 //! numbering of each row within its aggregate's history.
 //!
-//! A sequenced table `t` has a counter table `t_aggregates`, one row per
-//! aggregate: the last sequence number given, the latest number of each
-//! event type (`last_by_type`), and that map as it was before the last
-//! write (`prev_by_type`). One statement upserts the counters of the
-//! batch's aggregates, sorted by key, and holds their row locks until the
-//! writer's transaction ends: a second writer of the same aggregate waits,
-//! so for one aggregate the commits follow one another as the numbers
-//! do, which a `bigserial` is not. Each row gets its number and its
-//! `previous` map (for each event type, the number of the latest earlier
-//! event of that type in the aggregate), from which a consumer bound to
+//! A sequenced table `t` numbers its rows per aggregate (`seq`), unique
+//! per aggregate (the index `t_aggregate_seq_key`), and gives each row its
+//! `previous` map: for each event type, the number of the latest earlier
+//! event of that type in the aggregate, from which a consumer bound to
 //! some of the types finds the event it must wait for.
+//!
+//! Two ways in:
+//! - [`statement`], any aggregate: one statement upserts the counters of
+//!   the batch's aggregates in `t_aggregates`, sorted by key, and holds
+//!   their row locks until the writer's transaction ends: a second writer
+//!   of the same aggregate waits, so for one aggregate the commits follow
+//!   one another as the numbers do, which a `bigserial` is not. An
+//!   aggregate without a counter (new, opened by [`new_aggregates`], or
+//!   its counter pruned) goes on from its latest row in `t`, found by the
+//!   unique index.
+//! - [`new_aggregates`], rows of aggregates that have none yet (a new
+//!   order's first event): numbered from the batch alone ([`Numbers`]),
+//!   with no counter and no read, as cheap as an unnumbered `INSERT`. If
+//!   the aggregate has rows after all, the unique index refuses the
+//!   statement, and nothing is written.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+use crate::rows::NewOutboxEvent;
+
+const COLUMNS: &str = "transaction_id, aggregate_type, aggregate_id, event_type, payload, headers";
+
+/// The arrays of the rows, bound from `$first` on, of these types: the six
+/// of [`COLUMNS`], then any more.
+fn rows(first: usize, more: &[&str]) -> String {
+    let types = ["uuid", "text", "text", "text", "jsonb", "jsonb"];
+    let arrays: Vec<String> = types
+        .iter()
+        .chain(more)
+        .enumerate()
+        .map(|(i, t)| format!("${}::{t}[]", first + i))
+        .collect();
+    format!("unnest({})", arrays.join(", "))
+}
+
+/// `with` as the head of a statement's `WITH` list (`", "` closing it when
+/// `more` follow), or nothing.
+fn with_list(with: &str, more: bool) -> String {
+    match (with.is_empty(), more) {
+        (true, false) => String::new(),
+        (true, true) => "WITH ".into(),
+        (false, false) => format!("WITH {with} "),
+        (false, true) => format!("WITH {with}, "),
+    }
+}
 
 /// The statement writing rows into `name`, from six arrays bound from
 /// `$first` on (see [`crate::Table::insert_statement`]), after the extra
 /// common table expressions `with` (none when empty).
 pub(crate) fn statement(name: &str, sequenced: bool, first: usize, with: &str) -> String {
-    let [a, b, c, d, e, f] = std::array::from_fn(|i| first + i);
-    let rows = format!(
-        "unnest(${a}::uuid[], ${b}::text[], ${c}::text[], ${d}::text[], ${e}::jsonb[], ${f}::jsonb[])"
-    );
-    let columns = "transaction_id, aggregate_type, aggregate_id, event_type, payload, headers";
+    let rows = rows(first, &[]);
     if !sequenced {
-        let with = if with.is_empty() {
-            String::new()
-        } else {
-            format!("WITH {with} ")
-        };
-        return format!("{with}INSERT INTO {name} ({columns}) SELECT * FROM {rows}");
+        let with = with_list(with, false);
+        return format!("{with}INSERT INTO {name} ({COLUMNS}) SELECT * FROM {rows}");
     }
-    let with = if with.is_empty() {
-        String::new()
-    } else {
-        format!("{with}, ")
-    };
+    let with = with_list(with, true);
     format!(
-        "WITH {with}batch AS ( \
+        "{with}batch AS ( \
              SELECT b.*, \
                row_number() OVER (PARTITION BY aggregate_type, aggregate_id ORDER BY ord) AS rank \
-             FROM {rows} WITH ORDINALITY AS b({columns}, ord)), \
+             FROM {rows} WITH ORDINALITY AS b({COLUMNS}, ord)), \
          per_aggregate AS ( \
              SELECT aggregate_type, aggregate_id, count(*) AS n, \
                jsonb_object_agg(event_type, rank ORDER BY ord) AS types \
              FROM batch GROUP BY aggregate_type, aggregate_id), \
          counters AS ( \
-             INSERT INTO {name}_aggregates AS a (aggregate_type, aggregate_id, last_seq, last_by_type) \
-             SELECT aggregate_type, aggregate_id, n, types FROM per_aggregate \
-             ORDER BY aggregate_type, aggregate_id \
+             INSERT INTO {name}_aggregates AS a \
+               (aggregate_type, aggregate_id, last_seq, last_by_type, prev_by_type) \
+             SELECT p.aggregate_type, p.aggregate_id, l.seq + p.n, \
+               l.by_type || (SELECT jsonb_object_agg(key, value::bigint + l.seq) \
+                             FROM jsonb_each_text(p.types)), \
+               l.by_type \
+             FROM per_aggregate p CROSS JOIN LATERAL ( \
+               SELECT coalesce(max(o.seq), 0) AS seq, \
+                 coalesce((array_agg(o.previous || jsonb_build_object(o.event_type, o.seq)))[1], \
+                   '{{}}'::jsonb) AS by_type \
+               FROM (SELECT seq, previous, event_type FROM {name} \
+                     WHERE aggregate_type = p.aggregate_type AND aggregate_id = p.aggregate_id \
+                       AND seq IS NOT NULL \
+                     ORDER BY seq DESC LIMIT 1) o) l \
+             ORDER BY p.aggregate_type, p.aggregate_id \
              ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET \
                prev_by_type = a.last_by_type, \
-               last_seq = a.last_seq + excluded.last_seq, \
+               last_seq = a.last_seq + ( \
+                 SELECT p.n FROM per_aggregate p \
+                 WHERE p.aggregate_type = a.aggregate_type AND p.aggregate_id = a.aggregate_id), \
                last_by_type = a.last_by_type || ( \
                  SELECT jsonb_object_agg(key, value::bigint + a.last_seq) \
-                 FROM jsonb_each_text(excluded.last_by_type)), \
+                 FROM per_aggregate p, jsonb_each_text(p.types) \
+                 WHERE p.aggregate_type = a.aggregate_type AND p.aggregate_id = a.aggregate_id), \
                updated_at = now() \
              RETURNING aggregate_type, aggregate_id, last_seq, prev_by_type), \
          numbered AS ( \
@@ -61,11 +105,101 @@ pub(crate) fn statement(name: &str, sequenced: bool, first: usize, with: &str) -
                b.headers, b.ord, c.last_seq - p.n + b.rank AS seq, c.prev_by_type AS prev \
              FROM batch b JOIN counters c USING (aggregate_type, aggregate_id) \
                JOIN per_aggregate p USING (aggregate_type, aggregate_id)) \
-         INSERT INTO {name} ({columns}, seq, previous) \
+         INSERT INTO {name} ({COLUMNS}, seq, previous) \
          SELECT transaction_id, aggregate_type, aggregate_id, event_type, payload, headers, seq, \
            prev || coalesce(jsonb_object_agg(event_type, seq) OVER ( \
              PARTITION BY aggregate_type, aggregate_id ORDER BY ord \
              ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), '{{}}'::jsonb) \
          FROM numbered ORDER BY ord"
     )
+}
+
+/// The statement writing rows of new aggregates into the sequenced table
+/// `name`, from eight arrays bound from `$first` on: the six of
+/// [`statement`], then the rows' numbers (`bigint[]`) and `previous` maps
+/// (`jsonb[]`) as [`Numbers`] gives them.
+pub(crate) fn new_aggregates(name: &str, first: usize, with: &str) -> String {
+    let with = with_list(with, false);
+    let rows = rows(first, &["bigint", "jsonb"]);
+    format!("{with}INSERT INTO {name} ({COLUMNS}, seq, previous) SELECT * FROM {rows}")
+}
+
+/// The numbers and `previous` maps of rows that open their aggregates, in
+/// the rows' order: 1, 2, ... per aggregate, each map naming the latest
+/// earlier row of each type in the batch (the rule [`statement`] follows
+/// from an aggregate with no rows).
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Numbers {
+    pub(crate) seq: Vec<i64>,
+    pub(crate) previous: Vec<Value>,
+}
+
+impl Numbers {
+    pub(crate) fn of(events: &[NewOutboxEvent]) -> Self {
+        let mut latest: HashMap<(&str, &str), (i64, Map<String, Value>)> = HashMap::new();
+        let mut numbers = Self::default();
+        for event in events {
+            let key = (event.aggregate_type, event.aggregate_id.as_str());
+            let (last, by_type) = latest.entry(key).or_default();
+            *last += 1;
+            numbers.seq.push(*last);
+            numbers.previous.push(Value::Object(by_type.clone()));
+            by_type.insert(event.event_type.to_owned(), Value::from(*last));
+        }
+        numbers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event(aggregate_id: &str, event_type: &'static str) -> NewOutboxEvent {
+        NewOutboxEvent {
+            transaction_id: uuid::Uuid::nil(),
+            aggregate_type: "cart",
+            aggregate_id: aggregate_id.to_owned(),
+            event_type,
+            payload: json!({}),
+            headers: json!({}),
+        }
+    }
+
+    #[test]
+    fn new_aggregates_are_numbered_from_one_with_the_latest_earlier_event_of_each_type() {
+        let events = [
+            ("c-1", "a"),
+            ("c-1", "b"),
+            ("c-2", "a"),
+            ("c-1", "a"),
+            ("c-1", "c"),
+        ]
+        .map(|(id, t)| event(id, t));
+        let numbers = Numbers::of(&events);
+        assert_eq!(numbers.seq, [1, 2, 1, 3, 4]);
+        assert_eq!(
+            numbers.previous,
+            [
+                json!({}),
+                json!({"a": 1}),
+                json!({}),
+                json!({"a": 1, "b": 2}),
+                json!({"a": 3, "b": 2}),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_new_aggregates_statement_reads_eight_arrays_after_the_writers_own() {
+        let sql = new_aggregates("outbox", 3, "w AS (SELECT $1, $2)");
+        assert!(
+            sql.starts_with("WITH w AS (SELECT $1, $2) INSERT INTO outbox ("),
+            "{sql}"
+        );
+        assert!(
+            sql.ends_with("$7::jsonb[], $8::jsonb[], $9::bigint[], $10::jsonb[])"),
+            "{sql}"
+        );
+    }
 }

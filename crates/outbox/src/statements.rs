@@ -9,6 +9,7 @@ use crate::insert;
 #[derive(Debug)]
 pub(crate) struct Statements {
     pub(crate) insert: SqlStr,
+    pub(crate) insert_new_aggregates: SqlStr,
     pub(crate) claim: SqlStr,
     pub(crate) claim_in_sequence: SqlStr,
     pub(crate) published: SqlStr,
@@ -27,6 +28,11 @@ impl Statements {
         let sql = |s: String| AssertSqlSafe(Arc::<str>::from(s)).into_sql_str();
         Self {
             insert: sql(insert::statement(name, sequenced, 1, "")),
+            insert_new_aggregates: sql(if sequenced {
+                insert::new_aggregates(name, 1, "")
+            } else {
+                insert::statement(name, false, 1, "")
+            }),
             prune_counters: sql(format!(
                 "DELETE FROM {name}_aggregates WHERE (aggregate_type, aggregate_id) IN ( \
                      SELECT aggregate_type, aggregate_id FROM {name}_aggregates \

@@ -36,7 +36,8 @@ impl Table {
 
     /// This table, its rows numbered within their aggregate (`seq`, and
     /// `previous`: see the `insert` module), through its counter table
-    /// `<name>_aggregates`; the relay publishes them as headers, for the
+    /// `<name>_aggregates` and its unique index `<name>_aggregate_seq_key`
+    /// on `(aggregate_type, aggregate_id, seq)`; the relay publishes them as headers, for the
     /// consumers that apply an aggregate's events in sequence.
     pub fn with_sequences(self) -> Self {
         Self::build(self.name, true)
@@ -100,6 +101,57 @@ impl Table {
             .execute(conn)
             .await?;
         Ok(())
+    }
+
+    /// The `INSERT` of rows each of which belongs to an aggregate with no
+    /// row in this table yet (a new order's first event, say), from the
+    /// arrays [`Table::bind_new_aggregates`] binds from `$first` on, after
+    /// the writer's `with` (as [`Table::insert_statement`]). In a table
+    /// [`Table::with_sequences`] they are numbered from the batch alone
+    /// (1, 2, ... per aggregate, in order), with no counter and no read:
+    /// as cheap as an unnumbered insert. An aggregate that has rows after
+    /// all makes the statement fail on `<name>_aggregate_seq_key` (a
+    /// unique violation), and nothing is written. Later rows of the
+    /// aggregate, written by [`Table::insert_statement`], go on from them.
+    pub fn new_aggregates_statement(&self, first: usize, with: &str) -> String {
+        if self.sequenced {
+            crate::insert::new_aggregates(self.name, first, with)
+        } else {
+            self.insert_statement(first, with)
+        }
+    }
+
+    /// Writes rows of new aggregates on `conn`, the caller's transaction
+    /// ([`Table::new_aggregates_statement`]).
+    pub async fn insert_new_aggregates(
+        &self,
+        conn: &mut PgConnection,
+        events: &[NewOutboxEvent],
+    ) -> sqlx::Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.bind_new_aggregates(sqlx::query(self.sql.insert_new_aggregates.clone()), events)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Binds `events` to `query` as the arrays that
+    /// [`Table::new_aggregates_statement`] reads: the six of
+    /// [`Table::bind_events`], then, in a table with sequences, their
+    /// numbers and `previous` maps.
+    pub fn bind_new_aggregates<'q>(
+        &self,
+        query: Query<'q, Postgres, PgArguments>,
+        events: &'q [NewOutboxEvent],
+    ) -> Query<'q, Postgres, PgArguments> {
+        let query = Self::bind_events(query, events);
+        if !self.sequenced {
+            return query;
+        }
+        let numbers = crate::insert::Numbers::of(events);
+        query.bind(numbers.seq).bind(numbers.previous)
     }
 
     /// Binds `events` to `query` as the six arrays that
@@ -217,7 +269,8 @@ impl Table {
 
     /// The pruning of the counters of aggregates written to no longer than
     /// `retention` ago (a table [`Table::with_sequences`]); an aggregate
-    /// written to again after that starts again at 1, which a consumer
+    /// written to again after that goes on from its latest row in the
+    /// table, or, that pruned too, starts again at 1, which a consumer
     /// applies at once (it has no predecessor).
     pub fn prune_counters(&self, retention: Duration) -> Option<Prune> {
         self.sequenced
