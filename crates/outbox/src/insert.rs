@@ -136,7 +136,9 @@ pub(crate) struct Numbers {
 
 impl Numbers {
     pub(crate) fn of(events: &[NewOutboxEvent]) -> Self {
-        let mut latest: HashMap<(&str, &str), (i64, Map<String, Value>)> = HashMap::new();
+        // Per aggregate: its last number, and the latest number of each type.
+        type Latest = (i64, Map<String, Value>);
+        let mut latest: HashMap<(&str, &str), Latest> = HashMap::new();
         let mut numbers = Self::default();
         for event in events {
             let key = (event.aggregate_type, event.aggregate_id.as_str());
