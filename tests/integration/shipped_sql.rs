@@ -96,9 +96,11 @@ async fn the_shipped_sql_makes_the_tables_the_migrations_make() {
             "{table}: the shipped SQL (left) and the migrations (right)"
         );
     }
-    // The fillfactor is the one storage option that differs from the default.
+    // The fillfactors are the storage options that differ from the default.
     let outbox = shape(&shipped, "outbox").await;
     assert_eq!(outbox.reloptions, Some(vec!["fillfactor=50".to_owned()]));
+    let places = shape(&shipped, "inbox_aggregates").await;
+    assert_eq!(places.reloptions, Some(vec!["fillfactor=70".to_owned()]));
     assert!(!outbox.indexes.is_empty() && !outbox.columns.is_empty());
     shipped.close().await;
     migrated.cleanup().await;

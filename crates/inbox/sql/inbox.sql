@@ -23,7 +23,9 @@ CREATE TABLE inbox_aggregates (
     -- The consumer may hold events of the aggregate (cleared by the sweep).
     waiting         boolean     NOT NULL DEFAULT false,
     PRIMARY KEY (consumer, aggregate_type, aggregate_id)
-);
+-- Room in each page for the update that moves a place on (see the crate's
+-- hold module): a HOT update, with no index entries.
+) WITH (fillfactor = 70);
 -- Pruning: a consumer's aggregates not written for the dedup window.
 CREATE INDEX inbox_aggregates_updated_at_idx ON inbox_aggregates (consumer, updated_at);
 -- The sweep's clearing of the waiting marks.
