@@ -48,7 +48,8 @@ pub(crate) struct SortedOut {
 ///
 /// The place's `updated_at` (indexed, for the pruning) moves at most once
 /// a second: the update that moves a place on a moment after the one that
-/// made it changes no indexed column, and is a heap-only (HOT) update in
+/// made it changes no indexed column (unless `waiting`, which a partial
+/// index names, changes), and is a heap-only (HOT) update in
 /// the room the table's fillfactor leaves, with no index entries written.
 /// The pruning is that second coarser.
 pub(crate) async fn sort_out<E>(

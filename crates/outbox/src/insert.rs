@@ -14,13 +14,14 @@
 //!   of the same aggregate waits, so for one aggregate the commits follow
 //!   one another as the numbers do, which a `bigserial` is not. An
 //!   aggregate without a counter (new, opened by [`new_aggregates`], or
-//!   its counter pruned) goes on from its latest row in `t`, found by the
-//!   unique index.
+//!   its counter pruned) goes on from its latest row still in `t`, found
+//!   by the unique index.
 //! - [`new_aggregates`], rows of aggregates that have none yet (a new
 //!   order's first event): numbered from the batch alone ([`Numbers`]),
 //!   with no counter and no read, as cheap as an unnumbered `INSERT`. If
 //!   the aggregate has rows after all, the unique index refuses the
-//!   statement, and nothing is written.
+//!   statement whose numbers repeat one still in the table, and nothing is
+//!   written.
 
 use std::collections::HashMap;
 

@@ -10,7 +10,9 @@
 //!
 //! Either gives the table the [`Table`](crate::Table) statements expect:
 //! the columns, the partial index of the relay's claim and the one of the
-//! pruning.
+//! pruning, and for a table with sequences its counters and the unique
+//! index `<name>_aggregate_seq_key` (without it, a writer's look-up of an
+//! aggregate's latest row scans the table).
 
 /// `sql/outbox.sql`: the `outbox` table.
 pub const OUTBOX_SQL: &str = include_str!("../sql/outbox.sql");

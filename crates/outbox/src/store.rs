@@ -111,8 +111,9 @@ impl Table {
     /// (1, 2, ... per aggregate, in order), with no counter and no read:
     /// as cheap as an unnumbered insert. An aggregate that has rows after
     /// all makes the statement fail on `<name>_aggregate_seq_key` (a
-    /// unique violation), and nothing is written. Later rows of the
-    /// aggregate, written by [`Table::insert_statement`], go on from them.
+    /// unique violation) when a number repeats one still in the table, and
+    /// nothing is written. Later rows of the aggregate, written by
+    /// [`Table::insert_statement`], go on from them.
     pub fn new_aggregates_statement(&self, first: usize, with: &str) -> String {
         if self.sequenced {
             crate::insert::new_aggregates(self.name, first, with)
