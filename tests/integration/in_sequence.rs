@@ -361,6 +361,17 @@ async fn a_poison_event_holds_its_aggregate_only_until_it_is_skipped() {
         ("cart-1", 1, 0)
     );
     assert_eq!(consumer.metrics().dead_lettered.get(), 1);
+    // A held event has no dedup row: it is not applied yet, and its copy
+    // published again must not be taken for a duplicate.
+    let dedup_rows = "SELECT (SELECT count(*) FROM inbox_held), \
+         (SELECT count(*) FROM inbox_held h JOIN processed_messages p \
+            USING (consumer, transaction_id)), \
+         (SELECT count(*) FROM processed_messages)";
+    let counts: (i64, i64, i64) = sqlx::query_as(dedup_rows)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(counts, (2, 0, 6), "held, held with a dedup row, dedup rows");
 
     let skipped = inbox::waiting::skip(&db.pool, PROJECTION.consumer, "cart", "cart-1").await;
     assert_eq!(skipped.unwrap(), Some(1));
@@ -374,6 +385,11 @@ async fn a_poison_event_holds_its_aggregate_only_until_it_is_skipped() {
     })
     .await;
     assert_eq!(cart_1, [2, 3]);
+    let counts: (i64, i64, i64) = sqlx::query_as(dedup_rows)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(counts, (0, 0, 8), "applied once released, each with its dedup row");
     let nothing = inbox::waiting::skip(&db.pool, PROJECTION.consumer, "cart", "cart-1").await;
     assert_eq!(nothing.unwrap(), None, "nothing held any more");
 

@@ -79,22 +79,45 @@ impl HeldRow {
     }
 }
 
-/// Held events whose predecessor is applied now, at most `limit`.
+/// Held events whose predecessor is applied now, at most `limit`: of the
+/// aggregates `among` names, as (type, id), or (`None`, the sweep) of all.
 pub(crate) async fn releasable(
     conn: &mut PgConnection,
     consumer: &str,
+    among: Option<&[(String, String)]>,
     limit: i64,
 ) -> sqlx::Result<Vec<HeldRow>> {
+    let Some(among) = among else {
+        return sqlx::query_as(
+            // Driven from the held events (few), each aggregate's place found
+            // by its primary key: never a scan of every place.
+            "SELECT h.transaction_id, h.event_type, h.body, h.headers FROM inbox_held h \
+             WHERE h.consumer = $1 AND h.predecessor <= (SELECT a.last_seq FROM inbox_aggregates a \
+               WHERE a.consumer = h.consumer AND a.aggregate_type = h.aggregate_type \
+                 AND a.aggregate_id = h.aggregate_id) \
+             ORDER BY h.aggregate_type, h.aggregate_id, h.seq LIMIT $2",
+        )
+        .bind(consumer)
+        .bind(limit)
+        .fetch_all(conn)
+        .await;
+    };
+    let (types, ids): (Vec<&str>, Vec<&str>) =
+        among.iter().map(|(t, i)| (t.as_str(), i.as_str())).unzip();
     sqlx::query_as(
-        // Driven from the held events (few), each aggregate's place found by
-        // its primary key: never a scan of every place.
-        "SELECT h.transaction_id, h.event_type, h.body, h.headers FROM inbox_held h \
-         WHERE h.consumer = $1 AND h.predecessor <= (SELECT a.last_seq FROM inbox_aggregates a \
-           WHERE a.consumer = h.consumer AND a.aggregate_type = h.aggregate_type \
-             AND a.aggregate_id = h.aggregate_id) \
-         ORDER BY h.aggregate_type, h.aggregate_id, h.seq LIMIT $2",
+        // Driven from the named aggregates, by the held events' index and
+        // the places' primary key.
+        "SELECT h.transaction_id, h.event_type, h.body, h.headers \
+         FROM (SELECT DISTINCT t, i FROM unnest($2::text[], $3::text[]) AS k(t, i)) k \
+         JOIN inbox_aggregates a \
+           ON a.consumer = $1 AND a.aggregate_type = k.t AND a.aggregate_id = k.i \
+         JOIN inbox_held h ON h.consumer = $1 AND h.aggregate_type = k.t \
+           AND h.aggregate_id = k.i AND h.predecessor <= a.last_seq \
+         ORDER BY h.aggregate_type, h.aggregate_id, h.seq LIMIT $4",
     )
     .bind(consumer)
+    .bind(&types)
+    .bind(&ids)
     .bind(limit)
     .fetch_all(conn)
     .await

@@ -2,12 +2,12 @@
 //! predecessor, durably, in Postgres.
 //!
 //! Per consumer and aggregate, `inbox_aggregates.last_seq` is the place of
-//! the last event applied. In the dedup transaction, one statement locks
-//! the rows of the batch's aggregates (sorted, so two transactions cannot
-//! deadlock) and moves them on: each new event is applied when its
-//! predecessor is (`predecessor <= last_seq`), else held in `inbox_held`
-//! with its body and headers, its delivery acked, and its aggregate marked
-//! `waiting`. Once a commit moves on a waiting aggregate, its held events
+//! the last event applied. In the dedup transaction, before the dedup rows
+//! are written, one statement locks the rows of the batch's aggregates
+//! (sorted, so two transactions cannot deadlock) and moves them on: each
+//! event is applied when its predecessor is (`predecessor <= last_seq`),
+//! else held in `inbox_held` with its body and headers and no dedup row,
+//! its delivery acked, and its aggregate marked `waiting`. Once a commit moves on a waiting aggregate, its held events
 //! whose predecessor is now applied are published again
 //! to the consumer's queue (confirmed, then deleted: a crash in between
 //! publishes one twice, which the dedup rows absorb), and are applied like
@@ -20,9 +20,13 @@ use uuid::Uuid;
 
 use crate::chain::Chain;
 use crate::handler::Event;
-pub(crate) use crate::held::Raw;
+use crate::held::Raw;
 
-/// The dedup transaction's decision for a handler in sequence's new events.
+/// A batch's deliveries by event id: what a held event is kept from (read
+/// only for the events held).
+pub(crate) type Deliveries<'a> = std::collections::HashMap<Uuid, &'a lapin::message::Delivery>;
+
+/// The dedup transaction's decision for a handler in sequence's events.
 #[derive(Debug, Default)]
 pub(crate) struct SortedOut {
     /// To apply now, each aggregate's in sequence (events without a place
@@ -30,9 +34,9 @@ pub(crate) struct SortedOut {
     pub apply: Vec<Uuid>,
     /// To hold until their predecessor is applied.
     pub hold: Vec<Uuid>,
-    /// An aggregate moved on while marked `waiting` (it may have held
-    /// events, which may follow now).
-    pub release: bool,
+    /// The aggregates moved on while marked `waiting`, as (type, id): they
+    /// may have held events, which may follow now.
+    pub moved: Vec<(String, String)>,
 }
 
 /// Locks, reads and moves on the batch's aggregates' places in one
@@ -153,24 +157,26 @@ pub(crate) async fn sort_out<E>(
             }
             .push(event.id);
         }
-        out.release |= waiting && last > prior;
+        if waiting && last > prior {
+            out.moved.push((aggregate_type, aggregate_id));
+        }
     }
     Ok(out)
 }
 
-/// Holds `events` (with what their deliveries carried, `raw`), and takes
-/// back their dedup rows: a held event is not applied yet, so its copy
-/// must not count as a duplicate once it is published again.
+/// Holds `events` (with what their `deliveries` carried). A held event
+/// has no dedup row: it is not applied yet, and its copy published again
+/// must not count as a duplicate.
 pub(crate) async fn hold<E>(
     tx: &mut PgConnection,
     consumer: &str,
     events: &[&Event<E>],
-    raw: &std::collections::HashMap<Uuid, Raw>,
+    deliveries: &Deliveries<'_>,
 ) -> sqlx::Result<()> {
     let mut rows = Vec::new();
     for event in events {
-        if let (Some(place), Some(raw)) = (&event.sequence, raw.get(&event.id)) {
-            rows.push((event, place, raw));
+        if let (Some(place), Some(delivery)) = (&event.sequence, deliveries.get(&event.id)) {
+            rows.push((event, place, Raw::of(delivery)));
         }
     }
     let ids: Vec<Uuid> = rows.iter().map(|(e, _, _)| e.id).collect();
@@ -217,10 +223,5 @@ pub(crate) async fn hold<E>(
     .bind(rows.iter().map(|(_, _, r)| &r.headers).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
-    sqlx::query("DELETE FROM processed_messages WHERE consumer = $1 AND transaction_id = ANY($2)")
-        .bind(consumer)
-        .bind(&ids)
-        .execute(&mut *tx)
-        .await?;
     Ok(())
 }

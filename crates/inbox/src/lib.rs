@@ -150,6 +150,9 @@ pub struct Consumer<H> {
     /// Signalled after a commit moved on an aggregate with held events:
     /// they may go now ([`Handler::in_sequence`]).
     release: tokio::sync::Notify,
+    /// The aggregates such commits moved on, as (type, id), for the next
+    /// release to look at (only theirs: never a scan of every held event).
+    moved: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 impl<H: Handler> Consumer<H> {
@@ -168,6 +171,7 @@ impl<H: Handler> Consumer<H> {
             subscribed: Flag::default(),
             forwarding: tokio::sync::Mutex::new(()),
             release: tokio::sync::Notify::new(),
+            moved: std::sync::Mutex::default(),
         }
     }
 

@@ -1,9 +1,10 @@
 //! Held events go on: once a commit applied their predecessor (or an
 //! operator skipped it), they are published again to the consumer's queue,
-//! and applied like any delivery. A sweep every second catches what a
-//! crash or another process left, dead-letters events held past the hold
-//! limit (so the table stays bounded: nothing is deleted unapplied), and
-//! samples the held gauges.
+//! and applied like any delivery. After a commit, only the aggregates it
+//! moved on are looked at. A sweep every second looks at all, and so
+//! catches what a crash, another process or an operator's skip left; it
+//! also dead-letters events held past the hold limit (so the table stays
+//! bounded: nothing is deleted unapplied), and samples the held gauges.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -60,9 +61,13 @@ impl<H: Handler> Consumer<H> {
     /// `sweep`, also dead-letters those held past the hold limit and
     /// samples the held gauges.
     async fn release_round(&self, publish: &Channel, sweep: bool) -> Result<(), ReleaseError> {
+        // Taken even on a sweep, which looks at every aggregate: if the
+        // round fails, the next sweep finds these again.
+        let moved = std::mem::take(&mut *self.moved.lock().expect("never poisoned"));
+        let among = (!sweep).then_some(moved.as_slice());
         let mut conn = self.pool.acquire().await?;
         loop {
-            let rows = held::releasable(&mut conn, self.name(), RELEASE_BATCH).await?;
+            let rows = held::releasable(&mut conn, self.name(), among, RELEASE_BATCH).await?;
             if rows.is_empty() {
                 break;
             }

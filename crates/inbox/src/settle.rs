@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::error::report;
 use crate::handler::{Event, Handler};
-use crate::hold::Raw;
+use crate::hold::Deliveries;
 use crate::message::{self, ParseError, Parsed};
 use crate::sequence::Sequence;
 use crate::transact::Applied;
@@ -80,12 +80,10 @@ impl<H: Handler> Consumer<H> {
             .iter()
             .filter_map(|(_, event, _)| event.as_ref().ok().cloned())
             .collect();
-        let raw: HashMap<Uuid, Raw> = if self.handler.in_sequence() {
+        let raw: Deliveries<'_> = if self.handler.in_sequence() {
             parsed
                 .iter()
-                .filter_map(|(delivery, event, _)| {
-                    Some((event.as_ref().ok()?.id, Raw::of(delivery)))
-                })
+                .filter_map(|(delivery, event, _)| Some((event.as_ref().ok()?.id, *delivery)))
                 .collect()
         } else {
             HashMap::new()

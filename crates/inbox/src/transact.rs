@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::error::report;
 use crate::handler::{Event, Handler, HandlerError};
-use crate::hold::{self, Raw, SortedOut};
+use crate::hold::{self, Deliveries, SortedOut};
 use crate::{Consumer, InboxError};
 use outbox_common::shutdown::panic_text;
 use outbox_common::sqlstate::{ErrorKind, classify};
@@ -69,7 +69,7 @@ impl<H: Handler> Consumer<H> {
     pub(crate) async fn apply_batch_holding(
         &self,
         events: &[Event<H::Event>],
-        raw: &HashMap<Uuid, Raw>,
+        raw: &Deliveries<'_>,
     ) -> Results {
         let ids: HashSet<Uuid> = events.iter().map(|e| e.id).collect();
         match self.transact(events, raw).await {
@@ -113,7 +113,7 @@ impl<H: Handler> Consumer<H> {
     async fn apply_one_holding(
         &self,
         event: &Event<H::Event>,
-        raw: &HashMap<Uuid, Raw>,
+        raw: &Deliveries<'_>,
     ) -> Result<Applied, InboxError> {
         match self.transact(std::slice::from_ref(event), raw).await {
             Transacted::Committed { new, held } => {
@@ -125,40 +125,27 @@ impl<H: Handler> Consumer<H> {
     }
 
     /// One transaction over `events`, rolled back unless it commits.
-    async fn transact(&self, events: &[Event<H::Event>], raw: &HashMap<Uuid, Raw>) -> Transacted {
-        let mut ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
-        // Sorted, so two batches sharing ids cannot deadlock.
-        ids.sort_unstable();
-        ids.dedup();
+    async fn transact(&self, events: &[Event<H::Event>], raw: &Deliveries<'_>) -> Transacted {
+        // One copy of each id goes on; later copies are duplicates.
+        let mut handed = HashSet::new();
+        let mut candidates: Vec<Event<H::Event>> = events
+            .iter()
+            .filter(|e| handed.insert(e.id))
+            .cloned()
+            .collect();
         let mut tx = match self.pool.begin().await {
             Ok(tx) => tx,
             Err(error) => return Transacted::Outage(InboxError::database(error)),
         };
-        let inserted = sqlx::query_scalar(
-            "INSERT INTO processed_messages (consumer, transaction_id) \
-             SELECT $1, id FROM unnest($2::uuid[]) AS t(id) \
-             ON CONFLICT DO NOTHING RETURNING transaction_id",
-        )
-        .bind(self.name())
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await;
-        let new: HashSet<Uuid> = match inserted {
-            Ok(new) => new.into_iter().collect(),
-            Err(error) => return refused_or_outage(error),
-        };
-        // The first copy of a new id is handed over; later copies are duplicates.
-        let mut handed = HashSet::new();
-        let mut new_events: Vec<Event<H::Event>> = events
-            .iter()
-            .filter(|e| new.contains(&e.id) && handed.insert(e.id))
-            .cloned()
-            .collect();
-        // A handler in sequence's events wait for their predecessor.
-        let sorted = if self.handler.in_sequence() && !new_events.is_empty() {
-            match self.sort_out(&mut tx, &new_events, raw).await {
+        // A handler in sequence's events first take their aggregates'
+        // places: those that come before their predecessor are held, and
+        // get no dedup row (not applied yet, a copy published again must not
+        // count as a duplicate). A copy of an event applied before only
+        // finds its place passed, and is then found a duplicate below.
+        let sorted = if self.handler.in_sequence() {
+            match self.sort_out(&mut tx, &candidates, raw).await {
                 Ok((sorted, apply)) => {
-                    new_events = apply;
+                    candidates = apply;
                     Some(sorted)
                 }
                 Err(error) => return refused_or_outage(error),
@@ -166,6 +153,30 @@ impl<H: Handler> Consumer<H> {
         } else {
             None
         };
+        let mut ids: Vec<Uuid> = candidates.iter().map(|e| e.id).collect();
+        // Sorted, so two batches sharing ids cannot deadlock.
+        ids.sort_unstable();
+        let inserted = if ids.is_empty() {
+            Ok(Vec::new())
+        } else {
+            sqlx::query_scalar(
+                "INSERT INTO processed_messages (consumer, transaction_id) \
+             SELECT $1, id FROM unnest($2::uuid[]) AS t(id) \
+             ON CONFLICT DO NOTHING RETURNING transaction_id",
+            )
+            .bind(self.name())
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await
+        };
+        let new: HashSet<Uuid> = match inserted {
+            Ok(new) => new.into_iter().collect(),
+            Err(error) => return refused_or_outage(error),
+        };
+        let new_events: Vec<Event<H::Event>> = candidates
+            .into_iter()
+            .filter(|e| new.contains(&e.id))
+            .collect();
         if !new_events.is_empty() {
             let handled = AssertUnwindSafe(self.handler.handle(&mut tx, &new_events))
                 .catch_unwind()
@@ -206,8 +217,9 @@ impl<H: Handler> Consumer<H> {
             self.wakes.iter().for_each(Wake::notify);
         }
         let held: HashSet<Uuid> = sorted.iter().flat_map(|s| s.hold.iter().copied()).collect();
-        if sorted.as_ref().is_some_and(|s| s.release) {
-            // Held events may follow what was applied now.
+        if let Some(moved) = sorted.map(|s| s.moved).filter(|m| !m.is_empty()) {
+            // Held events of these aggregates may follow what was applied now.
+            self.moved.lock().expect("never poisoned").extend(moved);
             self.release.notify_one();
         }
         Transacted::Committed { new, held }
@@ -216,9 +228,9 @@ impl<H: Handler> Consumer<H> {
 
 fn applied(fresh: bool, held: bool) -> Applied {
     match (fresh, held) {
-        (true, true) => Applied::Held,
+        (_, true) => Applied::Held,
         (true, false) => Applied::Committed,
-        (false, _) => Applied::Duplicate,
+        (false, false) => Applied::Duplicate,
     }
 }
 
@@ -235,14 +247,14 @@ fn refused_or_outage(error: sqlx::Error) -> Transacted {
 }
 
 impl<H: Handler> Consumer<H> {
-    /// Sorts a handler in sequence's new events out (locking their aggregates'
+    /// Sorts a handler in sequence's events out (locking their aggregates'
     /// rows), holds those that come before their predecessor, and returns
     /// the others, each aggregate's in sequence, to apply now.
     async fn sort_out(
         &self,
         tx: &mut sqlx::PgConnection,
         events: &[Event<H::Event>],
-        raw: &HashMap<Uuid, Raw>,
+        raw: &Deliveries<'_>,
     ) -> sqlx::Result<(SortedOut, Vec<Event<H::Event>>)> {
         let sorted = hold::sort_out(tx, self.name(), events).await?;
         // A held event is published again from what its delivery carried.
