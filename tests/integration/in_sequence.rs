@@ -49,6 +49,8 @@ struct Projection {
     ordered: bool,
     /// A cart whose first event is refused every time (a poison event).
     poison: Option<usize>,
+    /// Refuses the first attempts described above.
+    refusals: bool,
 }
 
 impl Projection {
@@ -59,6 +61,7 @@ impl Projection {
             subscription: PROJECTION,
             ordered: true,
             poison: Some(cart),
+            refusals: true,
         }
     }
 }
@@ -84,6 +87,7 @@ impl Handler for Projection {
             let seq = place.map(|p| p.seq);
             let cart: usize = event.body["cart"].as_u64().unwrap_or_default() as usize;
             if self.ordered
+                && self.refusals
                 && event.attempt == 0
                 && cart.is_multiple_of(2)
                 && seq.is_some_and(|s| s <= 2)
@@ -206,6 +210,7 @@ async fn an_ordered_handler_applies_each_aggregates_events_in_sequence() {
             subscription: PROJECTION,
             ordered: true,
             poison: None,
+            refusals: true,
         };
         let consumer =
             Consumer::new(handler, db.pool.clone(), amqp.clone()).with_config(config.clone());
@@ -215,6 +220,7 @@ async fn an_ordered_handler_applies_each_aggregates_events_in_sequence() {
         subscription: AUDIT,
         ordered: false,
         poison: None,
+        refusals: true,
     };
     consumers.iter().for_each(|c| {
         tracker.spawn(c.clone().run(cancel.clone()));
@@ -312,6 +318,59 @@ async fn an_ordered_handler_applies_each_aggregates_events_in_sequence() {
 
 /// A poison event (refused every time) ends in the dead-letter queue and
 /// holds its own aggregate's later events only; the other aggregates flow.
+/// Within one consumer, a later event of an aggregate never overtakes an
+/// earlier one: a batch that shares an aggregate with a batch in flight
+/// starts once that one is done. Events delivered in sequence are applied
+/// without one held, however small the batches and many at once.
+#[tokio::test]
+async fn events_delivered_in_sequence_are_never_held_within_one_consumer() {
+    const HISTORY: [&str; 4] = [
+        "cart.opened",
+        "cart.item_added",
+        "cart.item_added",
+        "cart.paid",
+    ];
+    let carts = Carts::new(&[PROJECTION]).await;
+    let n = 4 * CARTS;
+    // One relay batch: one channel, so the queue holds them in sequence.
+    carts.publish(0..n, &HISTORY, 4 * n as i64).await;
+    let (db, amqp) = (&carts.db, &carts.amqp);
+    let handler = Projection {
+        subscription: PROJECTION,
+        ordered: true,
+        poison: None,
+        refusals: false,
+    };
+    let config = ConsumerConfig::default()
+        .with_batch_size(2)
+        .with_concurrency(4);
+    let consumer = Consumer::new(handler, db.pool.clone(), amqp.clone()).with_config(config);
+    let consumer = Arc::new(consumer);
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn(consumer.clone().run(cancel.clone()));
+    let pool = db.pool.clone();
+    let by_cart = eventually(
+        "every cart's events applied",
+        Duration::from_secs(30),
+        || {
+            let pool = pool.clone();
+            async move {
+                let by_cart = applied(&pool, PROJECTION.consumer).await;
+                let done = by_cart.len() == n && by_cart.values().all(|s| s.len() == 4);
+                done.then_some(by_cart)
+            }
+        },
+    )
+    .await;
+    for (cart, seqs) in &by_cart {
+        assert_eq!(seqs, &[1, 2, 3, 4], "cart {cart}");
+    }
+    assert_eq!(consumer.metrics().held.get(), 0, "events held");
+    cancel.cancel();
+    running.await.unwrap();
+    carts.cleanup().await;
+}
+
 /// `dlq list`'s view shows the held aggregate, and an operator's skip lets
 /// it go on.
 #[tokio::test]
@@ -389,7 +448,11 @@ async fn a_poison_event_holds_its_aggregate_only_until_it_is_skipped() {
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert_eq!(counts, (0, 0, 8), "applied once released, each with its dedup row");
+    assert_eq!(
+        counts,
+        (0, 0, 8),
+        "applied once released, each with its dedup row"
+    );
     let nothing = inbox::waiting::skip(&db.pool, PROJECTION.consumer, "cart", "cart-1").await;
     assert_eq!(nothing.unwrap(), None, "nothing held any more");
 

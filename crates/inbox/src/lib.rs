@@ -104,6 +104,7 @@ mod error;
 mod handler;
 mod held;
 mod hold;
+mod in_flight;
 pub mod message;
 mod metrics;
 mod release;

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::Consumer;
 use crate::error::report;
 use crate::handler::Handler;
+use crate::in_flight::InFlight;
 use crate::message::AMQP_TIMEOUT;
 use outbox_common::amqp::{BrokerError, Doing, StartError};
 use outbox_common::shutdown::{Backoff, sleep_or_cancel};
@@ -159,6 +160,7 @@ impl<H: Handler> Consumer<H> {
             let publish = channels.publish.clone();
             tracker.spawn(self.clone().release_held(publish, sampling.clone()));
         }
+        let in_flight = self.handler.in_sequence().then(Arc::<InFlight>::default);
         let result = loop {
             let permit = tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
@@ -183,8 +185,13 @@ impl<H: Handler> Consumer<H> {
             };
             backoff.reset();
             let (this, publish) = (self.clone(), channels.publish.clone());
+            let entered = in_flight.as_ref().map(|f| f.enter(&batch));
             tracker.spawn(async move {
                 let _permit = permit;
+                let _done = match entered {
+                    Some(entered) => Some(entered.wait().await),
+                    None => None,
+                };
                 this.handle(batch, &publish).await;
             });
         };

@@ -1,0 +1,108 @@
+//! The aggregates of a handler in sequence's batches in flight. A batch
+//! that shares an aggregate with a batch taken before it starts once that
+//! one is done: one aggregate's events are applied in the order they were
+//! delivered, without the later event being held because it overtook the
+//! earlier one, and without a transaction waiting in Postgres, a pooled
+//! connection in hand, on another's lock on the aggregate's place.
+
+use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+
+use lapin::message::Delivery;
+use lapin::types::AMQPValue;
+use outbox_common::amqp::headers::{AGGREGATE_ID_HEADER, AGGREGATE_TYPE_HEADER};
+use tokio_util::sync::CancellationToken;
+
+use crate::message::header;
+
+/// The latest batch in flight of each aggregate (by a hash of its type and
+/// id: two aggregates with one hash only make a batch wait needlessly).
+#[derive(Default)]
+pub(crate) struct InFlight {
+    batches: Mutex<Batches>,
+}
+
+/// The number of the last batch entered, and by aggregate the number and
+/// mark of its latest batch in flight.
+type Batches = (u64, HashMap<u64, (u64, CancellationToken)>);
+
+/// A batch entered: the batches it waits for, and its own mark.
+pub(crate) struct Entered {
+    after: Vec<CancellationToken>,
+    done: Done,
+}
+
+/// Marks its batch done when dropped, however the batch ends.
+pub(crate) struct Done {
+    in_flight: Arc<InFlight>,
+    batch: u64,
+    keys: Vec<u64>,
+    token: CancellationToken,
+}
+
+impl InFlight {
+    /// Enters a batch, in the order batches are taken.
+    pub fn enter(self: &Arc<Self>, deliveries: &[Delivery]) -> Entered {
+        let mut keys: Vec<u64> = deliveries.iter().filter_map(aggregate).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let token = CancellationToken::new();
+        let mut guard = self.batches.lock().expect("never poisoned");
+        let (next, latest) = &mut *guard;
+        *next += 1;
+        let after = keys
+            .iter()
+            .filter_map(|key| latest.insert(*key, (*next, token.clone())))
+            .map(|(_, before)| before)
+            .collect();
+        let done = Done {
+            in_flight: self.clone(),
+            batch: *next,
+            keys,
+            token,
+        };
+        Entered { after, done }
+    }
+}
+
+impl Entered {
+    /// Waits until the batches before it of its aggregates are done; the
+    /// mark returned is to be kept until this batch is.
+    pub async fn wait(self) -> Done {
+        for before in self.after {
+            before.cancelled().await;
+        }
+        self.done
+    }
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        let mut guard = self.in_flight.batches.lock().expect("never poisoned");
+        for key in &self.keys {
+            if guard
+                .1
+                .get(key)
+                .is_some_and(|(batch, _)| *batch == self.batch)
+            {
+                guard.1.remove(key);
+            }
+        }
+        self.token.cancel();
+    }
+}
+
+/// A hash of a delivery's aggregate, if it has a place.
+fn aggregate(delivery: &Delivery) -> Option<u64> {
+    let headers = delivery.properties.headers().as_ref();
+    let text = |name| match header(headers, name)? {
+        AMQPValue::LongString(s) => Some(s.as_bytes()),
+        AMQPValue::ShortString(s) => Some(s.as_str().as_bytes()),
+        _ => None,
+    };
+    let mut hasher = DefaultHasher::new();
+    (text(AGGREGATE_TYPE_HEADER)?, text(AGGREGATE_ID_HEADER)?).hash(&mut hasher);
+    Some(hasher.finish())
+}
