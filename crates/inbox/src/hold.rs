@@ -7,19 +7,21 @@
 //! (sorted, so two transactions cannot deadlock) and moves them on: each
 //! event is applied when its predecessor is (`predecessor <= last_seq`),
 //! else held in `inbox_held` with its body and headers and no dedup row,
-//! its delivery acked, and its aggregate marked `waiting`. Once a commit moves on a waiting aggregate, its held events
-//! whose predecessor is now applied are published again
-//! to the consumer's queue (confirmed, then deleted: a crash in between
-//! publishes one twice, which the dedup rows absorb), and are applied like
-//! any delivery: retried, dead-lettered, never lost.
+//! its delivery acked, and its aggregate marked `waiting`. A transaction
+//! that moves on a waiting aggregate applies the held events that follow
+//! ([`crate::follow`]); the release publishes again to the consumer's queue
+//! what it left (confirmed, then deleted: a crash in between publishes one
+//! twice, which the dedup rows absorb), to be applied like any delivery:
+//! retried, dead-lettered, never lost.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::Consumer;
 use crate::chain::Chain;
-use crate::handler::Event;
+use crate::handler::{Event, Handler};
 use crate::held::Raw;
 
 /// A batch's deliveries by event id: what a held event is kept from (read
@@ -34,9 +36,9 @@ pub(crate) struct SortedOut {
     pub apply: Vec<Uuid>,
     /// To hold until their predecessor is applied.
     pub hold: Vec<Uuid>,
-    /// The aggregates moved on while marked `waiting`, as (type, id): they
-    /// may have held events, which may follow now.
-    pub moved: Vec<(String, String)>,
+    /// The aggregates moved on while marked `waiting`, as (type, id, the
+    /// place reached): they may have held events, which may follow now.
+    pub moved: Vec<(String, String, i64)>,
 }
 
 /// Locks, reads and moves on the batch's aggregates' places in one
@@ -158,7 +160,7 @@ pub(crate) async fn sort_out<E>(
             .push(event.id);
         }
         if waiting && last > prior {
-            out.moved.push((aggregate_type, aggregate_id));
+            out.moved.push((aggregate_type, aggregate_id, last));
         }
     }
     Ok(out)
@@ -224,4 +226,31 @@ pub(crate) async fn hold<E>(
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+impl<H: Handler> Consumer<H> {
+    /// Sorts a handler in sequence's events out (locking their aggregates'
+    /// rows), holds those that come before their predecessor, and returns
+    /// the others, each aggregate's in sequence, to apply now.
+    pub(crate) async fn sort_out(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        events: &[Event<H::Event>],
+        raw: &Deliveries<'_>,
+    ) -> sqlx::Result<(SortedOut, Vec<Event<H::Event>>)> {
+        let sorted = sort_out(tx, self.name(), events).await?;
+        // A held event is published again from what its delivery carried.
+        if let Some(id) = sorted.hold.iter().find(|id| !raw.contains_key(id)) {
+            let why =
+                format!("event {id} must wait for its predecessor, but came without its delivery");
+            return Err(sqlx::Error::Protocol(why));
+        }
+        let by_id: HashMap<Uuid, &Event<H::Event>> = events.iter().map(|e| (e.id, e)).collect();
+        let held: Vec<&Event<H::Event>> = sorted.hold.iter().map(|id| by_id[id]).collect();
+        if !held.is_empty() {
+            hold(tx, self.name(), &held, raw).await?;
+        }
+        let apply = sorted.apply.iter().map(|id| by_id[id].clone()).collect();
+        Ok((sorted, apply))
+    }
 }

@@ -101,6 +101,7 @@ mod chain;
 mod config;
 pub mod dlq;
 mod error;
+mod follow;
 mod handler;
 mod held;
 mod hold;

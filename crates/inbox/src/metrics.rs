@@ -66,7 +66,7 @@ impl ConsumerFamilies {
         let r = registry;
         r.register(
             "consumer_processed",
-            "Deliveries whose effect was committed",
+            "Deliveries whose effect was committed (held events applied with what they waited for included)",
             this.processed.clone(),
         );
         r.register(
@@ -152,7 +152,8 @@ impl ConsumerFamilies {
 /// What one consumer reports: its series of each family.
 #[derive(Debug, Clone)]
 pub struct ConsumerMetrics {
-    /// Deliveries whose effect was committed.
+    /// Deliveries whose effect was committed, held events applied in the
+    /// transaction of the event they waited for included.
     pub processed: Counter,
     /// Deliveries seen before, acked without effect.
     pub duplicates: Counter,

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::error::report;
 use crate::handler::{Event, Handler, HandlerError};
-use crate::hold::{self, Deliveries, SortedOut};
+use crate::hold::Deliveries;
 use crate::{Consumer, InboxError};
 use outbox_common::shutdown::panic_text;
 use outbox_common::sqlstate::{ErrorKind, classify};
@@ -72,7 +72,7 @@ impl<H: Handler> Consumer<H> {
         raw: &Deliveries<'_>,
     ) -> Results {
         let ids: HashSet<Uuid> = events.iter().map(|e| e.id).collect();
-        match self.transact(events, raw).await {
+        match self.transact(events, raw, true).await {
             Transacted::Committed { new, held } => ids
                 .into_iter()
                 .map(|id| (id, Ok(applied(new.contains(&id), held.contains(&id)))))
@@ -115,7 +115,9 @@ impl<H: Handler> Consumer<H> {
         event: &Event<H::Event>,
         raw: &Deliveries<'_>,
     ) -> Result<Applied, InboxError> {
-        match self.transact(std::slice::from_ref(event), raw).await {
+        // Alone, and without the held events that would follow it: one
+        // the handler refuses must not fail the event it waited for.
+        match self.transact(std::slice::from_ref(event), raw, false).await {
             Transacted::Committed { new, held } => {
                 Ok(applied(new.contains(&event.id), held.contains(&event.id)))
             }
@@ -124,8 +126,34 @@ impl<H: Handler> Consumer<H> {
         }
     }
 
-    /// One transaction over `events`, rolled back unless it commits.
-    async fn transact(&self, events: &[Event<H::Event>], raw: &Deliveries<'_>) -> Transacted {
+    /// One transaction over `events` and, if `follow`, the held events that
+    /// follow them now. Refused with such events along, it is tried again
+    /// without them: the refusal may be theirs, and must not fail `events`.
+    async fn transact(
+        &self,
+        events: &[Event<H::Event>],
+        raw: &Deliveries<'_>,
+        follow: bool,
+    ) -> Transacted {
+        let mut followed = false;
+        match self.transact_once(events, raw, follow, &mut followed).await {
+            Transacted::Refused { reason } if followed => {
+                tracing::debug!(%reason, "refused with held events that followed; again without them");
+                self.transact_once(events, raw, false, &mut followed).await
+            }
+            transacted => transacted,
+        }
+    }
+
+    /// One transaction, rolled back unless it commits; sets `followed` if
+    /// held events followed in it.
+    async fn transact_once(
+        &self,
+        events: &[Event<H::Event>],
+        raw: &Deliveries<'_>,
+        follow: bool,
+        followed: &mut bool,
+    ) -> Transacted {
         // One copy of each id goes on; later copies are duplicates.
         let mut handed = HashSet::new();
         let mut candidates: Vec<Event<H::Event>> = events
@@ -153,6 +181,22 @@ impl<H: Handler> Consumer<H> {
         } else {
             None
         };
+        // Held events that follow what this transaction applies come along.
+        let mut following = HashSet::new();
+        if let Some(moved) = sorted
+            .as_ref()
+            .map(|s| &s.moved)
+            .filter(|m| follow && !m.is_empty())
+        {
+            match crate::follow::take(&mut tx, self.name(), moved).await {
+                Ok(events) => {
+                    *followed = !events.is_empty();
+                    following.extend(events.iter().map(|e| e.id));
+                    candidates.extend(events);
+                }
+                Err(error) => return refused_or_outage(error),
+            }
+        }
         let mut ids: Vec<Uuid> = candidates.iter().map(|e| e.id).collect();
         // Sorted, so two batches sharing ids cannot deadlock.
         ids.sort_unstable();
@@ -173,6 +217,7 @@ impl<H: Handler> Consumer<H> {
             Ok(new) => new.into_iter().collect(),
             Err(error) => return refused_or_outage(error),
         };
+        let applied_following = following.iter().filter(|id| new.contains(id)).count() as u64;
         let new_events: Vec<Event<H::Event>> = candidates
             .into_iter()
             .filter(|e| new.contains(&e.id))
@@ -217,8 +262,12 @@ impl<H: Handler> Consumer<H> {
             self.wakes.iter().for_each(Wake::notify);
         }
         let held: HashSet<Uuid> = sorted.iter().flat_map(|s| s.hold.iter().copied()).collect();
+        if applied_following > 0 {
+            self.metrics.processed.inc_by(applied_following);
+        }
         if let Some(moved) = sorted.map(|s| s.moved).filter(|m| !m.is_empty()) {
             // Held events of these aggregates may follow what was applied now.
+            let moved = moved.into_iter().map(|(t, i, _)| (t, i));
             self.moved.lock().expect("never poisoned").extend(moved);
             self.release.notify_one();
         }
@@ -243,32 +292,5 @@ fn refused_or_outage(error: sqlx::Error) -> Transacted {
             reason: error.to_string(),
         },
         _ => Transacted::Outage(InboxError::database(error)),
-    }
-}
-
-impl<H: Handler> Consumer<H> {
-    /// Sorts a handler in sequence's events out (locking their aggregates'
-    /// rows), holds those that come before their predecessor, and returns
-    /// the others, each aggregate's in sequence, to apply now.
-    async fn sort_out(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        events: &[Event<H::Event>],
-        raw: &Deliveries<'_>,
-    ) -> sqlx::Result<(SortedOut, Vec<Event<H::Event>>)> {
-        let sorted = hold::sort_out(tx, self.name(), events).await?;
-        // A held event is published again from what its delivery carried.
-        if let Some(id) = sorted.hold.iter().find(|id| !raw.contains_key(id)) {
-            let why =
-                format!("event {id} must wait for its predecessor, but came without its delivery");
-            return Err(sqlx::Error::Protocol(why));
-        }
-        let by_id: HashMap<Uuid, &Event<H::Event>> = events.iter().map(|e| (e.id, e)).collect();
-        let held: Vec<&Event<H::Event>> = sorted.hold.iter().map(|id| by_id[id]).collect();
-        if !held.is_empty() {
-            hold::hold(tx, self.name(), &held, raw).await?;
-        }
-        let apply = sorted.apply.iter().map(|id| by_id[id].clone()).collect();
-        Ok((sorted, apply))
     }
 }

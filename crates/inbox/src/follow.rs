@@ -1,0 +1,142 @@
+//! Held events that follow, applied in the transaction of the event they
+//! waited for. When the dedup transaction moves on a place marked
+//! `waiting`, it takes the aggregate's held events whose predecessor the
+//! place has now reached (each aggregate's in sequence, as its place moves
+//! on with them) out of `inbox_held`, moves the place past them, and hands
+//! them to the handler with the batch: no second pass through the broker.
+//! If the batch is refused, all of it rolls back, and the events are then
+//! applied one at a time without this, so that a held event the handler
+//! refuses never fails the event it waited for: the held events are then
+//! published again to the queue, as the sweep does.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::handler::Event;
+use crate::sequence::Sequence;
+use outbox_common::amqp::headers::{ATTEMPT_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER};
+
+/// A held event, as the dedup transaction reads it back.
+#[derive(sqlx::FromRow)]
+struct Held {
+    transaction_id: Uuid,
+    aggregate_type: String,
+    aggregate_id: String,
+    seq: i64,
+    predecessor: i64,
+    event_type: String,
+    body: Vec<u8>,
+    headers: serde_json::Value,
+}
+
+/// Takes the held events that follow now, for `places` (aggregates this
+/// transaction moved on while marked `waiting`, as type, id and the place
+/// they reached), and moves the places past them; clears `waiting` on a
+/// place none of whose events stays held. An event whose body does not
+/// parse stays held, with those after it, for the release to publish it
+/// (and the dead-letter queue to take it).
+pub(crate) async fn take<E: DeserializeOwned>(
+    tx: &mut PgConnection,
+    consumer: &str,
+    places: &[(String, String, i64)],
+) -> sqlx::Result<Vec<Event<E>>> {
+    let (types, ids): (Vec<&str>, Vec<&str>) = places
+        .iter()
+        .map(|(t, i, _)| (t.as_str(), i.as_str()))
+        .unzip();
+    let held: Vec<Held> = sqlx::query_as(
+        "SELECT h.transaction_id, h.aggregate_type, h.aggregate_id, h.seq, h.predecessor, \
+           h.event_type, h.body, h.headers \
+         FROM (SELECT DISTINCT t, i FROM unnest($2::text[], $3::text[]) AS k(t, i)) k \
+         JOIN inbox_held h ON h.consumer = $1 AND h.aggregate_type = k.t \
+           AND h.aggregate_id = k.i \
+         ORDER BY h.aggregate_type, h.aggregate_id, h.seq",
+    )
+    .bind(consumer)
+    .bind(&types)
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    if held.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut reached: BTreeMap<(&str, &str), (i64, bool)> = places
+        .iter()
+        .map(|(t, i, last)| ((t.as_str(), i.as_str()), (*last, false)))
+        .collect();
+    let mut events = Vec::new();
+    for row in &held {
+        let Some((now, stays)) = reached.get_mut(&(&row.aggregate_type, &row.aggregate_id)) else {
+            continue;
+        };
+        let follows = !*stays && row.predecessor <= *now;
+        match follows.then(|| parse(row)).flatten() {
+            Some(event) => {
+                *now = (*now).max(row.seq);
+                events.push(event);
+            }
+            None => *stays = true,
+        }
+    }
+    if events.is_empty() {
+        return Ok(events);
+    }
+    let taken: Vec<Uuid> = events.iter().map(|e: &Event<E>| e.id).collect();
+    let (mut types, mut ids, mut lasts, mut waiting) = (vec![], vec![], vec![], vec![]);
+    for ((t, i), (last, stays)) in &reached {
+        types.push(*t);
+        ids.push(*i);
+        lasts.push(*last);
+        waiting.push(*stays);
+    }
+    sqlx::query(
+        "WITH taken AS (DELETE FROM inbox_held WHERE consumer = $1 \
+           AND transaction_id = ANY($2::uuid[])) \
+         INSERT INTO inbox_aggregates AS a (consumer, aggregate_type, aggregate_id, last_seq) \
+         SELECT $1, t, i, last FROM unnest($3::text[], $4::text[], $5::bigint[]) AS k(t, i, last) \
+         ORDER BY t, i \
+         ON CONFLICT (consumer, aggregate_type, aggregate_id) DO UPDATE SET \
+           last_seq = greatest(a.last_seq, excluded.last_seq), \
+           waiting = a.waiting AND (SELECT w FROM unnest($3::text[], $4::text[], $6::boolean[]) \
+             AS s(t, i, w) WHERE s.t = a.aggregate_type AND s.i = a.aggregate_id)",
+    )
+    .bind(consumer)
+    .bind(&taken)
+    .bind(&types)
+    .bind(&ids)
+    .bind(&lasts)
+    .bind(&waiting)
+    .execute(&mut *tx)
+    .await?;
+    Ok(events)
+}
+
+/// The event a held row keeps, if its body parses.
+fn parse<E: DeserializeOwned>(row: &Held) -> Option<Event<E>> {
+    let body = serde_json::from_slice(&row.body).ok()?;
+    let header = |name: &str| row.headers.get(name).cloned();
+    let trace_headers: serde_json::Map<String, serde_json::Value> =
+        [TRACEPARENT_HEADER, TRACESTATE_HEADER]
+            .into_iter()
+            .filter_map(|name| Some((name.to_owned(), header(name)?)))
+            .collect();
+    Some(Event {
+        id: row.transaction_id,
+        event_type: row.event_type.clone(),
+        body,
+        attempt: header(ATTEMPT_HEADER)
+            .and_then(|a| a.as_u64())
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(0),
+        trace_headers: serde_json::Value::Object(trace_headers),
+        sequence: Some(Sequence {
+            aggregate_type: row.aggregate_type.clone(),
+            aggregate_id: row.aggregate_id.clone(),
+            seq: row.seq,
+            predecessor: row.predecessor,
+        }),
+    })
+}
