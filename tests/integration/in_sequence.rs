@@ -167,6 +167,11 @@ impl Carts {
         let mut tx = self.db.pool.begin().await.unwrap();
         EVENTS.insert_many(&mut tx, &events).await.unwrap();
         tx.commit().await.unwrap();
+        self.relay(batch).await;
+    }
+
+    /// Publishes what the outbox holds unpublished, `batch` rows a relay batch.
+    async fn relay(&self, batch: i64) {
         let relay = Relay::new(self.db.pool.clone(), EVENTS.clone(), self.amqp.clone())
             .with_config(RelayConfig::default().with_batch_size(batch))
             .with_subscriptions(self.subscriptions.clone());
@@ -318,6 +323,82 @@ async fn an_ordered_handler_applies_each_aggregates_events_in_sequence() {
 
 /// A poison event (refused every time) ends in the dead-letter queue and
 /// holds its own aggregate's later events only; the other aggregates flow.
+/// Held events follow in the transaction of the event they waited for:
+/// when a cart's first event comes after its two later ones, all three are
+/// applied by one transaction, with no second pass through the broker.
+#[tokio::test]
+async fn held_events_are_applied_in_the_transaction_of_the_event_they_waited_for() {
+    let carts = Carts::new(&[PROJECTION]).await;
+    let history = ["cart.opened", "cart.item_added", "cart.paid"];
+    // Written together, numbered 1 to 3; the first kept back from the relay.
+    let unpublished = "UPDATE outbox SET published_at = CASE WHEN $1 THEN now() END WHERE seq = 1";
+    let (db, amqp) = (&carts.db, &carts.amqp);
+    let mut tx = db.pool.begin().await.unwrap();
+    let events: Vec<NewOutboxEvent> = history
+        .iter()
+        .map(|&event_type| NewOutboxEvent {
+            transaction_id: Uuid::new_v4(),
+            aggregate_type: "cart",
+            aggregate_id: "cart-1".into(),
+            event_type,
+            payload: json!({ "cart": 1 }),
+            headers: json!({}),
+        })
+        .collect();
+    EVENTS.insert_many(&mut tx, &events).await.unwrap();
+    sqlx::query(unpublished)
+        .bind(true)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    carts.relay(10).await;
+    let handler = Projection {
+        subscription: PROJECTION,
+        ordered: true,
+        poison: None,
+        refusals: false,
+    };
+    let consumer = Arc::new(Consumer::new(handler, db.pool.clone(), amqp.clone()));
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn(consumer.clone().run(cancel.clone()));
+    eventually("the two later events held", Duration::from_secs(30), || {
+        let held = consumer.metrics().held.get();
+        async move { (held == 2).then_some(()) }
+    })
+    .await;
+    sqlx::query(unpublished)
+        .bind(false)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    carts.relay(10).await;
+    let pool = db.pool.clone();
+    let done = eventually(
+        "the cart's three events applied",
+        Duration::from_secs(30),
+        || {
+            let pool = pool.clone();
+            async move {
+                let done = applied(&pool, PROJECTION.consumer).await;
+                done.get(&1).filter(|s| s.len() == 3).cloned()
+            }
+        },
+    )
+    .await;
+    assert_eq!(done, [1, 2, 3]);
+    let transactions: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM cart_applied")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(transactions, 1, "applied by one transaction");
+    assert_eq!(consumer.metrics().processed.get(), 3);
+    cancel.cancel();
+    running.await.unwrap();
+    carts.cleanup().await;
+}
+
 /// Within one consumer, a later event of an aggregate never overtakes an
 /// earlier one: a batch that shares an aggregate with a batch in flight
 /// starts once that one is done. Events delivered in sequence are applied
