@@ -1,20 +1,27 @@
-//! The aggregates of a handler in sequence's batches in flight. A batch
-//! that shares an aggregate with a batch taken before it starts once that
-//! one is done: one aggregate's events are applied in the order they were
-//! delivered, without the later event being held because it overtook the
-//! earlier one, and without a transaction waiting in Postgres, a pooled
-//! connection in hand, on another's lock on the aggregate's place.
+//! The aggregates of a handler in sequence's batches in flight. Of what
+//! arrives, the deliveries of aggregates in flight make a batch of their
+//! own, which starts once the batches before it of those aggregates are
+//! done; the others go at once. One aggregate's events are applied in the
+//! order they were delivered, without the later event being held because
+//! it overtook the earlier one, without a transaction waiting in Postgres,
+//! a pooled connection in hand, on another's lock on the aggregate's place,
+//! and without other aggregates' events waiting behind them.
 
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
+use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 use outbox_common::amqp::headers::{AGGREGATE_ID_HEADER, AGGREGATE_TYPE_HEADER};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::Consumer;
+use crate::handler::Handler;
 use crate::message::header;
 
 /// The latest batch in flight of each aggregate (by a hash of its type and
@@ -42,7 +49,45 @@ pub(crate) struct Done {
     token: CancellationToken,
 }
 
+impl<H: Handler> Consumer<H> {
+    /// Hands `batch` over to tasks on `tracker`: the deliveries of
+    /// aggregates in flight wait for their batches, then for a permit of
+    /// `limit`; the others go at once, with `permit`.
+    pub(crate) fn hand_over(
+        self: Arc<Self>,
+        in_flight: &Arc<InFlight>,
+        batch: Vec<Delivery>,
+        (permit, limit): (OwnedSemaphorePermit, Arc<Semaphore>),
+        tracker: &TaskTracker,
+        publish: Arc<Channel>,
+    ) {
+        let (later, now): (Vec<Delivery>, Vec<Delivery>) =
+            batch.into_iter().partition(|d| in_flight.has(d));
+        if !now.is_empty() {
+            let (this, publish, entered) = (self.clone(), publish.clone(), in_flight.enter(&now));
+            tracker.spawn(async move {
+                let (_permit, _done) = (permit, entered.wait().await);
+                this.handle(now, &publish).await;
+            });
+        }
+        if !later.is_empty() {
+            let entered = in_flight.enter(&later);
+            tracker.spawn(async move {
+                let _done = entered.wait().await;
+                let _permit = limit.acquire_owned().await.expect("never closed");
+                self.handle(later, &publish).await;
+            });
+        }
+    }
+}
+
 impl InFlight {
+    /// Whether a batch in flight has `delivery`'s aggregate.
+    fn has(&self, delivery: &Delivery) -> bool {
+        let batches = self.batches.lock().expect("never poisoned");
+        aggregate(delivery).is_some_and(|key| batches.1.contains_key(&key))
+    }
+
     /// Enters a batch, in the order batches are taken.
     pub fn enter(self: &Arc<Self>, deliveries: &[Delivery]) -> Entered {
         let mut keys: Vec<u64> = deliveries.iter().filter_map(aggregate).collect();

@@ -185,13 +185,13 @@ impl<H: Handler> Consumer<H> {
             };
             backoff.reset();
             let (this, publish) = (self.clone(), channels.publish.clone());
-            let entered = in_flight.as_ref().map(|f| f.enter(&batch));
+            if let Some(in_flight) = &in_flight {
+                let limit = limit.clone();
+                this.hand_over(in_flight, batch, (permit, limit), &tracker, publish);
+                continue;
+            }
             tracker.spawn(async move {
                 let _permit = permit;
-                let _done = match entered {
-                    Some(entered) => Some(entered.wait().await),
-                    None => None,
-                };
                 this.handle(batch, &publish).await;
             });
         };
@@ -258,7 +258,7 @@ impl<H: Handler> Consumer<H> {
 
     /// Processes one batch; requeues, after a pause, the deliveries an
     /// outage left.
-    async fn handle(&self, batch: Vec<Delivery>, publish: &Channel) {
+    pub(crate) async fn handle(&self, batch: Vec<Delivery>, publish: &Channel) {
         let settled = self.process_batch(&batch, publish).await;
         let left: Vec<&Delivery> = batch
             .iter()
