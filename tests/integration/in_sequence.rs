@@ -196,6 +196,23 @@ async fn applied(pool: &PgPool, consumer: &str) -> BTreeMap<i64, Vec<i64>> {
     by_cart
 }
 
+/// Waits until `carts` carts have `events` events each applied by
+/// `consumer`; returns the places applied, by cart.
+async fn all_applied(
+    pool: &PgPool,
+    consumer: &str,
+    carts: usize,
+    events: usize,
+) -> BTreeMap<i64, Vec<i64>> {
+    let what = format!("{carts} carts' {events} events applied");
+    eventually(&what, Duration::from_secs(30), || async move {
+        let by_cart = applied(pool, consumer).await;
+        let done = by_cart.len() == carts && by_cart.values().all(|s| s.len() == events);
+        done.then_some(by_cart)
+    })
+    .await
+}
+
 #[tokio::test]
 async fn an_ordered_handler_applies_each_aggregates_events_in_sequence() {
     // Every cart's five events in one burst, then published.
@@ -233,20 +250,7 @@ async fn an_ordered_handler_applies_each_aggregates_events_in_sequence() {
     tracker
         .spawn(Arc::new(Consumer::new(audit, db.pool.clone(), amqp.clone())).run(cancel.clone()));
 
-    let pool = db.pool.clone();
-    let by_cart = eventually(
-        "every cart's four events applied",
-        Duration::from_secs(30),
-        || {
-            let pool = pool.clone();
-            async move {
-                let by_cart = applied(&pool, PROJECTION.consumer).await;
-                let done = by_cart.len() == CARTS && by_cart.values().all(|s| s.len() == 4);
-                done.then_some(by_cart)
-            }
-        },
-    )
-    .await;
+    let by_cart = all_applied(&db.pool, PROJECTION.consumer, CARTS, 4).await;
     // In sequence, every cart; the unbound cart.shipped (3) held nothing up.
     for (cart, seqs) in &by_cart {
         assert_eq!(seqs, &[1, 2, 4, 5], "cart {cart}");
@@ -373,20 +377,8 @@ async fn held_events_are_applied_in_the_transaction_of_the_event_they_waited_for
         .await
         .unwrap();
     carts.relay(10).await;
-    let pool = db.pool.clone();
-    let done = eventually(
-        "the cart's three events applied",
-        Duration::from_secs(30),
-        || {
-            let pool = pool.clone();
-            async move {
-                let done = applied(&pool, PROJECTION.consumer).await;
-                done.get(&1).filter(|s| s.len() == 3).cloned()
-            }
-        },
-    )
-    .await;
-    assert_eq!(done, [1, 2, 3]);
+    let done = all_applied(&db.pool, PROJECTION.consumer, 1, 3).await;
+    assert_eq!(done[&1], [1, 2, 3]);
     let transactions: i64 =
         sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM cart_applied")
             .fetch_one(&db.pool)
@@ -429,20 +421,7 @@ async fn events_delivered_in_sequence_are_never_held_within_one_consumer() {
     let consumer = Arc::new(consumer);
     let cancel = CancellationToken::new();
     let running = tokio::spawn(consumer.clone().run(cancel.clone()));
-    let pool = db.pool.clone();
-    let by_cart = eventually(
-        "every cart's events applied",
-        Duration::from_secs(30),
-        || {
-            let pool = pool.clone();
-            async move {
-                let by_cart = applied(&pool, PROJECTION.consumer).await;
-                let done = by_cart.len() == n && by_cart.values().all(|s| s.len() == 4);
-                done.then_some(by_cart)
-            }
-        },
-    )
-    .await;
+    let by_cart = all_applied(&db.pool, PROJECTION.consumer, n, 4).await;
     for (cart, seqs) in &by_cart {
         assert_eq!(seqs, &[1, 2, 3, 4], "cart {cart}");
     }
