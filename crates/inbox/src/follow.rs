@@ -4,12 +4,14 @@
 //! place has now reached (each aggregate's in sequence, as its place moves
 //! on with them) out of `inbox_held`, moves the place past them, and hands
 //! them to the handler with the batch: no second pass through the broker.
-//! If the batch is refused, all of it rolls back, and the events are then
-//! applied one at a time without this, so that a held event the handler
-//! refuses never fails the event it waited for: the held events are then
-//! published again to the queue, as the sweep does.
+//! At most [`FOLLOW_AT_ONCE`] follow in one transaction; the release
+//! publishes the rest again to the queue. If the transaction is refused
+//! or fails, all of it rolls back and the batch is tried again without
+//! following, so that a held event the handler refuses never fails the
+//! event it waited for: the held events are then published again to the
+//! queue, as the sweep does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use serde::de::DeserializeOwned;
 use sqlx::PgConnection;
@@ -18,6 +20,9 @@ use uuid::Uuid;
 use crate::handler::Event;
 use crate::sequence::Sequence;
 use outbox_common::amqp::headers::{ATTEMPT_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER};
+
+/// The most held events that follow in one transaction.
+pub(crate) const FOLLOW_AT_ONCE: usize = 64;
 
 /// A held event, as the dedup transaction reads it back.
 #[derive(sqlx::FromRow)]
@@ -37,11 +42,14 @@ struct Held {
 /// they reached), and moves the places past them; clears `waiting` on a
 /// place none of whose events stays held. An event whose body does not
 /// parse stays held, with those after it, for the release to publish it
-/// (and the dead-letter queue to take it).
+/// (and the dead-letter queue to take it). A held event of which a copy is
+/// among `applying` (the batch's events applied now) is taken out but not
+/// returned: it is applied once.
 pub(crate) async fn take<E: DeserializeOwned>(
     tx: &mut PgConnection,
     consumer: &str,
     places: &[(String, String, i64)],
+    applying: &[Event<E>],
 ) -> sqlx::Result<Vec<Event<E>>> {
     let (types, ids): (Vec<&str>, Vec<&str>) = places
         .iter()
@@ -72,7 +80,7 @@ pub(crate) async fn take<E: DeserializeOwned>(
         let Some((now, stays)) = reached.get_mut(&(&row.aggregate_type, &row.aggregate_id)) else {
             continue;
         };
-        let follows = !*stays && row.predecessor <= *now;
+        let follows = !*stays && row.predecessor <= *now && events.len() < FOLLOW_AT_ONCE;
         match follows.then(|| parse(row)).flatten() {
             Some(event) => {
                 *now = (*now).max(row.seq);
@@ -111,7 +119,11 @@ pub(crate) async fn take<E: DeserializeOwned>(
     .bind(&waiting)
     .execute(&mut *tx)
     .await?;
-    Ok(events)
+    let applying: HashSet<Uuid> = applying.iter().map(|e| e.id).collect();
+    Ok(events
+        .into_iter()
+        .filter(|e| !applying.contains(&e.id))
+        .collect())
 }
 
 /// The event a held row keeps, if its body parses.

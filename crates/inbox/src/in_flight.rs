@@ -61,19 +61,17 @@ impl<H: Handler> Consumer<H> {
         tracker: &TaskTracker,
         publish: Arc<Channel>,
     ) {
-        let (later, now): (Vec<Delivery>, Vec<Delivery>) =
-            batch.into_iter().partition(|d| in_flight.has(d));
+        let [(now, entered_now), (later, entered_later)] = in_flight.split(batch);
         if !now.is_empty() {
-            let (this, publish, entered) = (self.clone(), publish.clone(), in_flight.enter(&now));
+            let (this, publish) = (self.clone(), publish.clone());
             tracker.spawn(async move {
-                let (_permit, _done) = (permit, entered.wait().await);
+                let (_permit, _done) = (permit, entered_now.wait().await);
                 this.handle(now, &publish).await;
             });
         }
         if !later.is_empty() {
-            let entered = in_flight.enter(&later);
             tracker.spawn(async move {
-                let _done = entered.wait().await;
+                let _done = entered_later.wait().await;
                 let _permit = limit.acquire_owned().await.expect("never closed");
                 self.handle(later, &publish).await;
             });
@@ -82,20 +80,27 @@ impl<H: Handler> Consumer<H> {
 }
 
 impl InFlight {
-    /// Whether a batch in flight has `delivery`'s aggregate.
-    fn has(&self, delivery: &Delivery) -> bool {
-        let batches = self.batches.lock().expect("never poisoned");
-        aggregate(delivery).is_some_and(|key| batches.1.contains_key(&key))
+    /// Splits a batch, in the order batches are taken, into the deliveries
+    /// whose aggregate no batch in flight has, to go now, and the others,
+    /// to go after those batches; and enters both, under one lock (a batch
+    /// that ends meanwhile cannot put one aggregate's deliveries in both).
+    pub fn split(self: &Arc<Self>, batch: Vec<Delivery>) -> [(Vec<Delivery>, Entered); 2] {
+        let mut guard = self.batches.lock().expect("never poisoned");
+        let (later, now): (Vec<Delivery>, Vec<Delivery>) = batch
+            .into_iter()
+            .partition(|d| aggregate(d).is_some_and(|key| guard.1.contains_key(&key)));
+        let now = (self.enter(&mut guard, &now), now);
+        let later = (self.enter(&mut guard, &later), later);
+        [(now.1, now.0), (later.1, later.0)]
     }
 
-    /// Enters a batch, in the order batches are taken.
-    pub fn enter(self: &Arc<Self>, deliveries: &[Delivery]) -> Entered {
+    /// Enters a batch: it goes after the batches in flight of its aggregates.
+    fn enter(self: &Arc<Self>, batches: &mut Batches, deliveries: &[Delivery]) -> Entered {
         let mut keys: Vec<u64> = deliveries.iter().filter_map(aggregate).collect();
         keys.sort_unstable();
         keys.dedup();
         let token = CancellationToken::new();
-        let mut guard = self.batches.lock().expect("never poisoned");
-        let (next, latest) = &mut *guard;
+        let (next, latest) = batches;
         *next += 1;
         let after = keys
             .iter()

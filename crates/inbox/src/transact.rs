@@ -127,8 +127,9 @@ impl<H: Handler> Consumer<H> {
     }
 
     /// One transaction over `events` and, if `follow`, the held events that
-    /// follow them now. Refused with such events along, it is tried again
-    /// without them: the refusal may be theirs, and must not fail `events`.
+    /// follow them now. Refused or failed with such events along, it is
+    /// tried again without them: the failure may be theirs (or their
+    /// number's), and must not fail or hold up `events`.
     async fn transact(
         &self,
         events: &[Event<H::Event>],
@@ -137,8 +138,11 @@ impl<H: Handler> Consumer<H> {
     ) -> Transacted {
         let mut followed = false;
         match self.transact_once(events, raw, follow, &mut followed).await {
-            Transacted::Refused { reason } if followed => {
-                tracing::debug!(%reason, "refused with held events that followed; again without them");
+            failed @ (Transacted::Refused { .. } | Transacted::Outage(_)) if followed => {
+                tracing::debug!(
+                    ?failed,
+                    "failed with held events that followed; again without them"
+                );
                 self.transact_once(events, raw, false, &mut followed).await
             }
             transacted => transacted,
@@ -188,7 +192,7 @@ impl<H: Handler> Consumer<H> {
             .map(|s| &s.moved)
             .filter(|m| follow && !m.is_empty())
         {
-            match crate::follow::take(&mut tx, self.name(), moved).await {
+            match crate::follow::take(&mut tx, self.name(), moved, &candidates).await {
                 Ok(events) => {
                     *followed = !events.is_empty();
                     following.extend(events.iter().map(|e| e.id));
