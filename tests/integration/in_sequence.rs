@@ -337,11 +337,7 @@ async fn held_events_are_applied_in_the_transaction_of_the_event_they_waited_for
     publish_first(&carts, false).await;
     let done = all_applied(&carts.db.pool, PROJECTION.consumer, 1, 3).await;
     assert_eq!(done[&1], [1, 2, 3]);
-    let transactions: i64 =
-        sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM cart_applied")
-            .fetch_one(&carts.db.pool)
-            .await
-            .unwrap();
+    let transactions = transactions_applied(&carts.db.pool).await;
     assert_eq!(transactions, 1, "applied by one transaction");
     assert_eq!(consumer.metrics().processed.get(), 3);
     cancel.cancel();
@@ -358,11 +354,7 @@ async fn many_held_events_follow_in_parts_and_in_sequence() {
     publish_first(&carts, false).await;
     let done = all_applied(&carts.db.pool, PROJECTION.consumer, 1, 100).await;
     assert_eq!(done[&1], (1..=100).collect::<Vec<i64>>());
-    let transactions: i64 =
-        sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM cart_applied")
-            .fetch_one(&carts.db.pool)
-            .await
-            .unwrap();
+    let transactions = transactions_applied(&carts.db.pool).await;
     assert!(transactions > 1, "{transactions} transaction(s)");
     cancel.cancel();
     running.await.unwrap();
@@ -397,6 +389,14 @@ async fn a_copy_of_a_held_event_beside_its_predecessor_is_applied_once() {
     cancel.cancel();
     running.await.unwrap();
     carts.cleanup().await;
+}
+
+/// How many transactions wrote the projection's rows.
+async fn transactions_applied(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM cart_applied")
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 /// The projection in sequence, without refusals.
