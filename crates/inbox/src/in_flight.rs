@@ -86,17 +86,23 @@ impl InFlight {
     /// that ends meanwhile cannot put one aggregate's deliveries in both).
     pub fn split(self: &Arc<Self>, batch: Vec<Delivery>) -> [(Vec<Delivery>, Entered); 2] {
         let mut guard = self.batches.lock().expect("never poisoned");
-        let (later, now): (Vec<Delivery>, Vec<Delivery>) = batch
+        let (later, now): (Vec<_>, Vec<_>) = batch
             .into_iter()
-            .partition(|d| aggregate(d).is_some_and(|key| guard.1.contains_key(&key)));
-        let now = (self.enter(&mut guard, &now), now);
-        let later = (self.enter(&mut guard, &later), later);
-        [(now.1, now.0), (later.1, later.0)]
+            .map(|d| (aggregate(&d), d))
+            .partition(|(key, _)| key.is_some_and(|key| guard.1.contains_key(&key)));
+        [now, later].map(|part| {
+            let (keys, deliveries): (Vec<Option<u64>>, Vec<Delivery>) = part.into_iter().unzip();
+            (
+                deliveries,
+                self.enter(&mut guard, keys.into_iter().flatten()),
+            )
+        })
     }
 
-    /// Enters a batch: it goes after the batches in flight of its aggregates.
-    fn enter(self: &Arc<Self>, batches: &mut Batches, deliveries: &[Delivery]) -> Entered {
-        let mut keys: Vec<u64> = deliveries.iter().filter_map(aggregate).collect();
+    /// Enters a batch of the aggregates `keys`: it goes after the batches in
+    /// flight of those aggregates.
+    fn enter(self: &Arc<Self>, batches: &mut Batches, keys: impl Iterator<Item = u64>) -> Entered {
+        let mut keys: Vec<u64> = keys.collect();
         keys.sort_unstable();
         keys.dedup();
         let token = CancellationToken::new();

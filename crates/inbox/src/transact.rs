@@ -209,8 +209,8 @@ impl<H: Handler> Consumer<H> {
         } else {
             sqlx::query_scalar(
                 "INSERT INTO processed_messages (consumer, transaction_id) \
-             SELECT $1, id FROM unnest($2::uuid[]) AS t(id) \
-             ON CONFLICT DO NOTHING RETURNING transaction_id",
+                 SELECT $1, id FROM unnest($2::uuid[]) AS t(id) \
+                 ON CONFLICT DO NOTHING RETURNING transaction_id",
             )
             .bind(self.name())
             .bind(&ids)
