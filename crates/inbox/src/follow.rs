@@ -18,8 +18,34 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::handler::Event;
+use crate::hold::SortedOut;
 use crate::sequence::Sequence;
 use outbox_common::amqp::headers::{ATTEMPT_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER};
+
+/// Adds to `candidates` (the batch's events to apply) the held events that
+/// follow them now, if `follow`, for the aggregates `sorted` moved on while
+/// `waiting`. Returns the ids of those that follow, and the aggregates the
+/// release is to look at after the commit: those of which some events
+/// stay held (without following, every one moved on).
+pub(crate) async fn along<E: DeserializeOwned>(
+    tx: &mut PgConnection,
+    consumer: &str,
+    sorted: &Option<SortedOut>,
+    follow: bool,
+    candidates: &mut Vec<Event<E>>,
+) -> sqlx::Result<(HashSet<Uuid>, Vec<(String, String)>)> {
+    let Some(moved) = sorted.as_ref().map(|s| &s.moved).filter(|m| !m.is_empty()) else {
+        return Ok((HashSet::new(), Vec::new()));
+    };
+    if !follow {
+        let all = moved.iter().map(|(t, i, _)| (t.clone(), i.clone()));
+        return Ok((HashSet::new(), all.collect()));
+    }
+    let (events, stay) = take(tx, consumer, moved, candidates).await?;
+    let following = events.iter().map(|e| e.id).collect();
+    candidates.extend(events);
+    Ok((following, stay))
+}
 
 /// The most held events that follow in one transaction.
 pub(crate) const FOLLOW_AT_ONCE: usize = 64;
@@ -45,22 +71,30 @@ struct Held {
 /// (and the dead-letter queue to take it). A held event of which a copy is
 /// among `applying` (the batch's events applied now) is taken out but not
 /// returned: it is applied once.
-pub(crate) async fn take<E: DeserializeOwned>(
+///
+/// Returns the events that follow, and the aggregates of `places` some of
+/// whose events stay held.
+async fn take<E: DeserializeOwned>(
     tx: &mut PgConnection,
     consumer: &str,
     places: &[(String, String, i64)],
     applying: &[Event<E>],
-) -> sqlx::Result<Vec<Event<E>>> {
+) -> sqlx::Result<(Vec<Event<E>>, Vec<(String, String)>)> {
     let (types, ids): (Vec<&str>, Vec<&str>) = places
         .iter()
         .map(|(t, i, _)| (t.as_str(), i.as_str()))
         .unzip();
+    // Each aggregate's held events through the index on its key: a join
+    // would leave the plan to the table's statistics, which a table of a
+    // few rows and many deleted ones (or none, before its first ANALYZE)
+    // lets read every held event of the consumer.
     let held: Vec<Held> = sqlx::query_as(
-        "SELECT h.transaction_id, h.aggregate_type, h.aggregate_id, h.seq, h.predecessor, \
-           h.event_type, h.body, h.headers \
+        "SELECT h.* \
          FROM (SELECT DISTINCT t, i FROM unnest($2::text[], $3::text[]) AS k(t, i)) k \
-         JOIN inbox_held h ON h.consumer = $1 AND h.aggregate_type = k.t \
-           AND h.aggregate_id = k.i \
+         CROSS JOIN LATERAL (SELECT transaction_id, aggregate_type, aggregate_id, seq, \
+             predecessor, event_type, body, headers \
+           FROM inbox_held WHERE consumer = $1 AND aggregate_type = k.t AND aggregate_id = k.i \
+           ORDER BY seq) h \
          ORDER BY h.aggregate_type, h.aggregate_id, h.seq",
     )
     .bind(consumer)
@@ -69,7 +103,7 @@ pub(crate) async fn take<E: DeserializeOwned>(
     .fetch_all(&mut *tx)
     .await?;
     if held.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     let mut reached: BTreeMap<(&str, &str), (i64, bool)> = places
         .iter()
@@ -89,8 +123,13 @@ pub(crate) async fn take<E: DeserializeOwned>(
             None => *stays = true,
         }
     }
+    let stay: Vec<(String, String)> = reached
+        .iter()
+        .filter(|(_, (_, stays))| *stays)
+        .map(|((t, i), _)| ((*t).to_owned(), (*i).to_owned()))
+        .collect();
     if events.is_empty() {
-        return Ok(events);
+        return Ok((events, stay));
     }
     let taken: Vec<Uuid> = events.iter().map(|e: &Event<E>| e.id).collect();
     let (mut types, mut ids, mut lasts, mut waiting) = (vec![], vec![], vec![], vec![]);
@@ -120,10 +159,11 @@ pub(crate) async fn take<E: DeserializeOwned>(
     .execute(&mut *tx)
     .await?;
     let applying: HashSet<Uuid> = applying.iter().map(|e| e.id).collect();
-    Ok(events
+    let events = events
         .into_iter()
         .filter(|e| !applying.contains(&e.id))
-        .collect())
+        .collect();
+    Ok((events, stay))
 }
 
 /// The event a held row keeps, if its body parses.

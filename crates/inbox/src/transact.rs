@@ -186,21 +186,12 @@ impl<H: Handler> Consumer<H> {
             None
         };
         // Held events that follow what this transaction applies come along.
-        let mut following = HashSet::new();
-        if let Some(moved) = sorted
-            .as_ref()
-            .map(|s| &s.moved)
-            .filter(|m| follow && !m.is_empty())
-        {
-            match crate::follow::take(&mut tx, self.name(), moved, &candidates).await {
-                Ok(events) => {
-                    *followed = !events.is_empty();
-                    following.extend(events.iter().map(|e| e.id));
-                    candidates.extend(events);
-                }
-                Err(error) => return refused_or_outage(error),
-            }
-        }
+        let along = crate::follow::along(&mut tx, self.name(), &sorted, follow, &mut candidates);
+        let (following, release) = match along.await {
+            Ok(along) => along,
+            Err(error) => return refused_or_outage(error),
+        };
+        *followed = !following.is_empty();
         let mut ids: Vec<Uuid> = candidates.iter().map(|e| e.id).collect();
         // Sorted, so two batches sharing ids cannot deadlock.
         ids.sort_unstable();
@@ -269,10 +260,9 @@ impl<H: Handler> Consumer<H> {
         if applied_following > 0 {
             self.metrics.processed.inc_by(applied_following);
         }
-        if let Some(moved) = sorted.map(|s| s.moved).filter(|m| !m.is_empty()) {
-            // Held events of these aggregates may follow what was applied now.
-            let moved = moved.into_iter().map(|(t, i, _)| (t, i));
-            self.moved.lock().expect("never poisoned").extend(moved);
+        if !release.is_empty() {
+            // Held events of these aggregates may go after what was applied now.
+            self.moved.lock().expect("never poisoned").extend(release);
             self.release.notify_one();
         }
         Transacted::Committed { new, held }
