@@ -65,8 +65,12 @@ struct Held {
 
 /// Takes the held events that follow now, for `places` (aggregates this
 /// transaction moved on while marked `waiting`, as type, id and the place
-/// they reached), and moves the places past them; clears `waiting` on a
-/// place none of whose events stays held. An event whose body does not
+/// they reached), and moves the places past them. Their `waiting` mark
+/// stays: cleared here, it would write the place's index entries again
+/// (a partial index names it), where moving `last_seq` alone is a
+/// heap-only update; the sweep clears it within a second, and until then
+/// a transaction that moves the place on looks for held events and finds
+/// none. An event whose body does not
 /// parse stays held, with those after it, for the release to publish it
 /// (and the dead-letter queue to take it). A held event of which a copy is
 /// among `applying` (the batch's events applied now) is taken out but not
@@ -132,12 +136,11 @@ async fn take<E: DeserializeOwned>(
         return Ok((events, stay));
     }
     let taken: Vec<Uuid> = events.iter().map(|e: &Event<E>| e.id).collect();
-    let (mut types, mut ids, mut lasts, mut waiting) = (vec![], vec![], vec![], vec![]);
-    for ((t, i), (last, stays)) in &reached {
+    let (mut types, mut ids, mut lasts) = (vec![], vec![], vec![]);
+    for ((t, i), (last, _)) in &reached {
         types.push(*t);
         ids.push(*i);
         lasts.push(*last);
-        waiting.push(*stays);
     }
     sqlx::query(
         "WITH taken AS (DELETE FROM inbox_held WHERE consumer = $1 \
@@ -146,16 +149,13 @@ async fn take<E: DeserializeOwned>(
          SELECT $1, t, i, last FROM unnest($3::text[], $4::text[], $5::bigint[]) AS k(t, i, last) \
          ORDER BY t, i \
          ON CONFLICT (consumer, aggregate_type, aggregate_id) DO UPDATE SET \
-           last_seq = greatest(a.last_seq, excluded.last_seq), \
-           waiting = a.waiting AND (SELECT w FROM unnest($3::text[], $4::text[], $6::boolean[]) \
-             AS s(t, i, w) WHERE s.t = a.aggregate_type AND s.i = a.aggregate_id)",
+           last_seq = greatest(a.last_seq, excluded.last_seq)",
     )
     .bind(consumer)
     .bind(&taken)
     .bind(&types)
     .bind(&ids)
     .bind(&lasts)
-    .bind(&waiting)
     .execute(&mut *tx)
     .await?;
     let applying: HashSet<Uuid> = applying.iter().map(|e| e.id).collect();
