@@ -1,8 +1,8 @@
 //! Writing and reading outbox rows. An outbox is a [`Table`] of rows with the
-//! same columns (an `outbox` of events, say, and one of messages for another sink): written
-//! in the caller's transaction (writers take `&mut PgConnection`), claimed
-//! with `FOR UPDATE SKIP LOCKED`, marked published or failed with a growing
-//! backoff.
+//! same columns (an `outbox` of events, say, and one of messages for another
+//! sink): written in the caller's transaction (writers take `&mut
+//! PgConnection`), claimed with `FOR UPDATE SKIP LOCKED`, marked published
+//! or failed with a growing backoff.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,8 +28,7 @@ pub struct Table {
 }
 
 impl Table {
-    /// The statements of the outbox table `name` (a constant of the code,
-    /// never input).
+    /// The statements of the outbox table `name` (a constant, never input).
     pub fn named(name: &'static str) -> Self {
         Self::build(name, false)
     }
@@ -94,13 +93,8 @@ impl Table {
         conn: &mut PgConnection,
         events: &[NewOutboxEvent],
     ) -> sqlx::Result<()> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        Self::bind_events(sqlx::query(self.sql.insert.clone()), events)
-            .execute(conn)
-            .await?;
-        Ok(())
+        let insert = Self::bind_events(sqlx::query(self.sql.insert.clone()), events);
+        execute_unless_empty(conn, events, insert).await
     }
 
     /// The `INSERT` of rows each of which belongs to an aggregate with no
@@ -129,13 +123,8 @@ impl Table {
         conn: &mut PgConnection,
         events: &[NewOutboxEvent],
     ) -> sqlx::Result<()> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        self.bind_new_aggregates(sqlx::query(self.sql.insert_new_aggregates.clone()), events)
-            .execute(conn)
-            .await?;
-        Ok(())
+        let insert = sqlx::query(self.sql.insert_new_aggregates.clone());
+        execute_unless_empty(conn, events, self.bind_new_aggregates(insert, events)).await
     }
 
     /// Binds `events` to `query` as the arrays that
@@ -296,4 +285,16 @@ impl Table {
             .fetch_all(conn)
             .await
     }
+}
+
+/// Runs `insert`, the statement writing `events`, unless there are none.
+async fn execute_unless_empty(
+    conn: &mut PgConnection,
+    events: &[NewOutboxEvent],
+    insert: Query<'_, Postgres, PgArguments>,
+) -> sqlx::Result<()> {
+    if !events.is_empty() {
+        insert.execute(conn).await?;
+    }
+    Ok(())
 }
