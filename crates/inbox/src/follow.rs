@@ -70,11 +70,10 @@ struct Held {
 /// (a partial index names it), where moving `last_seq` alone is a
 /// heap-only update; the sweep clears it within a second, and until then
 /// a transaction that moves the place on looks for held events and finds
-/// none. An event whose body does not
-/// parse stays held, with those after it, for the release to publish it
-/// (and the dead-letter queue to take it). A held event of which a copy is
-/// among `applying` (the batch's events applied now) is taken out but not
-/// returned: it is applied once.
+/// none. An event whose body does not parse stays held, with those after
+/// it, for the release to publish it (and the dead-letter queue to take
+/// it). A held event of which a copy is among `applying` (the batch's
+/// events applied now) is taken out but not returned: it is applied once.
 ///
 /// Returns the events that follow, and the aggregates of `places` some of
 /// whose events stay held.

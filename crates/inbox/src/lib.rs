@@ -149,11 +149,12 @@ pub struct Consumer<H> {
     subscribed: Flag,
     /// Held while a delivery is forwarded to a delay queue or the DLQ.
     forwarding: tokio::sync::Mutex<()>,
-    /// Signalled after a commit moved on an aggregate with held events:
-    /// they may go now ([`Handler::in_sequence`]).
+    /// Signalled after a commit moved on an aggregate some of whose held
+    /// events did not follow in it: they may go now
+    /// ([`Handler::in_sequence`]).
     release: tokio::sync::Notify,
-    /// The aggregates such commits moved on, as (type, id), for the next
-    /// release to look at (only theirs: never a scan of every held event).
+    /// Those aggregates, as (type, id), for the next release to look at
+    /// (only theirs: never a scan of every held event).
     moved: std::sync::Mutex<Vec<(String, String)>>,
 }
 

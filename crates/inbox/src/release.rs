@@ -1,7 +1,9 @@
 //! Held events go on: once a commit applied their predecessor (or an
 //! operator skipped it), they are published again to the consumer's queue,
-//! and applied like any delivery. After a commit, only the aggregates it
-//! moved on are looked at. A sweep every second looks at all, and so
+//! and applied like any delivery (most follow in the transaction of their
+//! predecessor instead: [`crate::follow`]). After a commit, only the
+//! aggregates it moved on whose held events did not all follow are looked
+//! at. A sweep every second looks at all, and so
 //! catches what a crash, another process or an operator's skip left; it
 //! also dead-letters events held past the hold limit (so the table stays
 //! bounded: nothing is deleted unapplied), and samples the held gauges.
@@ -37,7 +39,8 @@ enum ReleaseError {
 
 impl<H: Handler> Consumer<H> {
     /// Releases held events after each commit that moved on an aggregate
-    /// with held events, and sweeps every [`SWEEP_EVERY`], until `cancel`.
+    /// and left some of its held events, and sweeps every [`SWEEP_EVERY`],
+    /// until `cancel`.
     pub(crate) async fn release_held(
         self: Arc<Self>,
         publish: Arc<Channel>,
