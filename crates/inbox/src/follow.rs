@@ -30,11 +30,11 @@ use outbox_common::amqp::headers::{ATTEMPT_HEADER, TRACEPARENT_HEADER, TRACESTAT
 pub(crate) async fn along<E: DeserializeOwned>(
     tx: &mut PgConnection,
     consumer: &str,
-    sorted: &Option<SortedOut>,
+    sorted: Option<&SortedOut>,
     follow: bool,
     candidates: &mut Vec<Event<E>>,
 ) -> sqlx::Result<(HashSet<Uuid>, Vec<(String, String)>)> {
-    let Some(moved) = sorted.as_ref().map(|s| &s.moved).filter(|m| !m.is_empty()) else {
+    let Some(moved) = sorted.map(|s| &s.moved).filter(|m| !m.is_empty()) else {
         return Ok((HashSet::new(), Vec::new()));
     };
     if !follow {

@@ -155,7 +155,7 @@ pub struct Consumer<H> {
     release: tokio::sync::Notify,
     /// Those aggregates, as (type, id), for the next release to look at
     /// (only theirs: never a scan of every held event).
-    moved: std::sync::Mutex<Vec<(String, String)>>,
+    to_release: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 impl<H: Handler> Consumer<H> {
@@ -174,7 +174,7 @@ impl<H: Handler> Consumer<H> {
             subscribed: Flag::default(),
             forwarding: tokio::sync::Mutex::new(()),
             release: tokio::sync::Notify::new(),
-            moved: std::sync::Mutex::default(),
+            to_release: std::sync::Mutex::default(),
         }
     }
 

@@ -66,8 +66,8 @@ impl<H: Handler> Consumer<H> {
     async fn release_round(&self, publish: &Channel, sweep: bool) -> Result<(), ReleaseError> {
         // Taken even on a sweep, which looks at every aggregate: if the
         // round fails, the next sweep finds these again.
-        let moved = std::mem::take(&mut *self.moved.lock().expect("never poisoned"));
-        let among = (!sweep).then_some(moved.as_slice());
+        let to_release = std::mem::take(&mut *self.to_release.lock().expect("never poisoned"));
+        let among = (!sweep).then_some(to_release.as_slice());
         let mut conn = self.pool.acquire().await?;
         loop {
             let rows = held::releasable(&mut conn, self.name(), among, RELEASE_BATCH).await?;

@@ -186,7 +186,13 @@ impl<H: Handler> Consumer<H> {
             None
         };
         // Held events that follow what this transaction applies come along.
-        let along = crate::follow::along(&mut tx, self.name(), &sorted, follow, &mut candidates);
+        let along = crate::follow::along(
+            &mut tx,
+            self.name(),
+            sorted.as_ref(),
+            follow,
+            &mut candidates,
+        );
         let (following, release) = match along.await {
             Ok(along) => along,
             Err(error) => return refused_or_outage(error),
@@ -262,7 +268,10 @@ impl<H: Handler> Consumer<H> {
         }
         if !release.is_empty() {
             // Held events of these aggregates may go after what was applied now.
-            self.moved.lock().expect("never poisoned").extend(release);
+            self.to_release
+                .lock()
+                .expect("never poisoned")
+                .extend(release);
             self.release.notify_one();
         }
         Transacted::Committed { new, held }
