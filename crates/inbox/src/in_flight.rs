@@ -1,13 +1,15 @@
 //! The aggregates of a handler in sequence's batches in flight. Of what
-//! arrives, the deliveries of aggregates in flight make a batch of their
-//! own, which starts once the batches before it of those aggregates are
-//! done; the others go at once. One aggregate's events are applied in the
-//! order they were delivered, without the later event being held because
-//! it overtook the earlier one, without a transaction waiting in Postgres,
-//! a pooled connection in hand, on another's lock on the aggregate's place,
-//! and without other aggregates' events waiting behind them.
+//! arrives, the deliveries of aggregates in flight are deferred: they wait,
+//! unacked and in the order they came, and go at the head of a later batch,
+//! once no batch in flight has their aggregate. One aggregate's events are
+//! applied in the order they were delivered, without the later event being
+//! held because it overtook the earlier one, without a transaction waiting
+//! in Postgres, a pooled connection in hand, on another's lock on the
+//! aggregate's place, and without other aggregates' events waiting behind
+//! them. A deferred delivery does not cost a transaction of its own: it
+//! shares the next batch.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
@@ -16,137 +18,140 @@ use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 use outbox_common::amqp::headers::{AGGREGATE_ID_HEADER, AGGREGATE_TYPE_HEADER};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::task::TaskTracker;
 
 use crate::Consumer;
 use crate::handler::Handler;
 use crate::message::header;
 
-/// The latest batch in flight of each aggregate (by a hash of its type and
-/// id: two aggregates with one hash only make a batch wait needlessly).
+/// The aggregates (by a hash of their type and id: two aggregates with one
+/// hash only make a delivery wait needlessly) that batches in flight have,
+/// and the deliveries deferred behind them.
 #[derive(Default)]
 pub(crate) struct InFlight {
-    batches: Mutex<Batches>,
+    state: Mutex<State>,
+    idle: Notify,
 }
 
-/// The number of the last batch entered, and by aggregate the number and
-/// mark of its latest batch in flight.
-type Batches = (u64, HashMap<u64, (u64, CancellationToken)>);
-
-/// A batch entered: the batches it waits for, and its own mark.
-pub(crate) struct Entered {
-    after: Vec<CancellationToken>,
-    done: Done,
+#[derive(Default)]
+struct State {
+    /// The aggregates of the batches in flight.
+    aggregates: HashSet<u64>,
+    /// How many batches are in flight.
+    batches: usize,
+    /// The deliveries deferred, in the order they came.
+    deferred: Vec<Delivery>,
+    /// Whether one of them was deferred only because its batch was full:
+    /// it may go at once.
+    may_go: bool,
 }
 
-/// Marks its batch done when dropped, however the batch ends.
+/// Marks its batch's aggregates no longer in flight when dropped, however
+/// the batch ends.
 pub(crate) struct Done {
     in_flight: Arc<InFlight>,
-    batch: u64,
     keys: Vec<u64>,
-    token: CancellationToken,
 }
 
 impl<H: Handler> Consumer<H> {
-    /// Hands `batch` over to tasks on `tracker`: the deliveries of
-    /// aggregates in flight wait for their batches, then for a permit of
-    /// `limit`; the others go at once, with `permit`.
+    /// Hands the deferred deliveries that may go, then `arrived`, to a task
+    /// on `tracker` with `permit`, as one batch of at most the batch size;
+    /// defers the rest.
     pub(crate) fn hand_over(
         self: Arc<Self>,
         in_flight: &Arc<InFlight>,
-        batch: Vec<Delivery>,
-        (permit, limit): (OwnedSemaphorePermit, Arc<Semaphore>),
+        arrived: Vec<Delivery>,
+        permit: OwnedSemaphorePermit,
         tracker: &TaskTracker,
         publish: Arc<Channel>,
     ) {
-        let [(now, entered_now), (later, entered_later)] = in_flight.split(batch);
-        if !now.is_empty() {
-            let (this, publish) = (self.clone(), publish.clone());
+        if let Some((now, done)) = in_flight.split(arrived, self.config.batch_size()) {
             tracker.spawn(async move {
-                let (_permit, _done) = (permit, entered_now.wait().await);
-                this.handle(now, &publish).await;
-            });
-        }
-        if !later.is_empty() {
-            tracker.spawn(async move {
-                let _done = entered_later.wait().await;
-                let _permit = limit.acquire_owned().await.expect("never closed");
-                self.handle(later, &publish).await;
+                let (_permit, _done) = (permit, done);
+                self.handle(now, &publish).await;
             });
         }
     }
 }
 
 impl InFlight {
-    /// Splits a batch, in the order batches are taken, into the deliveries
-    /// whose aggregate no batch in flight has, to go now, and the others,
-    /// to go after those batches; and enters both, under one lock (a batch
-    /// that ends meanwhile cannot put one aggregate's deliveries in both).
-    pub fn split(self: &Arc<Self>, batch: Vec<Delivery>) -> [(Vec<Delivery>, Entered); 2] {
-        let mut guard = self.batches.lock().expect("never poisoned");
-        let (later, now): (Vec<_>, Vec<_>) = batch
-            .into_iter()
-            .map(|d| (aggregate(&d), d))
-            .partition(|(key, _)| key.is_some_and(|key| guard.1.contains_key(&key)));
-        [now, later].map(|part| {
-            let (keys, deliveries): (Vec<Option<u64>>, Vec<Delivery>) = part.into_iter().unzip();
-            (
-                deliveries,
-                self.enter(&mut guard, keys.into_iter().flatten()),
-            )
-        })
-    }
-
-    /// Enters a batch of the aggregates `keys`: it goes after the batches in
-    /// flight of those aggregates.
-    fn enter(self: &Arc<Self>, batches: &mut Batches, keys: impl Iterator<Item = u64>) -> Entered {
-        let mut keys: Vec<u64> = keys.collect();
-        keys.sort_unstable();
-        keys.dedup();
-        let token = CancellationToken::new();
-        let (next, latest) = batches;
-        *next += 1;
-        let after = keys
-            .iter()
-            .filter_map(|key| latest.insert(*key, (*next, token.clone())))
-            .map(|(_, before)| before)
-            .collect();
+    /// Takes, in the order they came, the deferred deliveries and then
+    /// `arrived`: those whose aggregate no batch in flight has, and no
+    /// delivery before them deferred, go now, up to `limit`; the others are
+    /// deferred. The batch's aggregates are in flight until its mark drops.
+    fn split(
+        self: &Arc<Self>,
+        arrived: Vec<Delivery>,
+        limit: usize,
+    ) -> Option<(Vec<Delivery>, Done)> {
+        let mut state = self.state.lock().expect("never poisoned");
+        let state = &mut *state;
+        state.may_go = false;
+        let mut held_back = HashSet::new();
+        let (mut now, mut keys) = (Vec::new(), Vec::new());
+        let waiting = std::mem::take(&mut state.deferred);
+        for delivery in waiting.into_iter().chain(arrived) {
+            let key = aggregate(&delivery);
+            let blocked =
+                key.is_some_and(|key| state.aggregates.contains(&key) || held_back.contains(&key));
+            if blocked || now.len() >= limit {
+                state.may_go |= !blocked;
+                held_back.extend(key);
+                state.deferred.push(delivery);
+            } else {
+                keys.extend(key);
+                now.push(delivery);
+            }
+        }
+        if now.is_empty() {
+            return None;
+        }
+        state.aggregates.extend(keys.iter().copied());
+        state.batches += 1;
         let done = Done {
             in_flight: self.clone(),
-            batch: *next,
             keys,
-            token,
         };
-        Entered { after, done }
+        Some((now, done))
     }
-}
 
-impl Entered {
-    /// Waits until the batches before it of its aggregates are done; the
-    /// mark returned is to be kept until this batch is.
-    pub async fn wait(self) -> Done {
-        for before in self.after {
-            before.cancelled().await;
-        }
-        self.done
+    /// Whether deliveries are deferred, and whether one of them may go at
+    /// once (it was deferred only because its batch was full).
+    pub fn deferring(&self) -> (bool, bool) {
+        let state = self.state.lock().expect("never poisoned");
+        (!state.deferred.is_empty(), state.may_go)
+    }
+
+    /// The deferred deliveries, taken: for the end of a session, once no
+    /// batch is in flight.
+    pub fn take_deferred(&self) -> Vec<Delivery> {
+        std::mem::take(&mut self.state.lock().expect("never poisoned").deferred)
     }
 }
 
 impl Drop for Done {
     fn drop(&mut self) {
-        let mut guard = self.in_flight.batches.lock().expect("never poisoned");
+        let mut state = self.in_flight.state.lock().expect("never poisoned");
         for key in &self.keys {
-            if guard
-                .1
-                .get(key)
-                .is_some_and(|(batch, _)| *batch == self.batch)
-            {
-                guard.1.remove(key);
-            }
+            state.aggregates.remove(key);
         }
-        self.token.cancel();
+        state.batches -= 1;
+        if state.batches == 0 {
+            self.in_flight.idle.notify_one();
+        }
+    }
+}
+
+/// Resolves once no batch of a handler in sequence is in flight, after
+/// the last call (at once if that happened unseen); never without one.
+/// While deliveries keep arriving, deferred ones go with them instead: a
+/// delivery deferred does not take a transaction of its own while others
+/// would share it.
+pub(crate) async fn idle(in_flight: &Option<Arc<InFlight>>) {
+    match in_flight {
+        Some(in_flight) => in_flight.idle.notified().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::Consumer;
 use crate::error::report;
 use crate::handler::Handler;
-use crate::in_flight::InFlight;
+use crate::in_flight::{InFlight, idle};
 use crate::message::AMQP_TIMEOUT;
 use outbox_common::amqp::{BrokerError, Doing, StartError};
 use outbox_common::shutdown::{Backoff, sleep_or_cancel};
@@ -166,9 +166,15 @@ impl<H: Handler> Consumer<H> {
                 _ = cancel.cancelled() => break Ok(()),
                 permit = limit.clone().acquire_owned() => permit.expect("semaphore never closed"),
             };
+            // Deferred deliveries go with what arrives next, or once no batch
+            // is in flight if nothing arrives.
+            let (deferring, may_go) = in_flight.as_ref().map_or((false, false), |f| f.deferring());
             let next = tokio::select! {
+                biased;
                 _ = cancel.cancelled() => break Ok(()),
                 next = batches.next() => next,
+                () = std::future::ready(()), if may_go => Some(Vec::new()),
+                () = idle(&in_flight), if deferring => Some(Vec::new()),
             };
             let Some(items) = next else {
                 break Err(SessionError::CancelledByBroker);
@@ -186,8 +192,7 @@ impl<H: Handler> Consumer<H> {
             backoff.reset();
             let (this, publish) = (self.clone(), channels.publish.clone());
             if let Some(in_flight) = &in_flight {
-                let limit = limit.clone();
-                this.hand_over(in_flight, batch, (permit, limit), &tracker, publish);
+                this.hand_over(in_flight, batch, permit, &tracker, publish);
                 continue;
             }
             tracker.spawn(async move {
@@ -208,6 +213,14 @@ impl<H: Handler> Consumer<H> {
         sampling.cancel();
         tracker.close();
         tracker.wait().await;
+        // No batch is in flight now: the deferred deliveries may all go. On a
+        // lost connection the broker has requeued them: they could not be
+        // acked.
+        let deferred = in_flight.map(|f| f.take_deferred()).unwrap_or_default();
+        let open = [&channels.consume, &*channels.publish].map(|c| c.status().connected());
+        if !deferred.is_empty() && open == [true, true] {
+            self.handle(deferred, &channels.publish).await;
+        }
         if connection.status().connected() {
             let close = async {
                 let _ = channels
