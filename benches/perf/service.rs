@@ -91,3 +91,14 @@ impl Service {
         Ok(())
     }
 }
+
+/// A benchmark that fails before `stop` does not leave the service running
+/// (holding its output pipe open, and its database in use).
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
