@@ -1,7 +1,8 @@
 //! The aggregates of a handler in sequence's batches in flight. Of what
 //! arrives, the deliveries of aggregates in flight are deferred: they wait,
-//! unacked and in the order they came, and go at the head of a later batch,
-//! once no batch in flight has their aggregate. One aggregate's events are
+//! unacked and in the order they came, and go at the head of a later batch
+//! once no batch in flight has their aggregate: with what arrives next, or,
+//! when nothing arrives, once no batch at all is in flight. One aggregate's events are
 //! applied in the order they were delivered, without the later event being
 //! held because it overtook the earlier one, without a transaction waiting
 //! in Postgres, a pooled connection in hand, on another's lock on the
@@ -96,7 +97,8 @@ impl InFlight {
             let blocked =
                 key.is_some_and(|key| state.aggregates.contains(&key) || held_back.contains(&key));
             if blocked || now.len() >= limit {
-                state.may_go |= !blocked;
+                // Deferred for the limit alone, unless its aggregate goes now.
+                state.may_go |= !blocked && key.is_none_or(|key| !keys.contains(&key));
                 held_back.extend(key);
                 state.deferred.push(delivery);
             } else {
@@ -143,15 +145,24 @@ impl Drop for Done {
     }
 }
 
-/// Resolves once no batch of a handler in sequence is in flight, after
-/// the last call (at once if that happened unseen); never without one.
-/// While deliveries keep arriving, deferred ones go with them instead: a
-/// delivery deferred does not take a transaction of its own while others
-/// would share it.
+/// Resolves once no batch of a handler in sequence is in flight; never
+/// without one. While deliveries keep arriving, deferred ones go with them
+/// instead: a delivery deferred does not take a transaction of its own
+/// while others would share it.
 pub(crate) async fn idle(in_flight: &Option<Arc<InFlight>>) {
-    match in_flight {
-        Some(in_flight) => in_flight.idle.notified().await,
-        None => std::future::pending().await,
+    let Some(in_flight) = in_flight else {
+        return std::future::pending().await;
+    };
+    loop {
+        // Registered before the count is read, so no batch's end is missed;
+        // a notification stored earlier only makes the loop look again.
+        let notified = in_flight.idle.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if in_flight.state.lock().expect("never poisoned").batches == 0 {
+            return;
+        }
+        notified.await;
     }
 }
 

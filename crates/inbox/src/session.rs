@@ -216,10 +216,13 @@ impl<H: Handler> Consumer<H> {
         // No batch is in flight now: the deferred deliveries may all go. On a
         // lost connection the broker has requeued them: they could not be
         // acked.
-        let deferred = in_flight.map(|f| f.take_deferred()).unwrap_or_default();
-        let open = [&channels.consume, &*channels.publish].map(|c| c.status().connected());
-        if !deferred.is_empty() && open == [true, true] {
-            self.handle(deferred, &channels.publish).await;
+        let mut deferred = in_flight.map(|f| f.take_deferred()).unwrap_or_default();
+        while [&channels.consume, &*channels.publish].map(|c| c.status().connected()) == [true; 2]
+            && !deferred.is_empty()
+        {
+            let rest = deferred.split_off(deferred.len().min(self.config.batch_size()));
+            self.handle(std::mem::replace(&mut deferred, rest), &channels.publish)
+                .await;
         }
         if connection.status().connected() {
             let close = async {
