@@ -17,7 +17,9 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-/// A fresh, migrated database; dropped by [`BenchDb::drop_db`].
+/// A fresh, migrated database; dropped by [`BenchDb::drop_db`], or when
+/// dropped if a step failed before it (the connections it still has are
+/// ended by `WITH (FORCE)`).
 pub struct BenchDb {
     pub name: String,
     pub url: String,
@@ -33,9 +35,9 @@ impl BenchDb {
         Ok(Self { name, url, pool })
     }
 
-    pub async fn drop_db(self) -> anyhow::Result<()> {
+    pub async fn drop_db(mut self) -> anyhow::Result<()> {
         self.pool.close().await;
-        database::remove(&admin_url(), &self.name).await?;
+        database::remove(&admin_url(), &std::mem::take(&mut self.name)).await?;
         Ok(())
     }
 
@@ -44,6 +46,25 @@ impl BenchDb {
             .fetch_one(&self.pool)
             .await
             .expect(sql)
+    }
+}
+
+impl Drop for BenchDb {
+    fn drop(&mut self) {
+        let name = std::mem::take(&mut self.name);
+        if name.is_empty() {
+            return;
+        }
+        // A runtime of its own: this may run inside the benchmark's.
+        let removed = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|runtime| runtime.block_on(database::remove(&admin_url(), &name)))
+        });
+        if let Ok(Ok(Err(error))) = removed.join() {
+            eprintln!("could not drop a benchmark database: {error}");
+        }
     }
 }
 
