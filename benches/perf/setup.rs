@@ -56,14 +56,10 @@ impl Drop for BenchDb {
             return;
         }
         // A runtime of its own: this may run inside the benchmark's.
-        let removed = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map(|runtime| runtime.block_on(database::remove(&admin_url(), &name)))
-        });
-        if let Ok(Ok(Err(error))) = removed.join() {
-            eprintln!("could not drop a benchmark database: {error}");
+        let removed =
+            database::run_to_end(async move { database::remove(&admin_url(), &name).await });
+        if !matches!(removed, Some(Ok(()))) {
+            eprintln!("could not drop a benchmark database: {removed:?}");
         }
     }
 }

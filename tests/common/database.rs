@@ -2,8 +2,27 @@
 //! one place that creates and drops them. Shared by the test binaries and
 //! the benchmark (which includes this file), so it uses sqlx, tokio and uuid only.
 
+use std::future::Future;
+
 use sqlx::{Connection as _, Executor as _, PgConnection};
 use uuid::Uuid;
+
+/// Runs `cleanup` to the end on a thread of its own, from a `Drop`: it works
+/// while a test unwinds from a failed assertion, inside or outside a runtime.
+/// Returns its output, or `None` if no runtime could run it.
+pub fn run_to_end<F>(cleanup: F) -> Option<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let done = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|runtime| runtime.block_on(cleanup))
+    });
+    done.join().ok()?.ok()
+}
 
 /// Creates an empty database `<prefix>_<uuid>` on the server of
 /// `admin_url`; returns its name and URL (`admin_url` naming it instead,

@@ -11,6 +11,7 @@ pub mod rabbit_ctl;
 pub mod rabbit_node;
 pub mod roles;
 
+pub use database::run_to_end;
 pub use ports::free_port;
 
 use std::future::Future;
@@ -88,22 +89,6 @@ pub async fn cleanup_amqp_for(config: &AmqpConfig, consumers: &[&str]) {
         .exchange_delete(config.exchange().into(), ExchangeDeleteOptions::default())
         .await;
     let _ = connection.close(200, "test done".into()).await;
-}
-
-/// Runs `cleanup` to the end on a thread of its own, from a `Drop`: it works
-/// while a test unwinds from a failed assertion, inside or outside a runtime.
-pub fn run_to_end<F>(cleanup: F)
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    let done = std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime for cleanup")
-            .block_on(cleanup)
-    });
-    let _ = done.join();
 }
 
 /// Drops the test database `ostest_<uuid>` when dropped, even when the test

@@ -191,15 +191,8 @@ impl Drop for Stack {
         services::restore();
         let (db_name, amqp) = (self.db_name.clone(), self.amqp.clone());
         // We may be inside the test's runtime: clean up on a runtime of our own.
-        let cleaned = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?;
-            runtime.block_on(cleanup(&db_name, &amqp))
-        })
-        .join();
-        if !matches!(cleaned, Ok(Ok(()))) {
+        let cleaned = database::run_to_end(async move { cleanup(&db_name, &amqp).await });
+        if !matches!(cleaned, Some(Ok(()))) {
             eprintln!(
                 "faults: cleanup of {} incomplete: {cleaned:?}",
                 self.db_name
