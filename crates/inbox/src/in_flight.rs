@@ -2,13 +2,13 @@
 //! arrives, the deliveries of aggregates in flight are deferred: they wait,
 //! unacked and in the order they came, and go at the head of a later batch
 //! once no batch in flight has their aggregate: with what arrives next, or,
-//! when nothing arrives, once no batch at all is in flight. One aggregate's events are
-//! applied in the order they were delivered, without the later event being
-//! held because it overtook the earlier one, without a transaction waiting
-//! in Postgres, a pooled connection in hand, on another's lock on the
-//! aggregate's place, and without other aggregates' events waiting behind
-//! them. A deferred delivery does not cost a transaction of its own: it
-//! shares the next batch.
+//! when nothing arrives, once no batch at all is in flight. One aggregate's
+//! events are applied in the order they were delivered, without the later
+//! event being held because it overtook the earlier one, without a
+//! transaction waiting in Postgres, a pooled connection in hand, on
+//! another's lock on the aggregate's place, and without other aggregates'
+//! events waiting behind them. A deferred delivery does not cost a
+//! transaction of its own: it shares the next batch.
 
 use std::collections::HashSet;
 use std::collections::hash_map::DefaultHasher;
@@ -140,7 +140,7 @@ impl Drop for Done {
         }
         state.batches -= 1;
         if state.batches == 0 {
-            self.in_flight.idle.notify_one();
+            self.in_flight.idle.notify_waiters();
         }
     }
 }
@@ -154,8 +154,7 @@ pub(crate) async fn idle(in_flight: &Option<Arc<InFlight>>) {
         return std::future::pending().await;
     };
     loop {
-        // Registered before the count is read, so no batch's end is missed;
-        // a notification stored earlier only makes the loop look again.
+        // Registered before the count is read, so no batch's end is missed.
         let notified = in_flight.idle.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
