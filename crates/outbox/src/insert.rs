@@ -8,17 +8,20 @@
 //! some of the types finds the event it must wait for.
 //!
 //! Two ways in:
-//! - [`statement`], any aggregate: one statement upserts the counters of
-//!   the batch's aggregates in `t_aggregates`, sorted by key, and holds
-//!   their row locks until the writer's transaction ends: a second writer
-//!   of the same aggregate waits, so for one aggregate the commits follow
-//!   one another as the numbers do, which a `bigserial` is not. An
-//!   aggregate without a counter (new, opened by [`new_aggregates`], or
-//!   its counter pruned) goes on from its latest row still in `t`, found
-//!   by the unique index.
+//! - [`statement`], any aggregate, after [`lock`] in the same transaction:
+//!   the lock statement takes a transaction-level advisory lock per
+//!   aggregate of the batch, in key order, held until the writer's
+//!   transaction ends, so a second writer of the same aggregate waits and
+//!   for one aggregate the commits follow one another as the numbers do
+//!   (which a `bigserial` is not). The insert, a statement of its own and
+//!   so a snapshot taken once the locks are held, goes on from each
+//!   aggregate's latest row, found by the unique index. Nothing but the
+//!   rows is written: no counter row (the counters in `t_aggregates` of
+//!   the versions before are no longer read or written, only pruned). A writer that skips the lock is never misnumbered: the unique
+//!   index refuses a number that a concurrent writer committed first.
 //! - [`new_aggregates`], rows of aggregates that have none yet (a new
 //!   order's first event): numbered from the batch alone ([`Numbers`]),
-//!   with no counter and no read, as cheap as an unnumbered `INSERT`. If
+//!   with no lock and no read, as cheap as an unnumbered `INSERT`. If
 //!   the aggregate has rows after all, the unique index refuses the
 //!   statement whose numbers repeat one still in the table, and nothing is
 //!   written.
@@ -57,7 +60,10 @@ fn with_list(with: &str, more: bool) -> String {
 
 /// The statement writing rows into `name`, from six arrays bound from
 /// `$first` on (see [`crate::Table::insert_statement`]), after the extra
-/// common table expressions `with` (none when empty).
+/// common table expressions `with` (none when empty). In a sequenced table
+/// it numbers each row after its aggregate's latest row, read through the
+/// unique index, in the statement's snapshot: run after [`lock`] in the
+/// same transaction, that snapshot holds every earlier writer's commit.
 pub(crate) fn statement(name: &str, sequenced: bool, first: usize, with: &str) -> String {
     let rows = rows(first, &[]);
     if !sequenced {
@@ -70,48 +76,42 @@ pub(crate) fn statement(name: &str, sequenced: bool, first: usize, with: &str) -
              SELECT b.*, \
                row_number() OVER (PARTITION BY aggregate_type, aggregate_id ORDER BY ord) AS rank \
              FROM {rows} WITH ORDINALITY AS b({COLUMNS}, ord)), \
-         per_aggregate AS ( \
-             SELECT aggregate_type, aggregate_id, count(*) AS n, \
-               jsonb_object_agg(event_type, rank ORDER BY ord) AS types \
-             FROM batch GROUP BY aggregate_type, aggregate_id), \
-         counters AS ( \
-             INSERT INTO {name}_aggregates AS a \
-               (aggregate_type, aggregate_id, last_seq, last_by_type, prev_by_type) \
-             SELECT p.aggregate_type, p.aggregate_id, l.seq + p.n, \
-               l.by_type || (SELECT jsonb_object_agg(key, value::bigint + l.seq) \
-                             FROM jsonb_each_text(p.types)), \
-               l.by_type \
-             FROM per_aggregate p CROSS JOIN LATERAL ( \
-               SELECT coalesce(max(o.seq), 0) AS seq, \
-                 coalesce((array_agg(o.previous || jsonb_build_object(o.event_type, o.seq)))[1], \
-                   '{{}}'::jsonb) AS by_type \
-               FROM (SELECT seq, previous, event_type FROM {name} \
-                     WHERE aggregate_type = p.aggregate_type AND aggregate_id = p.aggregate_id \
-                       AND seq IS NOT NULL \
-                     ORDER BY seq DESC LIMIT 1) o) l \
-             ORDER BY p.aggregate_type, p.aggregate_id \
-             ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET \
-               prev_by_type = a.last_by_type, \
-               last_seq = a.last_seq + ( \
-                 SELECT p.n FROM per_aggregate p \
-                 WHERE p.aggregate_type = a.aggregate_type AND p.aggregate_id = a.aggregate_id), \
-               last_by_type = a.last_by_type || ( \
-                 SELECT jsonb_object_agg(key, value::bigint + a.last_seq) \
-                 FROM per_aggregate p, jsonb_each_text(p.types) \
-                 WHERE p.aggregate_type = a.aggregate_type AND p.aggregate_id = a.aggregate_id), \
-               updated_at = now() \
-             RETURNING aggregate_type, aggregate_id, last_seq, prev_by_type), \
-         numbered AS ( \
-             SELECT b.transaction_id, b.aggregate_type, b.aggregate_id, b.event_type, b.payload, \
-               b.headers, b.ord, c.last_seq - p.n + b.rank AS seq, c.prev_by_type AS prev \
-             FROM batch b JOIN counters c USING (aggregate_type, aggregate_id) \
-               JOIN per_aggregate p USING (aggregate_type, aggregate_id)) \
+         latest AS ( \
+             SELECT k.aggregate_type, k.aggregate_id, coalesce(l.seq, 0) AS seq, \
+               coalesce(l.by_type, '{{}}'::jsonb) AS by_type \
+             FROM (SELECT DISTINCT aggregate_type, aggregate_id FROM batch) k \
+             LEFT JOIN LATERAL ( \
+               SELECT o.seq, \
+                 coalesce(o.previous, '{{}}'::jsonb) || jsonb_build_object(o.event_type, o.seq) \
+                   AS by_type \
+               FROM {name} o \
+               WHERE o.aggregate_type = k.aggregate_type AND o.aggregate_id = k.aggregate_id \
+                 AND o.seq IS NOT NULL \
+               ORDER BY o.seq DESC LIMIT 1) l ON true) \
          INSERT INTO {name} ({COLUMNS}, seq, previous) \
-         SELECT transaction_id, aggregate_type, aggregate_id, event_type, payload, headers, seq, \
-           prev || coalesce(jsonb_object_agg(event_type, seq) OVER ( \
-             PARTITION BY aggregate_type, aggregate_id ORDER BY ord \
+         SELECT b.transaction_id, b.aggregate_type, b.aggregate_id, b.event_type, b.payload, \
+           b.headers, l.seq + b.rank, \
+           l.by_type || coalesce(jsonb_object_agg(b.event_type, l.seq + b.rank) OVER ( \
+             PARTITION BY b.aggregate_type, b.aggregate_id ORDER BY b.ord \
              ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), '{{}}'::jsonb) \
-         FROM numbered ORDER BY ord"
+         FROM batch b JOIN latest l USING (aggregate_type, aggregate_id) ORDER BY b.ord"
+    )
+}
+
+/// The statement taking, for the rest of the writer's transaction, the lock
+/// of each aggregate of the rows about to be written into `name`: a
+/// transaction-level advisory lock keyed by a 64-bit hash of the table's
+/// name, the aggregate type and its id, from two arrays (`$1` the types,
+/// `$2` the ids), taken in key order so that two writers of the same
+/// aggregates cannot deadlock on them. Its own statement, before
+/// [`statement`]: a snapshot taken before the lock was granted would miss
+/// the rows of the writer it waited for.
+pub(crate) fn lock(name: &str) -> String {
+    format!(
+        "SELECT pg_advisory_xact_lock(k) FROM ( \
+             SELECT DISTINCT hashtextextended(i, hashtextextended(t, hashtextextended('{name}', 0))) \
+               AS k \
+             FROM unnest($1::text[], $2::text[]) AS a(t, i) ORDER BY k) AS keys"
     )
 }
 

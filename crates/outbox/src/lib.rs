@@ -65,6 +65,7 @@ pub mod schema;
 mod statements;
 mod store;
 pub mod wal;
+mod write;
 
 pub use batch::{BatchOutcome, PublishedBatch};
 pub use config::RelayConfig;

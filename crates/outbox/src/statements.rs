@@ -9,6 +9,7 @@ use crate::insert;
 #[derive(Debug)]
 pub(crate) struct Statements {
     pub(crate) insert: SqlStr,
+    pub(crate) lock: SqlStr,
     pub(crate) insert_new_aggregates: SqlStr,
     pub(crate) claim: SqlStr,
     pub(crate) claim_in_sequence: SqlStr,
@@ -28,6 +29,7 @@ impl Statements {
         let sql = |s: String| AssertSqlSafe(Arc::<str>::from(s)).into_sql_str();
         Self {
             insert: sql(insert::statement(name, sequenced, 1, "")),
+            lock: sql(insert::lock(name)),
             insert_new_aggregates: sql(if sequenced {
                 insert::new_aggregates(name, 1, "")
             } else {

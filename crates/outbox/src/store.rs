@@ -7,24 +7,22 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::PgArguments;
-use sqlx::query::Query;
-use sqlx::{PgConnection, Postgres, SqlStr};
+use sqlx::{PgConnection, SqlStr};
 use uuid::Uuid;
 
 use outbox_common::prune::Prune;
 
 use crate::confirms::Failed;
-use crate::rows::{FailedRow, NewOutboxEvent, OutboxRow, OutboxStatus};
+use crate::rows::{FailedRow, OutboxRow, OutboxStatus};
 use crate::statements::Statements;
 
 /// One outbox table and its statements, built once from its name.
 #[derive(Debug, Clone)]
 pub struct Table {
-    name: &'static str,
+    pub(crate) name: &'static str,
     /// Whether its rows are numbered within their aggregate ([`Table::with_sequences`]).
-    sequenced: bool,
-    sql: Arc<Statements>,
+    pub(crate) sequenced: bool,
+    pub(crate) sql: Arc<Statements>,
 }
 
 impl Table {
@@ -34,9 +32,10 @@ impl Table {
     }
 
     /// This table, its rows numbered within their aggregate (`seq`, and
-    /// `previous`: see the `insert` module), through its counter table
-    /// `<name>_aggregates` and its unique index `<name>_aggregate_seq_key`
-    /// on `(aggregate_type, aggregate_id, seq)`; the relay publishes them as headers, for the
+    /// `previous`: see the `insert` module), under a lock per aggregate
+    /// held by the writer's transaction ([`Table::lock_aggregates`]) and
+    /// its unique index `<name>_aggregate_seq_key` on `(aggregate_type,
+    /// aggregate_id, seq)`; the relay publishes them as headers, for the
     /// consumers that apply an aggregate's events in sequence.
     pub fn with_sequences(self) -> Self {
         Self::build(self.name, true)
@@ -53,116 +52,6 @@ impl Table {
     /// The table's name.
     pub fn name(&self) -> &'static str {
         self.name
-    }
-
-    /// The `INSERT` of rows into this table, from six arrays bound from
-    /// `$first` on: transaction ids (`uuid[]`), aggregate types, aggregate
-    /// ids, event types (`text[]`), payloads and headers (`jsonb[]`)
-    /// ([`Table::bind_events`] binds them); `with` is a list of common
-    /// table expressions of the writer's own to run first in the same
-    /// statement (`""` for none). For a writer that puts its own change and
-    /// its outbox rows in one statement: [`Table::insert_many`] runs it
-    /// alone.
-    ///
-    /// ```
-    /// let outbox = outbox::Table::named("outbox");
-    /// let insert = outbox.insert_statement(3, "");
-    /// assert!(insert.starts_with("INSERT INTO outbox (transaction_id,"));
-    /// assert!(insert.contains("unnest($3::uuid[], $4::text[]"));
-    /// let with = outbox.insert_statement(2, "new_users AS (INSERT INTO users (id) VALUES ($1))");
-    /// assert!(with.starts_with("WITH new_users AS ("));
-    /// ```
-    pub fn insert_statement(&self, first: usize, with: &str) -> String {
-        crate::insert::statement(self.name, self.sequenced, first, with)
-    }
-
-    /// Writes one row on `conn`, the caller's transaction.
-    pub async fn insert(
-        &self,
-        conn: &mut PgConnection,
-        event: &NewOutboxEvent,
-    ) -> sqlx::Result<()> {
-        self.insert_many(conn, std::slice::from_ref(event)).await
-    }
-
-    /// Writes rows on `conn`, in one statement: the caller's transaction (a
-    /// request's, or a consumer's dedup transaction) covers them together
-    /// with the change they describe.
-    pub async fn insert_many(
-        &self,
-        conn: &mut PgConnection,
-        events: &[NewOutboxEvent],
-    ) -> sqlx::Result<()> {
-        let insert = Self::bind_events(sqlx::query(self.sql.insert.clone()), events);
-        execute_unless_empty(conn, events, insert).await
-    }
-
-    /// The `INSERT` of rows each of which belongs to an aggregate with no
-    /// row in this table yet (a new order's first event, say), from the
-    /// arrays [`Table::bind_new_aggregates`] binds from `$first` on, after
-    /// the writer's `with` (as [`Table::insert_statement`]). In a table
-    /// [`Table::with_sequences`] they are numbered from the batch alone
-    /// (1, 2, ... per aggregate, in order), with no counter and no read:
-    /// as cheap as an unnumbered insert. An aggregate that has rows after
-    /// all makes the statement fail on `<name>_aggregate_seq_key` (a
-    /// unique violation) when a number repeats one still in the table, and
-    /// nothing is written. Later rows of the aggregate, written by
-    /// [`Table::insert_statement`], go on from them.
-    pub fn new_aggregates_statement(&self, first: usize, with: &str) -> String {
-        if self.sequenced {
-            crate::insert::new_aggregates(self.name, first, with)
-        } else {
-            self.insert_statement(first, with)
-        }
-    }
-
-    /// Writes rows of new aggregates on `conn`, the caller's transaction
-    /// ([`Table::new_aggregates_statement`]).
-    pub async fn insert_new_aggregates(
-        &self,
-        conn: &mut PgConnection,
-        events: &[NewOutboxEvent],
-    ) -> sqlx::Result<()> {
-        let insert = sqlx::query(self.sql.insert_new_aggregates.clone());
-        execute_unless_empty(conn, events, self.bind_new_aggregates(insert, events)).await
-    }
-
-    /// Binds `events` to `query` as the arrays that
-    /// [`Table::new_aggregates_statement`] reads: the six of
-    /// [`Table::bind_events`], then, in a table with sequences, their
-    /// numbers and `previous` maps.
-    pub fn bind_new_aggregates<'q>(
-        &self,
-        query: Query<'q, Postgres, PgArguments>,
-        events: &'q [NewOutboxEvent],
-    ) -> Query<'q, Postgres, PgArguments> {
-        let query = Self::bind_events(query, events);
-        if !self.sequenced {
-            return query;
-        }
-        let numbers = crate::insert::Numbers::of(events);
-        query.bind(numbers.seq).bind(numbers.previous)
-    }
-
-    /// Binds `events` to `query` as the six arrays that
-    /// [`Table::insert_statement`] reads, in its sequence: for a writer's own
-    /// statement, after its own parameters.
-    pub fn bind_events<'q>(
-        query: Query<'q, Postgres, PgArguments>,
-        events: &'q [NewOutboxEvent],
-    ) -> Query<'q, Postgres, PgArguments> {
-        query
-            .bind(events.iter().map(|e| e.transaction_id).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| e.aggregate_type).collect::<Vec<_>>())
-            .bind(
-                events
-                    .iter()
-                    .map(|e| e.aggregate_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(events.iter().map(|e| e.event_type).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| &e.payload).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| &e.headers).collect::<Vec<_>>())
     }
 
     /// Locks up to `limit` due rows, oldest first, skipping rows another
@@ -257,11 +146,10 @@ impl Table {
         Prune::new(self.name, self.sql.prune.clone(), retention)
     }
 
-    /// The pruning of the counters of aggregates written to no longer than
-    /// `retention` ago (a table [`Table::with_sequences`]); an aggregate
-    /// written to again after that goes on from its latest row in the
-    /// table, or, that pruned too, starts again at 1, which a consumer
-    /// applies at once (it has no predecessor).
+    /// The pruning of the counters in `<name>_aggregates` that versions
+    /// before kept (a table [`Table::with_sequences`]) and that no writer
+    /// reads or writes now: rows of aggregates written to no longer than
+    /// `retention` ago, so that the table empties after an upgrade.
     pub fn prune_counters(&self, retention: Duration) -> Option<Prune> {
         self.sequenced
             .then(|| Prune::new(self.name, self.sql.prune_counters.clone(), retention))
@@ -285,16 +173,4 @@ impl Table {
             .fetch_all(conn)
             .await
     }
-}
-
-/// Runs `insert`, the statement writing `events`, unless there are none.
-async fn execute_unless_empty(
-    conn: &mut PgConnection,
-    events: &[NewOutboxEvent],
-    insert: Query<'_, Postgres, PgArguments>,
-) -> sqlx::Result<()> {
-    if !events.is_empty() {
-        insert.execute(conn).await?;
-    }
-    Ok(())
 }
