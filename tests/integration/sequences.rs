@@ -73,6 +73,25 @@ fn second_writer(pool: &PgPool, event: NewOutboxEvent) -> tokio::task::JoinHandl
     })
 }
 
+/// Waits until one session of the test's database waits on a lock: `who`.
+async fn one_waits_on_a_lock(pool: &PgPool, who: &str) {
+    let what = format!("{who} to wait on a lock");
+    eventually(&what, Duration::from_secs(10), || {
+        let pool = pool.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&pool)
+            .await
+            .ok()?;
+            (waiting == 1).then_some(())
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_second_writer_of_an_aggregate_waits_and_numbers_after_the_first_commits() {
     second_writer_waits(false).await;
@@ -101,24 +120,7 @@ async fn second_writer_waits(opened: bool) {
     EVENTS.insert(&mut first, &event("c-1", "a")).await.unwrap();
     let second = second_writer(&db.pool, event("c-1", "b"));
     // The second writer waits for the aggregate's lock.
-    eventually(
-        "the second writer to wait for a lock",
-        Duration::from_secs(10),
-        || {
-            let pool = db.pool.clone();
-            async move {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                )
-                .fetch_one(&pool)
-                .await
-                .ok()?;
-                (waiting == 1).then_some(())
-            }
-        },
-    )
-    .await;
+    one_waits_on_a_lock(&db.pool, "the second writer").await;
     assert!(!second.is_finished(), "the second writer did not wait");
     first.commit().await.unwrap();
     second.await.unwrap();
@@ -225,24 +227,8 @@ async fn a_writer_that_skips_the_lock_is_refused_not_misnumbered() {
         let mut tx = pool.begin().await.unwrap();
         insert.execute(&mut *tx).await.map(drop)
     });
-    eventually(
-        "the unlocked writer to wait on the unique index",
-        Duration::from_secs(10),
-        || {
-            let pool = db.pool.clone();
-            async move {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                )
-                .fetch_one(&pool)
-                .await
-                .ok()?;
-                (waiting == 1).then_some(())
-            }
-        },
-    )
-    .await;
+    // It waits on the unique index, for the first writer's entry.
+    one_waits_on_a_lock(&db.pool, "the unlocked writer").await;
     first.commit().await.unwrap();
 
     let error = unlocked.await.unwrap().unwrap_err();
