@@ -27,11 +27,13 @@ CREATE INDEX outbox_unpublished_idx ON outbox (id) WHERE published_at IS NULL;
 -- Pruning: published rows, oldest first.
 CREATE INDEX outbox_published_at_idx ON outbox (published_at) WHERE published_at IS NOT NULL;
 -- With Table::with_sequences: an event's place is unique in its aggregate,
--- and its latest row is where a writer without a counter goes on from.
+-- and its latest row is where the aggregate's next writer goes on from.
 CREATE UNIQUE INDEX outbox_aggregate_seq_key ON outbox (aggregate_type, aggregate_id, seq)
     WHERE seq IS NOT NULL;
--- With Table::with_sequences: one counter per aggregate, locked by the
--- writing transaction (see the crate's insert module).
+-- With Table::with_sequences: the counters of the crate's versions before,
+-- one per aggregate; nothing reads or writes them now (a writer holds an
+-- advisory lock per aggregate: see the crate's insert module), and
+-- Table::prune_counters empties the table after an upgrade.
 CREATE TABLE outbox_aggregates (
     aggregate_type  text        NOT NULL,
     aggregate_id    text        NOT NULL,

@@ -17,8 +17,9 @@
 //!   so a snapshot taken once the locks are held, goes on from each
 //!   aggregate's latest row, found by the unique index. Nothing but the
 //!   rows is written: no counter row (the counters in `t_aggregates` of
-//!   the versions before are no longer read or written, only pruned). A writer that skips the lock is never misnumbered: the unique
-//!   index refuses a number that a concurrent writer committed first.
+//!   the versions before are no longer read or written, only pruned). A
+//!   writer that skips the lock is never misnumbered: the unique index
+//!   refuses a number that a concurrent writer committed first.
 //! - [`new_aggregates`], rows of aggregates that have none yet (a new
 //!   order's first event): numbered from the batch alone ([`Numbers`]),
 //!   with no lock and no read, as cheap as an unnumbered `INSERT`. If
@@ -102,16 +103,20 @@ pub(crate) fn statement(name: &str, sequenced: bool, first: usize, with: &str) -
 /// of each aggregate of the rows about to be written into `name`: a
 /// transaction-level advisory lock keyed by a 64-bit hash of the table's
 /// name, the aggregate type and its id, from two arrays (`$1` the types,
-/// `$2` the ids), taken in key order so that two writers of the same
-/// aggregates cannot deadlock on them. Its own statement, before
-/// [`statement`]: a snapshot taken before the lock was granted would miss
-/// the rows of the writer it waited for.
+/// `$2` the ids), taken in key order (the outer `ORDER BY`: Postgres
+/// evaluates a volatile function of the select list after the sort) so
+/// that two writers of the same aggregates, one call each, cannot deadlock
+/// on them; a transaction that calls it twice, for different aggregates,
+/// can meet another in the other order, and Postgres then aborts one. Its
+/// own statement, before [`statement`]: a snapshot taken before the lock
+/// was granted would miss the rows of the writer it waited for.
 pub(crate) fn lock(name: &str) -> String {
     format!(
         "SELECT pg_advisory_xact_lock(k) FROM ( \
              SELECT DISTINCT hashtextextended(i, hashtextextended(t, hashtextextended('{name}', 0))) \
                AS k \
-             FROM unnest($1::text[], $2::text[]) AS a(t, i) ORDER BY k) AS keys"
+             FROM unnest($1::text[], $2::text[]) AS a(t, i)) AS keys \
+         ORDER BY k"
     )
 }
 

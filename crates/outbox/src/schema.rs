@@ -10,9 +10,10 @@
 //!
 //! Either gives the table the [`Table`](crate::Table) statements expect:
 //! the columns, the partial index of the relay's claim and the one of the
-//! pruning, and for a table with sequences its counters and the unique
-//! index `<name>_aggregate_seq_key` (without it, a writer's look-up of an
-//! aggregate's latest row scans the table).
+//! pruning, and for a table with sequences the unique index
+//! `<name>_aggregate_seq_key` (without it, a writer's look-up of an
+//! aggregate's latest row scans the table) and the table of the versions
+//! before's counters, `<name>_aggregates`, which only the pruning reads now.
 
 /// `sql/outbox.sql`: the `outbox` table.
 pub const OUTBOX_SQL: &str = include_str!("../sql/outbox.sql");

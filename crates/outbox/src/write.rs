@@ -40,9 +40,10 @@ impl Table {
         self.insert_many(conn, std::slice::from_ref(event)).await
     }
 
-    /// Writes rows on `conn`, in one statement: the caller's transaction (a
-    /// request's, or a consumer's dedup transaction) covers them together
-    /// with the change they describe.
+    /// Writes rows on `conn`, in one statement (after
+    /// [`Table::lock_aggregates`]'s, in a table with sequences): the
+    /// caller's transaction (a request's, or a consumer's dedup
+    /// transaction) covers them together with the change they describe.
     pub async fn insert_many(
         &self,
         conn: &mut PgConnection,
