@@ -236,7 +236,8 @@ async fn write_together(conn: &mut PgConnection, rows: &[&NewRow]) -> Result<(),
 
 /// The orders (`$1` to `$5`) in a CTE, then the outbox crate's own insert
 /// of their rows (`$6` on), built once. Each order is new, and so is its
-/// aggregate: its `order.created` is numbered 1 with no counter to write.
+/// aggregate: its `order.created` is numbered 1 with no lock to take and
+/// no row to read.
 static WRITE_TOGETHER: LazyLock<SqlStr> = LazyLock::new(|| {
     let sql = EVENTS.new_aggregates_statement(
         6,

@@ -82,7 +82,7 @@ impl Table {
     /// arrays [`Table::bind_new_aggregates`] binds from `$first` on, after
     /// the writer's `with` (as [`Table::insert_statement`]). In a table
     /// [`Table::with_sequences`] they are numbered from the batch alone
-    /// (1, 2, ... per aggregate, in order), with no counter and no read:
+    /// (1, 2, ... per aggregate, in order), with no lock and no read:
     /// as cheap as an unnumbered insert. An aggregate that has rows after
     /// all makes the statement fail on `<name>_aggregate_seq_key` (a
     /// unique violation) when a number repeats one still in the table, and
