@@ -67,6 +67,20 @@ pub fn tree_seconds(root: u32) -> f64 {
     ticks as f64 / TICKS_PER_SECOND
 }
 
+/// Seconds, since boot, during which at least one runnable task of the
+/// machine waited for a core: the `some` line of the kernel's CPU pressure
+/// (PSI, `/proc/pressure/cpu`). Its growth over a window, as a share of the
+/// window, says how saturated the machine's cores were; `None` where the
+/// kernel does not report it.
+pub fn waited_for_a_core() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/pressure/cpu").ok()?;
+    let some = text.lines().find(|l| l.starts_with("some "))?;
+    let total = some
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("total="))?;
+    Some(total.parse::<u64>().ok()? as f64 / 1e6)
+}
+
 /// The postmaster: the parent of a backend of `pool`'s.
 pub async fn postmaster(pool: &sqlx::PgPool) -> anyhow::Result<u32> {
     let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")

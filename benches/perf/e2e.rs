@@ -5,7 +5,8 @@
 //! the e-mail consumer); whether both backlogs stay bounded, peak RSS and
 //! CPU per 1,000 orders; and the CPU each order costs Postgres, RabbitMQ and
 //! the service over the measured window (from the load's start until both
-//! backlogs are drained), read from /proc ([`crate::cpu`]).
+//! backlogs are drained), read from /proc ([`crate::cpu`]), with the share of
+//! that window in which a task waited for a core (the kernel's CPU pressure).
 //!
 //! Knobs (tuning and smoke runs; the defaults are the measurement):
 //! `E2E_RATE` (base rate, 1,000/s), `E2E_SECONDS` (load per step, 15 s),
@@ -83,6 +84,9 @@ pub struct StepResult {
     pub cpu_per_1000: f64,
     /// CPU per order of Postgres, RabbitMQ and the service, same window.
     pub cpu: PerOrder,
+    /// The share of the window in which a task waited for a core (the
+    /// kernel's CPU pressure), if the kernel reports it.
+    pub cpu_pressure: Option<f64>,
     /// Latencies end at the commits (else at their transactions' start).
     pub exact: bool,
     /// Executor time per order by statement, when the server loads
@@ -172,6 +176,7 @@ async fn step(rate: u64) -> anyhow::Result<StepResult> {
     let with_statements = crate::statements::prepare(&db.pool).await?;
     let cpu_before = service.cpu_seconds();
     let parties_before = parties.sample();
+    let waited_before = crate::cpu::waited_for_a_core();
     let started = Instant::now();
     let total = rate * seconds;
     let (mut max_backlog, mut max_mail_backlog) = (0, 0);
@@ -236,6 +241,9 @@ async fn step(rate: u64) -> anyhow::Result<StepResult> {
     );
     let cpu = service.cpu_seconds() - cpu_before;
     let parties_after = parties.sample();
+    let cpu_pressure = waited_before
+        .zip(crate::cpu::waited_for_a_core())
+        .map(|(before, after)| (after - before) / started.elapsed().as_secs_f64());
     let peak_rss_mib = service.peak_rss_mib();
     service.stop()?;
     // Counted once the service's connections are closed (and have reported).
@@ -350,6 +358,7 @@ async fn step(rate: u64) -> anyhow::Result<StepResult> {
         peak_rss_mib,
         cpu_per_1000: cpu / orders.max(1) as f64 * 1000.0,
         cpu: cpu_per_order,
+        cpu_pressure,
         exact,
         statements,
         timeline,
@@ -365,11 +374,22 @@ async fn commit_times(db: &BenchDb) -> anyhow::Result<bool> {
     Ok(on == "on")
 }
 
+/// How saturated the machine's cores were over a step's window.
+fn pressure(r: &StepResult) -> String {
+    match r.cpu_pressure {
+        Some(share) => format!(
+            "a task waited for a core {:.0}% of the time (CPU pressure)",
+            share * 100.0
+        ),
+        None => "no CPU pressure reported (/proc/pressure/cpu)".into(),
+    }
+}
+
 fn describe(r: &StepResult) -> String {
     format!(
         "offered {}/s: accepted {:.0}/s, commit-to-billing {}, commit-to-payment-confirmed-mail {}, \
          max PENDING {}, max without payment-confirmed mail {}, drained {:.1} s (billing) and \
-         {:.1} s (mails) after the load, peak RSS {:.1} MiB, {:.2} CPU s per 1,000 orders; {}",
+         {:.1} s (mails) after the load, peak RSS {:.1} MiB, {:.2} CPU s per 1,000 orders; {}; {}",
         r.offered,
         r.accepted_rate,
         r.billing.summary(),
@@ -380,7 +400,8 @@ fn describe(r: &StepResult) -> String {
         r.mails_drained_in.as_secs_f64(),
         r.peak_rss_mib,
         r.cpu_per_1000,
-        r.cpu.summary()
+        r.cpu.summary(),
+        pressure(r)
     )
 }
 
@@ -452,7 +473,7 @@ pub async fn run(report: &mut Report) -> anyhow::Result<()> {
             relay_mode()
         ),
         base.cpu.summary(),
-        "-".into(),
+        pressure(&base),
         f64::NAN,
         "total at most 1.1x the code before issue 23's (then about 0.77 + 0.46 + 0.56 ms)",
     );
